@@ -1,0 +1,7 @@
+//! postern: an LMTP-focused mail gateway.
+//!
+//! Accepts mail over SMTP and LMTP, writes every message durably to its spool before it
+//! answers 250, and delivers each recipient over pooled LMTP connections to the store that
+//! holds its mailbox. The wire protocol lives in the sans-IO crate [`postern_proto`].
+
+pub use postern_proto as proto;
