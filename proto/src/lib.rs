@@ -40,6 +40,4 @@ pub mod server;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use address::{Domain, ForwardPath, Mailbox, ReversePath};
-pub use command::{Command, CommandError};
 pub use reply::{EnhancedCode, Reply, ReplyCode, Severity};
