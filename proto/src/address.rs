@@ -1,1 +1,543 @@
-//! TODO
+//! Mailboxes, paths and domains (RFC 5321 §4.1.2, §4.5.3.1; RFC 6531 for UTF-8).
+//!
+//! Parse, don't validate: a [`Mailbox`] exists only if it is syntactically valid and within
+//! the length limits (local part 64 octets, domain 255, path 256 including the angle
+//! brackets). The original spelling is kept for delivery; [`Domain::folded`] gives the form
+//! for comparison (ASCII case-folded; U-labels lower-cased as Unicode).
+//!
+//! Accepted beyond the strict grammar, because real clients send them and the RFC asks
+//! receivers to cope: a source route (`<@relay,@relay2:user@host>`) is parsed and dropped
+//! (RFC 5321 §4.1.1.3, appendix C); `<Postmaster>` without a domain is a forward path.
+//! UTF-8 in local parts and domains is parsed always; whether it is *allowed* depends on the
+//! transaction's SMTPUTF8 parameter, which the server session checks ([`Mailbox::is_ascii`]).
+//!
+//! DIAGNOSTICS: every failure is an [`AddressError`]; nothing here panics on any input.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// RFC 5321 §4.5.3.1.1.
+pub const MAX_LOCAL_PART: usize = 64;
+/// RFC 5321 §4.5.3.1.2.
+pub const MAX_DOMAIN: usize = 255;
+/// RFC 5321 §4.5.3.1.3, including the angle brackets.
+pub const MAX_PATH: usize = 256;
+
+/// Why an address did not parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AddressError {
+    /// The path is not enclosed in `<` and `>`.
+    MissingBrackets,
+    /// The local part is not a dot-string or quoted string.
+    BadLocalPart,
+    /// The domain is not a domain name or address literal.
+    BadDomain,
+    /// No `@domain` where one is required.
+    MissingDomain,
+    /// The local part is longer than 64 octets.
+    LocalPartTooLong,
+    /// The domain is longer than 255 octets.
+    DomainTooLong,
+    /// The path is longer than 256 octets.
+    PathTooLong,
+    /// A source route that does not parse.
+    BadSourceRoute,
+    /// Octets that are not UTF-8.
+    NotUtf8,
+}
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MissingBrackets => "address must be enclosed in <>",
+            Self::BadLocalPart => "bad local part",
+            Self::BadDomain => "bad domain",
+            Self::MissingDomain => "missing domain",
+            Self::LocalPartTooLong => "local part longer than 64 octets",
+            Self::DomainTooLong => "domain longer than 255 octets",
+            Self::PathTooLong => "path longer than 256 octets",
+            Self::BadSourceRoute => "bad source route",
+            Self::NotUtf8 => "address is not valid UTF-8",
+        })
+    }
+}
+
+impl std::error::Error for AddressError {}
+
+/// An address literal (RFC 5321 §4.1.3).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AddressLiteral {
+    /// `[192.0.2.1]`
+    V4(Ipv4Addr),
+    /// `[IPv6:2001:db8::1]`
+    V6(Ipv6Addr),
+    /// `[tag:content]`, a standardized tag this crate does not interpret.
+    General {
+        /// The tag before the colon.
+        tag: String,
+        /// The content after it.
+        content: String,
+    },
+}
+
+/// The domain part of a mailbox.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Domain {
+    /// A domain name, in its original spelling.
+    Name(String),
+    /// An address literal.
+    Literal(AddressLiteral),
+}
+
+impl Domain {
+    /// Parses a domain name or an address literal (in brackets). Used by HELO/EHLO/LHLO
+    /// and by mailboxes.
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
+        if s.starts_with('[') {
+            return parse_literal(s).map(Self::Literal);
+        }
+        if s.is_empty() || s.len() > MAX_DOMAIN {
+            return Err(if s.is_empty() {
+                AddressError::BadDomain
+            } else {
+                AddressError::DomainTooLong
+            });
+        }
+        for label in s.split('.') {
+            if !valid_label(label) {
+                return Err(AddressError::BadDomain);
+            }
+        }
+        Ok(Self::Name(s.to_owned()))
+    }
+
+    /// The form for comparisons and map lookups: ASCII lower case; U-labels lower-cased as
+    /// Unicode; literals in their canonical text form.
+    pub fn folded(&self) -> String {
+        match self {
+            Self::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
+            Self::Name(n) => n.to_lowercase(),
+            Self::Literal(_) => self.to_string(),
+        }
+    }
+
+    /// True when the two name the same domain, ignoring case.
+    pub fn eq_folded(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Name(a), Self::Name(b)) if a.is_ascii() && b.is_ascii() => {
+                a.eq_ignore_ascii_case(b)
+            }
+            _ => self.folded() == other.folded(),
+        }
+    }
+
+    /// True when the domain has no octet above 127.
+    pub fn is_ascii(&self) -> bool {
+        match self {
+            Self::Name(n) => n.is_ascii(),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                tag.is_ascii() && content.is_ascii()
+            }
+            Self::Literal(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Name(n) => f.write_str(n),
+            Self::Literal(AddressLiteral::V4(a)) => write!(f, "[{a}]"),
+            Self::Literal(AddressLiteral::V6(a)) => write!(f, "[IPv6:{a}]"),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                write!(f, "[{tag}:{content}]")
+            }
+        }
+    }
+}
+
+/// A label: `Let-dig [Ldh-str]` (RFC 5321 §4.1.2), or a U-label (RFC 6531 §3.3) which we
+/// accept as any run of letters, digits, hyphens and non-ASCII characters not starting or
+/// ending with a hyphen.
+fn valid_label(label: &str) -> bool {
+    if label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-') {
+        return false;
+    }
+    label.chars().all(|c| {
+        c.is_ascii_alphanumeric()
+            || c == '-'
+            || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+    })
+}
+
+fn parse_literal(s: &str) -> Result<AddressLiteral, AddressError> {
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .ok_or(AddressError::BadDomain)?;
+    if let Some(v6) = strip_prefix_ignore_case(inner, "IPv6:") {
+        return v6
+            .parse()
+            .map(AddressLiteral::V6)
+            .map_err(|_| AddressError::BadDomain);
+    }
+    if let Ok(v4) = inner.parse::<Ipv4Addr>() {
+        return Ok(AddressLiteral::V4(v4));
+    }
+    // General-address-literal = Standardized-tag ":" 1*dcontent (RFC 5321 §4.1.3).
+    let (tag, content) = inner.split_once(':').ok_or(AddressError::BadDomain)?;
+    let tag_ok = !tag.is_empty()
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !tag.ends_with('-');
+    let content_ok = !content.is_empty()
+        && content
+            .bytes()
+            .all(|b| (33..=90).contains(&b) || (94..=126).contains(&b));
+    if !tag_ok || !content_ok {
+        return Err(AddressError::BadDomain);
+    }
+    Ok(AddressLiteral::General {
+        tag: tag.to_owned(),
+        content: content.to_owned(),
+    })
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// `local-part@domain`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Mailbox {
+    /// The local part as sent (a quoted string keeps its quotes and escapes).
+    local_part: String,
+    domain: Domain,
+}
+
+impl Mailbox {
+    /// Parses `local@domain` (no angle brackets).
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
+        let at = local_part_end(s)?;
+        let (local, rest) = s.split_at(at);
+        let domain = rest.strip_prefix('@').ok_or(AddressError::MissingDomain)?;
+        if local.len() > MAX_LOCAL_PART {
+            return Err(AddressError::LocalPartTooLong);
+        }
+        let domain = Domain::parse(domain)?;
+        Ok(Self {
+            local_part: local.to_owned(),
+            domain,
+        })
+    }
+
+    /// The local part as sent, quotes included.
+    pub fn local_part(&self) -> &str {
+        &self.local_part
+    }
+
+    /// The local part with quoting removed (`"john doe"` → `john doe`).
+    pub fn local_part_unquoted(&self) -> String {
+        match self
+            .local_part
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+        {
+            None => self.local_part.clone(),
+            Some(inner) => {
+                let mut out = String::with_capacity(inner.len());
+                let mut chars = inner.chars();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => out.extend(chars.next()),
+                        c => out.push(c),
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// The domain as sent.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// True when neither part has an octet above 127 (no SMTPUTF8 needed).
+    pub fn is_ascii(&self) -> bool {
+        self.local_part.is_ascii() && self.domain.is_ascii()
+    }
+}
+
+impl fmt::Display for Mailbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local_part, self.domain)
+    }
+}
+
+/// RFC 5321 atext, plus UTF-8 under RFC 6531.
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || "!#$%&'*+-/=?^_`{|}~".contains(c)
+        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+}
+
+/// Finds the end of the local part at the start of `s` (a dot-string or a quoted string),
+/// returning the index of the `@` or end that follows it.
+fn local_part_end(s: &str) -> Result<usize, AddressError> {
+    if let Some(inner) = s.strip_prefix('"') {
+        let mut escaped = false;
+        for (i, c) in inner.char_indices() {
+            match c {
+                _ if escaped => {
+                    // quoted-pairSMTP = %d92 %d32-126
+                    if !(' '..='~').contains(&c) {
+                        return Err(AddressError::BadLocalPart);
+                    }
+                    escaped = false;
+                }
+                '\\' => escaped = true,
+                '"' => return Ok(i + 2),
+                // qtextSMTP = %d32-33 / %d35-91 / %d93-126 / UTF8-non-ascii
+                c if (' '..='~').contains(&c) || (!c.is_ascii() && !c.is_control()) => {}
+                _ => return Err(AddressError::BadLocalPart),
+            }
+        }
+        return Err(AddressError::BadLocalPart);
+    }
+    let end = s.find('@').unwrap_or(s.len());
+    let local = &s[..end];
+    if local.is_empty()
+        || local
+            .split('.')
+            .any(|atom| atom.is_empty() || !atom.chars().all(is_atext))
+    {
+        return Err(AddressError::BadLocalPart);
+    }
+    Ok(end)
+}
+
+/// The reverse path of MAIL FROM: a mailbox, or the null path `<>` of bounces.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ReversePath {
+    /// `<>`: no bounce may be sent for this message (RFC 5321 §4.5.5).
+    Null,
+    /// A sender mailbox.
+    Mailbox(Mailbox),
+}
+
+impl ReversePath {
+    /// Parses `<>` or `<mailbox>` (a source route is tolerated and dropped).
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
+        if s == "<>" {
+            return Ok(Self::Null);
+        }
+        parse_path(s).map(Self::Mailbox)
+    }
+
+    /// The mailbox, unless null.
+    pub fn mailbox(&self) -> Option<&Mailbox> {
+        match self {
+            Self::Null => None,
+            Self::Mailbox(m) => Some(m),
+        }
+    }
+}
+
+impl fmt::Display for ReversePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Null => f.write_str("<>"),
+            Self::Mailbox(m) => write!(f, "<{m}>"),
+        }
+    }
+}
+
+/// The forward path of RCPT TO.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardPath {
+    /// `<Postmaster>` with no domain: the local postmaster (RFC 5321 §4.5.1).
+    Postmaster,
+    /// A recipient mailbox.
+    Mailbox(Mailbox),
+}
+
+impl ForwardPath {
+    /// Parses `<mailbox>` or `<Postmaster>` (any case).
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
+        if s.eq_ignore_ascii_case("<postmaster>") {
+            return Ok(Self::Postmaster);
+        }
+        parse_path(s).map(Self::Mailbox)
+    }
+
+    /// The mailbox, unless the domainless postmaster.
+    pub fn mailbox(&self) -> Option<&Mailbox> {
+        match self {
+            Self::Postmaster => None,
+            Self::Mailbox(m) => Some(m),
+        }
+    }
+}
+
+impl fmt::Display for ForwardPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Postmaster => f.write_str("<Postmaster>"),
+            Self::Mailbox(m) => write!(f, "<{m}>"),
+        }
+    }
+}
+
+/// `"<" [ A-d-l ":" ] Mailbox ">"`.
+fn parse_path(s: &str) -> Result<Mailbox, AddressError> {
+    if s.len() > MAX_PATH {
+        return Err(AddressError::PathTooLong);
+    }
+    let inner = s
+        .strip_prefix('<')
+        .and_then(|s| s.strip_suffix('>'))
+        .ok_or(AddressError::MissingBrackets)?;
+    let mailbox = match inner.strip_prefix('@') {
+        None => inner,
+        Some(_) => {
+            // A-d-l = At-domain *( "," At-domain ); the colon ends it. Domains in the route
+            // hold no colon (an IPv6 literal would, and is not allowed in a route).
+            let (route, mailbox) = inner.split_once(':').ok_or(AddressError::BadSourceRoute)?;
+            for hop in route.split(',') {
+                let hop = hop.strip_prefix('@').ok_or(AddressError::BadSourceRoute)?;
+                Domain::parse(hop).map_err(|_| AddressError::BadSourceRoute)?;
+            }
+            mailbox
+        }
+    };
+    Mailbox::parse(mailbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailboxes() {
+        let ok: &[(&str, &str, &str)] = &[
+            ("alice@example.org", "alice", "example.org"),
+            (
+                "Alice.Smith+tag@Example.ORG",
+                "Alice.Smith+tag",
+                "Example.ORG",
+            ),
+            ("\"john doe\"@example.org", "\"john doe\"", "example.org"),
+            ("\"a\\\"b\"@x", "\"a\\\"b\"", "x"),
+            ("\"a@b\"@x", "\"a@b\"", "x"),
+            ("user@[192.0.2.1]", "user", "[192.0.2.1]"),
+            ("user@[IPv6:2001:db8::1]", "user", "[IPv6:2001:db8::1]"),
+            ("user@[x-tag:abc]", "user", "[x-tag:abc]"),
+            ("üser@bücher.example", "üser", "bücher.example"),
+            ("a!#$%&'*/=?^_`{|}~-@x.y", "a!#$%&'*/=?^_`{|}~-", "x.y"),
+        ];
+        for (input, local, domain) in ok {
+            let m = Mailbox::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(m.local_part(), *local, "{input}");
+            assert_eq!(m.domain().to_string(), *domain, "{input}");
+            assert_eq!(m.to_string(), *input);
+        }
+        let bad: &[(&str, AddressError)] = &[
+            ("alice", AddressError::MissingDomain),
+            ("@example.org", AddressError::BadLocalPart),
+            ("a..b@x", AddressError::BadLocalPart),
+            (".a@x", AddressError::BadLocalPart),
+            ("a b@x", AddressError::BadLocalPart),
+            ("\"unterminated@x", AddressError::BadLocalPart),
+            ("\"a\"b@x", AddressError::MissingDomain),
+            ("a@", AddressError::BadDomain),
+            ("a@-x.org", AddressError::BadDomain),
+            ("a@x..org", AddressError::BadDomain),
+            ("a@x_y.org", AddressError::BadDomain),
+            ("a@[300.1.1.1]", AddressError::BadDomain),
+            ("a@[IPv6:zz::1]", AddressError::BadDomain),
+            ("a@[192.0.2.1", AddressError::BadDomain),
+        ];
+        for (input, err) in bad {
+            assert_eq!(Mailbox::parse(input), Err(*err), "{input}");
+        }
+    }
+
+    #[test]
+    fn length_limits() {
+        let local = "a".repeat(64);
+        assert!(Mailbox::parse(&format!("{local}@x")).is_ok());
+        assert_eq!(
+            Mailbox::parse(&format!("a{local}@x")),
+            Err(AddressError::LocalPartTooLong)
+        );
+        let label = "b".repeat(63);
+        let domain = [label.as_str(); 4].join(".");
+        assert_eq!(domain.len(), 255);
+        assert!(Domain::parse(&domain).is_ok());
+        assert_eq!(
+            Domain::parse(&format!("c{domain}")),
+            Err(AddressError::DomainTooLong)
+        );
+        assert_eq!(Domain::parse(&"b".repeat(64)), Err(AddressError::BadDomain));
+        let path = format!("<{}@{}>", "a".repeat(64), vec!["b".repeat(60); 3].join("."));
+        assert!(path.len() <= MAX_PATH);
+        assert!(ForwardPath::parse(&path).is_ok());
+        let long = format!("<{}@{}>", "a".repeat(64), domain);
+        assert_eq!(ForwardPath::parse(&long), Err(AddressError::PathTooLong));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(ReversePath::parse("<>"), Ok(ReversePath::Null));
+        assert_eq!(
+            ForwardPath::parse("<POSTMASTER>"),
+            Ok(ForwardPath::Postmaster)
+        );
+        assert_eq!(
+            ForwardPath::parse("alice@x"),
+            Err(AddressError::MissingBrackets)
+        );
+        assert_eq!(ForwardPath::parse("<>"), Err(AddressError::BadLocalPart));
+        let routed = ForwardPath::parse("<@a.example,@b.example:joe@c.example>").unwrap();
+        assert_eq!(routed.to_string(), "<joe@c.example>");
+        assert_eq!(
+            ForwardPath::parse("<@a.example:>"),
+            Err(AddressError::BadLocalPart)
+        );
+        assert_eq!(
+            ForwardPath::parse("<@:joe@x>"),
+            Err(AddressError::BadSourceRoute)
+        );
+        assert_eq!(
+            ForwardPath::parse("<@a joe@x>"),
+            Err(AddressError::BadSourceRoute)
+        );
+        assert_eq!(ReversePath::parse("<a@x>").unwrap().to_string(), "<a@x>");
+    }
+
+    #[test]
+    fn folding_keeps_spelling() {
+        let a = Domain::parse("Example.ORG").unwrap();
+        let b = Domain::parse("example.org").unwrap();
+        assert!(a.eq_folded(&b));
+        assert_eq!(a.to_string(), "Example.ORG");
+        assert_eq!(a.folded(), "example.org");
+        let u = Domain::parse("BÜCHER.example").unwrap();
+        assert_eq!(u.folded(), "bücher.example");
+        assert!(!u.is_ascii());
+        assert!(u.eq_folded(&Domain::parse("bücher.EXAMPLE").unwrap()));
+    }
+
+    #[test]
+    fn unquoting() {
+        let m = Mailbox::parse("\"john \\\"jd\\\" doe\"@x").unwrap();
+        assert_eq!(m.local_part_unquoted(), "john \"jd\" doe");
+        assert_eq!(
+            Mailbox::parse("plain@x").unwrap().local_part_unquoted(),
+            "plain"
+        );
+    }
+}

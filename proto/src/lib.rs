@@ -40,4 +40,7 @@ pub mod server;
 #[doc(hidden)]
 pub mod fuzzing;
 
+pub use address::{Domain, ForwardPath, Mailbox, ReversePath};
+pub use command::{Command, CommandError};
+pub use params::{MailParams, RcptParams};
 pub use reply::{EnhancedCode, Reply, ReplyCode, Severity};

@@ -21,7 +21,10 @@ pub struct LineFramer {
 impl LineFramer {
     /// A framer for lines of up to `max` octets including CRLF.
     pub fn new(max: usize) -> Self {
-        Self { max: max.max(3), discarding: false }
+        Self {
+            max: max.max(3),
+            discarding: false,
+        }
     }
 
     /// Looks for the next line in `buf`; returns the octets consumed and the frame.

@@ -53,6 +53,11 @@ impl ReplyCode {
         }
     }
 
+    /// For the constant table in `replies`: the caller guarantees a valid code.
+    pub(crate) const fn from_table(code: u16) -> Self {
+        Self(code)
+    }
+
     /// The numeric value.
     pub const fn get(self) -> u16 {
         self.0
@@ -90,7 +95,11 @@ pub struct EnhancedCode {
 impl EnhancedCode {
     /// Builds a code; `const` so reply tables can be constants.
     pub const fn new(class: u8, subject: u16, detail: u16) -> Self {
-        Self { class, subject, detail }
+        Self {
+            class,
+            subject,
+            detail,
+        }
     }
 
     /// Parses `x.y.z` at the start of `text`, followed by a space or the end. Returns the code
@@ -164,7 +173,11 @@ impl Reply {
         if lines.is_empty() {
             lines.push(String::new());
         }
-        Self { code, enhanced, lines }
+        Self {
+            code,
+            enhanced,
+            lines,
+        }
     }
 
     /// The reply code.
@@ -284,7 +297,11 @@ impl Default for ReplyParser {
 impl ReplyParser {
     /// A parser accepting lines of up to `max_line` octets including CRLF.
     pub fn new(max_line: usize) -> Self {
-        Self { framer: LineFramer::new(max_line), buf: Vec::new(), pending: Vec::new() }
+        Self {
+            framer: LineFramer::new(max_line),
+            buf: Vec::new(),
+            pending: Vec::new(),
+        }
     }
 
     /// Feeds server output.
@@ -381,7 +398,11 @@ fn assemble(lines: Vec<(ReplyCode, String)>) -> Reply {
             _ => texts.push(text),
         }
     }
-    Reply { code, enhanced, lines: texts }
+    Reply {
+        code,
+        enhanced,
+        lines: texts,
+    }
 }
 
 #[cfg(test)]
@@ -475,7 +496,16 @@ mod tests {
 552 5.2.2 <bob@example.org> Quota exceeded (mailbox for user is full)\r\n430 Authentication required\r\n";
         let got: Vec<_> = parse_all(input).into_iter().map(Result::unwrap).collect();
         assert_eq!(got.len(), 3);
-        assert_eq!(got[0].lines(), ["localhost", "8BITMIME", "CHUNKING", "ENHANCEDSTATUSCODES", "PIPELINING"]);
+        assert_eq!(
+            got[0].lines(),
+            [
+                "localhost",
+                "8BITMIME",
+                "CHUNKING",
+                "ENHANCEDSTATUSCODES",
+                "PIPELINING"
+            ]
+        );
         assert_eq!(got[1].enhanced(), Some(EnhancedCode::new(5, 2, 2)));
         assert_eq!(got[2].enhanced(), None);
         assert_eq!(got[2].text(), "Authentication required");
@@ -490,10 +520,23 @@ mod tests {
 
     #[test]
     fn malformed_lines() {
-        for bad in [&b"25 ok\r\n"[..], b"abc ok\r\n", b"250x\r\n", b"199 no\r\n", b"\r\n"] {
-            assert_eq!(parse_all(bad), vec![Err(ReplyError::MalformedLine)], "{bad:?}");
+        for bad in [
+            &b"25 ok\r\n"[..],
+            b"abc ok\r\n",
+            b"250x\r\n",
+            b"199 no\r\n",
+            b"\r\n",
+        ] {
+            assert_eq!(
+                parse_all(bad),
+                vec![Err(ReplyError::MalformedLine)],
+                "{bad:?}"
+            );
         }
-        assert_eq!(parse_all(b"250-a\r\n550 b\r\n"), vec![Err(ReplyError::InconsistentCode)]);
+        assert_eq!(
+            parse_all(b"250-a\r\n550 b\r\n"),
+            vec![Err(ReplyError::InconsistentCode)]
+        );
         assert_eq!(parse_all(b"250\r\n").len(), 1);
     }
 
@@ -532,7 +575,11 @@ mod tests {
     fn encode_parse_round_trip() {
         let replies = [
             Reply::new(code(250), Some(EnhancedCode::new(2, 1, 5)), "ok"),
-            Reply::with_lines(code(550), Some(EnhancedCode::new(5, 1, 1)), ["a".into(), "b".into()]),
+            Reply::with_lines(
+                code(550),
+                Some(EnhancedCode::new(5, 1, 1)),
+                ["a".into(), "b".into()],
+            ),
             Reply::new(code(354), None, "go ahead"),
         ];
         for r in replies {
