@@ -1,1 +1,894 @@
-//! TODO
+//! The server session state machine, for SMTP (RFC 5321) and LMTP (RFC 2033) listeners.
+//!
+//! A [`ServerSession`] owns one connection's protocol state and nothing else: the caller
+//! feeds the octets it read ([`ServerSession::handle_input`]) and polls
+//! ([`ServerSession::poll_event`]) for what to do next: write a [`Reply`], look at an
+//! envelope event, store message content, start TLS, close. Decisions that need the world
+//! (routing a recipient, opening a spool file, making a message durable) are events the
+//! session waits on: until the caller answers with [`ServerSession::accept`] or
+//! [`ServerSession::respond`], `poll_event` returns `None` and pipelined input stays queued,
+//! so replies always leave in command order (RFC 2920).
+//!
+//! # Promises
+//!
+//! - Sequence rules (RFC 5321 §4.1.4) are enforced here: 503 for MAIL before HELO/EHLO/LHLO or
+//!   inside a transaction, RCPT before MAIL, DATA/BDAT without an accepted recipient (SMTP
+//!   answers 554 when every RCPT was refused, §3.3), DATA after BDAT, DATA with
+//!   BODY=BINARYMIME (RFC 3030 §3).
+//! - LMTP (RFC 2033 §4.2): after the end of data the session expects exactly one reply per
+//!   accepted recipient, in RCPT order; it refuses HELO/EHLO, SMTP refuses LHLO.
+//! - STARTTLS (RFC 3207 §4.2): after the 220, all buffered plaintext is discarded and the
+//!   session is reset to its initial state once the caller reports the handshake.
+//! - Only `CRLF.CRLF` ends DATA ([`crate::data`]); bare CR/LF are normalised or, with
+//!   [`BarePolicy::Reject`], the message is refused with 550 5.5.2.
+//! - Memory: the input buffer holds at most one command line (the framer discards overlong
+//!   lines) plus whatever one `handle_input` call brought; content is handed out as
+//!   [`ServerEvent::Data`] as it is decoded. Size limits are enforced while receiving.
+//! - No input panics; every refusal is a reply from [`crate::replies`]. After `max_errors`
+//!   refused commands the session says 421 and closes.
+
+use std::collections::VecDeque;
+
+use crate::address::{ForwardPath, ReversePath};
+use crate::command::Command;
+use crate::data::{BareLineEndings, BdatReader, DataDecoder};
+use crate::line::{Frame, LineFramer, COMMAND_LINE_MAX};
+use crate::params::{Body, Extension, MailParams, RcptParams};
+use crate::replies;
+use crate::reply::{Reply, ReplyCode, Severity};
+
+/// Which protocol the listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// RFC 5321: HELO/EHLO, one reply after the end of data.
+    Smtp,
+    /// RFC 2033: LHLO, one reply per accepted recipient after the end of data.
+    Lmtp,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Smtp => "ESMTP",
+            Self::Lmtp => "LMTP",
+        }
+    }
+}
+
+/// What the listener does with bare CR or LF in message content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarePolicy {
+    /// Store them as CRLF.
+    Normalize,
+    /// Refuse the message with 550 5.5.2.
+    Reject,
+}
+
+/// The session's settings: what is offered and the limits.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// SMTP or LMTP.
+    pub protocol: Protocol,
+    /// Our name, in the greeting and the EHLO reply.
+    pub hostname: String,
+    /// Largest message in octets, advertised with SIZE; 0 for no limit.
+    pub max_message_size: u64,
+    /// Most accepted recipients per transaction.
+    pub max_recipients: usize,
+    /// Longest command line including CRLF (RFC 5321: 512).
+    pub max_line: usize,
+    /// Refused commands before 421 and close.
+    pub max_errors: u32,
+    /// Offer PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// Offer 8BITMIME (RFC 6152).
+    pub eight_bit_mime: bool,
+    /// Offer SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// Offer DSN (RFC 3461).
+    pub dsn: bool,
+    /// Offer CHUNKING and BINARYMIME (RFC 3030).
+    pub chunking: bool,
+    /// A TLS certificate is configured: offer STARTTLS.
+    pub starttls: bool,
+    /// Refuse mail transactions until TLS is active (530 5.7.0).
+    pub tls_required: bool,
+    /// SASL mechanisms to offer; empty: no AUTH.
+    pub auth_mechanisms: Vec<String>,
+    /// Bare CR/LF handling.
+    pub bare_line_endings: BarePolicy,
+}
+
+impl ServerConfig {
+    /// Defaults: every extension offered except STARTTLS and AUTH, 512-octet lines, no size
+    /// limit, 1000 recipients, 20 errors, bare line endings normalised.
+    pub fn new(protocol: Protocol, hostname: impl Into<String>) -> Self {
+        Self {
+            protocol,
+            hostname: hostname.into(),
+            max_message_size: 0,
+            max_recipients: 1000,
+            max_line: COMMAND_LINE_MAX,
+            max_errors: 20,
+            pipelining: true,
+            eight_bit_mime: true,
+            smtputf8: true,
+            dsn: true,
+            chunking: true,
+            starttls: false,
+            tls_required: false,
+            auth_mechanisms: Vec::new(),
+            bare_line_endings: BarePolicy::Normalize,
+        }
+    }
+}
+
+/// Which greeting command opened the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelloVerb {
+    /// HELO: no extensions.
+    Helo,
+    /// EHLO.
+    Ehlo,
+    /// LHLO.
+    Lhlo,
+}
+
+/// What the caller must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// Write this reply (flush when `poll_event` returns `None`).
+    Reply(Reply),
+    /// The client greeted us (already answered).
+    Hello {
+        /// HELO, EHLO or LHLO.
+        verb: HelloVerb,
+        /// The name the client gave.
+        domain: String,
+    },
+    /// Decide on a sender: [`ServerSession::accept`] or [`ServerSession::respond`].
+    Mail {
+        /// The reverse path.
+        from: ReversePath,
+        /// Its parameters (DSN ones are to be stored with the envelope).
+        params: MailParams,
+    },
+    /// Decide on a recipient: accept or respond (routing happens here).
+    Rcpt {
+        /// The forward path.
+        to: ForwardPath,
+        /// Its parameters.
+        params: RcptParams,
+    },
+    /// Content is about to start (DATA, or the first BDAT chunk): open the spool file, then
+    /// accept (DATA gets 354) or respond with a refusal.
+    DataStart,
+    /// Message content, decoded (dot-unstuffed), in order.
+    Data(Vec<u8>),
+    /// The content is complete: make it durable, then answer with [`ServerSession::respond`]
+    /// [`ServerSession::expected_replies`] times (SMTP once; LMTP once per accepted
+    /// recipient, in RCPT order).
+    DataEnd,
+    /// The content received so far is refused (over the size limit, bare line endings, or
+    /// an RSET between BDAT chunks): discard it. The session answers the client itself.
+    DataAborted,
+    /// The envelope was dropped (RSET, a new greeting, STARTTLS).
+    Reset,
+    /// The 220 to STARTTLS has been queued: write the replies, run the TLS handshake, then
+    /// call [`ServerSession::tls_established`].
+    StartTls,
+    /// Decide on AUTH (RFC 4954): respond with 334 (challenge), 235 or a refusal.
+    Auth {
+        /// The mechanism, upper-cased.
+        mechanism: String,
+        /// The initial response, if sent.
+        initial_response: Option<String>,
+    },
+    /// A client response line in a SASL exchange: respond with 334, 235 or a refusal.
+    AuthResponse(String),
+    /// Write the replies, then close the connection.
+    Close,
+}
+
+/// Misuse of the decision API (a caller bug, reported instead of panicking).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionError {
+    /// No decision was pending.
+    NothingPending,
+}
+
+/// A decision the session waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Mail,
+    Rcpt,
+    DataStart { bdat: Option<(u64, bool)> },
+    DataEnd { remaining: usize },
+    Auth,
+}
+
+/// Why the content of the current transaction is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Abort {
+    TooBig,
+    BareLineEnding,
+}
+
+/// The content phase of the transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Content {
+    None,
+    Bdat,
+    /// A BDAT chunk was refused: further chunks get 503 until RSET.
+    Failed,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Command,
+    Data,
+    Bdat { reader: BdatReader, last: bool, refusal: Option<Reply> },
+    AwaitTls,
+    AuthExchange,
+    Closed,
+}
+
+/// The mail transaction in progress.
+#[derive(Debug, Default)]
+struct Transaction {
+    open: bool,
+    params: MailParams,
+    attempted: usize,
+    accepted: usize,
+    size: u64,
+    abort: Option<Abort>,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: ServerConfig,
+    hello: Option<HelloVerb>,
+    tls_active: bool,
+    authenticated: bool,
+    phase: Phase,
+    pending: Option<Pending>,
+    content: Content,
+    txn: Transaction,
+    input: Vec<u8>,
+    events: VecDeque<ServerEvent>,
+    framer: LineFramer,
+    decoder: DataDecoder,
+    decoded: Vec<u8>,
+    errors: u32,
+}
+
+impl ServerSession {
+    /// A new session; its first event is the 220 greeting.
+    pub fn new(config: ServerConfig) -> Self {
+        let policy = match config.bare_line_endings {
+            BarePolicy::Normalize => BareLineEndings::Normalize,
+            BarePolicy::Reject => BareLineEndings::Preserve,
+        };
+        let mut events = VecDeque::new();
+        events.push_back(ServerEvent::Reply(replies::greeting(&config.hostname, config.protocol.name())));
+        Self {
+            framer: LineFramer::new(config.max_line),
+            decoder: DataDecoder::new(policy),
+            config,
+            hello: None,
+            tls_active: false,
+            authenticated: false,
+            phase: Phase::Command,
+            pending: None,
+            content: Content::None,
+            txn: Transaction::default(),
+            input: Vec::new(),
+            events,
+            decoded: Vec::new(),
+            errors: 0,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// TLS is active on this connection.
+    pub fn is_tls(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Octets received from the client. Ignored after close and between the 220 to
+    /// STARTTLS and the handshake (that plaintext must not be acted on).
+    pub fn handle_input(&mut self, bytes: &[u8]) {
+        if matches!(self.phase, Phase::AwaitTls | Phase::Closed) {
+            return;
+        }
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Octets buffered and not yet processed.
+    pub fn buffered(&self) -> usize {
+        self.input.len()
+    }
+
+    /// True while the session waits for a decision.
+    pub fn is_waiting(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// How many more replies the pending end of data expects.
+    pub fn expected_replies(&self) -> usize {
+        match self.pending {
+            Some(Pending::DataEnd { remaining }) => remaining,
+            _ => 0,
+        }
+    }
+
+    /// The next thing to do, or `None` when more input (or a decision) is needed.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Some(event);
+            }
+            if self.pending.is_some() || !self.step() {
+                return None;
+            }
+        }
+    }
+
+    /// Accepts the pending decision with the standard reply (250 for MAIL and RCPT, 354 for
+    /// DATA, nothing for the first BDAT chunk).
+    pub fn accept(&mut self) -> Result<(), DecisionError> {
+        let reply = match self.pending {
+            Some(Pending::Mail) => replies::sender_ok(),
+            Some(Pending::Rcpt) => replies::recipient_ok(),
+            Some(Pending::DataStart { .. }) => replies::start_data(),
+            _ => return Err(DecisionError::NothingPending),
+        };
+        self.respond(reply)
+    }
+
+    /// Answers the pending decision with `reply`; its class decides what happens (a 2yz
+    /// accepts a sender or recipient, 3yz opens DATA, anything else refuses).
+    pub fn respond(&mut self, reply: Reply) -> Result<(), DecisionError> {
+        let pending = self.pending.take().ok_or(DecisionError::NothingPending)?;
+        let positive = reply.is_positive();
+        match pending {
+            Pending::Mail => {
+                if positive {
+                    self.txn.open = true;
+                } else {
+                    self.txn = Transaction::default();
+                }
+                self.reply(reply);
+            }
+            Pending::Rcpt => {
+                if positive {
+                    self.txn.accepted += 1;
+                }
+                self.reply(reply);
+            }
+            Pending::DataStart { bdat: None } => {
+                if reply.severity() == Severity::PositiveIntermediate {
+                    self.decoder.reset();
+                    self.phase = Phase::Data;
+                } else {
+                    self.reset_transaction(false);
+                }
+                self.reply(reply);
+            }
+            Pending::DataStart { bdat: Some((size, last)) } => {
+                let refusal = if reply.is_positive() || reply.severity() == Severity::PositiveIntermediate {
+                    self.content = Content::Bdat;
+                    None
+                } else {
+                    self.content = Content::Failed;
+                    Some(reply)
+                };
+                self.start_chunk(size, last, refusal);
+            }
+            Pending::DataEnd { remaining } => {
+                self.reply(reply);
+                if remaining > 1 {
+                    self.pending = Some(Pending::DataEnd { remaining: remaining - 1 });
+                } else {
+                    self.reset_transaction(false);
+                }
+            }
+            Pending::Auth => {
+                match reply.code().get() {
+                    334 => self.phase = Phase::AuthExchange,
+                    235 => self.authenticated = true,
+                    _ => {}
+                }
+                self.reply(reply);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports that the TLS handshake after STARTTLS succeeded: the session starts over
+    /// (RFC 3207 §4.2) and no longer offers STARTTLS.
+    pub fn tls_established(&mut self) {
+        self.tls_active = true;
+        self.hello = None;
+        self.authenticated = false;
+        self.input.clear();
+        self.phase = Phase::Command;
+    }
+
+    /// The caller's read timed out: say 421 and close.
+    pub fn timeout(&mut self) {
+        self.close_with(replies::timeout());
+    }
+
+    /// The gateway is shutting down: say 421 and close.
+    pub fn shutdown(&mut self) {
+        self.close_with(replies::shutting_down());
+    }
+
+    fn close_with(&mut self, reply: Reply) {
+        if !matches!(self.phase, Phase::Closed) {
+            if self.txn_has_content() {
+                self.events.push_back(ServerEvent::DataAborted);
+            }
+            self.reply(reply);
+            self.events.push_back(ServerEvent::Close);
+            self.phase = Phase::Closed;
+            self.pending = None;
+            self.input.clear();
+        }
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.events.push_back(ServerEvent::Reply(reply));
+    }
+
+    /// A refused command: reply, and close after too many.
+    fn error(&mut self, reply: Reply) {
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            self.reply(reply);
+            self.close_with(replies::too_many_errors());
+        } else {
+            self.reply(reply);
+        }
+    }
+
+    fn txn_has_content(&self) -> bool {
+        matches!(self.phase, Phase::Data | Phase::Bdat { .. }) || self.content == Content::Bdat
+    }
+
+    /// Drops the transaction; `announce` emits `Reset` (and `DataAborted` for BDAT content).
+    fn reset_transaction(&mut self, announce: bool) {
+        if announce && self.txn.open {
+            if self.content == Content::Bdat {
+                self.events.push_back(ServerEvent::DataAborted);
+            }
+            self.events.push_back(ServerEvent::Reset);
+        }
+        self.txn = Transaction::default();
+        self.content = Content::None;
+    }
+
+    /// Processes some input; false when more is needed.
+    fn step(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Command | Phase::AuthExchange => self.step_line(),
+            Phase::Data => self.step_data(),
+            Phase::Bdat { .. } => self.step_bdat(),
+            Phase::AwaitTls | Phase::Closed => false,
+        }
+    }
+
+    fn step_line(&mut self) -> bool {
+        let (consumed, frame) = self.framer.frame(&self.input);
+        let line = match frame {
+            Frame::Partial => {
+                self.input.drain(..consumed);
+                return false;
+            }
+            Frame::TooLong => None,
+            Frame::Line(line) => Some(line.to_vec()),
+        };
+        self.input.drain(..consumed);
+        match (line, &self.phase) {
+            (None, Phase::AuthExchange) => {
+                self.phase = Phase::Command;
+                self.error(replies::line_too_long());
+            }
+            (None, _) => self.error(replies::line_too_long()),
+            (Some(line), Phase::AuthExchange) => {
+                self.phase = Phase::Command;
+                if line == b"*" {
+                    self.error(replies::auth_cancelled());
+                } else {
+                    self.events.push_back(ServerEvent::AuthResponse(String::from_utf8_lossy(&line).into_owned()));
+                    self.pending = Some(Pending::Auth);
+                }
+            }
+            (Some(line), _) => self.handle_command(&line),
+        }
+        true
+    }
+
+    fn step_data(&mut self) -> bool {
+        if self.input.is_empty() {
+            return false;
+        }
+        let progress = self.decoder.decode(&self.input, &mut self.decoded);
+        self.input.drain(..progress.consumed);
+        let n = self.decoded.len() as u64;
+        self.count_content(n);
+        if self.txn.abort.is_none()
+            && self.config.bare_line_endings == BarePolicy::Reject
+            && self.decoder.bare_lf() + self.decoder.bare_cr() > 0
+        {
+            self.txn.abort = Some(Abort::BareLineEnding);
+            self.events.push_back(ServerEvent::DataAborted);
+        }
+        if self.txn.abort.is_none() && !self.decoded.is_empty() {
+            self.events.push_back(ServerEvent::Data(std::mem::take(&mut self.decoded)));
+        }
+        self.decoded.clear();
+        if progress.finished {
+            self.phase = Phase::Command;
+            self.end_of_content();
+        }
+        true
+    }
+
+    fn step_bdat(&mut self) -> bool {
+        let Phase::Bdat { reader, .. } = &mut self.phase else {
+            return false;
+        };
+        let (chunk, done) = reader.take(&self.input);
+        let taken = chunk.len();
+        if taken == 0 && !done {
+            return false;
+        }
+        let keep = self.content == Content::Bdat && self.txn.abort.is_none();
+        if keep && taken > 0 {
+            self.events.push_back(ServerEvent::Data(chunk.to_vec()));
+        }
+        self.input.drain(..taken);
+        if done {
+            let Phase::Bdat { last, refusal, .. } = std::mem::replace(&mut self.phase, Phase::Command) else {
+                return true;
+            };
+            self.chunk_complete(last, refusal);
+        }
+        true
+    }
+
+    /// Adds decoded octets to the transaction size; refuses the content once over the limit.
+    fn count_content(&mut self, n: u64) {
+        self.txn.size = self.txn.size.saturating_add(n);
+        let max = self.config.max_message_size;
+        if max > 0 && self.txn.size > max && self.txn.abort.is_none() {
+            self.txn.abort = Some(Abort::TooBig);
+            self.events.push_back(ServerEvent::DataAborted);
+        }
+    }
+
+    /// How many replies the end of data takes.
+    fn replies_due(&self) -> usize {
+        match self.config.protocol {
+            Protocol::Smtp => 1,
+            Protocol::Lmtp => self.txn.accepted.max(1),
+        }
+    }
+
+    /// The end of DATA or of the last BDAT chunk.
+    fn end_of_content(&mut self) {
+        let refusal = match self.txn.abort {
+            Some(Abort::TooBig) => replies::message_too_big(),
+            Some(Abort::BareLineEnding) => replies::bare_line_ending(),
+            None => {
+                self.events.push_back(ServerEvent::DataEnd);
+                self.pending = Some(Pending::DataEnd { remaining: self.replies_due() });
+                return;
+            }
+        };
+        for _ in 0..self.replies_due() {
+            self.reply(refusal.clone());
+        }
+        self.reset_transaction(false);
+    }
+
+    fn start_chunk(&mut self, size: u64, last: bool, refusal: Option<Reply>) {
+        if refusal.is_none() {
+            let max = self.config.max_message_size;
+            if max > 0 && self.txn.size.saturating_add(size) > max && self.txn.abort.is_none() {
+                self.txn.abort = Some(Abort::TooBig);
+                self.events.push_back(ServerEvent::DataAborted);
+            }
+            if self.txn.abort.is_none() {
+                self.txn.size += size;
+            }
+        }
+        self.phase = Phase::Bdat { reader: BdatReader::new(size), last, refusal };
+    }
+
+    fn chunk_complete(&mut self, last: bool, refusal: Option<Reply>) {
+        if let Some(reply) = refusal {
+            self.error(reply);
+            return;
+        }
+        if last {
+            self.end_of_content();
+        } else if self.txn.abort == Some(Abort::TooBig) {
+            self.content = Content::Failed;
+            self.reply(replies::message_too_big());
+        } else if let Phase::Command = self.phase {
+            let size = self.txn.size;
+            self.reply(replies::chunk_ok(size));
+        }
+    }
+
+    fn handle_command(&mut self, line: &[u8]) {
+        let command = match Command::parse(line) {
+            Ok(c) => c,
+            Err(e) => return self.error(e.reply()),
+        };
+        match command {
+            Command::Helo(d) => self.hello(HelloVerb::Helo, d),
+            Command::Ehlo(d) => self.hello(HelloVerb::Ehlo, d),
+            Command::Lhlo(d) => self.hello(HelloVerb::Lhlo, d),
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to, params } => self.rcpt(to, params),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.reset_transaction(true);
+                self.reply(replies::ok());
+            }
+            Command::Noop => self.reply(replies::ok()),
+            Command::Quit => {
+                self.reset_transaction(true);
+                self.reply(replies::bye());
+                self.events.push_back(ServerEvent::Close);
+                self.phase = Phase::Closed;
+                self.input.clear();
+            }
+            Command::Vrfy(_) => self.reply(replies::cannot_verify()),
+            Command::Help(_) => self.reply(replies::help()),
+            Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response),
+        }
+    }
+
+    fn hello(&mut self, verb: HelloVerb, domain: String) {
+        let allowed = match self.config.protocol {
+            Protocol::Smtp => verb != HelloVerb::Lhlo,
+            Protocol::Lmtp => verb == HelloVerb::Lhlo,
+        };
+        if !allowed {
+            let name = match verb {
+                HelloVerb::Helo => "HELO",
+                HelloVerb::Ehlo => "EHLO",
+                HelloVerb::Lhlo => "LHLO",
+            };
+            return self.error(replies::wrong_protocol(name, self.config.protocol.name()));
+        }
+        self.reset_transaction(true);
+        self.hello = Some(verb);
+        self.events.push_back(ServerEvent::Hello { verb, domain });
+        let reply = match verb {
+            HelloVerb::Helo => Reply::new(ReplyCode::OK, None, &self.config.hostname),
+            HelloVerb::Ehlo | HelloVerb::Lhlo => Reply::with_lines(ReplyCode::OK, None, self.extensions()),
+        };
+        self.reply(reply);
+    }
+
+    /// The EHLO/LHLO reply lines: our name, then one keyword per line.
+    fn extensions(&self) -> Vec<String> {
+        let c = &self.config;
+        let mut lines = vec![c.hostname.clone()];
+        let mut add = |on: bool, kw: &str| {
+            if on {
+                lines.push(kw.to_owned());
+            }
+        };
+        add(c.pipelining, "PIPELINING");
+        add(true, &format!("SIZE {}", c.max_message_size));
+        add(c.eight_bit_mime, "8BITMIME");
+        add(true, "ENHANCEDSTATUSCODES");
+        add(c.smtputf8, "SMTPUTF8");
+        add(c.dsn, "DSN");
+        add(c.chunking, "CHUNKING");
+        add(c.chunking, "BINARYMIME");
+        add(c.starttls && !self.tls_active, "STARTTLS");
+        add(self.auth_offered(), &format!("AUTH {}", c.auth_mechanisms.join(" ")));
+        lines
+    }
+
+    fn auth_offered(&self) -> bool {
+        !self.config.auth_mechanisms.is_empty() && (self.tls_active || !self.config.tls_required)
+    }
+
+    fn offered(&self, ext: Extension) -> bool {
+        let c = &self.config;
+        self.hello != Some(HelloVerb::Helo)
+            && match ext {
+                Extension::Size => true,
+                Extension::EightBitMime => c.eight_bit_mime,
+                Extension::BinaryMime => c.chunking,
+                Extension::SmtpUtf8 => c.smtputf8,
+                Extension::Dsn => c.dsn,
+                Extension::RequireTls => false,
+                Extension::Auth => self.auth_offered(),
+            }
+    }
+
+    /// The checks every transaction command shares: greeting and TLS.
+    fn transaction_allowed(&mut self) -> bool {
+        if self.hello.is_none() {
+            let hello = match self.config.protocol {
+                Protocol::Smtp => "send HELO/EHLO first",
+                Protocol::Lmtp => "send LHLO first",
+            };
+            self.error(replies::bad_sequence(hello));
+            return false;
+        }
+        if self.config.tls_required && !self.tls_active {
+            self.error(replies::tls_required());
+            return false;
+        }
+        true
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams) {
+        if !self.transaction_allowed() {
+            return;
+        }
+        if self.txn.open {
+            return self.error(replies::bad_sequence("nested MAIL command"));
+        }
+        if let Some(ext) = params.extensions().into_iter().find(|e| !self.offered(*e)) {
+            return self.error(replies::unknown_parameter(param_name(ext)));
+        }
+        let max = self.config.max_message_size;
+        if max > 0 && params.size.is_some_and(|s| s > max) {
+            return self.reply(replies::message_too_big());
+        }
+        if from.mailbox().is_some_and(|m| !m.is_ascii()) && !params.smtputf8 {
+            return self.reply(replies::utf8_address_needs_smtputf8());
+        }
+        self.txn = Transaction { params: params.clone(), ..Transaction::default() };
+        self.events.push_back(ServerEvent::Mail { from, params });
+        self.pending = Some(Pending::Mail);
+    }
+
+    fn rcpt(&mut self, to: ForwardPath, params: RcptParams) {
+        if !self.transaction_allowed() {
+            return;
+        }
+        if !self.txn.open {
+            return self.error(replies::bad_sequence("need MAIL command"));
+        }
+        if self.content != Content::None {
+            return self.error(replies::bad_sequence("RCPT after BDAT"));
+        }
+        if let Some(ext) = params.extensions().into_iter().find(|e| !self.offered(*e)) {
+            return self.error(replies::unknown_parameter(param_name(ext)));
+        }
+        if to.mailbox().is_some_and(|m| !m.is_ascii()) && !self.txn.params.smtputf8 {
+            return self.reply(replies::utf8_address_needs_smtputf8());
+        }
+        self.txn.attempted += 1;
+        if self.txn.accepted >= self.config.max_recipients {
+            return self.reply(replies::too_many_recipients());
+        }
+        self.events.push_back(ServerEvent::Rcpt { to, params });
+        self.pending = Some(Pending::Rcpt);
+    }
+
+    /// Why content may not start now, if it may not.
+    fn content_refusal(&self) -> Option<Reply> {
+        if !self.txn.open {
+            return Some(replies::bad_sequence("need MAIL command"));
+        }
+        if self.txn.accepted == 0 {
+            return Some(match (self.config.protocol, self.txn.attempted) {
+                (Protocol::Smtp, n) if n > 0 => replies::no_valid_recipients(),
+                _ => replies::bad_sequence("need RCPT command"),
+            });
+        }
+        None
+    }
+
+    fn data(&mut self) {
+        if !self.transaction_allowed() {
+            return;
+        }
+        if let Some(refusal) = self.content_refusal() {
+            return self.error(refusal);
+        }
+        if self.content != Content::None {
+            return self.error(replies::bad_sequence("DATA after BDAT"));
+        }
+        if self.txn.params.body == Some(Body::BinaryMime) {
+            return self.error(replies::binarymime_needs_bdat());
+        }
+        self.events.push_back(ServerEvent::DataStart);
+        self.pending = Some(Pending::DataStart { bdat: None });
+    }
+
+    /// BDAT: the chunk's octets follow the command line whatever the answer, so a refused
+    /// chunk is still read (and discarded) before its reply; otherwise its octets would be
+    /// taken for commands.
+    fn bdat(&mut self, size: u64, last: bool) {
+        let refusal = if !self.config.chunking {
+            Some(replies::not_implemented("BDAT"))
+        } else if self.hello.is_none() {
+            Some(replies::bad_sequence("send EHLO first"))
+        } else if self.config.tls_required && !self.tls_active {
+            Some(replies::tls_required())
+        } else if let Some(refusal) = self.content_refusal() {
+            Some(refusal)
+        } else if self.content == Content::Failed {
+            Some(replies::bad_sequence("previous chunk failed, send RSET"))
+        } else {
+            None
+        };
+        match (refusal, self.content) {
+            (Some(r), _) => self.start_chunk(size, last, Some(r)),
+            (None, Content::None) => {
+                self.events.push_back(ServerEvent::DataStart);
+                self.pending = Some(Pending::DataStart { bdat: Some((size, last)) });
+            }
+            (None, _) => self.start_chunk(size, last, None),
+        }
+    }
+
+    fn starttls(&mut self) {
+        if !self.config.starttls {
+            return self.error(replies::not_implemented("STARTTLS"));
+        }
+        if self.tls_active {
+            return self.error(replies::bad_sequence("TLS already active"));
+        }
+        if self.txn.open {
+            return self.error(replies::bad_sequence("mail transaction in progress"));
+        }
+        self.reset_transaction(true);
+        self.reply(replies::tls_go_ahead());
+        self.events.push_back(ServerEvent::StartTls);
+        self.phase = Phase::AwaitTls;
+        // RFC 3207 §4.2 / CVE-2011-0411: anything pipelined after STARTTLS was sent in
+        // plaintext and must not be acted on after the handshake.
+        self.input.clear();
+    }
+
+    fn auth(&mut self, mechanism: String, initial_response: Option<String>) {
+        if self.config.auth_mechanisms.is_empty() {
+            return self.error(replies::auth_not_enabled());
+        }
+        if !self.auth_offered() {
+            return self.error(replies::tls_required());
+        }
+        if self.hello.is_none() || self.authenticated || self.txn.open {
+            return self.error(replies::bad_sequence("AUTH not allowed now"));
+        }
+        if !self.config.auth_mechanisms.iter().any(|m| m.eq_ignore_ascii_case(&mechanism)) {
+            return self.error(replies::auth_mechanism_unknown());
+        }
+        self.events.push_back(ServerEvent::Auth { mechanism, initial_response });
+        self.pending = Some(Pending::Auth);
+    }
+}
+
+fn param_name(ext: Extension) -> &'static str {
+    match ext {
+        Extension::Size => "SIZE",
+        Extension::EightBitMime | Extension::BinaryMime => "BODY",
+        Extension::SmtpUtf8 => "SMTPUTF8",
+        Extension::Dsn => "DSN parameter",
+        Extension::RequireTls => "REQUIRETLS",
+        Extension::Auth => "AUTH",
+    }
+}
