@@ -9,10 +9,14 @@
 //! Fuzz inputs are often mapped onto a small alphabet first ([`into_alphabet`]), so that the
 //! fuzzer spends its time on the octets the protocol cares about.
 
+use crate::data::{BareLineEndings, DataDecoder, DataEncoder};
 use crate::line::{Frame, LineFramer, Status};
 
 /// Octets that matter to SMTP commands and replies (after Stalwart's `smtp-proto` fuzz).
 pub const SMTP_ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz:=-<>,; .\r\n";
+
+/// Octets that matter to the DATA codec.
+pub const DATA_ALPHABET: &[u8] = b"\r\n.a ";
 
 /// Maps each octet of `data` onto `alphabet` (octet value modulo the alphabet size). An empty
 /// alphabet leaves `data` unchanged.
@@ -140,4 +144,159 @@ pub fn line_framing(input: &[u8]) {
     let whole = frame_chunks(max, &[&data]);
     assert_eq!(whole, frame_chunks(max, &chunks(&data, sizes)));
     assert_eq!(whole, frame_reference(max, &data));
+}
+
+// ---------------------------------------------------------------------------------------
+// data
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, PartialEq, Eq)]
+struct DataOutcome {
+    out: Vec<u8>,
+    consumed: usize,
+    finished: bool,
+    bare_lf: u64,
+    bare_cr: u64,
+}
+
+fn decode_chunks(policy: BareLineEndings, chunks: &[&[u8]]) -> DataOutcome {
+    let mut decoder = DataDecoder::new(policy);
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    let mut finished = false;
+    for chunk in chunks {
+        let d = decoder.decode(chunk, &mut out);
+        consumed += d.consumed;
+        if d.finished {
+            finished = true;
+            break;
+        }
+        assert_eq!(d.consumed, chunk.len());
+    }
+    assert_eq!(finished, decoder.is_finished());
+    DataOutcome {
+        out,
+        consumed,
+        finished,
+        bare_lf: decoder.bare_lf(),
+        bare_cr: decoder.bare_cr(),
+    }
+}
+
+/// Reference model of the decoder, written from the rule rather than for speed: cut the
+/// stream at every CR LF; a line that is exactly "." ends the message; a line starting
+/// with "." loses it; every CR or LF left inside a line is bare. An unterminated last line
+/// keeps back what the streaming decoder cannot decide yet (a leading ".", a final CR).
+fn decode_reference(policy: BareLineEndings, data: &[u8]) -> DataOutcome {
+    let normalize = policy == BareLineEndings::Normalize;
+    let mut o = DataOutcome {
+        out: Vec::new(),
+        consumed: data.len(),
+        finished: false,
+        bare_lf: 0,
+        bare_cr: 0,
+    };
+    let content = |line: &[u8], o: &mut DataOutcome| {
+        for &b in line {
+            match b {
+                b'\r' => o.bare_cr += 1,
+                b'\n' => o.bare_lf += 1,
+                _ => {}
+            }
+            if normalize && (b == b'\r' || b == b'\n') {
+                o.out.extend_from_slice(b"\r\n");
+            } else {
+                o.out.push(b);
+            }
+        }
+    };
+    let mut pos = 0;
+    loop {
+        let rest = &data[pos..];
+        let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
+            let line = rest.strip_prefix(b".").unwrap_or(rest);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            content(line, &mut o);
+            return o;
+        };
+        let line = &rest[..end];
+        if line == b"." {
+            o.consumed = pos + 3;
+            o.finished = true;
+            return o;
+        }
+        content(line.strip_prefix(b".").unwrap_or(line), &mut o);
+        o.out.extend_from_slice(b"\r\n");
+        pos += end + 2;
+    }
+}
+
+/// `x` with bare endings as CR LF and a final CR LF if its last line is unterminated.
+fn canonical(x: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() + 2);
+    let mut i = 0;
+    while let Some(&b) = x.get(i) {
+        if b == b'\r' && x.get(i + 1) == Some(&b'\n') {
+            i += 1;
+        }
+        if b == b'\r' || b == b'\n' {
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.push(b);
+        }
+        i += 1;
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+fn encode_chunks(chunks: &[&[u8]]) -> Vec<u8> {
+    let mut encoder = DataEncoder::new();
+    let mut out = Vec::new();
+    for chunk in chunks {
+        encoder.encode(chunk, &mut out);
+    }
+    encoder.finish(&mut out);
+    out
+}
+
+/// The DATA codec: chunk independence of decoder and encoder, agreement of the decoder
+/// with a reference model, the shape of the terminator, and the encode→decode round trip.
+///
+/// Input: a flags octet (bit 0: map onto [`DATA_ALPHABET`]; bit 1: preserve bare endings;
+/// bits 2..5: number of chunk sizes), the chunk sizes, the stream.
+pub fn data_stream(input: &[u8]) {
+    let (flags, sizes, data) = header(input);
+    let data = if flags & 1 == 1 {
+        into_alphabet(data, DATA_ALPHABET)
+    } else {
+        data.to_vec()
+    };
+    let policy = if flags & 2 == 2 {
+        BareLineEndings::Preserve
+    } else {
+        BareLineEndings::Normalize
+    };
+    let chunked_input = chunks(&data, sizes);
+
+    // Decoder: one shot, chunked and reference agree.
+    let whole = decode_chunks(policy, &[&data]);
+    assert_eq!(whole, decode_chunks(policy, &chunked_input));
+    assert_eq!(whole, decode_reference(policy, &data));
+    if whole.finished {
+        let message = &data[..whole.consumed];
+        assert!(message == b".\r\n" || message.ends_with(b"\r\n.\r\n"));
+    }
+    assert!(whole.out.len() <= 2 * whole.consumed);
+
+    // Encoder: chunk independence, canonical output, round trip, never ends early.
+    let wire = encode_chunks(&[&data]);
+    assert_eq!(wire, encode_chunks(&chunked_input));
+    let decoded = decode_chunks(BareLineEndings::Preserve, &[&wire]);
+    assert!(decoded.finished);
+    assert_eq!(decoded.consumed, wire.len());
+    assert_eq!((decoded.bare_lf, decoded.bare_cr), (0, 0));
+    assert_eq!(decoded.out, canonical(&data));
 }
