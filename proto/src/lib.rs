@@ -9,7 +9,7 @@
 //!
 //! | module | owns | RFC |
 //! |---|---|---|
-//! | [`line`] | CRLF line framing with length limits, `Complete`/`Partial` | 5321 §4.5.3.1 |
+//! | [`mod@line`] | CRLF line framing with length limits, `Complete`/`Partial` | 5321 §4.5.3.1 |
 //! | [`command`] | command verbs and their arguments | 5321 §4.1, 2033, 1869, 3030, 3207, 4954 |
 //! | [`address`] | mailboxes, paths, domains, address literals | 5321 §4.1.2, 6531 |
 //! | [`params`] | typed ESMTP MAIL/RCPT parameters | 1870, 6152, 3030, 6531, 3461, 8689, 4954 |

@@ -254,6 +254,8 @@ pub fn mail_loop() -> Reply {
 impl ReplyCode {
     /// 220
     pub const SERVICE_READY: Self = Self::from_table(220);
+    /// 250
+    pub const OK: Self = Self::from_table(250);
     /// 354
     pub const START_DATA: Self = Self::from_table(354);
     /// 451

@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use crate::line::{Frame, LineFramer};
+use crate::line::{Frame, LineFramer, Status};
 
 /// The largest number of lines one reply may have before the parser gives up on it.
 pub const MAX_REPLY_LINES: usize = 100;
@@ -326,16 +326,16 @@ impl ReplyParser {
         loop {
             let (consumed, frame) = self.framer.frame(&self.buf);
             let line = match frame {
-                Frame::Partial => {
+                Status::Partial => {
                     self.buf.drain(..consumed);
                     return Ok(None);
                 }
-                Frame::TooLong => {
+                Status::Complete(Frame::TooLong) => {
                     self.buf.drain(..consumed);
                     self.pending.clear();
                     return Err(ReplyError::LineTooLong);
                 }
-                Frame::Line(line) => parse_line(line),
+                Status::Complete(Frame::Line(line)) => parse_line(line),
             };
             self.buf.drain(..consumed);
             let (code, last, text) = match line {

@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use crate::address::{ForwardPath, ReversePath};
 use crate::command::Command;
 use crate::data::{BareLineEndings, BdatReader, DataDecoder};
-use crate::line::{Frame, LineFramer, COMMAND_LINE_MAX};
+use crate::line::{COMMAND_LINE_MAX, Frame, LineFramer, Status};
 use crate::params::{Body, Extension, MailParams, RcptParams};
 use crate::replies;
 use crate::reply::{Reply, ReplyCode, Severity};
@@ -227,7 +227,11 @@ enum Content {
 enum Phase {
     Command,
     Data,
-    Bdat { reader: BdatReader, last: bool, refusal: Option<Reply> },
+    Bdat {
+        reader: BdatReader,
+        last: bool,
+        refusal: Option<Reply>,
+    },
     AwaitTls,
     AuthExchange,
     Closed,
@@ -271,7 +275,10 @@ impl ServerSession {
             BarePolicy::Reject => BareLineEndings::Preserve,
         };
         let mut events = VecDeque::new();
-        events.push_back(ServerEvent::Reply(replies::greeting(&config.hostname, config.protocol.name())));
+        events.push_back(ServerEvent::Reply(replies::greeting(
+            &config.hostname,
+            config.protocol.name(),
+        )));
         Self {
             framer: LineFramer::new(config.max_line),
             decoder: DataDecoder::new(policy),
@@ -380,20 +387,25 @@ impl ServerSession {
                 }
                 self.reply(reply);
             }
-            Pending::DataStart { bdat: Some((size, last)) } => {
-                let refusal = if reply.is_positive() || reply.severity() == Severity::PositiveIntermediate {
-                    self.content = Content::Bdat;
-                    None
-                } else {
-                    self.content = Content::Failed;
-                    Some(reply)
-                };
+            Pending::DataStart {
+                bdat: Some((size, last)),
+            } => {
+                let refusal =
+                    if reply.is_positive() || reply.severity() == Severity::PositiveIntermediate {
+                        self.content = Content::Bdat;
+                        None
+                    } else {
+                        self.content = Content::Failed;
+                        Some(reply)
+                    };
                 self.start_chunk(size, last, refusal);
             }
             Pending::DataEnd { remaining } => {
                 self.reply(reply);
                 if remaining > 1 {
-                    self.pending = Some(Pending::DataEnd { remaining: remaining - 1 });
+                    self.pending = Some(Pending::DataEnd {
+                        remaining: remaining - 1,
+                    });
                 } else {
                     self.reset_transaction(false);
                 }
@@ -487,12 +499,12 @@ impl ServerSession {
     fn step_line(&mut self) -> bool {
         let (consumed, frame) = self.framer.frame(&self.input);
         let line = match frame {
-            Frame::Partial => {
+            Status::Partial => {
                 self.input.drain(..consumed);
                 return false;
             }
-            Frame::TooLong => None,
-            Frame::Line(line) => Some(line.to_vec()),
+            Status::Complete(Frame::TooLong) => None,
+            Status::Complete(Frame::Line(line)) => Some(line.to_vec()),
         };
         self.input.drain(..consumed);
         match (line, &self.phase) {
@@ -506,7 +518,9 @@ impl ServerSession {
                 if line == b"*" {
                     self.error(replies::auth_cancelled());
                 } else {
-                    self.events.push_back(ServerEvent::AuthResponse(String::from_utf8_lossy(&line).into_owned()));
+                    self.events.push_back(ServerEvent::AuthResponse(
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ));
                     self.pending = Some(Pending::Auth);
                 }
             }
@@ -531,7 +545,8 @@ impl ServerSession {
             self.events.push_back(ServerEvent::DataAborted);
         }
         if self.txn.abort.is_none() && !self.decoded.is_empty() {
-            self.events.push_back(ServerEvent::Data(std::mem::take(&mut self.decoded)));
+            self.events
+                .push_back(ServerEvent::Data(std::mem::take(&mut self.decoded)));
         }
         self.decoded.clear();
         if progress.finished {
@@ -556,7 +571,9 @@ impl ServerSession {
         }
         self.input.drain(..taken);
         if done {
-            let Phase::Bdat { last, refusal, .. } = std::mem::replace(&mut self.phase, Phase::Command) else {
+            let Phase::Bdat { last, refusal, .. } =
+                std::mem::replace(&mut self.phase, Phase::Command)
+            else {
                 return true;
             };
             self.chunk_complete(last, refusal);
@@ -589,7 +606,9 @@ impl ServerSession {
             Some(Abort::BareLineEnding) => replies::bare_line_ending(),
             None => {
                 self.events.push_back(ServerEvent::DataEnd);
-                self.pending = Some(Pending::DataEnd { remaining: self.replies_due() });
+                self.pending = Some(Pending::DataEnd {
+                    remaining: self.replies_due(),
+                });
                 return;
             }
         };
@@ -610,7 +629,11 @@ impl ServerSession {
                 self.txn.size += size;
             }
         }
-        self.phase = Phase::Bdat { reader: BdatReader::new(size), last, refusal };
+        self.phase = Phase::Bdat {
+            reader: BdatReader::new(size),
+            last,
+            refusal,
+        };
     }
 
     fn chunk_complete(&mut self, last: bool, refusal: Option<Reply>) {
@@ -657,7 +680,10 @@ impl ServerSession {
             Command::Vrfy(_) => self.reply(replies::cannot_verify()),
             Command::Help(_) => self.reply(replies::help()),
             Command::StartTls => self.starttls(),
-            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
         }
     }
 
@@ -679,7 +705,9 @@ impl ServerSession {
         self.events.push_back(ServerEvent::Hello { verb, domain });
         let reply = match verb {
             HelloVerb::Helo => Reply::new(ReplyCode::OK, None, &self.config.hostname),
-            HelloVerb::Ehlo | HelloVerb::Lhlo => Reply::with_lines(ReplyCode::OK, None, self.extensions()),
+            HelloVerb::Ehlo | HelloVerb::Lhlo => {
+                Reply::with_lines(ReplyCode::OK, None, self.extensions())
+            }
         };
         self.reply(reply);
     }
@@ -702,7 +730,10 @@ impl ServerSession {
         add(c.chunking, "CHUNKING");
         add(c.chunking, "BINARYMIME");
         add(c.starttls && !self.tls_active, "STARTTLS");
-        add(self.auth_offered(), &format!("AUTH {}", c.auth_mechanisms.join(" ")));
+        add(
+            self.auth_offered(),
+            &format!("AUTH {}", c.auth_mechanisms.join(" ")),
+        );
         lines
     }
 
@@ -758,7 +789,10 @@ impl ServerSession {
         if from.mailbox().is_some_and(|m| !m.is_ascii()) && !params.smtputf8 {
             return self.reply(replies::utf8_address_needs_smtputf8());
         }
-        self.txn = Transaction { params: params.clone(), ..Transaction::default() };
+        self.txn = Transaction {
+            params: params.clone(),
+            ..Transaction::default()
+        };
         self.events.push_back(ServerEvent::Mail { from, params });
         self.pending = Some(Pending::Mail);
     }
@@ -839,7 +873,9 @@ impl ServerSession {
             (Some(r), _) => self.start_chunk(size, last, Some(r)),
             (None, Content::None) => {
                 self.events.push_back(ServerEvent::DataStart);
-                self.pending = Some(Pending::DataStart { bdat: Some((size, last)) });
+                self.pending = Some(Pending::DataStart {
+                    bdat: Some((size, last)),
+                });
             }
             (None, _) => self.start_chunk(size, last, None),
         }
@@ -874,10 +910,18 @@ impl ServerSession {
         if self.hello.is_none() || self.authenticated || self.txn.open {
             return self.error(replies::bad_sequence("AUTH not allowed now"));
         }
-        if !self.config.auth_mechanisms.iter().any(|m| m.eq_ignore_ascii_case(&mechanism)) {
+        if !self
+            .config
+            .auth_mechanisms
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&mechanism))
+        {
             return self.error(replies::auth_mechanism_unknown());
         }
-        self.events.push_back(ServerEvent::Auth { mechanism, initial_response });
+        self.events.push_back(ServerEvent::Auth {
+            mechanism,
+            initial_response,
+        });
         self.pending = Some(Pending::Auth);
     }
 }
