@@ -300,3 +300,120 @@ pub fn data_stream(input: &[u8]) {
     assert_eq!((decoded.bare_lf, decoded.bare_cr), (0, 0));
     assert_eq!(decoded.out, canonical(&data));
 }
+
+// ---------------------------------------------------------------------------------------
+// command lines, addresses, replies, the server session
+// ---------------------------------------------------------------------------------------
+
+/// One command line: parsing never panics, every error knows a 5yz reply, and a parsed
+/// command's wire form parses back to the same command.
+pub fn command_line(input: &[u8]) {
+    let mapped = into_alphabet(input, SMTP_ALPHABET);
+    for line in [input, &mapped[..]] {
+        match crate::command::Command::parse(line) {
+            Ok(cmd) => {
+                let wire = cmd.to_string();
+                let again = crate::command::Command::parse(wire.as_bytes());
+                assert_eq!(again.as_ref(), Ok(&cmd), "{wire:?}");
+            }
+            Err(e) => assert!(e.reply().is_permanent(), "{e:?}"),
+        }
+    }
+}
+
+/// One address: a parsed path prints back to a path that parses to the same value, within
+/// the length limits.
+pub fn address(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    if let Ok(path) = crate::address::ForwardPath::parse(text) {
+        let printed = path.to_string();
+        assert_eq!(
+            crate::address::ForwardPath::parse(&printed).as_ref(),
+            Ok(&path)
+        );
+        if let Some(m) = path.mailbox() {
+            assert!(m.local_part().len() <= crate::address::MAX_LOCAL_PART);
+        }
+    }
+    if let Ok(path) = crate::address::ReversePath::parse(text) {
+        assert_eq!(
+            crate::address::ReversePath::parse(&path.to_string()).as_ref(),
+            Ok(&path)
+        );
+    }
+    let _ = crate::address::Domain::parse(text).map(|d| d.folded());
+}
+
+/// A stream of server replies in arbitrary chunks: the parser never panics, gives the same
+/// replies whatever the chunking, and a reply re-encoded parses back to itself.
+pub fn reply_stream(input: &[u8]) {
+    let (_, sizes, data) = header(input);
+    let collect = |parts: Vec<&[u8]>| {
+        let mut p = crate::reply::ReplyParser::default();
+        let mut out = Vec::new();
+        for part in parts {
+            p.handle_input(part);
+            loop {
+                match p.poll_reply() {
+                    Ok(Some(r)) => out.push(Ok(r)),
+                    Ok(None) => break,
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+        }
+        out
+    };
+    let whole = collect(vec![data]);
+    assert_eq!(collect(chunks(data, sizes)), whole);
+    for reply in whole.into_iter().flatten() {
+        let mut p = crate::reply::ReplyParser::default();
+        p.handle_input(&reply.to_bytes());
+        assert_eq!(p.poll_reply(), Ok(Some(reply)));
+    }
+}
+
+/// A whole client dialogue against the server session, in chunks, with every decision
+/// accepted: no panic, the session never buffers more than its line limit plus one chunk,
+/// and it always answers (every poll loop ends).
+pub fn server_session(input: &[u8]) {
+    use crate::server::{Protocol, ServerConfig, ServerEvent, ServerSession};
+    let (flags, sizes, data) = header(input);
+    let protocol = if flags & 1 == 0 {
+        Protocol::Smtp
+    } else {
+        Protocol::Lmtp
+    };
+    let mut config = ServerConfig::new(protocol, "fuzz.test");
+    config.max_message_size = 4096;
+    config.starttls = flags & 2 != 0;
+    let mapped = into_alphabet(data, SMTP_ALPHABET);
+    let data = if flags & 0x80 != 0 { &mapped[..] } else { data };
+    let mut session = ServerSession::new(config);
+    for part in chunks(data, sizes) {
+        session.handle_input(part);
+        let mut polls = 0usize;
+        while let Some(event) = session.poll_event() {
+            polls += 1;
+            assert!(polls < 1_000_000, "session loops");
+            match event {
+                ServerEvent::Mail { .. } | ServerEvent::Rcpt { .. } | ServerEvent::DataStart => {
+                    let _ = session.accept();
+                }
+                ServerEvent::DataEnd => {
+                    for _ in 0..session.expected_replies() {
+                        let _ = session.respond(crate::replies::queued("FUZZ"));
+                    }
+                }
+                ServerEvent::Auth { .. } | ServerEvent::AuthResponse(_) => {
+                    let _ = session.respond(crate::replies::auth_cancelled());
+                }
+                ServerEvent::StartTls => session.tls_established(),
+                _ => {}
+            }
+        }
+        assert!(!session.is_waiting());
+        assert!(session.buffered() <= crate::line::COMMAND_LINE_MAX + part.len());
+    }
+}

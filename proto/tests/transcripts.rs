@@ -14,7 +14,11 @@
 //! recipient whose local part starts with `full` gets 552 5.2.2 after the end of data;
 //! STARTTLS succeeds at once; AUTH PLAIN accepts test/test.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a panic is a failed test")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
 
 use std::path::Path;
 
