@@ -104,3 +104,46 @@ mod data {
             });
     }
 }
+
+mod command {
+    use divan::counter::ItemsCount;
+    use divan::{Bencher, black_box};
+    use postern_proto::Command;
+    use postern_proto::line::{Frame, LineFramer, Status};
+
+    /// A pipelined transaction as a busy client sends it: one MAIL, several RCPTs, DATA.
+    fn transaction() -> Vec<u8> {
+        let mut wire =
+            b"MAIL FROM:<newsletter@lists.example.net> SIZE=40960 BODY=8BITMIME\r\n".to_vec();
+        for i in 0..8 {
+            wire.extend_from_slice(format!("RCPT TO:<user{i}@example.org>\r\n").as_bytes());
+        }
+        wire.extend_from_slice(b"RCPT TO:<alice+news@example.org> NOTIFY=FAILURE ORCPT=rfc822;alice@example.org\r\nDATA\r\nRSET\r\nNOOP\r\n");
+        wire
+    }
+
+    /// Framing and parsing every line of the transaction.
+    #[divan::bench]
+    fn frame_and_parse(bencher: Bencher) {
+        let wire = transaction();
+        let lines = wire.iter().filter(|&&b| b == b'\n').count();
+        bencher.counter(ItemsCount::new(lines)).bench_local(|| {
+            let mut framer = LineFramer::new(512);
+            let mut rest = black_box(&wire[..]);
+            let mut n = 0;
+            while let (used, Status::Complete(Frame::Line(line))) = framer.frame(rest) {
+                n += usize::from(Command::parse(line).is_ok());
+                rest = &rest[used..];
+            }
+            assert_eq!(n, lines);
+        });
+    }
+
+    /// Parsing one RCPT TO line, the commonest command.
+    #[divan::bench]
+    fn parse_rcpt(bencher: Bencher) {
+        bencher
+            .counter(ItemsCount::new(1usize))
+            .bench_local(|| Command::parse(black_box(b"RCPT TO:<user7@example.org>")));
+    }
+}

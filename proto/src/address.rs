@@ -104,10 +104,8 @@ impl Domain {
                 AddressError::DomainTooLong
             });
         }
-        for label in s.split('.') {
-            if !valid_label(label) {
-                return Err(AddressError::BadDomain);
-            }
+        if !valid_domain_name(s) {
+            return Err(AddressError::BadDomain);
         }
         Ok(Self::Name(s.to_owned()))
     }
@@ -155,6 +153,35 @@ impl fmt::Display for Domain {
             }
         }
     }
+}
+
+/// `sub-domain *("." sub-domain)`; an all-ASCII name is checked in one pass over its octets.
+fn valid_domain_name(s: &str) -> bool {
+    if !s.is_ascii() {
+        return s.split('.').all(valid_label);
+    }
+    let mut label_len = 0usize;
+    let mut previous = b'.';
+    for b in s.bytes() {
+        match b {
+            b'.' => {
+                if label_len == 0 || previous == b'-' {
+                    return false;
+                }
+                label_len = 0;
+            }
+            b'-' if label_len == 0 => return false,
+            b if b.is_ascii_alphanumeric() || b == b'-' => {
+                label_len += 1;
+                if label_len > 63 {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+        previous = b;
+    }
+    label_len > 0 && previous != b'-'
 }
 
 /// A label: `Let-dig [Ldh-str]` (RFC 5321 §4.1.2), or a U-label (RFC 6531 §3.3) which we

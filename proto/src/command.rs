@@ -161,8 +161,14 @@ impl Command {
             return Err(CommandError::Unrecognized);
         }
         let args = trim_spaces(args);
-        let upper = verb.to_ascii_uppercase();
-        match upper.as_slice() {
+        // Upper-case the verb into a small stack buffer: no allocation per command.
+        let mut upper = [0u8; 8];
+        let Some(slot) = upper.get_mut(..verb.len()) else {
+            return Err(CommandError::Unrecognized);
+        };
+        slot.copy_from_slice(verb);
+        slot.make_ascii_uppercase();
+        match &*slot {
             b"HELO" => hello(args, SYNTAX_HELO).map(Self::Helo),
             b"EHLO" => hello(args, SYNTAX_EHLO).map(Self::Ehlo),
             b"LHLO" => hello(args, SYNTAX_LHLO).map(Self::Lhlo),
@@ -263,12 +269,13 @@ fn split_path(s: &str) -> Option<(&str, &str)> {
     }
     let mut quoted = false;
     let mut escaped = false;
-    for (i, c) in s.char_indices() {
+    // Octets, not chars: the delimiters are ASCII and never occur inside a UTF-8 sequence.
+    for (i, &c) in s.as_bytes().iter().enumerate() {
         match c {
             _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '>' if !quoted => return Some((&s[..=i], &s[i + 1..])),
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some((&s[..=i], &s[i + 1..])),
             _ => {}
         }
     }

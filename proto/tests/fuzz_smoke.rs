@@ -1,6 +1,6 @@
 //! A short fuzz run inside the test suite.
 //!
-//! Replays every corpus input kept in `fuzz/corpus/<target>/` (the seeds, the SMTP smuggling
+//! Replays every corpus input kept in `fuzz/seeds/<target>/` (the seeds, the SMTP smuggling
 //! variants, and any crash a real `cargo fuzz run` once found) through the same entry points
 //! the libFuzzer targets call, then a bounded number of deterministic mutations of each
 //! (bit flips, octet insertions from the SMTP alphabet, splices, truncations). The long runs
@@ -70,7 +70,7 @@ fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
 
 fn run(target: &str, entry: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("fuzz/seeds")
         .join(target);
     let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap()
