@@ -1,8 +1,9 @@
 //! The `postern` command: argument parsing and dispatch to the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// An LMTP-focused mail gateway: a durable spool in front of Cyrus and Dovecot stores.
 #[derive(Debug, Parser)]
@@ -13,17 +14,28 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the gateway (the listeners arrive with the edge front end).
+    Run {
+        /// Configuration file; without it, the embedded default `config/postern.yaml`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => {
-            // Until the listener lands, `postern` with no subcommand explains itself.
-            use clap::CommandFactory;
             let _ = Cli::command().print_help();
             ExitCode::SUCCESS
         }
-        Some(command) => match command {},
+        Some(Command::Run { .. }) => {
+            eprintln!(
+                "postern: no listener is built yet; this build only speaks the wire protocol."
+            );
+            let _ = Cli::command().print_help();
+            ExitCode::SUCCESS
+        }
     }
 }

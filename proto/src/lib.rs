@@ -27,6 +27,8 @@
 //! - Buffers are bounded by the configured line and chunk limits; nothing grows with the size
 //!   of a message.
 
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod client;
 pub mod command;
