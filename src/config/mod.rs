@@ -1,0 +1,515 @@
+//! The configuration: YAML in, a validated, typed [`Config`] out.
+//!
+//! Loading has two stages, and both report errors that name the file, the line and the key
+//! path (`postern.yaml:14: listeners[0].tls.cert: ...`): serde with `deny_unknown_fields`
+//! catches unknown keys, wrong types and bad units; [`Config::validate`] then checks what
+//! only the whole file can tell (unique names, stores that exist, LMTP never on port 25,
+//! certificates that load). A `Config` that exists is valid; nothing downstream re-checks.
+
+mod locate;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub use units::{ByteSize, Span};
+
+/// The embedded default configuration (`config/postern.yaml`).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/postern.yaml");
+
+/// The name shown for the embedded default in error messages.
+pub const EMBEDDED_NAME: &str = "config/postern.yaml (embedded)";
+
+/// The whole gateway configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name: in the greeting, EHLO and Received: headers.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Unique per gateway; part of every queue id.
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    /// The spool.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How long in-flight sessions may finish after SIGTERM.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: Span,
+    /// SMTP and LMTP listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Where mail is delivered.
+    #[serde(default)]
+    pub stores: Vec<StoreConfig>,
+    /// Recipient → store.
+    #[serde(default)]
+    pub routes: RoutesConfig,
+}
+
+/// `spool:`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the spool.
+    #[serde(default = "default_spool_path")]
+    pub path: PathBuf,
+    /// Below this much free space, MAIL is answered 452 4.3.1.
+    #[serde(default = "default_min_free")]
+    pub min_free: ByteSize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            path: default_spool_path(),
+            min_free: default_min_free(),
+        }
+    }
+}
+
+/// `metrics:`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served; loopback by default.
+    #[serde(default = "default_metrics_address")]
+    pub address: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            address: default_metrics_address(),
+        }
+    }
+}
+
+/// The address a listener binds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// `127.0.0.1:2525`, `[::1]:2525`
+    Tcp(SocketAddr),
+    /// `unix:/path`
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl ListenAddress {
+    /// Parses `127.0.0.1:2525`, `[::1]:2525` or `unix:/path`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(Self::Tcp).map_err(|_| {
+            format!("`{s}` is not an address like 127.0.0.1:2525, [::1]:2525 or unix:/path")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        units::parse_str(d, Self::parse, "an address")
+    }
+}
+
+/// `protocol:`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// RFC 5321 ESMTP.
+    Smtp,
+    /// RFC 2033 LMTP.
+    Lmtp,
+}
+
+/// `bare_line_endings:`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    /// Store bare CR/LF as CRLF.
+    Normalize,
+    /// Refuse the message with 550 5.5.2.
+    Reject,
+}
+
+/// `tls:` of a listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Refuse mail transactions before STARTTLS (530 5.7.0).
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// `timeouts:` of a listener (RFC 5321 §4.5.3.2 minimums by default).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Waiting for a command (and the greeting's answer): 5m.
+    #[serde(default = "default_command_timeout")]
+    pub command: Span,
+    /// Waiting for the next block of DATA or BDAT content: 3m.
+    #[serde(default = "default_data_timeout")]
+    pub data: Span,
+    /// The whole session, however busy: 1h.
+    #[serde(default = "default_session_timeout")]
+    pub session: Span,
+    /// The TLS handshake after STARTTLS: 1m.
+    #[serde(default = "default_tls_timeout")]
+    pub tls_handshake: Span,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            command: default_command_timeout(),
+            data: default_data_timeout(),
+            session: default_session_timeout(),
+            tls_handshake: default_tls_timeout(),
+        }
+    }
+}
+
+/// One entry of `listeners:`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Label for logs and metrics.
+    pub name: String,
+    /// Where to listen.
+    pub address: ListenAddress,
+    /// SMTP or LMTP.
+    pub protocol: ListenerProtocol,
+    /// STARTTLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Concurrent connections on this listener.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent connections from one IP address.
+    #[serde(default = "default_max_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Largest message (SIZE).
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: ByteSize,
+    /// Recipients per transaction.
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Refused commands before 421.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Clients allowed to relay to non-local domains (through the relay route).
+    #[serde(default)]
+    pub trusted_networks: Vec<IpNet>,
+    /// Bare CR/LF in content.
+    #[serde(default = "default_bare")]
+    pub bare_line_endings: BareLineEndings,
+}
+
+/// One entry of `stores:`, by `kind:`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// Local maildirs under `root/<domain>/<user>/Maildir` (like Postfix's virtual(8)).
+    Maildir {
+        /// Name used by routes.
+        name: String,
+        /// Root directory.
+        root: PathBuf,
+    },
+    /// Accept and drop (a policy route).
+    Discard {
+        /// Name used by routes.
+        name: String,
+    },
+}
+
+impl StoreConfig {
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Maildir { name, .. } | Self::Discard { name } => name,
+        }
+    }
+}
+
+/// `routes:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Local domains.
+    #[serde(default)]
+    pub domains: BTreeMap<String, DomainRoute>,
+    /// Per-user pins, `user@domain: store`.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// The store for mail that trusted clients send to other domains.
+    #[serde(default)]
+    pub relay: Option<String>,
+}
+
+/// One local domain.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRoute {
+    /// The store holding its mailboxes.
+    pub store: String,
+    /// Only users listed in `routes.users` exist; others are refused at RCPT (550 5.1.1).
+    #[serde(default)]
+    pub authoritative: bool,
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_node_id() -> String {
+    "gw1".into()
+}
+fn default_spool_path() -> PathBuf {
+    PathBuf::from("./var/spool")
+}
+fn default_min_free() -> ByteSize {
+    ByteSize(100 << 20)
+}
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9325))
+}
+fn default_drain() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_command_timeout() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_data_timeout() -> Span {
+    Span(Duration::from_secs(180))
+}
+fn default_session_timeout() -> Span {
+    Span(Duration::from_secs(3600))
+}
+fn default_tls_timeout() -> Span {
+    Span(Duration::from_secs(60))
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_per_ip() -> usize {
+    100
+}
+fn default_max_message_size() -> ByteSize {
+    ByteSize(50 << 20)
+}
+fn default_max_recipients() -> usize {
+    1000
+}
+fn default_max_errors() -> u32 {
+    20
+}
+fn default_bare() -> BareLineEndings {
+    BareLineEndings::Normalize
+}
+
+/// A configuration error, located.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{}: {path}: {message}", line.map_or_else(|| "?".to_owned(), |l| l.to_string()))]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The key path, e.g. `listeners[0].tls.cert`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Config {
+    /// Loads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, Vec<ConfigError>> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![ConfigError {
+                file: name.clone(),
+                line: None,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }]
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Result<Self, Vec<ConfigError>> {
+        Self::parse(EMBEDDED_DEFAULT, EMBEDDED_NAME)
+    }
+
+    /// Loads `path`, or the embedded default when `None`.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Self, Vec<ConfigError>> {
+        match path {
+            Some(p) => Self::load(p),
+            None => Self::embedded(),
+        }
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, Vec<ConfigError>> {
+        let config: Self =
+            serde_yaml::from_str(text).map_err(|e| vec![locate::parse_error(&e, text, file)])?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        Err(problems
+            .into_iter()
+            .map(|(path, message)| ConfigError {
+                file: file.to_owned(),
+                line: locate::line_of(text, &path),
+                path,
+                message,
+            })
+            .collect())
+    }
+
+    /// The semantic checks, as `(key path, message)`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |path: String, message: String| out.push((path, message));
+        if self.hostname.is_empty() || postern_proto::Domain::parse(&self.hostname).is_err() {
+            bad(
+                "hostname".into(),
+                format!("`{}` is not a host name", self.hostname),
+            );
+        }
+        if self.node_id.is_empty()
+            || self.node_id.len() > 16
+            || !self.node_id.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            bad(
+                "node_id".into(),
+                "must be 1 to 16 letters or digits (it is part of every queue id)".into(),
+            );
+        }
+        if self.listeners.is_empty() {
+            bad("listeners".into(), "at least one listener is needed".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |key: &str| format!("listeners[{i}].{key}");
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                bad(at("name"), format!("duplicate listener name `{}`", l.name));
+            }
+            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+                bad(
+                    at("address"),
+                    format!("`{}` is used by another listener", l.address),
+                );
+            }
+            if let (ListenerProtocol::Lmtp, ListenAddress::Tcp(a)) = (l.protocol, &l.address) {
+                if a.port() == 25 {
+                    bad(
+                        at("protocol"),
+                        "LMTP is never offered on port 25 (RFC 2033 §5)".into(),
+                    );
+                }
+            }
+            if l.max_connections == 0 {
+                bad(at("max_connections"), "must be at least 1".into());
+            }
+            if l.max_connections_per_ip == 0 {
+                bad(at("max_connections_per_ip"), "must be at least 1".into());
+            }
+            if l.max_recipients == 0 {
+                bad(at("max_recipients"), "must be at least 1".into());
+            }
+            if l.max_errors == 0 {
+                bad(at("max_errors"), "must be at least 1".into());
+            }
+            if let Some(tls) = &l.tls {
+                for (key, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                    if !file.is_file() {
+                        bad(
+                            at(key),
+                            format!("`{}` is not a readable file", file.display()),
+                        );
+                    }
+                }
+                if tls.cert.is_file() && tls.key.is_file() {
+                    if let Err(e) = crate::tls::server_config(tls) {
+                        bad(at("tls"), e.to_string());
+                    }
+                }
+            }
+        }
+        for (i, s) in self.stores.iter().enumerate() {
+            if self.stores[..i].iter().any(|o| o.name() == s.name()) {
+                bad(
+                    format!("stores[{i}].name"),
+                    format!("duplicate store name `{}`", s.name()),
+                );
+            }
+        }
+        let known = |store: &str| self.stores.iter().any(|s| s.name() == store);
+        for (domain, route) in &self.routes.domains {
+            if postern_proto::Domain::parse(domain).is_err() {
+                bad(
+                    format!("routes.domains[{domain}]"),
+                    format!("`{domain}` is not a domain"),
+                );
+            }
+            if !known(&route.store) {
+                bad(
+                    format!("routes.domains[{domain}].store"),
+                    format!("no store named `{}`", route.store),
+                );
+            }
+        }
+        for (user, store) in &self.routes.users {
+            if postern_proto::Mailbox::parse(user).is_err() {
+                bad(
+                    format!("routes.users[{user}]"),
+                    format!("`{user}` is not an address user@domain"),
+                );
+            }
+            if !known(store) {
+                bad(
+                    format!("routes.users[{user}]"),
+                    format!("no store named `{store}`"),
+                );
+            }
+        }
+        if let Some(relay) = &self.routes.relay {
+            if !known(relay) {
+                bad("routes.relay".into(), format!("no store named `{relay}`"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+use std::time::Duration;
+
+use super::*;
+
+fn errors(yaml: &str) -> Vec<String> {
+    Config::parse(yaml, "test.yaml")
+        .expect_err("should fail")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const BASE: &str = "\
+listeners:
+  - name: smtp
+    address: 127.0.0.1:2525
+    protocol: smtp
+stores:
+  - name: local
+    kind: maildir
+    root: /tmp/mail
+routes:
+  domains:
+    example.org: { store: local }
+";
+
+#[test]
+fn embedded_default_is_valid_and_safe() {
+    let c = Config::embedded().unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    let l = &c.listeners[0];
+    assert_eq!(
+        l.address,
+        ListenAddress::Tcp("127.0.0.1:2525".parse().unwrap())
+    );
+    assert_eq!(l.protocol, ListenerProtocol::Smtp);
+    assert!(
+        l.trusted_networks.is_empty(),
+        "never an open relay by default"
+    );
+    assert_eq!(c.metrics.address, "127.0.0.1:9325".parse().unwrap());
+    assert_eq!(c.spool.path, PathBuf::from("./var/spool"));
+    assert!(
+        c.routes.domains.contains_key("example.org") && c.routes.domains.contains_key("localhost")
+    );
+    assert!(
+        matches!(&c.stores[0], StoreConfig::Maildir { root, .. } if root == Path::new("./var/mail"))
+    );
+}
+
+#[test]
+fn defaults_and_units() {
+    let yaml = BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    max_message_size: 10MiB\n    timeouts: { command: 2m, data: 90s }\n    trusted_networks: [10.0.0.0/8, \"::1/128\"]\n",
+    );
+    let c = Config::parse(&yaml, "t").unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.max_message_size, ByteSize(10 << 20));
+    assert_eq!(l.timeouts.command, Span(Duration::from_secs(120)));
+    assert_eq!(l.timeouts.data, Span(Duration::from_secs(90)));
+    assert_eq!(l.timeouts.session, Span(Duration::from_secs(3600)));
+    assert_eq!(l.trusted_networks.len(), 2);
+    assert_eq!(l.max_recipients, 1000);
+    assert_eq!(l.bare_line_endings, BareLineEndings::Normalize);
+    assert_eq!(c.node_id, "gw1");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_path() {
+    let yaml = BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    max_conections: 5\n",
+    );
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("test.yaml:5: listeners[0]: unknown field `max_conections`"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn bad_values_are_located() {
+    let e = errors(&BASE.replace("protocol: smtp", "protocol: smtpx"));
+    assert!(
+        e[0].starts_with("test.yaml:4: listeners[0].protocol: unknown variant `smtpx`"),
+        "{}",
+        e[0]
+    );
+    let e = errors(&BASE.replace(
+        "protocol: smtp\n",
+        "protocol: smtp\n    max_message_size: 5 furlongs\n",
+    ));
+    assert!(
+        e[0].contains("test.yaml:5: listeners[0].max_message_size: unknown size unit `furlongs`"),
+        "{}",
+        e[0]
+    );
+    let e = errors(&BASE.replace("127.0.0.1:2525", "localhost:25x"));
+    assert!(
+        e[0].contains("test.yaml:3: listeners[0].address: `localhost:25x` is not an address"),
+        "{}",
+        e[0]
+    );
+    let e = errors(&BASE.replace("kind: maildir", "kind: carrier-pigeon"));
+    assert!(
+        e[0].contains("stores[0]") && e[0].contains("carrier-pigeon"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn semantic_errors_are_located() {
+    let yaml = "\
+listeners:
+  - name: smtp
+    address: 127.0.0.1:2525
+    protocol: smtp
+  - name: lmtp
+    address: 127.0.0.1:25
+    protocol: lmtp
+    tls:
+      cert: /nonexistent/cert.pem
+      key: /nonexistent/key.pem
+stores:
+  - name: local
+    kind: maildir
+    root: /tmp/mail
+routes:
+  domains:
+    example.org: { store: nowhere }
+  relay: gone
+";
+    let joined = errors(yaml).join("\n");
+    assert!(
+        joined.contains("test.yaml:7: listeners[1].protocol: LMTP is never offered on port 25"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(
+            "test.yaml:9: listeners[1].tls.cert: `/nonexistent/cert.pem` is not a readable file"
+        ),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("test.yaml:10: listeners[1].tls.key:"),
+        "{joined}"
+    );
+    assert!(
+        joined
+            .contains("test.yaml:17: routes.domains[example.org].store: no store named `nowhere`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("test.yaml:18: routes.relay: no store named `gone`"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn duplicates_and_bounds() {
+    let yaml = BASE.replace(
+        "stores:\n",
+        "  - name: smtp\n    address: 127.0.0.1:2525\n    protocol: smtp\n    max_connections: 0\nstores:\n",
+    );
+    let joined = errors(&yaml).join("\n");
+    assert!(
+        joined.contains("test.yaml:5: listeners[1].name: duplicate listener name `smtp`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(
+            "test.yaml:6: listeners[1].address: `127.0.0.1:2525` is used by another listener"
+        ),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("test.yaml:8: listeners[1].max_connections: must be at least 1"),
+        "{joined}"
+    );
+    let joined = errors(&format!("node_id: a_b\n{BASE}")).join("\n");
+    assert!(
+        joined.contains("test.yaml:1: node_id: must be 1 to 16 letters or digits"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn locate_paths() {
+    let text =
+        "a:\n  b:\n    - x: 1\n      y: 2\n    - x: 3\n      z:\n        w: 4\nc: { d: 1 }\n";
+    assert_eq!(locate::line_of(text, "a.b[0].y"), Some(4));
+    assert_eq!(locate::line_of(text, "a.b[1].x"), Some(5));
+    assert_eq!(locate::line_of(text, "a.b[1].z.w"), Some(7));
+    assert_eq!(
+        locate::line_of(text, "c.d"),
+        Some(8),
+        "flow mapping: its line"
+    );
+    assert_eq!(locate::line_of(text, "nope"), None);
+    let zero_indent = "list:\n- name: a\n- name: b\n  port: 2\n";
+    assert_eq!(locate::line_of(zero_indent, "list[1].port"), Some(4));
+}
+
+#[test]
+fn unreadable_file_is_reported() {
+    let e = Config::load(Path::new("/nonexistent/postern.yaml")).unwrap_err();
+    assert!(
+        e[0].to_string()
+            .starts_with("/nonexistent/postern.yaml:?: : cannot read"),
+        "{}",
+        e[0]
+    );
+}
