@@ -183,7 +183,11 @@ impl MailParams {
                 "AUTH" => "AUTH",
                 _ => return Err(ParamError::Unknown(key.to_owned())),
             };
-            if seen.contains(&name) {
+            // A repeated flag without a value says the same thing twice (Python's smtplib
+            // adds SMTPUTF8 itself when the caller already did); anything else repeated is
+            // ambiguous and refused.
+            let repeated_flag = value.is_none() && matches!(name, "SMTPUTF8" | "REQUIRETLS");
+            if seen.contains(&name) && !repeated_flag {
                 return Err(ParamError::Duplicate(name));
             }
             seen.push(name);
@@ -441,6 +445,10 @@ mod tests {
         assert_eq!(p.envid.as_deref(), Some("QQ+314"));
         assert_eq!(p.auth.as_deref(), Some("<>"));
         assert_eq!(MailParams::parse("").unwrap(), MailParams::default());
+        assert!(
+            MailParams::parse("SMTPUTF8 SMTPUTF8").unwrap().smtputf8,
+            "a repeated flag is harmless"
+        );
         assert_eq!(
             MailParams::parse("BODY=BINARYMIME").unwrap().body,
             Some(Body::BinaryMime)
@@ -458,6 +466,10 @@ mod tests {
             ("RET=ALL", ParamError::BadValue("RET")),
             ("ENVID=a+zz", ParamError::BadValue("ENVID")),
             ("SIZE=1 SIZE=2", ParamError::Duplicate("SIZE")),
+            (
+                "SMTPUTF8 BODY=7BIT BODY=7BIT",
+                ParamError::Duplicate("BODY"),
+            ),
             ("=x", ParamError::Syntax),
             ("SIZE=1=2", ParamError::Syntax),
         ];
