@@ -31,7 +31,10 @@ impl Mailbox {
         if local.is_empty() || domain.is_empty() || s.bytes().any(bad) {
             return Err(AddressError);
         }
-        Ok(Self { local: local.to_owned(), domain: domain.to_owned() })
+        Ok(Self {
+            local: local.to_owned(),
+            domain: domain.to_owned(),
+        })
     }
 
     /// The part before the `@`.
