@@ -17,7 +17,7 @@
 //! | [`replies`] | every reply text postern itself sends | |
 //! | [`data`] | DATA dot-stuffing codec (smuggling-proof) and BDAT chunks | 5321 §4.5.2, 3030 |
 //! | [`server`] | the server session state machine (SMTP and LMTP) | 5321, 2033, 2920, 3207 |
-//! | [`client`] | the client state machine for delivery agents (LMTP and SMTP) | 2033 §4.2, 2920 |
+//! | [`client`] | the client state machine for delivery agents (LMTP and SMTP) | 2033 §4.2 §5, 2920, 3030, 3207, 4954 |
 //!
 //! # Promises
 //!

@@ -117,3 +117,8 @@ fn fuzz_line() {
 fn fuzz_server() {
     run("server", fuzzing::server_session);
 }
+
+#[test]
+fn fuzz_client() {
+    run("client", postern_proto::client::fuzz::client_replies);
+}
