@@ -157,6 +157,9 @@ fn split_params(input: &str) -> Result<Vec<(&str, Option<&str>)>, ParamError> {
         (keyword, opt(preceded(char('='), value))).parse(i)
     }
     let mut out = Vec::new();
+    if input.is_empty() {
+        return Ok(out);
+    }
     for word in input.split(' ').filter(|w| !w.is_empty()) {
         let (_, p) = all_consuming(param)
             .parse(word)
@@ -172,16 +175,17 @@ impl MailParams {
         let mut p = Self::default();
         let mut seen = Vec::new();
         for (key, value) in split_params(input)? {
-            let upper = key.to_ascii_uppercase();
-            let name = match upper.as_str() {
-                "SIZE" => "SIZE",
-                "BODY" => "BODY",
-                "SMTPUTF8" => "SMTPUTF8",
-                "RET" => "RET",
-                "ENVID" => "ENVID",
-                "REQUIRETLS" => "REQUIRETLS",
-                "AUTH" => "AUTH",
-                _ => return Err(ParamError::Unknown(key.to_owned())),
+            const KEYWORDS: [&str; 7] = [
+                "SIZE",
+                "BODY",
+                "SMTPUTF8",
+                "RET",
+                "ENVID",
+                "REQUIRETLS",
+                "AUTH",
+            ];
+            let Some(name) = KEYWORDS.into_iter().find(|k| k.eq_ignore_ascii_case(key)) else {
+                return Err(ParamError::Unknown(key.to_owned()));
             };
             // A repeated flag without a value says the same thing twice (Python's smtplib
             // adds SMTPUTF8 itself when the caller already did); anything else repeated is
@@ -194,19 +198,19 @@ impl MailParams {
             match (name, value) {
                 ("SIZE", Some(v)) => p.size = Some(number(v).ok_or(ParamError::BadValue(name))?),
                 ("BODY", Some(v)) => {
-                    p.body = Some(match v.to_ascii_uppercase().as_str() {
-                        "7BIT" => Body::SevenBit,
-                        "8BITMIME" => Body::EightBitMime,
-                        "BINARYMIME" => Body::BinaryMime,
+                    p.body = Some(match v {
+                        v if v.eq_ignore_ascii_case("7BIT") => Body::SevenBit,
+                        v if v.eq_ignore_ascii_case("8BITMIME") => Body::EightBitMime,
+                        v if v.eq_ignore_ascii_case("BINARYMIME") => Body::BinaryMime,
                         _ => return Err(ParamError::BadValue(name)),
                     })
                 }
                 ("SMTPUTF8", None) => p.smtputf8 = true,
                 ("REQUIRETLS", None) => p.requiretls = true,
                 ("RET", Some(v)) => {
-                    p.ret = Some(match v.to_ascii_uppercase().as_str() {
-                        "FULL" => Ret::Full,
-                        "HDRS" => Ret::Headers,
+                    p.ret = Some(match v {
+                        v if v.eq_ignore_ascii_case("FULL") => Ret::Full,
+                        v if v.eq_ignore_ascii_case("HDRS") => Ret::Headers,
                         _ => return Err(ParamError::BadValue(name)),
                     })
                 }
