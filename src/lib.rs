@@ -5,3 +5,7 @@
 //! holds its mailbox. The wire protocol lives in the sans-IO crate [`postern_proto`].
 
 pub use postern_proto as proto;
+
+// --- spool (issue 4) ---
+pub mod spool;
+// --- end spool ---

@@ -1,0 +1,1 @@
+//! The spool benchmark (`postern bench-spool`).

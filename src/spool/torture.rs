@@ -1,0 +1,1 @@
+//! The crash-test load (`postern spool-torture`) and the crash-cycle checker.
