@@ -8,7 +8,8 @@
 //!
 //! So a long-deferred message in the oldest segment would pin every segment after it.
 //! **Compaction** prevents that: when the oldest segment's live bytes fall below
-//! `compact_below` of its size, its live messages are copied forward into the active
+//! `compact_below` of its size, or when the spool's files are more than twice its live bytes
+//! (plus two segments of slack), its live messages are copied forward into the active
 //! segment (body chunks, a Commit flagged *moved*, and a Ledger record for each recipient
 //! that is not pending, plus Hold), the index is pointed at the copies, the copies are
 //! synced, and the old segment, now dead, is deleted. Copies happen under the index lock,
@@ -53,12 +54,14 @@ pub(super) fn collect(inner: &Inner) -> Result<(), SpoolError> {
             tracing::debug!(segment = oldest, "deleted a dead spool segment");
             continue;
         }
-        let size = inner
-            .log
-            .segment(oldest)
-            .and_then(|s| s.file.metadata().ok())
-            .map_or(0, |m| m.len());
-        if (usage.bytes as f64) < inner.opts.compact_below * size as f64 {
+        let size = segment_len(inner, oldest);
+        // Compact the oldest segment when it is mostly dead, or when the spool as a whole is
+        // more than half garbage: a mostly-live oldest segment must not pin every dead
+        // segment after it (deletion is in order) for as long as its messages stay queued.
+        let (total, live) = totals(inner);
+        let mostly_dead = (usage.bytes as f64) < inner.opts.compact_below * size as f64;
+        let bloated = total > 2 * live + 2 * inner.opts.segment_size;
+        if mostly_dead || bloated {
             compact(inner, oldest)?;
             continue;
         }
@@ -68,6 +71,26 @@ pub(super) fn collect(inner: &Inner) -> Result<(), SpoolError> {
         inner.log.sync_dir()?;
     }
     Ok(())
+}
+
+fn segment_len(inner: &Inner, n: u32) -> u64 {
+    inner
+        .log
+        .segment(n)
+        .and_then(|s| s.file.metadata().ok())
+        .map_or(0, |m| m.len())
+}
+
+/// Bytes of all segment files, and live bytes in them.
+fn totals(inner: &Inner) -> (u64, u64) {
+    let total = inner
+        .log
+        .segment_numbers()
+        .into_iter()
+        .map(|n| segment_len(inner, n))
+        .sum();
+    let live = lock(&inner.index).segs.values().map(|u| u.bytes).sum();
+    (total, live)
 }
 
 /// Copies every live record of segment `seg` forward and waits until the copies are durable.
