@@ -122,7 +122,7 @@ pub fn run(a: &BenchArgs) -> Result<(), SpoolError> {
         });
         match r {
             Ok(r) => println!(
-                "crash cycles: {} in {:.1} s ({} killed -9, {} aborted at fault points, {} ran to the end); checked {} acknowledged stores and {} acknowledged ledger steps: none lost; {} recipients came back in doubt; {} complete unacknowledged messages kept; total recovery {:.2} s; fault points hit: {}",
+                "crash cycles: {} in {:.1} s ({} killed -9, {} aborted at fault points, {} ran to the end); checked {} acknowledged stores and {} acknowledged ledger steps: none lost, none regressed; {} in-doubt recipients seen over all restarts (the only possible duplicates); {} complete unacknowledged messages kept; total recovery {:.2} s; fault points hit: {}",
                 r.cycles,
                 start.elapsed().as_secs_f64(),
                 r.killed,

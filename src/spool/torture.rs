@@ -276,7 +276,8 @@ pub struct CrashReport {
     pub acked: usize,
     /// Acknowledged ledger steps.
     pub acked_steps: usize,
-    /// Recipients found in doubt after a restart (the only possible duplicates).
+    /// In-doubt recipients found by the checks, summed over all restarts (a recipient still
+    /// in doubt is counted again at each later restart); the only possible duplicates.
     pub in_doubt: usize,
     /// Live messages that were stored but not acknowledged (complete; a duplicate at most).
     pub unacked_live: usize,
