@@ -15,3 +15,7 @@ pub mod config;
 pub mod tls;
 
 pub use postern_proto as proto;
+
+// --- spool (issue 4) ---
+pub mod spool;
+// --- end spool ---

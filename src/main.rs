@@ -21,6 +21,13 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    // --- spool (issue 4) ---
+    /// Spool benchmark: durable stores/s, store latency, recovery time, index RSS, crash cycles.
+    BenchSpool(postern::spool::bench::BenchArgs),
+    /// Spool crash-test load (run and killed by the crash tests).
+    #[command(hide = true)]
+    SpoolTorture(postern::spool::torture::TortureArgs),
+    // --- end spool ---
 }
 
 fn main() -> ExitCode {
@@ -37,5 +44,21 @@ fn main() -> ExitCode {
             let _ = Cli::command().print_help();
             ExitCode::SUCCESS
         }
+        // --- spool (issue 4) ---
+        Some(Command::BenchSpool(args)) => exit(postern::spool::bench::run(&args)),
+        Some(Command::SpoolTorture(args)) => exit(postern::spool::torture::run(&args)),
+        // --- end spool ---
     }
 }
+
+// --- spool (issue 4) ---
+fn exit(r: Result<(), postern::spool::SpoolError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postern: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+// --- end spool ---
