@@ -8,14 +8,31 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`bench`] | `postern bench …`: benchmark commands that print figures |
 //! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
+//! | [`gateway`] | start-up, the running set of listeners, drain on shutdown |
+//! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
+//! | [`metrics`] | every metric name and the `/metrics` endpoint |
+//! | [`routing`] | recipient → store at RCPT time; relay policy |
+//! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
 //! | [`tls`] | rustls server configuration for STARTTLS |
+//!
+//! # Data flow
+//!
+//! ```text
+//! client ──SMTP/LMTP──▶ listener::session ──(RCPT)──▶ routing
+//!                              │
+//!                              ├──(content)──▶ spool (group commit, fdatasync)
+//!                              └──250 queued as ID (only after durable)
+//! ```
 
+pub mod bench;
 pub mod config;
+pub mod gateway;
+pub mod listener;
+pub mod metrics;
+pub mod routing;
+pub mod spool;
 pub mod tls;
 
 pub use postern_proto as proto;
-
-// --- spool (issue 4) ---
-pub mod spool;
-// --- end spool ---

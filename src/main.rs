@@ -1,58 +1,74 @@
-//! The `postern` command: argument parsing and dispatch to the library.
+//! The `postern` command: argument parsing, logging, signals, and dispatch to the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use postern::config::{Config, EMBEDDED_NAME};
+use postern::gateway::Gateway;
 
 /// An LMTP-focused mail gateway: a durable spool in front of Cyrus and Dovecot stores.
 #[derive(Debug, Parser)]
 #[command(name = "postern", version, about, long_about = None)]
 struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway (the listeners arrive with the edge front end).
+    /// Run the gateway.
     Run {
         /// Configuration file; without it, the embedded default `config/postern.yaml`.
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    // --- spool (issue 4) ---
+    /// Edge benchmark: one big message's peak RSS, idle connections' RSS.
+    BenchIntake {
+        /// Size of the big message (units: 1GiB, 100MiB …).
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        /// Idle connections to hold.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+    },
     /// Spool benchmark: durable stores/s, store latency, recovery time, index RSS, crash cycles.
     BenchSpool(postern::spool::bench::BenchArgs),
     /// Spool crash-test load (run and killed by the crash tests).
     #[command(hide = true)]
     SpoolTorture(postern::spool::torture::TortureArgs),
-    // --- end spool ---
+    /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
+    CheckConfig {
+        /// Configuration file; without it, the embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command {
-        None => {
-            let _ = Cli::command().print_help();
-            ExitCode::SUCCESS
-        }
-        Some(Command::Run { .. }) => {
-            eprintln!(
-                "postern: no listener is built yet; this build only speaks the wire protocol."
-            );
-            let _ = Cli::command().print_help();
-            ExitCode::SUCCESS
-        }
-        // --- spool (issue 4) ---
-        Some(Command::BenchSpool(args)) => exit(postern::spool::bench::run(&args)),
-        Some(Command::SpoolTorture(args)) => exit(postern::spool::torture::run(&args)),
-        // --- end spool ---
+        Command::CheckConfig { config } => check_config(config),
+        Command::Run { config } => run(config),
+        Command::BenchIntake { size, idle } => bench_intake(&size, idle),
+        Command::BenchSpool(args) => spool_exit(postern::spool::bench::run(&args)),
+        Command::SpoolTorture(args) => spool_exit(postern::spool::torture::run(&args)),
     }
 }
 
-// --- spool (issue 4) ---
-fn exit(r: Result<(), postern::spool::SpoolError>) -> ExitCode {
+fn spool_exit(r: Result<(), postern::spool::SpoolError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -61,4 +77,103 @@ fn exit(r: Result<(), postern::spool::SpoolError>) -> ExitCode {
         }
     }
 }
-// --- end spool ---
+
+fn bench_intake(size: &str, idle: usize) -> ExitCode {
+    let result = postern::config::ByteSize::parse(size).and_then(|size| {
+        postern::bench::intake::run(&postern::bench::intake::IntakeArgs { size: size.0, idle })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postern bench-intake: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    Config::load_or_default(config.map(PathBuf::as_path)).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn check_config(config: Option<PathBuf>) -> ExitCode {
+    match load(config.as_ref()) {
+        Ok(_) => {
+            let name = config.map_or_else(|| EMBEDDED_NAME.to_owned(), |p| p.display().to_string());
+            println!("{name}: ok");
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn run(config: Option<PathBuf>) -> ExitCode {
+    let config = match load(config.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("postern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    postern::gateway::raise_fd_limit(1 << 20);
+    runtime.block_on(async move {
+        let gateway = match Gateway::start(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        let token = gateway.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new connections, draining sessions");
+            token.cancel();
+            wait_for_signal().await;
+            tracing::warn!("second signal: exiting now (nothing acknowledged is lost)");
+            std::process::exit(0);
+        });
+        gateway.wait().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM or ctrl-c.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

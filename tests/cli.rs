@@ -40,3 +40,63 @@ fn unknown_subcommand_fails() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"));
 }
+
+#[test]
+fn check_config_accepts_the_embedded_default() {
+    let out = postern(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "config/postern.yaml (embedded): ok"
+    );
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/postern.yaml");
+    let out = postern(&["check-config", "--config", file]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_config_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    protocol: smtp\n    max_conections: 5\n",
+    )
+    .unwrap();
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:5: listeners[0]: unknown field `max_conections`",
+            path.display()
+        )),
+        "{err}"
+    );
+
+    std::fs::write(
+        &path,
+        "listeners:\n  - name: lmtp\n    address: 127.0.0.1:25\n    protocol: lmtp\n",
+    )
+    .unwrap();
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":4: listeners[0].protocol: LMTP is never offered on port 25"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_a_bad_config_without_starting() {
+    let out = postern(&["run", "--config", "/nonexistent/postern.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/postern.yaml:?: : cannot read")
+    );
+}

@@ -33,9 +33,10 @@ pub struct Config {
     /// Our name: in the greeting, EHLO and Received: headers.
     #[serde(default = "default_hostname")]
     pub hostname: String,
-    /// Unique per gateway; part of every queue id.
+    /// Unique per gateway (0–65535); part of every queue id, so ids never collide when
+    /// several gateways feed one store.
     #[serde(default = "default_node_id")]
-    pub node_id: String,
+    pub node_id: u16,
     /// The spool.
     #[serde(default)]
     pub spool: SpoolConfig,
@@ -289,8 +290,8 @@ pub struct DomainRoute {
 fn default_hostname() -> String {
     "localhost".into()
 }
-fn default_node_id() -> String {
-    "gw1".into()
+fn default_node_id() -> u16 {
+    1
 }
 fn default_spool_path() -> PathBuf {
     PathBuf::from("./var/spool")
@@ -406,15 +407,6 @@ impl Config {
                 format!("`{}` is not a host name", self.hostname),
             );
         }
-        if self.node_id.is_empty()
-            || self.node_id.len() > 16
-            || !self.node_id.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
-            bad(
-                "node_id".into(),
-                "must be 1 to 16 letters or digits (it is part of every queue id)".into(),
-            );
-        }
         if self.listeners.is_empty() {
             bad("listeners".into(), "at least one listener is needed".into());
         }
@@ -423,7 +415,8 @@ impl Config {
             if self.listeners[..i].iter().any(|o| o.name == l.name) {
                 bad(at("name"), format!("duplicate listener name `{}`", l.name));
             }
-            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+            let port_zero = matches!(l.address, ListenAddress::Tcp(a) if a.port() == 0);
+            if !port_zero && self.listeners[..i].iter().any(|o| o.address == l.address) {
                 bad(
                     at("address"),
                     format!("`{}` is used by another listener", l.address),

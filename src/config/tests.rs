@@ -63,7 +63,7 @@ fn defaults_and_units() {
     assert_eq!(l.trusted_networks.len(), 2);
     assert_eq!(l.max_recipients, 1000);
     assert_eq!(l.bare_line_endings, BareLineEndings::Normalize);
-    assert_eq!(c.node_id, "gw1");
+    assert_eq!(c.node_id, 1);
 }
 
 #[test]
@@ -181,9 +181,9 @@ fn duplicates_and_bounds() {
         joined.contains("test.yaml:8: listeners[1].max_connections: must be at least 1"),
         "{joined}"
     );
-    let joined = errors(&format!("node_id: a_b\n{BASE}")).join("\n");
+    let joined = errors(&format!("node_id: 70000\n{BASE}")).join("\n");
     assert!(
-        joined.contains("test.yaml:1: node_id: must be 1 to 16 letters or digits"),
+        joined.contains("test.yaml:1: node_id: invalid value: integer `70000`"),
         "{joined}"
     );
 }

@@ -1,0 +1,175 @@
+//! The running gateway: opens the spool, binds the metrics endpoint and every listener, and
+//! drains on shutdown.
+//!
+//! Start-up is all or nothing: if the spool cannot be opened or any address cannot be bound,
+//! [`Gateway::start`] fails with that error and nothing keeps running. Shutdown (the token
+//! is cancelled) stops accepting at once, lets sessions finish their current transaction
+//! until `drain_timeout`, then ends the rest. A message whose 250 was not sent is not
+//! acknowledged, so ending a session early loses nothing that was accepted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::listener::{Listener, ListenerError};
+use crate::routing::Router;
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The spool could not be opened (locked by another gateway, unreadable, …).
+    #[error("spool {path}: {source}")]
+    Spool {
+        /// Its directory.
+        path: String,
+        /// Why.
+        source: SpoolError,
+    },
+    /// The metrics address could not be bound.
+    #[error("metrics: cannot bind {address}: {source}")]
+    Metrics {
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A listener could not start.
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
+}
+
+/// A started gateway.
+pub struct Gateway {
+    /// `(listener name, bound address)`, in configuration order.
+    pub listeners: Vec<(String, String)>,
+    /// Where `/metrics` is served.
+    pub metrics_address: SocketAddr,
+    /// The spool (for tests and tools in the same process).
+    pub spool: Spool,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Opens the spool, binds everything, and starts serving.
+    pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        let handle = crate::metrics::install();
+        let shutdown = CancellationToken::new();
+        let options = SpoolOptions {
+            node_id: config.node_id,
+            min_free_bytes: config.spool.min_free.0,
+            ..SpoolOptions::default()
+        };
+        let (spool, report) =
+            Spool::open(&config.spool.path, options).map_err(|source| GatewayError::Spool {
+                path: config.spool.path.display().to_string(),
+                source,
+            })?;
+        tracing::info!(path = %config.spool.path.display(), recovered = ?report, "spool open");
+        let metrics_listener =
+            crate::metrics::bind(config.metrics.address)
+                .await
+                .map_err(|source| GatewayError::Metrics {
+                    address: config.metrics.address,
+                    source,
+                })?;
+        let metrics_address = metrics_listener
+            .local_addr()
+            .unwrap_or(config.metrics.address);
+        tracing::info!(address = %metrics_address, "metrics");
+        let router = Arc::new(Router::new(&config.routes));
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            bound.push(
+                Listener::bind(
+                    l,
+                    &config.hostname,
+                    spool.clone(),
+                    router.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            );
+        }
+        let listeners = config
+            .listeners
+            .iter()
+            .zip(&bound)
+            .map(|(c, l)| (c.name.clone(), l.local_addr()))
+            .collect();
+        let tracker = TaskTracker::new();
+        let metrics_task = tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            handle,
+            shutdown.clone(),
+        ));
+        let accept_tasks: Vec<_> = bound
+            .into_iter()
+            .map(|l| tokio::spawn(l.serve(tracker.clone())))
+            .collect();
+        let drain = config.drain_timeout.0;
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            token.cancelled().await;
+            for t in accept_tasks {
+                let _ = t.await;
+            }
+            tracker.close();
+            if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+                tracing::warn!(
+                    remaining = tracker.len(),
+                    "drain deadline passed; ending the remaining sessions"
+                );
+            }
+            let _ = metrics_task.await;
+        });
+        Ok(Self {
+            listeners,
+            metrics_address,
+            spool,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The address of the listener called `name`.
+    pub fn address(&self, name: &str) -> Option<&str> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.as_str())
+    }
+
+    /// A token that shuts the gateway down when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the gateway has stopped (after the token was cancelled and the drain).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Shuts down and waits for the drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Lifts the soft open-files limit towards `want`, up to the hard limit (a gateway holding
+/// thousands of connections needs more than the usual 1024).
+pub fn raise_fd_limit(want: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let target = want.min(limit.maximum.unwrap_or(u64::MAX));
+    if limit.current.is_some_and(|c| c < target) {
+        limit.current = Some(target);
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}

@@ -1,0 +1,309 @@
+//! The SMTP and LMTP listeners: accept, enforce connection limits, run one session per
+//! connection.
+//!
+//! Each configured listener binds its TCP or unix-socket address and accepts until shutdown.
+//! A connection over the listener's `max_connections` or `max_connections_per_ip` is
+//! answered `421 4.7.0` and closed at once, holding no session state. Sessions are tracked so
+//! that shutdown can wait for them to finish their transaction (up to the drain deadline).
+//! Accept errors (EMFILE and the like) back off briefly instead of spinning.
+
+mod received;
+mod session;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use postern_proto::replies;
+use postern_proto::server::{BarePolicy, Protocol, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use received::{HopCounter, MAX_HOPS, rfc5322_date};
+use session::{Conversation, Ending};
+
+use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
+use crate::metrics as m;
+use crate::routing::Router;
+use crate::spool::Spool;
+
+/// What every session of one listener shares.
+pub(crate) struct Shared {
+    pub(crate) config: ListenerConfig,
+    pub(crate) server_config: ServerConfig,
+    pub(crate) hostname: String,
+    pub(crate) spool: Spool,
+    pub(crate) router: Arc<Router>,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) shutdown: CancellationToken,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A bound listener, ready to serve.
+pub struct Listener {
+    shared: Arc<Shared>,
+    socket: Socket,
+    slots: Arc<Semaphore>,
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// Binding the address failed.
+    #[error("listener {name}: cannot bind {address}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        address: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key did not load.
+    #[error("listener {name}: {source}")]
+    Tls {
+        /// Listener name.
+        name: String,
+        /// Why.
+        source: crate::tls::TlsError,
+    },
+}
+
+impl Listener {
+    /// Binds the listener's address.
+    pub async fn bind(
+        config: &ListenerConfig,
+        hostname: &str,
+        spool: Spool,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ListenerError> {
+        let bind_err = |source| ListenerError::Bind {
+            name: config.name.clone(),
+            address: config.address.to_string(),
+            source,
+        };
+        let socket = match &config.address {
+            ListenAddress::Tcp(addr) => {
+                Socket::Tcp(TcpListener::bind(addr).await.map_err(bind_err)?)
+            }
+            ListenAddress::Unix(path) => {
+                // A stale socket from a previous run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(path);
+                }
+                Socket::Unix(UnixListener::bind(path).map_err(bind_err)?, path.clone())
+            }
+        };
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(t).map_err(|source| ListenerError::Tls {
+                    name: config.name.clone(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let protocol = match config.protocol {
+            ListenerProtocol::Smtp => Protocol::Smtp,
+            ListenerProtocol::Lmtp => Protocol::Lmtp,
+        };
+        let mut server_config = ServerConfig::new(protocol, hostname);
+        server_config.max_message_size = config.max_message_size.0;
+        server_config.max_recipients = config.max_recipients;
+        server_config.max_errors = config.max_errors;
+        server_config.starttls = tls.is_some();
+        server_config.tls_required = config.tls.as_ref().is_some_and(|t| t.required);
+        server_config.bare_line_endings = match config.bare_line_endings {
+            BareLineEndings::Normalize => BarePolicy::Normalize,
+            BareLineEndings::Reject => BarePolicy::Reject,
+        };
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            server_config,
+            hostname: hostname.to_owned(),
+            spool,
+            router,
+            tls,
+            shutdown,
+            per_ip: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            shared,
+            socket,
+        })
+    }
+
+    /// The bound address (`unix:/path` for unix sockets), for tests and logs.
+    pub fn local_addr(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            Socket::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// Accepts until shutdown; sessions are spawned on `tracker`.
+    pub async fn serve(self, tracker: TaskTracker) {
+        let name = self.shared.config.name.clone();
+        tracing::info!(listener = %name, address = %self.local_addr(), "listening");
+        loop {
+            let shutdown = self.shared.shutdown.clone();
+            match &self.socket {
+                Socket::Tcp(l) => {
+                    let accepted = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        a = l.accept() => a,
+                    };
+                    match accepted {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            self.admit(stream, Some(peer.ip()), &tracker);
+                        }
+                        Err(e) => accept_backoff(&name, &e).await,
+                    }
+                }
+                Socket::Unix(l, _) => {
+                    let accepted = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        a = l.accept() => a,
+                    };
+                    match accepted {
+                        Ok((stream, _)) => self.admit(stream, None, &tracker),
+                        Err(e) => accept_backoff(&name, &e).await,
+                    }
+                }
+            }
+        }
+        if let Socket::Unix(_, path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!(listener = %name, "stopped accepting");
+    }
+
+    /// Applies the connection limits, then spawns the session.
+    fn admit<S>(&self, mut stream: S, peer: Option<IpAddr>, tracker: &TaskTracker)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.shared.config.name.clone();
+        let refuse = |outcome: &'static str| {
+            counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => outcome)
+                .increment(1);
+        };
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            refuse("refused_limit");
+            tracker.spawn(refuse_connection(stream));
+            return;
+        };
+        let ip_slot = match peer {
+            Some(ip) => match IpSlot::take(&self.shared, ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    refuse("refused_per_ip");
+                    tracker.spawn(refuse_connection(stream));
+                    return;
+                }
+            },
+            None => None,
+        };
+        counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => "accepted")
+            .increment(1);
+        let shared = self.shared.clone();
+        tracker.spawn(async move {
+            let _permit: OwnedSemaphorePermit = permit;
+            let _ip_slot = ip_slot;
+            gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).increment(1.0);
+            let started = Instant::now();
+            let mut conversation = Conversation::new(shared.clone(), peer);
+            if let Ending::StartTls = conversation.run(&mut stream).await {
+                if let Some(acceptor) = shared.tls.clone() {
+                    if let Some(mut tls) = session::handshake(
+                        &acceptor,
+                        stream,
+                        shared.config.timeouts.tls_handshake.0,
+                    )
+                    .await
+                    {
+                        conversation.tls_info = Some(crate::tls::describe(tls.get_ref().1));
+                        conversation.session.tls_established();
+                        let _ = conversation.run(&mut tls).await;
+                    }
+                }
+            }
+            gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).decrement(1.0);
+            histogram!(m::SESSION_DURATION, "listener" => name)
+                .record(started.elapsed().as_secs_f64());
+        });
+    }
+}
+
+/// A connection we will not serve: one 421 line, then close.
+async fn refuse_connection<S: AsyncWrite + Unpin>(mut stream: S) {
+    let reply = replies::too_many_connections().to_bytes();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&reply).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn accept_backoff(name: &str, e: &std::io::Error) {
+    tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// One connection's share of its IP's allowance; released on drop.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let mut map = shared
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= shared.config.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}

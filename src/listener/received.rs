@@ -1,0 +1,236 @@
+//! The `Received:` trace header we prepend (RFC 5321 §4.4) and the hop count we check.
+//!
+//! [`HopCounter`] counts `Received:` fields in the header section of a message as it streams
+//! past, in chunks of any size, without buffering more than one header name; more than
+//! [`MAX_HOPS`] is a mail loop (554 5.4.6, RFC 5321 §6.3).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// More `Received:` fields than this is a loop.
+pub const MAX_HOPS: usize = 50;
+
+/// What goes into one `Received:` header.
+#[derive(Debug)]
+pub(crate) struct Trace<'a> {
+    /// The name the client gave in HELO/EHLO/LHLO.
+    pub helo: &'a str,
+    /// The client's address (none for a unix socket).
+    pub peer: Option<IpAddr>,
+    /// Our host name.
+    pub hostname: &'a str,
+    /// `SMTP`, `ESMTP`, `ESMTPS`, `LMTP`, … (RFC 3848).
+    pub with: &'a str,
+    /// The queue id.
+    pub queue_id: &'a str,
+    /// The recipient, when there is exactly one.
+    pub recipient: Option<&'a str>,
+    /// TLS details, when TLS is active.
+    pub tls: Option<&'a str>,
+    /// When.
+    pub now: SystemTime,
+}
+
+/// Formats the header, folded, CRLF-terminated.
+pub(crate) fn received_header(t: &Trace<'_>) -> String {
+    let mut h = String::with_capacity(256);
+    let peer = match t.peer {
+        Some(IpAddr::V4(a)) => format!("[{a}]"),
+        Some(IpAddr::V6(a)) => format!("[IPv6:{a}]"),
+        None => "localhost".to_owned(),
+    };
+    let _ = write!(
+        h,
+        "Received: from {} ({peer})\r\n\tby {} (postern) with {} id {}",
+        clean(t.helo),
+        t.hostname,
+        t.with,
+        t.queue_id
+    );
+    if let Some(tls) = t.tls {
+        let _ = write!(h, "\r\n\t(using {tls})");
+    }
+    if let Some(rcpt) = t.recipient {
+        let _ = write!(h, "\r\n\tfor <{}>", clean(rcpt));
+    }
+    let _ = write!(h, ";\r\n\t{}\r\n", rfc5322_date(t.now));
+    h
+}
+
+/// Keeps a client-supplied word from breaking the header.
+fn clean(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && *c != '(' && *c != ')' && *c != ';')
+        .take(255)
+        .collect()
+}
+
+/// `Fri, 27 Nov 2026 04:27:31 +0000` (RFC 5322 §3.3), in UTC.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let weekday = WEEKDAYS[(days.rem_euclid(7)) as usize];
+    let month = MONTHS[(m - 1) as usize];
+    format!(
+        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Counts `Received:` header fields while the message streams past.
+#[derive(Debug, Default)]
+pub struct HopCounter {
+    hops: usize,
+    /// The start of the current line, up to the length of "received:".
+    line_start: Vec<u8>,
+    /// Inside a line whose first octets were already judged.
+    mid_line: bool,
+    /// After the empty line that ends the header section.
+    body: bool,
+    /// A CR was the last octet of the previous chunk.
+    pending_cr: bool,
+}
+
+const NAME: &[u8] = b"received:";
+
+impl HopCounter {
+    /// Feeds message octets (as stored: CRLF line endings).
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if self.body {
+                return;
+            }
+            if b == b'\n' {
+                if !self.mid_line && self.line_start.is_empty() {
+                    // An empty line (CRLF alone): the header section is over.
+                    self.body = true;
+                }
+                self.line_start.clear();
+                self.mid_line = false;
+                self.pending_cr = false;
+                continue;
+            }
+            if b == b'\r' {
+                self.pending_cr = true;
+                continue;
+            }
+            if self.mid_line {
+                continue;
+            }
+            self.line_start.push(b.to_ascii_lowercase());
+            if self.line_start.len() == NAME.len() {
+                if self.line_start == NAME {
+                    self.hops += 1;
+                }
+                self.mid_line = true;
+            } else if !NAME.starts_with(&self.line_start) {
+                self.mid_line = true;
+            }
+        }
+    }
+
+    /// `Received:` fields seen so far.
+    pub fn hops(&self) -> usize {
+        self.hops
+    }
+
+    /// More than [`MAX_HOPS`].
+    pub fn is_loop(&self) -> bool {
+        self.hops > MAX_HOPS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_746_451);
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 02:27:31 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn header_shape() {
+        let h = received_header(&Trace {
+            helo: "client.example",
+            peer: Some("192.0.2.7".parse().unwrap()),
+            hostname: "mx.test",
+            with: "ESMTPS",
+            queue_id: "Q1",
+            recipient: Some("a@example.org"),
+            tls: Some("version=TLSv1_3"),
+            now: UNIX_EPOCH,
+        });
+        assert_eq!(
+            h,
+            "Received: from client.example ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\t(using version=TLSv1_3)\r\n\tfor <a@example.org>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+        let injected = received_header(&Trace {
+            helo: "x\r\nBcc: evil",
+            peer: None,
+            hostname: "h",
+            with: "SMTP",
+            queue_id: "Q",
+            recipient: None,
+            tls: None,
+            now: UNIX_EPOCH,
+        });
+        assert!(!injected.contains("\r\nBcc"), "{injected}");
+    }
+
+    #[test]
+    fn hop_counting_any_chunking() {
+        let mut msg = String::new();
+        for _ in 0..3 {
+            msg.push_str("Received: from a by b\r\n\tcontinued\r\n");
+        }
+        msg.push_str(
+            "RECEIVED: x\r\nX-Received: no\r\nSubject: received: no\r\n\r\nReceived: in body\r\n",
+        );
+        let whole = {
+            let mut c = HopCounter::default();
+            c.feed(msg.as_bytes());
+            c.hops()
+        };
+        assert_eq!(whole, 4);
+        for size in 1..12 {
+            let mut c = HopCounter::default();
+            for chunk in msg.as_bytes().chunks(size) {
+                c.feed(chunk);
+            }
+            assert_eq!(c.hops(), 4, "chunk size {size}");
+        }
+        let mut c = HopCounter::default();
+        c.feed("Received: x\r\n".repeat(51).as_bytes());
+        assert!(c.is_loop());
+    }
+}

@@ -1,0 +1,383 @@
+//! One client connection: drives a [`ServerSession`] over a socket and hands the message to
+//! the spool.
+//!
+//! The loop is: poll the session until it needs input, answering its decisions (routing at
+//! RCPT, opening a spool message at the start of content, waiting for durability at the end);
+//! write the replies it produced in one flush (pipelined replies leave together); read with
+//! the timeout of the current phase; repeat. STARTTLS hands the socket back to the caller,
+//! which runs the handshake and calls back in with the TLS stream and the same state.
+//!
+//! Promises: a 250 after the end of data is sent only once the spool says the message is
+//! durable (LMTP: one 250 per recipient, each after that point); a spool failure answers
+//! 451 4.3.0 (452 4.3.1 when full) and leaves nothing behind; any I/O error or timeout closes
+//! this connection only. Memory per connection: the read buffer, the session's line buffer,
+//! the spool writer's chunk buffer; never the message.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use metrics::{counter, histogram};
+use postern_proto::replies;
+use postern_proto::server::{Protocol, ServerEvent, ServerSession};
+use postern_proto::{ForwardPath, MailParams, Reply, ReversePath};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Shared;
+use super::received::{HopCounter, Trace, received_header};
+use crate::metrics::{self as m, reason};
+use crate::routing::RcptDecision;
+use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, SpoolError};
+
+/// How a conversation ended.
+pub(crate) enum Ending {
+    /// The client quit, or we closed (timeout, errors, shutdown).
+    Closed,
+    /// STARTTLS was accepted: run the handshake, then continue.
+    StartTls,
+}
+
+/// The state of one connection that survives a STARTTLS upgrade.
+pub(crate) struct Conversation {
+    pub(crate) session: ServerSession,
+    shared: Arc<Shared>,
+    peer: Option<IpAddr>,
+    trusted: bool,
+    helo: String,
+    pub(crate) tls_info: Option<String>,
+    sender: Option<(ReversePath, MailParams)>,
+    recipients: Vec<EnvelopeRecipient>,
+    pending_rcpt: Option<EnvelopeRecipient>,
+    message: Option<Message>,
+    out: Vec<u8>,
+    deadline: Instant,
+}
+
+/// The message being received.
+struct Message {
+    writer: Option<MessageWriter>,
+    failed: Option<SpoolError>,
+    hops: HopCounter,
+    octets: u64,
+}
+
+impl Conversation {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Option<IpAddr>) -> Self {
+        let trusted = peer.is_some_and(|ip| {
+            shared
+                .config
+                .trusted_networks
+                .iter()
+                .any(|n| n.contains(&ip))
+        });
+        let session = ServerSession::new(shared.server_config.clone());
+        let deadline = Instant::now() + shared.config.timeouts.session.0;
+        Self {
+            session,
+            shared,
+            peer,
+            trusted,
+            helo: String::new(),
+            tls_info: None,
+            sender: None,
+            recipients: Vec::new(),
+            pending_rcpt: None,
+            message: None,
+            out: Vec::with_capacity(512),
+            deadline,
+        }
+    }
+
+    fn listener(&self) -> String {
+        self.shared.config.name.clone()
+    }
+
+    /// Runs the conversation on `io` until it ends.
+    pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Ending {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let ending = self.drain_events().await;
+            if !self.out.is_empty() {
+                if io.write_all(&self.out).await.is_err() || io.flush().await.is_err() {
+                    self.abort_message();
+                    return Ending::Closed;
+                }
+                self.out.clear();
+            }
+            if let Some(ending) = ending {
+                if matches!(ending, Ending::Closed) {
+                    let _ = io.shutdown().await;
+                }
+                return ending;
+            }
+            let phase_timeout = if self.message.is_some() {
+                self.shared.config.timeouts.data.0
+            } else {
+                self.shared.config.timeouts.command.0
+            };
+            let timeout =
+                phase_timeout.min(self.deadline.saturating_duration_since(Instant::now()));
+            let read = tokio::select! {
+                r = tokio::time::timeout(timeout, io.read(&mut buf)) => r,
+                () = self.shared.shutdown.cancelled(), if self.message.is_none() => {
+                    self.session.shutdown();
+                    continue;
+                }
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    self.abort_message();
+                    return Ending::Closed;
+                }
+                Ok(Ok(n)) => self.session.handle_input(&buf[..n]),
+                Err(_) => self.session.timeout(),
+            }
+        }
+    }
+
+    /// Polls the session until it needs input; `Some` when the connection must close or
+    /// upgrade.
+    async fn drain_events(&mut self) -> Option<Ending> {
+        let mut ending = None;
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ServerEvent::Reply(reply) => {
+                    self.count_reply(&reply);
+                    reply.encode(&mut self.out);
+                }
+                ServerEvent::Hello { domain, .. } => self.helo = domain,
+                ServerEvent::Mail { from, params } => self.mail(from, params),
+                ServerEvent::Rcpt { to, params } => self.rcpt(to, params),
+                ServerEvent::DataStart => self.data_start(),
+                ServerEvent::Data(bytes) => self.data(&bytes),
+                ServerEvent::DataEnd => self.data_end().await,
+                ServerEvent::DataAborted => self.abort_message(),
+                ServerEvent::Reset => self.reset(),
+                ServerEvent::StartTls => ending = Some(Ending::StartTls),
+                ServerEvent::Auth { .. } | ServerEvent::AuthResponse(_) => {
+                    // No AUTH is offered, so the session never asks; answer safely anyway.
+                    let _ = self.session.respond(replies::auth_not_enabled());
+                }
+                ServerEvent::Close => ending = Some(Ending::Closed),
+            }
+        }
+        ending
+    }
+
+    fn count_reply(&self, reply: &Reply) {
+        // Content refusals decided inside the session (size, bare line endings).
+        let code = reply.code().get();
+        let reason = match reply.enhanced().map(|e| (e.class, e.subject, e.detail)) {
+            Some((5, 3, 4)) => reason::SIZE,
+            Some((5, 5, 2)) if code == 550 => reason::POLICY,
+            Some((5, 7, 0)) => reason::TLS,
+            _ => return,
+        };
+        counter!(m::MESSAGES_REJECTED, "listener" => self.listener(), "reason" => reason)
+            .increment(1);
+    }
+
+    fn reset(&mut self) {
+        self.abort_message();
+        self.sender = None;
+        self.recipients.clear();
+        self.pending_rcpt = None;
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams) {
+        self.reset();
+        if !self.shared.spool.has_space() {
+            counter!(m::MESSAGES_REJECTED, "listener" => self.listener(), "reason" => reason::SPOOL).increment(1);
+            let _ = self.session.respond(replies::insufficient_storage());
+            return;
+        }
+        self.sender = Some((from, params));
+        let _ = self.session.accept();
+    }
+
+    fn rcpt(&mut self, to: ForwardPath, params: postern_proto::RcptParams) {
+        let listener = self.listener();
+        let decision = self.shared.router.resolve(&to, self.trusted);
+        let refusal = match decision {
+            RcptDecision::Local { .. } | RcptDecision::Relay { .. } => None,
+            RcptDecision::UnknownUser => Some((replies::unknown_user(), reason::UNKNOWN_USER)),
+            RcptDecision::RelayDenied => Some((replies::relay_denied(), reason::RELAY)),
+        };
+        match refusal {
+            Some((reply, why)) => {
+                counter!(m::RECIPIENTS_REJECTED, "listener" => listener, "reason" => why)
+                    .increment(1);
+                let _ = self.session.respond(reply);
+            }
+            None => {
+                counter!(m::RECIPIENTS_ACCEPTED, "listener" => listener).increment(1);
+                let address = match &to {
+                    ForwardPath::Postmaster => "Postmaster".to_owned(),
+                    ForwardPath::Mailbox(mb) => mb.to_string(),
+                };
+                self.recipients.push(EnvelopeRecipient { address, params });
+                let _ = self.session.accept();
+            }
+        }
+    }
+
+    fn data_start(&mut self) {
+        let Some((from, params)) = self.sender.clone() else {
+            let _ = self.session.respond(replies::local_error());
+            return;
+        };
+        let envelope = Envelope {
+            sender: from.mailbox().map(ToString::to_string).unwrap_or_default(),
+            params,
+            recipients: self.recipients.clone(),
+            received_at: SystemTime::now(),
+            client: format!(
+                "{} [{}]",
+                self.helo,
+                self.peer
+                    .map_or_else(|| "local".to_owned(), |p| p.to_string())
+            ),
+        };
+        let mut writer = match self.shared.spool.begin(envelope) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(listener = %self.shared.config.name, error = %e, "spool refused a new message");
+                counter!(m::MESSAGES_REJECTED, "listener" => self.listener(), "reason" => reason::SPOOL).increment(1);
+                let _ = self.session.respond(e.reply());
+                return;
+            }
+        };
+        let queue_id = writer.queue_id().to_string();
+        let with = match (self.shared.server_config.protocol, self.tls_info.is_some()) {
+            (Protocol::Lmtp, false) => "LMTP",
+            (Protocol::Lmtp, true) => "LMTPS",
+            (Protocol::Smtp, false) => "ESMTP",
+            (Protocol::Smtp, true) => "ESMTPS",
+        };
+        let recipient = match self.recipients.as_slice() {
+            [one] => Some(one.address.as_str()),
+            _ => None,
+        };
+        let header = received_header(&Trace {
+            helo: &self.helo,
+            peer: self.peer,
+            hostname: &self.shared.hostname,
+            with,
+            queue_id: &queue_id,
+            recipient,
+            tls: self.tls_info.as_deref(),
+            now: SystemTime::now(),
+        });
+        let failed = writer.write(header.as_bytes()).err();
+        self.message = Some(Message {
+            writer: Some(writer),
+            failed,
+            hops: HopCounter::default(),
+            octets: 0,
+        });
+        let _ = self.session.accept();
+    }
+
+    fn data(&mut self, bytes: &[u8]) {
+        let Some(msg) = self.message.as_mut() else {
+            return;
+        };
+        msg.octets += bytes.len() as u64;
+        msg.hops.feed(bytes);
+        if msg.failed.is_some() {
+            return;
+        }
+        if let Some(writer) = msg.writer.as_mut() {
+            if let Err(e) = writer.write(bytes) {
+                msg.failed = Some(e);
+            }
+        }
+    }
+
+    async fn data_end(&mut self) {
+        let listener = self.listener();
+        let n = self.session.expected_replies();
+        let Some(mut msg) = self.message.take() else {
+            for _ in 0..n {
+                let _ = self.session.respond(replies::local_error());
+            }
+            return;
+        };
+        counter!(m::RECEIVED_BYTES, "listener" => listener.clone()).increment(msg.octets);
+        let refusal = if msg.hops.is_loop() {
+            counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::POLICY).increment(1);
+            Some(replies::mail_loop())
+        } else if let Some(e) = msg.failed.take() {
+            tracing::warn!(listener = %listener, error = %e, "spool write failed; message refused");
+            counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::SPOOL).increment(1);
+            Some(e.reply())
+        } else {
+            None
+        };
+        let writer = msg.writer.take();
+        let reply = match (refusal, writer) {
+            (Some(r), writer) => {
+                if let Some(w) = writer {
+                    w.abort();
+                }
+                r
+            }
+            (None, None) => replies::local_error(),
+            (None, Some(writer)) => {
+                let queue_id = writer.queue_id().to_string();
+                let started = Instant::now();
+                match writer.commit().await {
+                    Ok(()) => {
+                        histogram!(m::ACCEPT_LATENCY, "listener" => listener.clone())
+                            .record(started.elapsed().as_secs_f64());
+                        counter!(m::MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(1);
+                        tracing::info!(
+                            queue_id = %queue_id,
+                            listener = %listener,
+                            from = %self.sender.as_ref().map(|(f, _)| f.to_string()).unwrap_or_default(),
+                            nrcpt = self.recipients.len(),
+                            size = msg.octets,
+                            client = %self.helo,
+                            "accepted"
+                        );
+                        replies::queued(&queue_id)
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue_id = %queue_id, error = %e, "spool commit failed; message refused");
+                        counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::SPOOL).increment(1);
+                        e.reply()
+                    }
+                }
+            }
+        };
+        for _ in 0..n {
+            let _ = self.session.respond(reply.clone());
+        }
+        self.sender = None;
+        self.recipients.clear();
+    }
+
+    fn abort_message(&mut self) {
+        if let Some(mut msg) = self.message.take() {
+            if let Some(w) = msg.writer.take() {
+                w.abort();
+            }
+        }
+    }
+}
+
+/// Runs the STARTTLS handshake with the listener's acceptor, bounded by its timeout.
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: S,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<S>> {
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
