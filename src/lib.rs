@@ -9,9 +9,11 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
+//! | [`delivery`] | LMTP delivery to the stores: pooled connections, per-recipient outcomes |
 //! | [`tls`] | rustls server configuration for STARTTLS |
 
 pub mod config;
+pub mod delivery;
 pub mod tls;
 
 pub use postern_proto as proto;
