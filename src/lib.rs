@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`bench`] | `postern bench …`: benchmark commands that print figures |
 //! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
+//! | [`delivery`] | LMTP delivery to the stores: pooled connections, per-recipient outcomes |
 //! | [`gateway`] | start-up, the running set of listeners, drain on shutdown |
 //! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
@@ -28,6 +29,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod delivery;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;

@@ -1,0 +1,517 @@
+//! Configuration of a store of kind `lmtp`, as written under `stores:`.
+//!
+//! ```yaml
+//! stores:
+//!   - kind: lmtp
+//!     name: cyrus1
+//!     address: 10.0.0.5:24          # or unix:/run/cyrus/socket/lmtp
+//!     max_connections: 10
+//!     recipients_per_transaction: 50
+//!     tls: { mode: required, ca_file: /etc/postern/store-ca.pem }
+//!     auth: { username: admin, password_file: /etc/postern/cyrus1.pass }
+//!     timeouts: { connect: 30s, lhlo: 5m, mail_rcpt: 5m, data: 2m, end_of_data: 10m }
+//!     idle_timeout: 60s
+//!     reuse_limit: 300s
+//!     normalize:
+//!       - { code: 552, enhanced: "5.2.2", treat_as: temporary, max_age: 2d }
+//!       - { code: 550, treat_as: temporary, until: "2026-05-01T06:00:00Z" }
+//! ```
+//!
+//! Plain serde structs with `deny_unknown_fields`; durations and sizes carry units
+//! ([`Span`], [`ByteSize`]). [`LmtpStoreConfig::validate`] checks what serde cannot.
+//! Loading the password and CA files happens in [`LmtpStore::from_config`].
+//!
+//! [`LmtpStore::from_config`]: super::lmtp::LmtpStore::from_config
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::config::units::parse_str;
+use crate::config::{ByteSize, Span};
+
+/// One store of kind `lmtp`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmtpStoreConfig {
+    /// Name used by routes, logs and metrics.
+    pub name: String,
+    /// `host:port` or `unix:/path`.
+    pub address: StoreAddress,
+    /// Connections open at once, at most (the pool's size): 10.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// STARTTLS; none by default (a store on the same host or a private network).
+    #[serde(default)]
+    pub tls: Option<StoreTlsConfig>,
+    /// SASL PLAIN after LHLO (Cyrus requires it on TCP unless `lmtpd -a`).
+    #[serde(default)]
+    pub auth: Option<StoreAuthConfig>,
+    /// Recipients per LMTP transaction: 50. More are split into several transactions.
+    #[serde(default = "default_recipients_per_transaction")]
+    pub recipients_per_transaction: usize,
+    /// Per-phase timeouts.
+    #[serde(default)]
+    pub timeouts: LmtpTimeouts,
+    /// A pooled connection unused this long is closed: 60s (Dovecot closes idle LMTP
+    /// sessions after 300 s, Cyrus after 360 s; stay well below).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Span,
+    /// A connection older than this is not reused: 300s.
+    #[serde(default = "default_reuse_limit")]
+    pub reuse_limit: Span,
+    /// Use BDAT when the store offers CHUNKING: true.
+    #[serde(default = "default_true")]
+    pub chunking: bool,
+    /// Size of one BDAT chunk: 1MiB.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: ByteSize,
+    /// The store's status normalisation table; the first matching rule decides.
+    #[serde(default)]
+    pub normalize: Vec<NormalizeRule>,
+}
+
+impl LmtpStoreConfig {
+    /// A store at `address` with every default.
+    pub fn new(name: &str, address: StoreAddress) -> Self {
+        Self {
+            name: name.to_owned(),
+            address,
+            max_connections: default_max_connections(),
+            tls: None,
+            auth: None,
+            recipients_per_transaction: default_recipients_per_transaction(),
+            timeouts: LmtpTimeouts::default(),
+            idle_timeout: default_idle_timeout(),
+            reuse_limit: default_reuse_limit(),
+            chunking: true,
+            chunk_size: default_chunk_size(),
+            normalize: Vec::new(),
+        }
+    }
+
+    /// Checks what serde cannot: the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("max_connections: must be at least 1".into());
+        }
+        if self.recipients_per_transaction == 0 {
+            return Err("recipients_per_transaction: must be at least 1".into());
+        }
+        if self.chunk_size.0 == 0 || self.chunk_size.0 > 1 << 30 {
+            return Err("chunk_size: must be between 1 and 1GiB".into());
+        }
+        if let Some(tls) = &self.tls {
+            if tls.insecure_skip_verify && tls.ca_file.is_some() {
+                return Err("tls: ca_file and insecure_skip_verify exclude each other".into());
+            }
+        }
+        for (i, rule) in self.normalize.iter().enumerate() {
+            if rule.code.is_some_and(|c| !(400..=599).contains(&c)) {
+                return Err(format!("normalize[{i}].code: must be a 4yz or 5yz code"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the store listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreAddress {
+    /// `host:port`; the host may be a name or an IP address (`[::1]:24` for IPv6).
+    Tcp {
+        /// Name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `unix:/path` (a unix socket).
+    Unix(PathBuf),
+}
+
+impl StoreAddress {
+    /// Parses `host:port` or `unix:/path`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("`{s}`: a unix socket path must be absolute"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let bad = || format!("`{s}` is not host:port or unix:/path");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for StoreAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Self::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, Self::parse, "host:port or unix:/path")
+    }
+}
+
+/// `tls:` of a store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTlsConfig {
+    /// `required`: no STARTTLS (or a failed handshake), no delivery. `opportunistic`:
+    /// plaintext when the store does not offer STARTTLS.
+    pub mode: TlsMode,
+    /// PEM file of the CA certificates the store's certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// **Tests only**: accept any certificate. The connection is encrypted but anyone in the
+    /// path can read and change it.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// The name to verify the certificate against; default: the host of `address`
+    /// (`localhost` for a unix socket).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// How much TLS is demanded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS or nothing.
+    Required,
+    /// TLS when offered.
+    Opportunistic,
+}
+
+/// `auth:` of a store: SASL PLAIN.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreAuthConfig {
+    /// The authentication identity (Cyrus: an admin listed in `lmtp_admins`).
+    pub username: String,
+    /// A file holding the password (trailing newline ignored); kept out of the YAML.
+    pub password_file: PathBuf,
+}
+
+/// `timeouts:` of a store, one per phase (Postfix's `lmtp_*_timeout`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmtpTimeouts {
+    /// Opening the socket: 30s.
+    #[serde(default = "default_connect")]
+    pub connect: Span,
+    /// The greeting and each reply of LHLO, STARTTLS and AUTH: 5m.
+    #[serde(default = "default_lhlo")]
+    pub lhlo: Span,
+    /// Each reply to MAIL, RCPT, DATA and RSET: 5m.
+    #[serde(default = "default_mail_rcpt")]
+    pub mail_rcpt: Span,
+    /// Each write of content, and each reply to a BDAT chunk that is not the last: 2m.
+    #[serde(default = "default_data")]
+    pub data: Span,
+    /// Each reply after the final dot or `BDAT LAST` (the store is writing mailboxes): 10m.
+    #[serde(default = "default_end_of_data")]
+    pub end_of_data: Span,
+}
+
+impl Default for LmtpTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            lhlo: default_lhlo(),
+            mail_rcpt: default_mail_rcpt(),
+            data: default_data(),
+            end_of_data: default_end_of_data(),
+        }
+    }
+}
+
+/// One row of a store's normalisation table: replies that match are treated as temporary
+/// (or permanent) whatever their first digit says.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeRule {
+    /// The reply code to match (`552`); any code when absent.
+    #[serde(default)]
+    pub code: Option<u16>,
+    /// The enhanced status code (`5.2.2`), or its class and subject (`5.2`); any when absent.
+    #[serde(default)]
+    pub enhanced: Option<String>,
+    /// What a matching reply is taken as.
+    pub treat_as: TreatAs,
+    /// Only while the message is younger than this: over quota is temporary for two days,
+    /// then it bounces.
+    #[serde(default)]
+    pub max_age: Option<Span>,
+    /// Only until this UTC time (`2026-05-01T06:00:00Z`): a known resync window.
+    #[serde(default)]
+    pub until: Option<Timestamp>,
+}
+
+/// What a matching reply is taken as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TreatAs {
+    /// As a 4yz: defer.
+    Temporary,
+    /// As a 5yz: bounce.
+    Permanent,
+}
+
+/// A UTC time written as RFC 3339 `YYYY-MM-DDTHH:MM:SSZ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// Parses `YYYY-MM-DDTHH:MM:SSZ` (a space may replace the `T`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a UTC time like 2026-05-01T06:00:00Z");
+        let b = s.trim().as_bytes();
+        if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+            return Err(bad());
+        }
+        if !matches!(b[10], b'T' | b't' | b' ') || !matches!(b[19], b'Z' | b'z') {
+            return Err(bad());
+        }
+        let num = |from: usize, to: usize| -> Result<u64, String> {
+            let part = &b[from..to];
+            if !part.iter().all(u8::is_ascii_digit) {
+                return Err(bad());
+            }
+            Ok(part.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+        };
+        let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+        let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+        if year < 1970 || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+            return Err(bad());
+        }
+        if hour > 23 || minute > 59 || second > 60 {
+            return Err(bad());
+        }
+        let days = days_from_civil(year, month, day);
+        let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+        Ok(Self(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm), years from
+/// 1970 on.
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, Self::parse, "a UTC time like 2026-05-01T06:00:00Z")
+    }
+}
+
+fn default_max_connections() -> usize {
+    10
+}
+fn default_recipients_per_transaction() -> usize {
+    50
+}
+fn default_idle_timeout() -> Span {
+    Span(Duration::from_secs(60))
+}
+fn default_reuse_limit() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_true() -> bool {
+    true
+}
+fn default_chunk_size() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_connect() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_lhlo() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_mail_rcpt() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_data() -> Span {
+    Span(Duration::from_secs(120))
+}
+fn default_end_of_data() -> Span {
+    Span(Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    /// As the lead's `stores:` will hold it: internally tagged by `kind`.
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+    enum Store {
+        Lmtp(LmtpStoreConfig),
+    }
+
+    fn load(yaml: &str) -> Result<LmtpStoreConfig, String> {
+        let Store::Lmtp(c) = serde_yaml::from_str::<Store>(yaml).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn full_example() {
+        let c = load(
+            r#"
+kind: lmtp
+name: cyrus1
+address: 10.0.0.5:24
+max_connections: 4
+recipients_per_transaction: 20
+tls: { mode: required, ca_file: /etc/ca.pem }
+auth: { username: admin, password_file: /etc/pw }
+timeouts: { connect: 5s, end_of_data: 1m }
+idle_timeout: 30s
+reuse_limit: 2m
+chunking: false
+chunk_size: 64KiB
+normalize:
+  - { code: 552, enhanced: "5.2.2", treat_as: temporary, max_age: 2d }
+  - { code: 550, treat_as: temporary, until: "2026-05-01T06:00:00Z" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.address,
+            StoreAddress::Tcp {
+                host: "10.0.0.5".into(),
+                port: 24
+            }
+        );
+        assert_eq!(c.max_connections, 4);
+        assert_eq!(c.tls.as_ref().unwrap().mode, TlsMode::Required);
+        assert_eq!(c.timeouts.connect.0, Duration::from_secs(5));
+        assert_eq!(c.timeouts.lhlo.0, Duration::from_secs(300));
+        assert_eq!(c.timeouts.end_of_data.0, Duration::from_secs(60));
+        assert_eq!(c.chunk_size.0, 65_536);
+        assert_eq!(c.normalize.len(), 2);
+        assert_eq!(c.normalize[0].max_age.unwrap().0.as_secs(), 172_800);
+        let until = c.normalize[1].until.unwrap().0;
+        let secs = until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(secs, 1_777_615_200);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load("kind: lmtp\nname: d\naddress: unix:/run/dovecot/lmtp\n").unwrap();
+        assert_eq!(c.address, StoreAddress::Unix("/run/dovecot/lmtp".into()));
+        assert_eq!(c.recipients_per_transaction, 50);
+        assert_eq!(c.max_connections, 10);
+        assert_eq!(c.reuse_limit.0, Duration::from_secs(300));
+        assert_eq!(c.timeouts.data.0, Duration::from_secs(120));
+        assert_eq!(c.timeouts.end_of_data.0, Duration::from_secs(600));
+        assert!(c.chunking && c.tls.is_none() && c.normalize.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("kind: lmtp\nname: x\naddress: nowhere\n", "host:port"),
+            ("kind: lmtp\nname: x\naddress: unix:rel\n", "absolute"),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\nbogus: 1\n",
+                "unknown field",
+            ),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\ntimeouts: { data: 5 fortnights }\n",
+                "unknown duration unit",
+            ),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\nmax_connections: 0\n",
+                "max_connections",
+            ),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\nnormalize: [{ treat_as: maybe }]\n",
+                "unknown variant",
+            ),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\nnormalize: [{ treat_as: temporary, until: tomorrow }]\n",
+                "UTC time",
+            ),
+            (
+                "kind: lmtp\nname: x\naddress: h:1\ntls: { mode: required, ca_file: /a, insecure_skip_verify: true }\n",
+                "exclude",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = load(yaml).unwrap_err();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        let ok = [
+            ("127.0.0.1:24", "127.0.0.1:24"),
+            ("store.example:2003", "store.example:2003"),
+            ("[::1]:24", "[::1]:24"),
+            ("unix:/var/run/lmtp", "unix:/var/run/lmtp"),
+        ];
+        for (s, shown) in ok {
+            assert_eq!(StoreAddress::parse(s).unwrap().to_string(), shown);
+        }
+        for s in ["", "host", "host:0", ":24", "host:99999", "unix:"] {
+            assert!(StoreAddress::parse(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = |s: &str| {
+            Timestamp::parse(s).map(|t| {
+                t.0.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+            })
+        };
+        assert_eq!(t("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(t("2000-03-01T00:00:00Z"), Ok(951_868_800));
+        assert_eq!(t("2024-02-29 12:34:56Z"), Ok(1_709_210_096));
+        for bad in [
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T00:00:00",
+            "1969-12-31T23:59:59Z",
+        ] {
+            assert!(t(bad).is_err(), "{bad}");
+        }
+    }
+}

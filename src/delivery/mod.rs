@@ -1,0 +1,46 @@
+//! Delivery to the mailbox stores over LMTP: the agent the scheduler calls.
+//!
+//! Owns everything between "deliver this message to these recipients of that store" and one
+//! [`Outcome`] per recipient:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
+//! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
+//! | [`pool`] | connections per store, reused across messages (deadpool) |
+//! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
+//!
+//! # Invariants
+//!
+//! - Every recipient handed to a delivery gets exactly one [`Outcome`], reported through the
+//!   caller's callback as soon as it is known (the ledger is written reply by reply).
+//! - A recipient is [`Outcome::InDoubt`] only if the end of data was sent and its reply never
+//!   came: a retry may duplicate it, nothing else can be.
+//! - Delivery results are data ([`Report`]), never errors.
+//!
+//! # How the scheduler calls it
+//!
+//! ```text
+//! let store = Arc::new(LmtpStore::from_config(&cfg, &hostname)?);   // once, at start/reload
+//! let pool = StorePool::new(store);                                 // once per store
+//! pool.spawn_sweeper(Duration::from_secs(30));
+//! // per message and store, inside the scheduler's per-store window (semaphore):
+//! let report = pool.deliver(&envelope, &recipients, &body, &mut |index, outcome| {
+//!     ledger.record(index, outcome);                                // per reply
+//! }).await;
+//! match report.scope() { Scope::Store => back off the store, … }
+//! ```
+//!
+//! DIAGNOSTICS: store settings that do not load are a [`lmtp::StoreError`] at start.
+//!
+//! SEE ALSO: RFC 2033 (LMTP), Postfix `lmtp(8)`, `smtp/smtp_trouble.c`.
+
+pub mod config;
+pub mod lmtp;
+pub mod pool;
+pub mod trouble;
+
+pub use config::LmtpStoreConfig;
+pub use lmtp::{Connection, Envelope, FileBody, LmtpStore, MessageBody, Recipient, Report};
+pub use pool::StorePool;
+pub use trouble::{Outcome, Scope, Trouble};
