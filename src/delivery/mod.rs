@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
+//! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
 //! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
 //!
@@ -37,10 +38,12 @@
 
 pub mod config;
 pub mod lmtp;
+pub mod maildir;
 pub mod pool;
 pub mod trouble;
 
 pub use config::LmtpStoreConfig;
 pub use lmtp::{Connection, Envelope, FileBody, LmtpStore, MessageBody, Recipient, Report};
+pub use maildir::MaildirStore;
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};
