@@ -1,0 +1,408 @@
+//! The scheduler against in-process fake LMTP stores: real spool, real sockets on
+//! 127.0.0.1, tiny backoffs; every wait is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod fake_store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fake_store::FakeStore;
+use postern::config::{DomainRoute, RoutesConfig, Span};
+use postern::delivery::config::StoreAddress;
+use postern::delivery::{LmtpStore, LmtpStoreConfig, StorePool};
+use postern::routing::Router;
+use postern::scheduler::{Agent, Agents, Clock, Scheduler, SchedulerConfig, Setup};
+use postern::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState, Spool, SpoolOptions};
+
+const BODY: &str = "From: s@a.test\r\nSubject: test\r\n\r\nHello.\r\n";
+
+fn router(routes: &[(&str, &str)]) -> Router {
+    let domains: BTreeMap<String, DomainRoute> = routes
+        .iter()
+        .map(|(d, s)| {
+            (
+                (*d).to_owned(),
+                DomainRoute {
+                    store: (*s).to_owned(),
+                    authoritative: false,
+                },
+            )
+        })
+        .collect();
+    Router::new(&RoutesConfig {
+        domains,
+        ..RoutesConfig::default()
+    })
+}
+
+fn lmtp_agent(name: &str, port: u16) -> Agent {
+    let cfg = LmtpStoreConfig::new(
+        name,
+        StoreAddress::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+    );
+    Agent::Lmtp(StorePool::new(Arc::new(
+        LmtpStore::from_config(&cfg, "gw.test").unwrap(),
+    )))
+}
+
+fn config() -> SchedulerConfig {
+    let mut c = SchedulerConfig {
+        shards: Some(2),
+        minimal_backoff: Span(Duration::from_millis(300)),
+        maximal_backoff: Span(Duration::from_secs(1)),
+        ..SchedulerConfig::default()
+    };
+    c.breaker.failures = 2;
+    c.breaker.probe_interval = Span(Duration::from_millis(200));
+    c
+}
+
+fn spool_options() -> SpoolOptions {
+    SpoolOptions {
+        min_free_bytes: 0,
+        ..SpoolOptions::default()
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    spool: Spool,
+    router: Arc<ArcSwap<Router>>,
+    scheduler: Scheduler,
+    stores: HashMap<String, FakeStore>,
+}
+
+impl Harness {
+    /// Fake stores `names`, domain `<name>.test` routed to each.
+    async fn new(names: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = HashMap::new();
+        for n in names {
+            stores.insert((*n).to_owned(), FakeStore::start().await);
+        }
+        Self::with(dir, stores, config()).await
+    }
+
+    async fn with(
+        dir: tempfile::TempDir,
+        stores: HashMap<String, FakeStore>,
+        config: SchedulerConfig,
+    ) -> Self {
+        let (spool, _) = Spool::open(&dir.path().join("spool"), spool_options()).unwrap();
+        let routes: Vec<(String, String)> = stores
+            .keys()
+            .map(|n| (format!("{n}.test"), n.clone()))
+            .collect();
+        let routes: Vec<(&str, &str)> = routes
+            .iter()
+            .map(|(d, s)| (d.as_str(), s.as_str()))
+            .collect();
+        let router = Arc::new(ArcSwap::from_pointee(router(&routes)));
+        let mut agents = Agents::new();
+        for (n, s) in &stores {
+            agents.insert(n, lmtp_agent(n, s.port()));
+        }
+        let scheduler = Scheduler::start(Setup {
+            spool: spool.clone(),
+            router: Arc::clone(&router),
+            agents,
+            config,
+            hostname: "gw.test".into(),
+            clock: Clock::System,
+        });
+        Self {
+            dir,
+            spool,
+            router,
+            scheduler,
+            stores,
+        }
+    }
+
+    fn store(&self, name: &str) -> &FakeStore {
+        &self.stores[name]
+    }
+
+    fn queue(&self, sender: &str, rcpts: &[&str]) -> QueueId {
+        let q = queue(&self.spool, sender, rcpts, BODY);
+        self.scheduler.submit(q);
+        q
+    }
+
+    fn states(&self, q: QueueId) -> Vec<RecipientState> {
+        self.spool
+            .message(q)
+            .unwrap()
+            .recipients
+            .into_iter()
+            .map(|r| r.state)
+            .collect()
+    }
+
+    async fn stop(self) -> (tempfile::TempDir, HashMap<String, FakeStore>) {
+        self.scheduler.shutdown(Duration::from_secs(5)).await;
+        drop(self.spool);
+        (self.dir, self.stores)
+    }
+}
+
+fn queue(spool: &Spool, sender: &str, rcpts: &[&str], body: &str) -> QueueId {
+    let env = Envelope {
+        sender: sender.into(),
+        params: Default::default(),
+        recipients: rcpts
+            .iter()
+            .map(|r| EnvelopeRecipient {
+                address: (*r).into(),
+                params: Default::default(),
+            })
+            .collect(),
+        received_at: std::time::SystemTime::now(),
+        client: "test".into(),
+    };
+    let mut w = spool.begin(env).unwrap();
+    w.write(body.as_bytes()).unwrap();
+    let q = w.queue_id();
+    w.commit().wait().unwrap();
+    q
+}
+
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_in_three_stores_are_all_delivered_and_the_message_finished() {
+    let h = Harness::new(&["a", "b", "c"]).await;
+    let q1 = h.queue(
+        "s@a.test",
+        &["x1@a.test", "x2@b.test", "x3@c.test", "y1@a.test"],
+    );
+    let q2 = h.queue("", &["z@c.test"]);
+    until("both messages finished", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered_to(), ["x1@a.test", "y1@a.test"]);
+    assert_eq!(h.store("b").delivered_to(), ["x2@b.test"]);
+    assert_eq!(h.store("c").delivered_to(), ["x3@c.test", "z@c.test"]);
+    assert_eq!(
+        h.store("a").transactions().len(),
+        1,
+        "one transaction for both a recipients"
+    );
+    let copy = &h.store("b").delivered()[0];
+    assert_eq!(copy.from, "s@a.test");
+    assert!(copy.body.contains("Hello."));
+    assert_ne!(q1, q2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_451_is_deferred_in_the_ledger_then_retried_and_delivered() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("temp", &["451 4.2.0 mailbox locked", "250 2.0.0 Saved"]);
+    let q = h.queue("s@b.test", &["temp@a.test", "ok@a.test", "ok@b.test"]);
+    until("first attempt recorded", || {
+        h.spool.message(q).is_ok_and(|m| {
+            matches!(m.recipients[0].state, RecipientState::Deferred { .. })
+                && m.recipients[2..].iter().all(|r| r.state.is_final())
+        })
+    })
+    .await;
+    let states = h.states(q);
+    let RecipientState::Deferred { reply, until: at } = &states[0] else {
+        panic!("{states:?}")
+    };
+    assert_eq!(reply, "451 4.2.0 mailbox locked");
+    assert!(*at > std::time::SystemTime::now() - Duration::from_secs(1));
+    assert!(matches!(&states[1], RecipientState::Delivered { reply } if reply.starts_with("250")));
+    until("retried and finished", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered_to(), ["ok@a.test", "temp@a.test"]);
+    let txns = h.store("a").transactions();
+    assert_eq!(txns.len(), 2);
+    assert_eq!(
+        txns[1],
+        ["temp@a.test"],
+        "only the deferred recipient is retried"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_550_bounces_only_that_recipient_and_queues_a_dsn_to_the_sender() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("nobody", &["550 5.1.1 <nobody@a.test>: no such user"]);
+    h.queue("sender@b.test", &["nobody@a.test", "ok@a.test"]);
+    until("bounce delivered to the sender's store", || {
+        !h.store("b").delivered().is_empty() && h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("a").delivered_to(), ["ok@a.test"]);
+    let dsn = &h.store("b").delivered()[0];
+    assert_eq!(dsn.from, "", "a DSN comes from the null sender");
+    assert_eq!(dsn.to, "sender@b.test");
+    for want in [
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Final-Recipient: rfc822; nobody@a.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 <nobody@a.test>: no such user",
+        "Subject: test",
+    ] {
+        assert!(dsn.body.contains(want), "{want:?} missing:\n{}", dsn.body);
+    }
+    assert!(!dsn.body.contains("Final-Recipient: rfc822; ok@a.test"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_is_down_does_not_block_the_others_and_drains_when_back() {
+    let h = Harness::new(&["a", "b", "c"]).await;
+    h.store("c").set_down(true);
+    let qs: Vec<QueueId> = (0..6)
+        .map(|i| {
+            h.queue(
+                "s@a.test",
+                &[
+                    &format!("u{i}@a.test"),
+                    &format!("u{i}@b.test"),
+                    &format!("u{i}@c.test"),
+                ],
+            )
+        })
+        .collect();
+    until("a and b delivered while c is down", || {
+        h.store("a").delivered().len() == 6 && h.store("b").delivered().len() == 6
+    })
+    .await;
+    until("c's recipients deferred", || {
+        qs.iter().all(|q| {
+            matches!(h.states(*q)[2], RecipientState::Deferred { ref reply, .. } if reply.contains("4."))
+        })
+    })
+    .await;
+    let sessions_down = h.store("c").sessions();
+    assert!(
+        sessions_down <= 6,
+        "the breaker stops the connection attempts: {sessions_down}"
+    );
+    h.store("c").set_down(false);
+    until("c's backlog delivered after recovery", || {
+        h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("c").delivered().len(), 6);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_does_not_answer_holds_only_its_own_window() {
+    let h = Harness::new(&["a", "c"]).await;
+    h.store("c").hold_replies(true);
+    for i in 0..20 {
+        h.queue(
+            "s@a.test",
+            &[&format!("u{i}@c.test"), &format!("u{i}@a.test")],
+        );
+    }
+    until(
+        "all of a's recipients delivered while c holds every reply",
+        || h.store("a").delivered().len() == 20,
+    )
+    .await;
+    assert!(h.store("c").delivered().is_empty());
+    assert_eq!(h.spool.len(), 20);
+    h.store("c").hold_replies(false);
+    until("all finished once c answers", || h.spool.is_empty()).await;
+    assert_eq!(h.store("c").delivered().len(), 20);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_recipients_are_retried_one_per_transaction() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").drop_after_dot(1);
+    h.queue("", &["r1@a.test", "r2@a.test", "r3@a.test"]);
+    until("finished", || h.spool.is_empty()).await;
+    let txns = h.store("a").transactions();
+    assert_eq!(
+        txns[0].len(),
+        3,
+        "the first transaction had all three: {txns:?}"
+    );
+    assert!(
+        txns[1..].iter().all(|t| t.len() == 1),
+        "then one each: {txns:?}"
+    );
+    assert_eq!(
+        h.store("a").delivered_to(),
+        ["r1@a.test", "r2@a.test", "r3@a.test"]
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_queue_and_in_doubt_recipients_go_alone() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").set_down(true);
+    let q1 = h.queue("", &["d1@a.test", "d2@a.test"]);
+    until("deferred while the store is down", || {
+        h.states(q1)
+            .iter()
+            .all(|s| matches!(s, RecipientState::Deferred { .. }))
+    })
+    .await;
+    // A crash after the dot of another message: recipients left in doubt.
+    let q2 = queue(&h.spool, "", &["i1@a.test", "i2@a.test"], BODY);
+    h.spool.mark_in_doubt(q2, &[0, 1]).await.unwrap();
+    let (dir, stores) = h.stop().await;
+    stores["a"].set_down(false);
+    let h = Harness::with(dir, stores, config()).await;
+    until("resumed and finished", || h.spool.is_empty()).await;
+    assert_eq!(
+        h.store("a").delivered_to(),
+        ["d1@a.test", "d2@a.test", "i1@a.test", "i2@a.test"]
+    );
+    for t in h.store("a").transactions() {
+        if t.iter().any(|r| r.starts_with('i')) {
+            assert_eq!(t.len(), 1, "in-doubt recipients alone: {t:?}");
+        }
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_is_rerouted_when_the_map_changes() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("mover", &["451 4.3.0 store in maintenance"]);
+    let q = h.queue("", &["mover@a.test"]);
+    until("deferred at a", || {
+        matches!(h.states(q)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    h.router
+        .store(Arc::new(router(&[("a.test", "b"), ("b.test", "b")])));
+    until("delivered through b at the next attempt", || {
+        h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("b").delivered_to(), ["mover@a.test"]);
+    assert!(h.store("a").delivered().is_empty());
+    h.stop().await;
+}
