@@ -406,3 +406,66 @@ async fn queued_mail_is_rerouted_when_the_map_changes() {
     assert!(h.store("a").delivered().is_empty());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_does_not_block_the_small_ones_behind_it() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_local("big", true);
+    let mut big = String::from("Subject: big\r\n\r\n");
+    while big.len() < 3 << 20 {
+        big.push_str(
+            "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n",
+        );
+    }
+    let qbig = queue(&h.spool, "", &["big@a.test"], &big);
+    h.scheduler.submit(qbig);
+    for i in 0..20 {
+        h.queue("", &[&format!("small{i}@a.test")]);
+    }
+    until(
+        "the small ones delivered while the big one is in its transaction",
+        || h.store("a").delivered().len() == 20 && h.spool.len() == 1,
+    )
+    .await;
+    h.store("a").hold_local("big", false);
+    until("the big one too", || h.spool.is_empty()).await;
+    let copy = h
+        .store("a")
+        .delivered()
+        .into_iter()
+        .find(|d| d.to == "big@a.test")
+        .unwrap();
+    assert_eq!(copy.body.len(), big.len(), "streamed from the spool intact");
+    assert_eq!(copy.body, big);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_replies(true);
+    for i in 0..30 {
+        h.queue("", &["same@a.test", &format!("u{i}@a.test")]);
+    }
+    until("the window's worth of transactions open", || {
+        h.store("a").max_active() >= 5
+    })
+    .await;
+    // Held replies: nothing succeeds, so the window stays at its initial 5.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.store("a").max_active(),
+        5,
+        "slow start: the initial window"
+    );
+    h.store("a").hold_replies(false);
+    until("all delivered", || h.spool.is_empty()).await;
+    assert_eq!(
+        h.store("a").overlaps(),
+        0,
+        "same@a.test never in two transactions at once"
+    );
+    assert_eq!(h.store("a").delivered().len(), 60);
+    assert!(h.store("a").max_active() <= 10, "max_connections");
+    h.stop().await;
+}

@@ -44,6 +44,14 @@ struct State {
     transactions: Vec<Vec<String>>,
     delivered: Vec<Delivered>,
     sessions: usize,
+    /// Post-dot replies of transactions with one of these local parts are held.
+    hold_local: std::collections::HashSet<String>,
+    /// Transactions between MAIL and their last reply, now and at most.
+    active: usize,
+    max_active: usize,
+    /// Recipients in an open transaction; a second one for the same is an overlap.
+    open_rcpts: std::collections::HashSet<String>,
+    overlaps: usize,
 }
 
 /// A running fake store.
@@ -51,7 +59,7 @@ struct State {
 pub struct FakeStore {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    /// While true, post-dot replies are held.
+    /// While true, post-dot replies are held; bumped on any change of the hold rules.
     hold: watch::Sender<bool>,
     changed: Arc<Notify>,
 }
@@ -113,6 +121,29 @@ impl FakeStore {
         self.hold.send_replace(hold);
     }
 
+    /// Hold (or release) the post-dot replies of transactions that include `local`.
+    pub fn hold_local(&self, local: &str, hold: bool) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if hold {
+                st.hold_local.insert(local.to_lowercase());
+            } else {
+                st.hold_local.remove(&local.to_lowercase());
+            }
+        }
+        self.hold.send_modify(|_| {});
+    }
+
+    /// The most transactions that were open at once.
+    pub fn max_active(&self) -> usize {
+        self.state.lock().unwrap().max_active
+    }
+
+    /// Times a recipient was in two open transactions at once.
+    pub fn overlaps(&self) -> usize {
+        self.state.lock().unwrap().overlaps
+    }
+
     pub fn transactions(&self) -> Vec<Vec<String>> {
         self.state.lock().unwrap().transactions.clone()
     }
@@ -129,6 +160,14 @@ impl FakeStore {
 
     pub fn sessions(&self) -> usize {
         self.state.lock().unwrap().sessions
+    }
+
+    fn close_transaction(&self, rcpts: &[String]) {
+        let mut st = self.state.lock().unwrap();
+        st.active = st.active.saturating_sub(1);
+        for r in rcpts {
+            st.open_rcpts.remove(&r.to_lowercase());
+        }
     }
 
     async fn session(&self, sock: tokio::net::TcpStream) {
@@ -148,10 +187,14 @@ impl FakeStore {
         }
         let mut from = String::new();
         let mut rcpts: Vec<String> = Vec::new();
+        let mut open = false;
         let mut line = String::new();
         loop {
             line.clear();
             if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                if open {
+                    self.close_transaction(&rcpts);
+                }
                 return;
             }
             let cmd = line.trim_end().to_owned();
@@ -161,13 +204,21 @@ impl FakeStore {
             } else if upper.starts_with("MAIL FROM:") {
                 from = between(&cmd, '<', '>');
                 rcpts.clear();
+                open = true;
+                let mut st = self.state.lock().unwrap();
+                st.active += 1;
+                st.max_active = st.max_active.max(st.active);
                 "250 2.1.0 Ok".into()
             } else if upper.starts_with("RCPT TO:") {
                 let to = between(&cmd, '<', '>');
                 let local = to.split('@').next().unwrap_or("").to_lowercase();
-                match self.state.lock().unwrap().rcpt.get(&local) {
+                let mut st = self.state.lock().unwrap();
+                match st.rcpt.get(&local) {
                     Some(refusal) => refusal.clone(),
                     None => {
+                        if !st.open_rcpts.insert(to.to_lowercase()) {
+                            st.overlaps += 1;
+                        }
                         rcpts.push(to);
                         "250 2.1.5 Ok".into()
                     }
@@ -198,14 +249,29 @@ impl FakeStore {
                     }
                 };
                 if drop_now {
+                    self.close_transaction(&rcpts);
                     return;
                 }
+                let locals: Vec<String> = rcpts
+                    .iter()
+                    .map(|t| t.split('@').next().unwrap_or("").to_lowercase())
+                    .collect();
                 let mut hold = self.hold.subscribe();
-                while *hold.borrow_and_update() {
+                loop {
+                    let global = *hold.borrow_and_update();
+                    let held = global || {
+                        let st = self.state.lock().unwrap();
+                        locals.iter().any(|l| st.hold_local.contains(l))
+                    };
+                    if !held {
+                        break;
+                    }
                     if hold.changed().await.is_err() {
                         return;
                     }
                 }
+                self.close_transaction(&rcpts);
+                open = false;
                 let mut out = String::new();
                 for to in rcpts.drain(..) {
                     let local = to.split('@').next().unwrap_or("").to_lowercase();
@@ -236,6 +302,10 @@ impl FakeStore {
                 }
                 continue;
             } else if upper == "RSET" || upper == "NOOP" {
+                if open && upper == "RSET" {
+                    self.close_transaction(&rcpts);
+                    open = false;
+                }
                 rcpts.clear();
                 "250 2.0.0 Ok".into()
             } else if upper == "QUIT" {
