@@ -14,6 +14,8 @@
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helper")]
 
+pub mod harness;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -52,6 +54,8 @@ struct State {
     /// Recipients in an open transaction; a second one for the same is an overlap.
     open_rcpts: std::collections::HashSet<String>,
     overlaps: usize,
+    /// Wait this long before the post-dot replies (a slow store).
+    reply_delay: std::time::Duration,
 }
 
 /// A running fake store.
@@ -132,6 +136,11 @@ impl FakeStore {
             }
         }
         self.hold.send_modify(|_| {});
+    }
+
+    /// Wait `delay` before each transaction's post-dot replies.
+    pub fn set_reply_delay(&self, delay: std::time::Duration) {
+        self.state.lock().unwrap().reply_delay = delay;
     }
 
     /// The most transactions that were open at once.
@@ -269,6 +278,10 @@ impl FakeStore {
                     if hold.changed().await.is_err() {
                         return;
                     }
+                }
+                let delay = self.state.lock().unwrap().reply_delay;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
                 self.close_transaction(&rcpts);
                 open = false;
