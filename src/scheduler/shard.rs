@@ -346,7 +346,7 @@ impl Shard {
                 index,
                 path: ForwardPath::Postmaster,
                 params: r.params.clone(),
-                mailbox: r.address.to_lowercase(),
+                mailbox: mailbox_key(&r.address),
                 in_doubt,
                 tries: 0,
             };
@@ -858,6 +858,19 @@ fn select(
     batch
 }
 
+/// The per-mailbox serialisation key: the address lower-cased, without a `+detail`
+/// extension (`Bob+lists@Example.org` and `bob@example.org` are one mailbox at the store).
+fn mailbox_key(address: &str) -> String {
+    let lower = address.to_lowercase();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) => {
+            let user = local.split('+').next().unwrap_or(local);
+            format!("{user}@{domain}")
+        }
+        None => lower,
+    }
+}
+
 fn down_reply(store: &str, reason: &str) -> postern_proto::Reply {
     local_reply(451, (4, 4, 1), &format!("Store {store} is down: {reason}"))
 }
@@ -948,6 +961,14 @@ mod tests {
             in_doubt,
             tries: 0,
         }
+    }
+
+    #[test]
+    fn mailbox_keys() {
+        assert_eq!(mailbox_key("Bob+lists@Example.ORG"), "bob@example.org");
+        assert_eq!(mailbox_key("bob@example.org"), "bob@example.org");
+        assert_eq!(mailbox_key("Postmaster"), "postmaster");
+        assert_eq!(mailbox_key("+x@d"), "@d");
     }
 
     #[test]

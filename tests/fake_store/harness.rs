@@ -85,6 +85,8 @@ pub struct Harness {
 impl Harness {
     /// Fake stores `names`, domain `<name>.test` routed to each.
     pub async fn new(names: &[&str]) -> Self {
+        // Log lines (one per recipient attempt) show with --nocapture.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
         let dir = tempfile::tempdir().unwrap();
         let mut stores = HashMap::new();
         for n in names {

@@ -180,6 +180,7 @@ impl FakeStore {
     }
 
     async fn session(&self, sock: tokio::net::TcpStream) {
+        sock.set_nodelay(true).ok();
         let (r, mut w) = sock.into_split();
         let mut r = BufReader::new(r);
         let greet_421 = {
