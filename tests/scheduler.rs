@@ -294,3 +294,55 @@ async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency
     assert!(h.store("a").max_active() <= 10, "max_connections");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_transaction_leaves_recipients_in_doubt_and_a_restart_retries_them_alone() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_replies(true);
+    let q = h.queue("", &["h1@a.test", "h2@a.test"]);
+    until("the transaction reached the end of data", || {
+        h.store("a").transactions().len() == 1
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (dir, stores) = h.stop_within(Duration::from_millis(200)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline bounds the shutdown"
+    );
+    let snapshot = postern::spool::Spool::open_read_only(&dir.path().join("spool")).unwrap();
+    let m = snapshot.messages.iter().find(|m| m.qid == q).unwrap();
+    assert!(
+        m.recipients
+            .iter()
+            .all(|r| r.state == RecipientState::InDoubt),
+        "{:?}",
+        m.recipients
+    );
+    stores["a"].hold_replies(false);
+    let h = Harness::with(dir, stores, config()).await;
+    until("delivered after the restart", || h.spool.is_empty()).await;
+    let txns = h.store("a").transactions();
+    assert!(txns[1..].iter().all(|t| t.len() == 1), "{txns:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_the_new_map_does_not_route_bounces_with_a_dsn() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a").script("gone", &["451 4.3.0 try again"]);
+    let q = h.queue("me@b.test", &["gone@a.test"]);
+    until("deferred at a", || {
+        matches!(h.states(q)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    h.router.store(Arc::new(router(&[("b.test", "b")])));
+    until("bounced and reported", || {
+        h.spool.is_empty() && !h.store("b").delivered().is_empty()
+    })
+    .await;
+    let dsn = &h.store("b").delivered()[0].body;
+    assert!(dsn.contains("Status: 5.7.1"), "{dsn}");
+    assert!(dsn.contains("Final-Recipient: rfc822; gone@a.test"));
+    h.stop().await;
+}

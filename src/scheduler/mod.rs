@@ -197,10 +197,12 @@ impl Scheduler {
         } = setup;
         let n = config.shard_count().max(1);
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        // validate() refuses a zero backoff; never retry in a tight loop.
+        let minimal_backoff = config.minimal_backoff.0.max(Duration::from_millis(10));
         let policy = RetryPolicy {
-            minimal_backoff: config.minimal_backoff.0,
+            minimal_backoff,
             // validate() refuses max < min; never let clamp() see it.
-            maximal_backoff: config.maximal_backoff.0.max(config.minimal_backoff.0),
+            maximal_backoff: config.maximal_backoff.0.max(minimal_backoff),
             maximal_lifetime: config.maximal_lifetime.0,
         };
         let ctx = Arc::new(Ctx {

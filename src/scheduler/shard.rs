@@ -101,7 +101,11 @@ impl StoreQueue {
             relay: agent.relay(),
             per_txn: agent.recipients_per_transaction(),
             window: Window::new(c.initial_window, agent.max_connections()),
-            breaker: Breaker::new(c.breaker.failures, c.breaker.probe_interval.0),
+            // validate() refuses a zero interval; never probe in a tight loop.
+            breaker: Breaker::new(
+                c.breaker.failures,
+                c.breaker.probe_interval.0.max(Duration::from_millis(10)),
+            ),
             agent,
             jobs: HashMap::new(),
             queue: VecDeque::new(),

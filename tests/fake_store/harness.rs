@@ -152,7 +152,15 @@ impl Harness {
     }
 
     pub async fn stop(self) -> (tempfile::TempDir, HashMap<String, FakeStore>) {
-        self.scheduler.shutdown(Duration::from_secs(5)).await;
+        self.stop_within(Duration::from_secs(5)).await
+    }
+
+    /// Shuts the scheduler down, giving transactions in flight `deadline`.
+    pub async fn stop_within(
+        self,
+        deadline: Duration,
+    ) -> (tempfile::TempDir, HashMap<String, FakeStore>) {
+        self.scheduler.shutdown(deadline).await;
         drop(self.spool);
         (self.dir, self.stores)
     }
