@@ -653,6 +653,10 @@ impl Shard {
                     st.window.on_success();
                 }
                 st.breaker.on_success();
+                // The store takes mail again: what it turned away comes back now.
+                for qid in st.parked.drain() {
+                    ctx.send(ctx.home_shard(qid), Event::Kick(qid));
+                }
             }
         }
         let up = st.breaker.is_closed() && !ctx.stop.is_cancelled();
@@ -701,10 +705,12 @@ impl Shard {
         for (r, outcome) in &later {
             transaction::settle_locally(&ctx, &msg, &done.store, &st.relay, r, outcome);
         }
+        if scope == Scope::Store {
+            // Retried as soon as the store is seen working again (a probe or a transaction
+            // succeeds), not only at the message's retry time.
+            st.parked.insert(msg.qid);
+        }
         if !st.breaker.is_closed() {
-            if scope == Scope::Store {
-                st.parked.insert(msg.qid);
-            }
             self.park_all(&done.store);
         }
         self.reap(&done.store, done.job);
