@@ -11,8 +11,9 @@
 //!
 //! While the breaker is not closed, nothing is sent to the store: its recipients are
 //! deferred at once (no connection attempt, no timeout to wait out) and their messages
-//! parked; on recovery the parked messages are retried through the store's window, which
-//! restarts at the initial value (slow start). The probe is a fresh connection (greeting and
+//! parked (so are messages turned away by a store-wide failure before the breaker opened);
+//! on recovery the parked messages are retried through the store's window, which restarts
+//! at the initial value (slow start). The probe is a fresh connection (greeting and
 //! LHLO) closed with QUIT. Probe times are jittered ±25% around `probe_interval` so that
 //! several gateways do not probe a recovering store in step.
 //!

@@ -31,12 +31,25 @@
 //!   recipients per transaction; at most one transaction per mailbox at a time when
 //!   `per_mailbox_serialization` is on. A store that fails a cohort of connections is
 //!   marked down ([`breaker`]): its recipients are deferred without waiting on it, and its
-//!   parked messages come back when a probe succeeds.
+//!   parked messages come back as soon as a probe (or a transaction) succeeds, at
+//!   slow-start pace.
 //! - **Fairness.** Jobs of one store are served round robin, one transaction at a time
 //!   each, so a large message takes one slot and the small ones pass it. Stores never wait
 //!   for each other: a slow or dead store holds only its own window.
 //! - **Retries** ([`retry`]): jittered exponential backoff between `minimal_backoff` and
 //!   `maximal_backoff`; bounced at `maximal_lifetime`.
+//!
+//! # Compromises
+//!
+//! - XXX: an attempt reads the message's state and envelope from the spool on the shard's
+//!   task (memory and one small read from the page cache); a slow disk slows that shard.
+//! - XXX: every message being attempted is in memory (envelope, about 1 KiB); there is no
+//!   cap like Postfix's `qmgr_message_active_limit` yet. Waiting messages cost a timer entry.
+//! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
+//!   relay store) is logged and dropped; there is no double bounce to the postmaster.
+//! - XXX: DSNs are sent when the message is finished, not at the end of each attempt: the
+//!   spool has no per-recipient "notified" mark yet, and without one a restart could send a
+//!   bounce twice or never.
 //!
 //! DIAGNOSTICS: nothing here panics on spool or network input; a message whose envelope or
 //! body cannot be read is quarantined by the spool. Every recipient attempt is logged on
