@@ -354,3 +354,29 @@ async fn a_recipient_the_new_map_does_not_route_bounces_with_a_dsn() {
     assert!(dsn.contains("Final-Recipient: rfc822; gone@a.test"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_messages_are_attempted_at_once_than_the_active_limit() {
+    let mut cfg = config();
+    cfg.shards = Some(1);
+    cfg.active_limit = 2;
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    h.store("a").hold_replies(true);
+    for i in 0..20 {
+        h.queue("", &[&format!("u{i}@a.test")]);
+    }
+    until("two transactions open", || h.store("a").max_active() == 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.store("a").max_active(),
+        2,
+        "the window has room for 5; the limit is 2"
+    );
+    h.store("a").hold_replies(false);
+    until("all delivered, in turn", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered().len(), 20);
+    assert_eq!(h.store("a").max_active(), 2);
+    h.stop().await;
+}

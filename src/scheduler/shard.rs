@@ -130,6 +130,11 @@ pub(crate) struct Shard {
     stores: HashMap<String, StoreQueue>,
     next_job: u64,
     rng: fastrand::Rng,
+    /// Messages due while `active_limit` is reached, in arrival order of their turn.
+    backlog: VecDeque<QueueId>,
+    backlogged: HashSet<QueueId>,
+    /// This shard's share of `active_limit`.
+    active_limit: usize,
 }
 
 impl Shard {
@@ -140,7 +145,11 @@ impl Shard {
                 stores.insert(name.to_owned(), StoreQueue::new(&ctx, agent.clone()));
             }
         }
+        let active_limit = (ctx.config.active_limit / ctx.shards.len().max(1)).max(1);
         Self {
+            active_limit,
+            backlog: VecDeque::new(),
+            backlogged: HashSet::new(),
             id,
             ctx,
             rx,
@@ -212,7 +221,20 @@ impl Shard {
                     let at = self.ctx.clock.now() + self.ctx.policy.minimal_backoff;
                     self.schedule(qid, at);
                 }
+                self.drain_backlog();
             }
+        }
+    }
+
+    /// Starts the backlog's messages while there is room under the active limit.
+    fn drain_backlog(&mut self) {
+        while self.active.len() + self.finishing.len() < self.active_limit {
+            let Some(qid) = self.backlog.pop_front() else {
+                return;
+            };
+            self.backlogged.remove(&qid);
+            gauge!(m::QUEUE_MESSAGES, "state" => "backlog").decrement(1.0);
+            self.attempt(qid);
         }
     }
 
@@ -278,6 +300,13 @@ impl Shard {
             return; // picked up at the next start
         }
         self.unwait(qid);
+        if self.active.len() + self.finishing.len() >= self.active_limit {
+            if self.backlogged.insert(qid) {
+                gauge!(m::QUEUE_MESSAGES, "state" => "backlog").increment(1.0);
+                self.backlog.push_back(qid);
+            }
+            return;
+        }
         let ctx = Arc::clone(&self.ctx);
         let status = match ctx.spool.status(qid) {
             Ok(s) => s,
@@ -414,7 +443,8 @@ impl Shard {
             },
         );
         if groups.is_empty() {
-            self.settle(qid);
+            // Not settle(): that drains the backlog, which calls here (no recursion).
+            self.settle_message(qid);
             return;
         }
         for (store, rcpts) in groups {
@@ -430,6 +460,11 @@ impl Shard {
 
     /// Every job of the attempt is settled: wait for the next attempt, or finish.
     fn settle(&mut self, qid: QueueId) {
+        self.settle_message(qid);
+        self.drain_backlog();
+    }
+
+    fn settle_message(&mut self, qid: QueueId) {
         let Some(a) = self.active.remove(&qid) else {
             return;
         };
