@@ -380,3 +380,57 @@ async fn no_more_messages_are_attempted_at_once_than_the_active_limit() {
     assert_eq!(h.store("a").max_active(), 2);
     h.stop().await;
 }
+
+async fn window_of(h: &Harness, store: &str) -> usize {
+    let all = h.scheduler.stores().await;
+    all.into_iter().find(|s| s.name == store).unwrap().window
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
+    let mut cfg = config();
+    cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    assert_eq!(window_of(&h, "a").await, 5, "slow start");
+    for i in 0..4 {
+        h.store("a")
+            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
+        h.queue("", &[&format!("busy{i}@a.test")]);
+    }
+    until("four busy replies", || {
+        h.store("a").transactions().len() == 4
+    })
+    .await;
+    let mut w = 0;
+    for _ in 0..200 {
+        w = window_of(&h, "a").await;
+        if w == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w, 1, "each busy reply takes one off, down to one");
+    let st = h.scheduler.stores().await.remove(0);
+    assert_eq!(
+        st.breaker,
+        postern::scheduler::breaker::BreakerState::Closed,
+        "busy is not down"
+    );
+    for i in 0..3 {
+        h.queue("", &[&format!("ok{i}@a.test")]);
+    }
+    until("three successes", || h.store("a").delivered().len() == 3).await;
+    let mut w = 0;
+    for _ in 0..200 {
+        w = window_of(&h, "a").await;
+        if w == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w, 3, "one success at window 1, a run of two at window 2");
+    h.stop().await;
+}

@@ -43,8 +43,8 @@
 //!
 //! - XXX: an attempt reads the message's state and envelope from the spool on the shard's
 //!   task (memory and one small read from the page cache); a slow disk slows that shard.
-//! - XXX: every message being attempted is in memory (envelope, about 1 KiB); there is no
-//!   cap like Postfix's `qmgr_message_active_limit` yet. Waiting messages cost a timer entry.
+//! - Every message being attempted is in memory (envelope, about 1 KiB), at most
+//!   `active_limit` of them; waiting and backlogged messages cost a queue id each.
 //! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
 //!   relay store) is logged and dropped; there is no double bounce to the postmaster.
 //! - XXX: DSNs are sent when the message is finished, not at the end of each attempt: the
@@ -94,6 +94,23 @@ use crate::spool::{Envelope, QueueId, Spool};
 pub struct Scheduler {
     ctx: Arc<Ctx>,
     shards: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// One store's scheduling state ([`Scheduler::stores`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The store.
+    pub name: String,
+    /// Transactions allowed at once now.
+    pub window: usize,
+    /// Transactions running.
+    pub in_flight: usize,
+    /// The breaker.
+    pub breaker: breaker::BreakerState,
+    /// Recipients waiting for a transaction.
+    pub queued: usize,
+    /// Messages parked until the store works again.
+    pub parked: usize,
 }
 
 /// What [`Scheduler::start`] needs.
@@ -252,6 +269,20 @@ impl Scheduler {
     pub fn submit(&self, qid: QueueId) {
         self.ctx
             .send(self.ctx.home_shard(qid), shard::Event::Submit(qid));
+    }
+
+    /// Each store's scheduling state, by name (for tools and tests).
+    pub async fn stores(&self) -> Vec<StoreStatus> {
+        let mut out = Vec::new();
+        for shard in 0..self.ctx.shards.len() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.ctx.send(shard, shard::Event::Status(tx));
+            if let Ok(mut v) = rx.await {
+                out.append(&mut v);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,

@@ -23,7 +23,7 @@ use super::dsn::{self, Kind};
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
 use super::window::Window;
-use super::{Ctx, Job, JobRcpt, Message, local_reply};
+use super::{Ctx, Job, JobRcpt, Message, StoreStatus, local_reply};
 use crate::delivery::{Outcome, Scope};
 use crate::routing::RcptDecision;
 use crate::spool::{QueueId, RecipientState, SpoolError};
@@ -57,6 +57,8 @@ pub(crate) enum Event {
     },
     /// Finishing (DSN and delete) ended.
     Finished { qid: QueueId, ok: bool },
+    /// Report the stores' state.
+    Status(tokio::sync::oneshot::Sender<Vec<StoreStatus>>),
 }
 
 /// A message whose attempt is running, homed here.
@@ -213,6 +215,21 @@ impl Shard {
             }
             Event::TxnDone(done) => self.txn_done(*done),
             Event::ProbeDone { store, result } => self.probe_done(&store, result),
+            Event::Status(tx) => {
+                let v = self
+                    .stores
+                    .iter()
+                    .map(|(name, st)| StoreStatus {
+                        name: name.clone(),
+                        window: st.window.limit(),
+                        in_flight: st.in_flight,
+                        breaker: st.breaker.state(),
+                        queued: st.queued_rcpts,
+                        parked: st.parked.len(),
+                    })
+                    .collect();
+                let _ = tx.send(v);
+            }
             Event::Finished { qid, ok } => {
                 self.finishing.remove(&qid);
                 if ok {
