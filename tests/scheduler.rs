@@ -434,3 +434,46 @@ async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
     assert_eq!(w, 3, "one success at window 1, a run of two at window 2");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_goes_out_at_once_while_others_wait_and_only_once_across_a_restart() {
+    let mut slow = config();
+    slow.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    slow.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    for n in ["a", "b"] {
+        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+    }
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, slow).await;
+    h.store("a").script("nobody", &["550 5.1.1 no such user"]);
+    h.store("a")
+        .script("later", &["451 4.2.0 locked", "250 2.0.0 Saved"]);
+    let q = h.queue("me@b.test", &["nobody@a.test", "later@a.test"]);
+    until("the bounce delivered while the message waits", || {
+        h.store("b").delivered().len() == 1
+    })
+    .await;
+    let m = h.spool.message(q).unwrap();
+    assert!(m.recipients[0].reported, "the bounce is marked reported");
+    assert!(matches!(
+        m.recipients[1].state,
+        RecipientState::Deferred { .. }
+    ));
+    assert!(h.store("b").delivered()[0].body.contains("Action: failed"));
+    let (dir, stores) = h.stop().await;
+    let h = Harness::with(dir, stores, config()).await;
+    // Its retry time (in the ledger) is ten minutes away: ask for it now, as a flush would.
+    h.scheduler.submit(q);
+    until(
+        "the deferred recipient delivered and the message done",
+        || h.spool.is_empty(),
+    )
+    .await;
+    assert_eq!(h.store("a").delivered_to(), ["later@a.test"]);
+    assert_eq!(
+        h.store("b").delivered().len(),
+        1,
+        "no second bounce after the restart"
+    );
+    h.stop().await;
+}

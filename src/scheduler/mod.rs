@@ -16,16 +16,18 @@
 //!                task: mark in doubt ─▶ agent (LMTP, maildir, …) ─▶ ledger per reply
 //!                ──▶ TxnDone back to the store shard (window, breaker, requeue, log)
 //!                ──▶ JobDone to the home shard once the job's recipients are settled
-//! home shard:    all jobs done ─▶ recipients left? timer at the retry time (jittered
-//!                backoff) : queue the DSN owed, then finish (delete) the message
+//! home shard:    all jobs done ─▶ DSN for the newly final recipients, marked reported;
+//!                recipients left? timer at the retry time (jittered backoff) : finish
 //! ```
 //!
 //! # Promises
 //!
 //! - **Ledger.** Recipients are marked in doubt (durably) before their transaction starts,
 //!   and each reply is written to the ledger as it arrives. A recipient found in doubt is
-//!   retried alone in its own transaction. A message is finished only after the DSN it
-//!   owes is durably queued.
+//!   retried alone in its own transaction. The DSN owed for final recipients (bounces,
+//!   and deliveries with NOTIFY=SUCCESS) is queued at the end of the attempt that settled
+//!   them, then they are marked reported in the ledger (a crash between the two repeats the
+//!   DSN, never loses it); a message is finished only after that.
 //! - **Per store.** At most `window` transactions at once (slow start at `initial_window`,
 //!   up to `max_connections`, see [`window`]); at most `recipients_per_transaction`
 //!   recipients per transaction; at most one transaction per mailbox at a time when
@@ -47,9 +49,6 @@
 //!   `active_limit` of them; waiting and backlogged messages cost a queue id each.
 //! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
 //!   relay store) is logged and dropped; there is no double bounce to the postmaster.
-//! - XXX: DSNs are sent when the message is finished, not at the end of each attempt: the
-//!   spool has no per-recipient "notified" mark yet, and without one a restart could send a
-//!   bounce twice or never.
 //!
 //! DIAGNOSTICS: nothing here panics on spool or network input; a message whose envelope or
 //! body cannot be read is quarantined by the spool. Every recipient attempt is logged on

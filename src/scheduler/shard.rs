@@ -59,6 +59,8 @@ pub(crate) enum Event {
     Finished { qid: QueueId, ok: bool },
     /// Report the stores' state.
     Status(tokio::sync::oneshot::Sender<Vec<StoreStatus>>),
+    /// Reporting the final recipients of a message still in the queue ended.
+    Reported(QueueId),
 }
 
 /// A message whose attempt is running, homed here.
@@ -137,6 +139,8 @@ pub(crate) struct Shard {
     backlogged: HashSet<QueueId>,
     /// This shard's share of `active_limit`.
     active_limit: usize,
+    /// Messages whose final recipients are being reported while others are still open.
+    reporting: HashSet<QueueId>,
 }
 
 impl Shard {
@@ -152,6 +156,7 @@ impl Shard {
             active_limit,
             backlog: VecDeque::new(),
             backlogged: HashSet::new(),
+            reporting: HashSet::new(),
             id,
             ctx,
             rx,
@@ -215,6 +220,9 @@ impl Shard {
             }
             Event::TxnDone(done) => self.txn_done(*done),
             Event::ProbeDone { store, result } => self.probe_done(&store, result),
+            Event::Reported(qid) => {
+                self.reporting.remove(&qid);
+            }
             Event::Status(tx) => {
                 let v = self
                     .stores
@@ -490,6 +498,13 @@ impl Shard {
         let now = ctx.clock.now();
         match ctx.spool.status(qid) {
             Err(SpoolError::NotFound(_)) => {}
+            Ok(_) if self.reporting.contains(&qid) => {
+                // Its report is being queued: come back once it is marked.
+                self.schedule(
+                    qid,
+                    now + Duration::from_secs(1).min(ctx.policy.minimal_backoff),
+                );
+            }
             Ok(s) if s.recipients.iter().all(RecipientState::is_final) => {
                 self.finishing.insert(qid);
                 let home = self.id;
@@ -506,6 +521,24 @@ impl Shard {
                 });
             }
             Ok(s) => {
+                // Bounces (and success reports) go out now, not when the last deferred
+                // recipient is done with.
+                let unreported = s
+                    .recipients
+                    .iter()
+                    .zip(&s.reported)
+                    .any(|(r, reported)| r.is_final() && !reported);
+                if unreported {
+                    self.reporting.insert(qid);
+                    let home = self.id;
+                    let c = Arc::clone(&ctx);
+                    ctx.tasks.spawn(async move {
+                        if let Err(e) = report(&c, qid).await {
+                            tracing::warn!(queue_id = %qid, error = %e, "cannot queue the DSN yet; retrying at the next attempt");
+                        }
+                        c.send(home, Event::Reported(qid));
+                    });
+                }
                 let deferred = s
                     .recipients
                     .iter()
@@ -945,15 +978,36 @@ fn not_attempted_reply(scope: Scope, detail: &str) -> postern_proto::Reply {
 }
 
 /// Queues the DSN the message owes, then removes it from the spool.
+/// Reports what is owed, then removes the message from the spool.
 async fn finish(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
-    queue_dsn_async(ctx, qid, Kind::Final).await?;
+    report(ctx, qid).await?;
     ctx.spool.finish(qid).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Queues the DSN owed for the final recipients not yet reported (failures and, with
+/// NOTIFY=SUCCESS, deliveries), then marks them reported in the ledger: the DSN is queued
+/// before the mark, so a crash between the two repeats it, never loses it.
+async fn report(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
+    let c = Arc::clone(ctx);
+    let (dsn, covered) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, Kind::Final))
+        .await
+        .map_err(|e| e.to_string())??;
+    if let Some(dsn_qid) = dsn {
+        ctx.send(ctx.home_shard(dsn_qid), Event::Submit(dsn_qid));
+    }
+    if !covered.is_empty() {
+        ctx.spool
+            .mark_reported(qid, &covered)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
 async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(), String> {
     let c = Arc::clone(ctx);
-    let dsn = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, kind))
+    let (dsn, _) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, kind))
         .await
         .map_err(|e| e.to_string())??;
     if let Some(dsn_qid) = dsn {
@@ -963,16 +1017,30 @@ async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(),
 }
 
 /// Builds and durably queues the DSN of `kind` for `qid`, if one is owed (blocking).
-fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<Option<QueueId>, String> {
+/// Returns its queue id and, for [`Kind::Final`], the final recipients it covers (those
+/// not reported before; owed a DSN or not).
+fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Vec<usize>), String> {
     let envelope = ctx.spool.read_envelope(qid).map_err(|e| e.to_string())?;
-    if envelope.sender.is_empty() {
-        return Ok(None);
-    }
     let summary = ctx.spool.message(qid).map_err(|e| e.to_string())?;
-    let states: Vec<RecipientState> = summary.recipients.into_iter().map(|r| r.state).collect();
+    let mut covered = Vec::new();
+    let states: Vec<RecipientState> = summary
+        .recipients
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if kind == Kind::Final && r.state.is_final() && !r.reported {
+                covered.push(i);
+            }
+            if r.reported {
+                RecipientState::Pending // reported before: not again
+            } else {
+                r.state
+            }
+        })
+        .collect();
     let rcpts = dsn::owed(&envelope, &states, kind);
     if rcpts.is_empty() {
-        return Ok(None);
+        return Ok((None, covered));
     }
     let now = ctx.clock.now();
     let report = dsn::Report {
@@ -1007,7 +1075,7 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<Option<QueueId>, Str
     };
     counter!(m::DSNS, "kind" => word).increment(1);
     tracing::info!(queue_id = %qid, dsn = %dsn_qid, kind = word, recipients = rcpts.len(), "DSN queued to the sender");
-    Ok(Some(dsn_qid))
+    Ok((Some(dsn_qid), covered))
 }
 
 #[cfg(test)]
