@@ -498,8 +498,11 @@ impl Shard {
         let now = ctx.clock.now();
         match ctx.spool.status(qid) {
             Err(SpoolError::NotFound(_)) => {}
-            Ok(_) if self.reporting.contains(&qid) => {
-                // Its report is being queued: come back once it is marked.
+            Ok(s)
+                if self.reporting.contains(&qid)
+                    && s.recipients.iter().all(RecipientState::is_final) =>
+            {
+                // Its last report is still being queued: finish once it is marked.
                 self.schedule(
                     qid,
                     now + Duration::from_secs(1).min(ctx.policy.minimal_backoff),
@@ -528,8 +531,7 @@ impl Shard {
                     .iter()
                     .zip(&s.reported)
                     .any(|(r, reported)| r.is_final() && !reported);
-                if unreported {
-                    self.reporting.insert(qid);
+                if unreported && self.reporting.insert(qid) {
                     let home = self.id;
                     let c = Arc::clone(&ctx);
                     ctx.tasks.spawn(async move {
