@@ -253,6 +253,12 @@ impl Scheduler {
             .enumerate()
             .map(|(id, rx)| tokio::spawn(shard::Shard::new(id, Arc::clone(&ctx), rx).run()))
             .collect();
+        for (_, agent) in ctx.agents.iter() {
+            if let Agent::Lmtp(pool) = agent {
+                // Closes idle connections past the store's idle timeout; ends with the pool.
+                pool.spawn_sweeper(Duration::from_secs(30));
+            }
+        }
         let recovered = ctx.spool.stats().in_doubt_recovered;
         ::metrics::counter!(metrics::IN_DOUBT_RECOVERED).increment(recovered);
         let loader = Arc::clone(&ctx);
@@ -300,6 +306,11 @@ impl Scheduler {
             );
             self.ctx.abort.cancel();
             self.ctx.tasks.wait().await;
+        }
+        for (_, agent) in self.ctx.agents.iter() {
+            if let Agent::Lmtp(pool) = agent {
+                pool.close();
+            }
         }
         self.ctx.exit.cancel();
         let shards = std::mem::take(&mut *self.shards.lock().unwrap_or_else(|e| e.into_inner()));
