@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use postern::config::{DomainRoute, RoutesConfig, Span};
@@ -15,7 +15,6 @@ use postern::proto::reply::{EnhancedCode, Reply, ReplyCode};
 use postern::routing::Router;
 use postern::scheduler::{Agent, Agents, Clock, Scheduler, SchedulerConfig, Setup};
 use postern::spool::{Envelope, EnvelopeRecipient, RecipientState, Spool, SpoolOptions};
-use tokio::time::Instant;
 
 fn routes() -> Router {
     let mut domains = BTreeMap::new();
@@ -48,8 +47,34 @@ fn mailbox(root: &std::path::Path, domain: &str, user: &str) -> Vec<String> {
     out
 }
 
+/// Sleeps in real time without letting paused time move (a blocking task inhibits
+/// tokio's auto-advance while it runs).
+async fn real_sleep(ms: u64) {
+    tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_millis(ms)))
+        .await
+        .unwrap();
+}
+
+/// Waits, in real time and bounded, until `f` holds.
+async fn until_real(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..4000 {
+        if f() {
+            return;
+        }
+        real_sleep(5).await;
+    }
+    panic!("timed out waiting: {what}");
+}
+
+/// Virtual time moves only when this test advances it: paused, with auto-advance held off
+/// by a blocking task for the whole test (otherwise it would jump ahead whenever the
+/// runtime waits for the spool's disk thread). Each retry is stepped to exactly.
 #[tokio::test(start_paused = true)]
 async fn deferred_until_the_lifetime_then_bounced_with_a_delay_warning_first() {
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let hold = tokio::task::spawn_blocking(move || {
+        let _ = hold_rx.recv();
+    });
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(
         &dir.path().join("spool"),
@@ -89,7 +114,6 @@ async fn deferred_until_the_lifetime_then_bounced_with_a_delay_warning_first() {
         hostname: "gw.test".into(),
         clock,
     });
-    let start = Instant::now();
     let env = Envelope {
         sender: "me@home.test".into(),
         params: Default::default(),
@@ -100,70 +124,102 @@ async fn deferred_until_the_lifetime_then_bounced_with_a_delay_warning_first() {
         received_at: clock.now(),
         client: "test".into(),
     };
-    let received = env.received_at; // the spool keeps microseconds; see below
+    let received = env.received_at;
     let mut w = spool.begin(env).unwrap();
     w.write(b"Subject: far away\r\n\r\nbody\r\n").unwrap();
     let qid = w.queue_id();
     w.commit().await.unwrap();
+    // The spool keeps microseconds.
+    let received = received
+        - Duration::from_nanos(u64::from(
+            received.duration_since(UNIX_EPOCH).unwrap().subsec_nanos() % 1000,
+        ));
+    let expires = received + Duration::from_secs(6 * 3600);
     scheduler.submit(qid);
 
-    // Deferred, with a retry time 5 to 6 minutes after the attempt (jittered minimal
-    // backoff). Paused time still moves while the runtime waits for the spool's disk thread,
-    // so the attempt's own time is only known to lie between queueing and now.
-    let mut seen = None;
-    for _ in 0..1000 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if let Ok(m) = spool.message(qid)
-            && let RecipientState::Deferred { until, reply } = &m.recipients[0].state
-        {
-            assert!(reply.starts_with("451 4.4.1"));
-            seen = Some((*until, clock.now()));
-            break;
-        }
-    }
-    let (until, observed) = seen.expect("deferred");
-    assert!(until >= received + Duration::from_secs(300), "{until:?}");
-    assert!(until <= observed + Duration::from_secs(360), "{until:?}");
-
-    // Virtual hours pass; the message goes away at its lifetime.
-    let mut last_until = None;
-    while let Ok(m) = spool.message(qid) {
-        if let RecipientState::Deferred { until, .. } = m.recipients[0].state {
-            last_until = Some(until);
-        }
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(
-            start.elapsed() < Duration::from_secs(7 * 3600),
-            "not bounced at the lifetime"
-        );
-    }
-    let lived = start.elapsed();
+    let state = || {
+        spool
+            .message(qid)
+            .ok()
+            .map(|m| m.recipients[0].state.clone())
+    };
+    let until_of = |s: &Option<RecipientState>| match s {
+        Some(RecipientState::Deferred { until, .. }) => Some(*until),
+        _ => None,
+    };
+    until_real("first deferral", || until_of(&state()).is_some()).await;
+    let first = until_of(&state()).unwrap();
+    let delay = first.duration_since(received).unwrap();
     assert!(
-        lived >= Duration::from_secs(6 * 3600),
-        "bounced early: {lived:?}"
+        delay >= Duration::from_secs(300) && delay <= Duration::from_secs(361),
+        "jittered minimal backoff: {delay:?}"
     );
-    let received_us = received
-        - Duration::from_nanos(u64::from(
-            received
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-                % 1000,
-        ));
-    assert_eq!(
-        last_until,
-        Some(received_us + Duration::from_secs(6 * 3600)),
-        "the last attempt is scheduled at the lifetime exactly"
-    );
-    // Let the DSNs be delivered to the sender's maildir.
-    for _ in 0..600 {
-        if mailbox(&mail, "home.test", "me").len() == 2 {
-            break;
+    let Some(RecipientState::Deferred { reply, .. }) = state() else {
+        unreachable!()
+    };
+    assert!(reply.starts_with("451 4.4.1"), "{reply}");
+
+    // Step to each retry time, as the scheduler's timer has it; the message is retried
+    // there and deferred again, with a growing delay, until the attempt at the lifetime
+    // bounces it.
+    let mut untils = Vec::new();
+    let mut last_seen = None;
+    loop {
+        // Wait (real time) until the attempt has settled: waiting for a new retry time, or
+        // bounced.
+        let mut next = None;
+        for _ in 0..4000 {
+            if let Some(t) = scheduler.next_attempt(qid).await
+                && Some(t) != last_seen
+            {
+                next = Some(t);
+                break;
+            }
+            if matches!(state(), Some(RecipientState::Bounced { .. }) | None) {
+                break;
+            }
+            real_sleep(5).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(at) = next else {
+            break;
+        };
+        let ledger = until_of(&state()).expect("deferred in the ledger");
+        let apart = at
+            .duration_since(ledger)
+            .or_else(|_| ledger.duration_since(at))
+            .unwrap();
+        assert!(
+            apart < Duration::from_millis(1),
+            "the timer is the ledger's retry time"
+        );
+        untils.push(ledger);
+        last_seen = Some(at);
+        let step = at.duration_since(clock.now()).unwrap_or_default() + Duration::from_millis(1);
+        tokio::time::advance(step).await;
+        until_real("the retry started", || until_of(&state()) != Some(ledger)).await;
+        assert!(untils.len() < 100, "never bounced");
     }
+    assert_eq!(untils[0], first);
+    assert_eq!(
+        *untils.last().unwrap(),
+        expires,
+        "the last attempt is at the lifetime"
+    );
+    assert!(untils.windows(2).all(|w| w[1] > w[0]));
+    assert!(clock.now() >= expires, "not bounced before the lifetime");
+    // 6 h: 5 min, 5 min, 10 min, 20 min, 40 min, then about an hour each (jittered).
+    assert!(
+        (7..=12).contains(&untils.len()),
+        "{} attempts",
+        untils.len()
+    );
+
+    // The delay warning (at the first deferral past 1 h) and the bounce reach the sender.
+    until_real("two DSNs delivered", || {
+        mailbox(&mail, "home.test", "me").len() == 2
+    })
+    .await;
     let dsns = mailbox(&mail, "home.test", "me");
-    assert_eq!(dsns.len(), 2, "one delay warning, one bounce");
     let warning = dsns
         .iter()
         .find(|d| d.contains("Action: delayed"))
@@ -180,5 +236,8 @@ async fn deferred_until_the_lifetime_then_bounced_with_a_delay_warning_first() {
         bounce.contains("Subject: far away"),
         "the message comes back"
     );
+    until_real("finished", || spool.message(qid).is_err()).await;
+    hold_tx.send(()).unwrap();
+    hold.await.unwrap();
     scheduler.shutdown(Duration::from_secs(5)).await;
 }

@@ -290,6 +290,15 @@ impl Scheduler {
         out
     }
 
+    /// When a waiting (deferred) message is to be attempted next; `None` if it is not
+    /// waiting (being attempted, done, or unknown).
+    pub async fn next_attempt(&self, qid: QueueId) -> Option<SystemTime> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ctx
+            .send(self.ctx.home_shard(qid), shard::Event::NextAttempt(qid, tx));
+        rx.await.ok().flatten()
+    }
+
     /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,
     /// then drops the rest (their recipients stay in doubt, retried alone after a restart)
     /// and ends the shards.

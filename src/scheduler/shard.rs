@@ -61,6 +61,8 @@ pub(crate) enum Event {
     Status(tokio::sync::oneshot::Sender<Vec<StoreStatus>>),
     /// Reporting the final recipients of a message still in the queue ended.
     Reported(QueueId),
+    /// When is this waiting message attempted next?
+    NextAttempt(QueueId, tokio::sync::oneshot::Sender<Option<SystemTime>>),
 }
 
 /// A message whose attempt is running, homed here.
@@ -220,6 +222,14 @@ impl Shard {
             }
             Event::TxnDone(done) => self.txn_done(*done),
             Event::ProbeDone { store, result } => self.probe_done(&store, result),
+            Event::NextAttempt(qid, tx) => {
+                let now = Instant::now();
+                let at = self
+                    .waiting
+                    .get(&qid)
+                    .map(|i| self.ctx.clock.now() + i.saturating_duration_since(now));
+                let _ = tx.send(at);
+            }
             Event::Reported(qid) => {
                 self.reporting.remove(&qid);
             }
