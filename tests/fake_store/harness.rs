@@ -100,7 +100,21 @@ impl Harness {
         stores: HashMap<String, FakeStore>,
         config: SchedulerConfig,
     ) -> Self {
-        let (spool, _) = Spool::open(&dir.path().join("spool"), spool_options()).unwrap();
+        // After a stop, the last task of the previous scheduler may still be dropping its
+        // handle on another worker thread for a moment: wait for the lock (bounded).
+        let mut opened = None;
+        for _ in 0..200 {
+            match Spool::open(&dir.path().join("spool"), spool_options()) {
+                Err(postern::spool::SpoolError::Locked(_)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => {
+                    opened = Some(other.unwrap());
+                    break;
+                }
+            }
+        }
+        let (spool, _) = opened.expect("the spool lock was released");
         let routes: Vec<(String, String)> = stores
             .keys()
             .map(|n| (format!("{n}.test"), n.clone()))
