@@ -160,29 +160,47 @@ fn valid_domain_name(s: &str) -> bool {
     if !s.is_ascii() {
         return s.split('.').all(valid_label);
     }
-    let mut label_len = 0usize;
-    let mut previous = b'.';
-    for b in s.bytes() {
-        match b {
-            b'.' => {
-                if label_len == 0 || previous == b'-' {
-                    return false;
-                }
-                label_len = 0;
+    let bytes = s.as_bytes();
+    let label_ok = |label: &[u8]| {
+        (1..=63).contains(&label.len()) && label[0] != b'-' && label[label.len() - 1] != b'-'
+    };
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'.' {
+            if !label_ok(&bytes[start..i]) {
+                return false;
             }
-            b'-' if label_len == 0 => return false,
-            b if b.is_ascii_alphanumeric() || b == b'-' => {
-                label_len += 1;
-                if label_len > 63 {
-                    return false;
-                }
-            }
-            _ => return false,
+            start = i + 1;
+        } else if CLASS[usize::from(b)] & LDH == 0 {
+            return false;
         }
-        previous = b;
     }
-    label_len > 0 && previous != b'-'
+    label_ok(&bytes[start..])
 }
+
+/// Octet classes for the ASCII fast paths.
+const LDH: u8 = 1;
+const ATEXT: u8 = 2;
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = LDH | ATEXT;
+        }
+        b += 1;
+    }
+    t[b'-' as usize] = LDH | ATEXT;
+    let specials = b"!#$%&'*+/=?^_`{|}~";
+    let mut k = 0;
+    while k < specials.len() {
+        t[specials[k] as usize] |= ATEXT;
+        k += 1;
+    }
+    t
+};
 
 /// A label: `Let-dig [Ldh-str]` (RFC 5321 §4.1.2), or a U-label (RFC 6531 §3.3) which we
 /// accept as any run of letters, digits, hyphens and non-ASCII characters not starting or
@@ -306,9 +324,39 @@ impl fmt::Display for Mailbox {
 
 /// RFC 5321 atext, plus UTF-8 under RFC 6531.
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-        || "!#$%&'*+-/=?^_`{|}~".contains(c)
-        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+    match u8::try_from(c) {
+        Ok(b) if b.is_ascii() => is_ascii_atext(b),
+        _ => !c.is_control() && !c.is_whitespace(),
+    }
+}
+
+/// RFC 5322 atext for one ASCII octet.
+fn is_ascii_atext(b: u8) -> bool {
+    CLASS[usize::from(b)] & ATEXT != 0
+}
+
+/// A dot-string: atoms of atext separated by single dots, in one pass.
+fn is_dot_string(local: &str) -> bool {
+    // `previous_dot` starts true so a leading dot (or an empty string) fails.
+    let mut previous_dot = true;
+    let ok = if local.is_ascii() {
+        local.bytes().all(|b| {
+            let ok = if b == b'.' {
+                !previous_dot
+            } else {
+                is_ascii_atext(b)
+            };
+            previous_dot = b == b'.';
+            ok
+        })
+    } else {
+        local.chars().all(|c| {
+            let ok = if c == '.' { !previous_dot } else { is_atext(c) };
+            previous_dot = c == '.';
+            ok
+        })
+    };
+    ok && !previous_dot
 }
 
 /// Finds the end of the local part at the start of `s` (a dot-string or a quoted string),
@@ -334,13 +382,9 @@ fn local_part_end(s: &str) -> Result<usize, AddressError> {
         }
         return Err(AddressError::BadLocalPart);
     }
-    let end = s.find('@').unwrap_or(s.len());
+    let end = memchr::memchr(b'@', s.as_bytes()).unwrap_or(s.len());
     let local = &s[..end];
-    if local.is_empty()
-        || local
-            .split('.')
-            .any(|atom| atom.is_empty() || !atom.chars().all(is_atext))
-    {
+    if !is_dot_string(local) {
         return Err(AddressError::BadLocalPart);
     }
     Ok(end)
