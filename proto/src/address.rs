@@ -97,27 +97,22 @@ impl Domain {
         if s.starts_with('[') {
             return parse_literal(s).map(Self::Literal);
         }
-        if s.is_empty() || s.len() > MAX_DOMAIN {
-            return Err(if s.is_empty() {
-                AddressError::BadDomain
-            } else {
-                AddressError::DomainTooLong
-            });
-        }
-        if !valid_domain_name(s) {
-            return Err(AddressError::BadDomain);
-        }
+        check_domain_name(s)?;
         Ok(Self::Name(s.to_owned()))
+    }
+
+    /// A borrowed view, which carries the comparisons and formatting.
+    pub fn as_ref(&self) -> DomainRef<'_> {
+        match self {
+            Self::Name(n) => DomainRef::Name(n),
+            Self::Literal(l) => DomainRef::Literal(l),
+        }
     }
 
     /// The form for comparisons and map lookups: ASCII lower case; U-labels lower-cased as
     /// Unicode; literals in their canonical text form.
     pub fn folded(&self) -> String {
-        match self {
-            Self::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
-            Self::Name(n) => n.to_lowercase(),
-            Self::Literal(_) => self.to_string(),
-        }
+        self.as_ref().folded()
     }
 
     /// True when the two name the same domain, ignoring case.
@@ -132,27 +127,25 @@ impl Domain {
 
     /// True when the domain has no octet above 127.
     pub fn is_ascii(&self) -> bool {
-        match self {
-            Self::Name(n) => n.is_ascii(),
-            Self::Literal(AddressLiteral::General { tag, content }) => {
-                tag.is_ascii() && content.is_ascii()
-            }
-            Self::Literal(_) => true,
-        }
+        self.as_ref().is_ascii()
     }
 }
 
 impl fmt::Display for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Name(n) => f.write_str(n),
-            Self::Literal(AddressLiteral::V4(a)) => write!(f, "[{a}]"),
-            Self::Literal(AddressLiteral::V6(a)) => write!(f, "[IPv6:{a}]"),
-            Self::Literal(AddressLiteral::General { tag, content }) => {
-                write!(f, "[{tag}:{content}]")
-            }
-        }
+        self.as_ref().fmt(f)
     }
+}
+
+/// A domain name's length and syntax.
+fn check_domain_name(s: &str) -> Result<(), AddressError> {
+    if s.len() > MAX_DOMAIN {
+        return Err(AddressError::DomainTooLong);
+    }
+    if s.is_empty() || !valid_domain_name(s) {
+        return Err(AddressError::BadDomain);
+    }
+    Ok(())
 }
 
 /// `sub-domain *("." sub-domain)`; an all-ASCII name is checked in one pass over its octets.
@@ -254,43 +247,102 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
-/// `local-part@domain`.
+/// `local-part@domain`, kept as sent in one allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Mailbox {
-    /// The local part as sent (a quoted string keeps its quotes and escapes).
-    local_part: String,
-    domain: Domain,
+    /// `local@domain` as sent (a quoted local part keeps its quotes and escapes).
+    text: String,
+    /// Where the `@` between local part and domain is.
+    at: usize,
+    /// The parsed address literal, when the domain is one.
+    literal: Option<Box<AddressLiteral>>,
+}
+
+/// A view of a mailbox's domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainRef<'a> {
+    /// A domain name as sent.
+    Name(&'a str),
+    /// An address literal.
+    Literal(&'a AddressLiteral),
+}
+
+impl DomainRef<'_> {
+    /// The form for comparisons and map lookups (see [`Domain::folded`]).
+    pub fn folded(&self) -> String {
+        match self {
+            Self::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
+            Self::Name(n) => n.to_lowercase(),
+            Self::Literal(_) => self.to_string(),
+        }
+    }
+
+    /// True when the domain has no octet above 127.
+    pub fn is_ascii(&self) -> bool {
+        match self {
+            Self::Name(n) => n.is_ascii(),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                tag.is_ascii() && content.is_ascii()
+            }
+            Self::Literal(_) => true,
+        }
+    }
+
+    /// An owned [`Domain`].
+    pub fn to_domain(&self) -> Domain {
+        match self {
+            Self::Name(n) => Domain::Name((*n).to_owned()),
+            Self::Literal(l) => Domain::Literal((*l).clone()),
+        }
+    }
+}
+
+impl fmt::Display for DomainRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Name(n) => f.write_str(n),
+            Self::Literal(AddressLiteral::V4(a)) => write!(f, "[{a}]"),
+            Self::Literal(AddressLiteral::V6(a)) => write!(f, "[IPv6:{a}]"),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                write!(f, "[{tag}:{content}]")
+            }
+        }
+    }
 }
 
 impl Mailbox {
     /// Parses `local@domain` (no angle brackets).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
         let at = local_part_end(s)?;
-        let (local, rest) = s.split_at(at);
-        let domain = rest.strip_prefix('@').ok_or(AddressError::MissingDomain)?;
-        if local.len() > MAX_LOCAL_PART {
+        let domain = s[at..]
+            .strip_prefix('@')
+            .ok_or(AddressError::MissingDomain)?;
+        if at > MAX_LOCAL_PART {
             return Err(AddressError::LocalPartTooLong);
         }
-        let domain = Domain::parse(domain)?;
+        let literal = if domain.starts_with('[') {
+            Some(Box::new(parse_literal(domain)?))
+        } else {
+            check_domain_name(domain)?;
+            None
+        };
         Ok(Self {
-            local_part: local.to_owned(),
-            domain,
+            text: s.to_owned(),
+            at,
+            literal,
         })
     }
 
     /// The local part as sent, quotes included.
     pub fn local_part(&self) -> &str {
-        &self.local_part
+        &self.text[..self.at]
     }
 
     /// The local part with quoting removed (`"john doe"` → `john doe`).
     pub fn local_part_unquoted(&self) -> String {
-        match self
-            .local_part
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-        {
-            None => self.local_part.clone(),
+        let local = self.local_part();
+        match local.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            None => local.to_owned(),
             Some(inner) => {
                 let mut out = String::with_capacity(inner.len());
                 let mut chars = inner.chars();
@@ -306,19 +358,22 @@ impl Mailbox {
     }
 
     /// The domain as sent.
-    pub fn domain(&self) -> &Domain {
-        &self.domain
+    pub fn domain(&self) -> DomainRef<'_> {
+        match &self.literal {
+            Some(l) => DomainRef::Literal(l),
+            None => DomainRef::Name(&self.text[self.at + 1..]),
+        }
     }
 
     /// True when neither part has an octet above 127 (no SMTPUTF8 needed).
     pub fn is_ascii(&self) -> bool {
-        self.local_part.is_ascii() && self.domain.is_ascii()
+        self.text.is_ascii()
     }
 }
 
 impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.local_part, self.domain)
+        f.write_str(&self.text)
     }
 }
 
