@@ -217,6 +217,26 @@ async fn lost_after_the_dot_leaves_the_rest_in_doubt() {
 }
 
 #[tokio::test]
+async fn lost_before_the_dot_is_not_attempted() {
+    for verb in ["RCPT", "DATA"] {
+        let fake = FakeStore::start(Script {
+            drop_at: Some(verb),
+            pipelining: false,
+            ..Script::default()
+        })
+        .await;
+        let to = rcpts(&["a", "b"]);
+        let (report, _) = deliver_once(&config(fake.addr), &envelope(BODY), &to, BODY).await;
+        assert_eq!(
+            by_index(&report, 2),
+            ["not-attempted", "not-attempted"],
+            "dropped at {verb}: a retry is safe"
+        );
+        assert_eq!(report.scope(), Scope::Connection);
+    }
+}
+
+#[tokio::test]
 async fn slow_reply_hits_the_end_of_data_timeout() {
     let script = Script {
         stall_after_replies: Some(1),
@@ -224,7 +244,7 @@ async fn slow_reply_hits_the_end_of_data_timeout() {
     };
     let fake = FakeStore::start(script).await;
     let mut c = config(fake.addr);
-    c.timeouts.end_of_data = Span(Duration::from_millis(300));
+    c.timeouts.end_of_data = Span(Duration::from_secs(1));
     let mut conn = store(&c).connect().await.unwrap();
     let to = rcpts(&["a", "b", "c"]);
     let report = conn
@@ -448,6 +468,11 @@ async fn every_recipient_refused_sends_no_body() {
     assert_eq!(
         by_index(&report, 2),
         ["bounced 550 5.1.1", "deferred 452 4.2.2"]
+    );
+    assert_eq!(
+        report.scope(),
+        Scope::Recipient,
+        "the 503 to DATA fails nobody"
     );
     assert!(
         conn.is_usable(),

@@ -961,6 +961,11 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
         }
     }
 
+    /// Some recipient is not settled yet (and MAIL did not already fail them all).
+    fn open(&self) -> bool {
+        !self.mail_failed && self.settled.contains(&false)
+    }
+
     fn event(&mut self, event: ClientEvent) {
         match event {
             ClientEvent::MailReply(reply) if !reply.is_positive() => {
@@ -975,10 +980,12 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
                 self.settle(index, outcome);
             }
             ClientEvent::DataGoAhead => self.go_ahead = true,
-            ClientEvent::DataRefused(reply) => {
+            // A refusal after every recipient was refused at RCPT (503 "no valid
+            // recipients") fails nobody: it is no trouble of the message.
+            ClientEvent::DataRefused(reply) if self.open() => {
                 self.widen(trouble::refused(Phase::MailRcpt, &reply));
             }
-            ClientEvent::BdatReply(reply) if !reply.is_positive() => {
+            ClientEvent::BdatReply(reply) if !reply.is_positive() && self.open() => {
                 self.widen(trouble::refused(Phase::Data, &reply));
             }
             ClientEvent::RecipientResult { index, reply } => {

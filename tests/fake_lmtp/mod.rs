@@ -82,6 +82,8 @@ pub struct Script {
     pub stall_after_replies: Option<usize>,
     /// Before each post-dot reply but the first, take one permit.
     pub gate: Option<Arc<Semaphore>>,
+    /// Close the connection, without a reply, on receiving this verb (`DATA`, `RCPT`…).
+    pub drop_at: Option<&'static str>,
 }
 
 impl Default for Script {
@@ -101,6 +103,7 @@ impl Default for Script {
             drop_after_replies: None,
             stall_after_replies: None,
             gate: None,
+            drop_at: None,
         }
     }
 }
@@ -289,6 +292,9 @@ impl Handler {
             self.update(|s| s.commands.push(line.clone()));
             let upper = line.to_ascii_uppercase();
             let verb = upper.split(' ').next().unwrap_or("").to_owned();
+            if self.script.drop_at == Some(verb.as_str()) {
+                return Ok(());
+            }
             match verb.as_str() {
                 "LHLO" => queue(&mut out, &self.lhlo_reply(tls)),
                 "STARTTLS" if self.script.tls.is_some() && !tls => {
