@@ -6,7 +6,10 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
+//! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
+//! | `wire` | the socket and the client state machine; greeting, LHLO, STARTTLS, AUTH |
+//! | `tls` | rustls client configuration (CA file, or `insecure_skip_verify` for tests) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
 //! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
 //!
@@ -37,10 +40,14 @@
 
 pub mod config;
 pub mod lmtp;
+pub mod message;
 pub mod pool;
+mod tls;
 pub mod trouble;
+mod wire;
 
 pub use config::LmtpStoreConfig;
-pub use lmtp::{Connection, Envelope, FileBody, LmtpStore, MessageBody, Recipient, Report};
+pub use lmtp::{Connection, LmtpStore};
+pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};
