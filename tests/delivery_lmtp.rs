@@ -812,3 +812,39 @@ async fn a_file_body_is_streamed_per_transaction() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_never_opens_more_than_max_connections() {
+    // A third concurrent session would be greeted with 421 and its message not attempted.
+    let fake = FakeStore::start(Script {
+        max_sessions: Some(2),
+        ..Script::default()
+    })
+    .await;
+    let mut c = config(fake.addr);
+    c.max_connections = 2;
+    let pool = StorePool::new(store(&c));
+    assert_eq!(pool.status().max_size, 2);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let pool = pool.clone();
+        // Spawned: the delivery future is Send, as the scheduler needs.
+        tasks.spawn(async move {
+            let to = rcpts(&[&format!("user{i}")]);
+            pool.deliver(&envelope(BODY), &to, BODY, &mut |_, _: &Outcome| {})
+                .await
+        });
+    }
+    while let Some(report) = tasks.join_next().await {
+        assert_eq!(by_index(&report.unwrap(), 1), ["delivered 250 2.0.0"]);
+    }
+    let sessions = fake.sessions();
+    assert!(sessions.len() <= 2, "{} sessions", sessions.len());
+    assert!(sessions.iter().all(|s| !s.refused));
+    assert_eq!(fake.transactions().len(), 6);
+
+    // The scheduler's window can shrink the pool.
+    pool.resize(1);
+    assert_eq!(pool.status().max_size, 1);
+    assert!(pool.status().size <= 1);
+}
