@@ -250,6 +250,8 @@ pub enum StoreConfig {
         /// Name used by routes.
         name: String,
     },
+    /// A mailbox store reached over LMTP (Cyrus, Dovecot).
+    Lmtp(crate::delivery::LmtpStoreConfig),
 }
 
 impl StoreConfig {
@@ -257,6 +259,7 @@ impl StoreConfig {
     pub fn name(&self) -> &str {
         match self {
             Self::Maildir { name, .. } | Self::Discard { name } => name,
+            Self::Lmtp(l) => &l.name,
         }
     }
 }
@@ -459,6 +462,11 @@ impl Config {
             }
         }
         for (i, s) in self.stores.iter().enumerate() {
+            if let StoreConfig::Lmtp(l) = s {
+                if let Err(e) = l.validate() {
+                    bad(format!("stores[{i}]"), e);
+                }
+            }
             if self.stores[..i].iter().any(|o| o.name() == s.name()) {
                 bad(
                     format!("stores[{i}].name"),

@@ -215,3 +215,31 @@ fn unreadable_file_is_reported() {
         e[0]
     );
 }
+
+#[test]
+fn lmtp_stores_load_and_validate() {
+    let yaml = BASE.replace(
+        "routes:\n",
+        "  - name: cyrus1\n    kind: lmtp\n    address: 127.0.0.1:24\n    max_connections: 20\n    recipients_per_transaction: 10\n  - name: dovecot\n    kind: lmtp\n    address: unix:/run/dovecot/lmtp\nroutes:\n",
+    );
+    let c = Config::parse(&yaml, "t").unwrap();
+    assert_eq!(
+        c.stores.iter().map(StoreConfig::name).collect::<Vec<_>>(),
+        ["local", "cyrus1", "dovecot"]
+    );
+    assert!(
+        matches!(&c.stores[1], StoreConfig::Lmtp(l) if l.max_connections == 20 && l.recipients_per_transaction == 10)
+    );
+    let bad = yaml.replace("max_connections: 20", "max_connections: 0");
+    let joined = errors(&bad).join("\n");
+    assert!(
+        joined.contains("test.yaml:9: stores[1]: max_connections: must be at least 1"),
+        "{joined}"
+    );
+    let typo = yaml.replace("    max_connections: 20\n", "    max_conections: 20\n");
+    assert!(
+        errors(&typo)[0].contains("unknown field `max_conections`"),
+        "{:?}",
+        errors(&typo)
+    );
+}

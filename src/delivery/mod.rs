@@ -6,8 +6,11 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
+//! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
+//! | `wire` | the socket and the client state machine; greeting, LHLO, STARTTLS, AUTH |
+//! | `tls` | rustls client configuration (CA file, or `insecure_skip_verify` for tests) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
 //! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
 //!
@@ -39,11 +42,15 @@
 pub mod config;
 pub mod lmtp;
 pub mod maildir;
+pub mod message;
 pub mod pool;
+mod tls;
 pub mod trouble;
+mod wire;
 
 pub use config::LmtpStoreConfig;
-pub use lmtp::{Connection, Envelope, FileBody, LmtpStore, MessageBody, Recipient, Report};
+pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
+pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};
