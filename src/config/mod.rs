@@ -251,7 +251,7 @@ pub enum StoreConfig {
         name: String,
     },
     /// A mailbox store reached over LMTP (Cyrus, Dovecot).
-    Lmtp(crate::delivery::LmtpStoreConfig),
+    Lmtp(Box<crate::delivery::LmtpStoreConfig>),
 }
 
 impl StoreConfig {
