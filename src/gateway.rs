@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::listener::{Listener, ListenerError};
 use crate::routing::Router;
+use crate::scheduler::{Agents, Clock, Scheduler, Setup};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 
 /// Why the gateway did not start.
@@ -51,13 +53,25 @@ pub struct Gateway {
     pub metrics_address: SocketAddr,
     /// The spool (for tests and tools in the same process).
     pub spool: Spool,
+    /// The scheduler, unless `delivery.enabled` is off.
+    pub scheduler: Option<Scheduler>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Gateway {
-    /// Opens the spool, binds everything, and starts serving.
+    /// Opens the spool, binds everything, and starts serving (and, unless
+    /// `delivery.enabled` is off, delivering).
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        Self::start_with_agents(config, Agents::new()).await
+    }
+
+    /// [`Gateway::start`] with extra delivery agents, by store name, next to (or instead
+    /// of) the configured ones: tests, and stores built outside the configuration.
+    pub async fn start_with_agents(
+        config: Config,
+        extra_agents: Agents,
+    ) -> Result<Self, GatewayError> {
         let handle = crate::metrics::install();
         let shutdown = CancellationToken::new();
         let options = SpoolOptions {
@@ -83,6 +97,20 @@ impl Gateway {
             .unwrap_or(config.metrics.address);
         tracing::info!(address = %metrics_address, "metrics");
         let router = Arc::new(Router::new(&config.routes));
+        let scheduler = config.delivery.enabled.then(|| {
+            let mut agents = Agents::from_config(&config);
+            for (name, agent) in extra_agents.iter() {
+                agents.insert(name, agent.clone());
+            }
+            Scheduler::start(Setup {
+                spool: spool.clone(),
+                router: Arc::new(ArcSwap::new(Arc::clone(&router))),
+                agents,
+                config: config.delivery.clone(),
+                hostname: config.hostname.clone(),
+                clock: Clock::System,
+            })
+        });
         let mut bound = Vec::new();
         for l in &config.listeners {
             bound.push(
@@ -91,6 +119,7 @@ impl Gateway {
                     &config.hostname,
                     spool.clone(),
                     router.clone(),
+                    scheduler.clone(),
                     shutdown.clone(),
                 )
                 .await?,
@@ -114,6 +143,7 @@ impl Gateway {
             .collect();
         let drain = config.drain_timeout.0;
         let token = shutdown.clone();
+        let scheduler_for_drain = scheduler.clone();
         let task = tokio::spawn(async move {
             token.cancelled().await;
             for t in accept_tasks {
@@ -126,12 +156,16 @@ impl Gateway {
                     "drain deadline passed; ending the remaining sessions"
                 );
             }
+            if let Some(scheduler) = scheduler_for_drain {
+                scheduler.shutdown(drain).await;
+            }
             let _ = metrics_task.await;
         });
         Ok(Self {
             listeners,
             metrics_address,
             spool,
+            scheduler,
             shutdown,
             task,
         })

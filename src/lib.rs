@@ -15,6 +15,7 @@
 //! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
+//! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
 //! | [`tls`] | rustls server configuration for STARTTLS |
 //!
@@ -34,6 +35,7 @@ pub mod gateway;
 pub mod listener;
 pub mod metrics;
 pub mod routing;
+pub mod scheduler;
 pub mod spool;
 pub mod tls;
 

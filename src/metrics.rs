@@ -109,6 +109,7 @@ pub fn describe() {
         Unit::Count,
         "Build information; the value is 1."
     );
+    crate::scheduler::metrics::describe();
 }
 
 /// Builds the Prometheus recorder with our histogram buckets (not installed).

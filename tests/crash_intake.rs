@@ -109,7 +109,7 @@ fn every_acknowledged_message_survives_kill_9() {
     std::fs::write(
         &config,
         format!(
-            "node_id: 3\nspool:\n  path: {}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: local\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: local }}\n",
+            "node_id: 3\ndelivery:\n  enabled: false\nspool:\n  path: {}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: local\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: local }}\n",
             spool_dir.display()
         ),
     )

@@ -54,6 +54,9 @@ pub struct Config {
     /// Recipient → store.
     #[serde(default)]
     pub routes: RoutesConfig,
+    /// The delivery scheduler.
+    #[serde(default)]
+    pub delivery: crate::scheduler::config::SchedulerConfig,
 }
 
 /// `spool:`

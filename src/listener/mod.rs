@@ -30,6 +30,7 @@ use session::{Conversation, Ending};
 use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
 use crate::metrics as m;
 use crate::routing::Router;
+use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 
 /// What every session of one listener shares.
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) hostname: String,
     pub(crate) spool: Spool,
     pub(crate) router: Arc<Router>,
+    /// Told about each committed message (none: accept and queue only).
+    pub(crate) scheduler: Option<Scheduler>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) shutdown: CancellationToken,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -86,6 +89,7 @@ impl Listener {
         hostname: &str,
         spool: Spool,
         router: Arc<Router>,
+        scheduler: Option<Scheduler>,
         shutdown: CancellationToken,
     ) -> Result<Self, ListenerError> {
         let bind_err = |source| ListenerError::Bind {
@@ -137,6 +141,7 @@ impl Listener {
             hostname: hostname.to_owned(),
             spool,
             router,
+            scheduler,
             tls,
             shutdown,
             per_ip: Mutex::new(HashMap::new()),

@@ -324,10 +324,14 @@ impl Conversation {
             }
             (None, None) => replies::local_error(),
             (None, Some(writer)) => {
-                let queue_id = writer.queue_id().to_string();
+                let qid = writer.queue_id();
+                let queue_id = qid.to_string();
                 let started = Instant::now();
                 match writer.commit().await {
                     Ok(()) => {
+                        if let Some(scheduler) = &self.shared.scheduler {
+                            scheduler.submit(qid);
+                        }
                         histogram!(m::ACCEPT_LATENCY, "listener" => listener.clone())
                             .record(started.elapsed().as_secs_f64());
                         counter!(m::MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(1);

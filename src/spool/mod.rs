@@ -257,6 +257,17 @@ pub struct MessageSummary {
     pub next_attempt: Option<SystemTime>,
 }
 
+/// A message's state as the index holds it ([`Spool::status`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageStatus {
+    /// Held by the operator: the scheduler leaves it alone.
+    pub hold: bool,
+    /// Body size in bytes.
+    pub size: u64,
+    /// Each recipient's state in envelope order; reply texts are empty.
+    pub recipients: Vec<RecipientState>,
+}
+
 /// A read-only view of a spool, for the admin tools.
 #[derive(Clone, Debug)]
 pub struct SpoolSnapshot {
@@ -573,6 +584,45 @@ impl Spool {
         }
         inner.salvage(qid, reason, env.as_ref(), &body);
         inner.done(qid, DoneReason::Quarantined, false)
+    }
+
+    /// A message's recipients' states, from memory (no disk read; reply texts are left
+    /// empty): what the scheduler needs at the start of each attempt.
+    pub fn status(&self, qid: QueueId) -> Result<MessageStatus, SpoolError> {
+        let ix = lock(&self.handle.inner.index);
+        let e = ix.map.get(&qid).ok_or(SpoolError::NotFound(qid))?;
+        Ok(MessageStatus {
+            hold: e.hold.is_some(),
+            size: e.body_len,
+            recipients: e.rcpts.iter().map(|s| s.state.shape()).collect(),
+        })
+    }
+
+    /// One queued message, as [`Spool::snapshot`] shows it (reads its envelope and reply
+    /// texts from disk): for DSNs.
+    pub fn message(&self, qid: QueueId) -> Result<MessageSummary, SpoolError> {
+        let inner = &self.handle.inner;
+        let (entry, segs) = {
+            let ix = lock(&inner.index);
+            let e = ix.map.get(&qid).ok_or(SpoolError::NotFound(qid))?.clone();
+            let mut segs: HashMap<u32, Arc<Segment>> = HashMap::new();
+            let locs = std::iter::once(e.commit.seg)
+                .chain(e.rcpts.iter().filter_map(|s| s.ledger.map(|(l, _)| l.seg)));
+            for n in locs {
+                if let Some(seg) = inner.log.segment(n) {
+                    segs.insert(n, seg);
+                }
+            }
+            (e, segs)
+        };
+        let retry: HashMap<(QueueId, u32), Vec<u8>> = lock(&inner.retry)
+            .iter()
+            .filter(|((q, _), _)| *q == qid)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        summarize(vec![(qid, entry)], |n| segs.get(&n).cloned(), &retry)
+            .pop()
+            .ok_or(SpoolError::NotFound(qid))
     }
 
     /// Every queued message, oldest first (reads envelopes and reply texts from disk).

@@ -53,6 +53,14 @@ fn read_body(s: &Spool, q: QueueId) -> Vec<u8> {
 }
 
 fn reopen(dir: &Path) -> (Spool, RecoveryReport) {
+    // A process spawned by another test (`mount`) holds a copy of every descriptor, the
+    // lock's too, between its fork and exec: wait that moment out (bounded).
+    for _ in 0..200 {
+        match Spool::open(dir, opts()) {
+            Err(SpoolError::Locked(_)) => std::thread::sleep(Duration::from_millis(10)),
+            other => return other.unwrap(),
+        }
+    }
     Spool::open(dir, opts()).unwrap()
 }
 
@@ -549,6 +557,14 @@ fn ledger_write_failure_is_retried_until_it_lands() {
             .wait()
             .unwrap_err();
         assert!(matches!(e, SpoolError::Io(_)));
+        // Both records are pending; the committer's retry passes (every 200 ms) take one out
+        // of the count while they try it, so wait for a moment when both are in.
+        for _ in 0..100 {
+            if s.stats().ledger_retries_pending == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(s.stats().ledger_retries_pending, 2);
         // Memory already has the new states: nothing is delivered twice from memory.
         assert_eq!(s.snapshot()[0].queue, QueueState::Finished);

@@ -36,7 +36,8 @@ impl TestGateway {
 }
 
 /// The YAML of a test gateway: listener `smtp` (and any extra YAML appended to the
-/// listeners list), spool in `dir`, example.org local.
+/// listeners list), spool in `dir`, example.org local. Delivery is off: these tests look
+/// at what was queued.
 pub fn yaml(
     dir: &std::path::Path,
     listener_extra: &str,
@@ -44,7 +45,7 @@ pub fn yaml(
     top_extra: &str,
 ) -> String {
     format!(
-        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 5s\n{top_extra}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n{listener_extra}{extra_listeners}stores:\n  - name: local\n    kind: maildir\n    root: {mail}\n  - name: relay\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: local }}\n    corp.example: {{ store: local, authoritative: true }}\n  users:\n    alice@corp.example: local\n  relay: relay\n",
+        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 5s\ndelivery:\n  enabled: false\n{top_extra}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n{listener_extra}{extra_listeners}stores:\n  - name: local\n    kind: maildir\n    root: {mail}\n  - name: relay\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: local }}\n    corp.example: {{ store: local, authoritative: true }}\n  users:\n    alice@corp.example: local\n  relay: relay\n",
         spool = dir.join("spool").display(),
         mail = dir.join("mail").display(),
     )

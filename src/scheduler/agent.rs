@@ -1,0 +1,391 @@
+//! The delivery agents the scheduler hands transactions to, one per store, and the spooled
+//! message body they read.
+//!
+//! An [`Agent`] runs *one* transaction (at most the store's `recipients_per_transaction`
+//! recipients; the scheduler splits) and reports each recipient's [`Outcome`] through the
+//! callback as soon as it is known, plus how long getting a connection and the transfer
+//! took. [`SpoolBody`] streams a spooled body to the agent without loading it: small
+//! bodies are read at once, larger ones by a blocking thread feeding a bounded channel
+//! (64 KiB chunks, at most four in flight), and a checksum failure reaches the agent as a
+//! read error before the end of the content, so a corrupt message is never delivered.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use deadpool::managed::Object;
+use postern_proto::Reply;
+use postern_proto::reply::{EnhancedCode, ReplyCode};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{Config, StoreConfig};
+use crate::delivery::{
+    Envelope, MaildirStore, MessageBody, Outcome, Recipient, Report, StorePool, trouble,
+};
+use crate::spool::{QueueId, Spool};
+
+/// Bodies up to this size are read in one go when a transaction opens them.
+const SMALL_BODY: u64 = 256 << 10;
+/// The chunk size of the streaming reader.
+const CHUNK: usize = 64 << 10;
+/// Concurrency limit for stores that have no `max_connections` of their own.
+const LOCAL_MAX_CONCURRENCY: usize = 20;
+/// Batch size for stores without `recipients_per_transaction`.
+const LOCAL_BATCH: usize = 50;
+
+/// How one store is delivered to.
+#[derive(Clone, Debug)]
+pub enum Agent {
+    /// Pooled LMTP connections.
+    Lmtp(StorePool),
+    /// The built-in maildir store.
+    Maildir(Arc<MaildirStore>),
+    /// Accept and drop.
+    Discard,
+    /// Every recipient gets this reply (4yz deferred, 5yz bounced): a store that is
+    /// configured away, or a policy route.
+    Error(Reply),
+}
+
+/// What one transaction came to, with its timings.
+#[derive(Clone, Debug, Default)]
+pub struct Attempt {
+    /// The outcomes and any trouble beyond single recipients.
+    pub report: Report,
+    /// Getting a connection (from the pool, or a new one), when the agent has connections.
+    pub connect: Duration,
+    /// The transaction itself.
+    pub transfer: Duration,
+}
+
+impl Agent {
+    /// Recipients per transaction.
+    pub fn recipients_per_transaction(&self) -> usize {
+        match self {
+            Self::Lmtp(pool) => pool.store().recipients_per_transaction().max(1),
+            Self::Maildir(_) | Self::Discard | Self::Error(_) => LOCAL_BATCH,
+        }
+    }
+
+    /// The most transactions at once (the window's ceiling).
+    pub fn max_connections(&self) -> usize {
+        match self {
+            Self::Lmtp(pool) => pool.store().max_connections().max(1),
+            Self::Maildir(_) | Self::Discard | Self::Error(_) => LOCAL_MAX_CONCURRENCY,
+        }
+    }
+
+    /// The relay as logged (`relay=`).
+    pub fn relay(&self) -> String {
+        match self {
+            Self::Lmtp(pool) => pool.store().address().to_string(),
+            Self::Maildir(_) => "maildir".into(),
+            Self::Discard => "discard".into(),
+            Self::Error(_) => "none".into(),
+        }
+    }
+
+    /// Connections `(in use, idle)`, for agents that hold connections.
+    pub fn connections(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Lmtp(pool) => {
+                let s = pool.status();
+                Some((s.size.saturating_sub(s.available), s.available))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs one transaction for `recipients`.
+    pub async fn deliver<F>(
+        &self,
+        envelope: &Envelope,
+        recipients: &[Recipient],
+        body: &SpoolBody,
+        on_outcome: &mut F,
+    ) -> Attempt
+    where
+        F: FnMut(usize, &Outcome),
+    {
+        let started = Instant::now();
+        match self {
+            Self::Lmtp(pool) => {
+                let conn = pool.get().await;
+                let connect = started.elapsed();
+                let report = match conn {
+                    Ok(mut conn) => match body.open().await {
+                        Ok(reader) => {
+                            let r = conn.deliver(envelope, recipients, reader, on_outcome).await;
+                            if !conn.is_usable() {
+                                drop(Object::take(conn));
+                            }
+                            r
+                        }
+                        Err(e) => {
+                            let reply = trouble::local_read_error(&e);
+                            let mut r =
+                                settle(recipients, &Outcome::Deferred(reply.clone()), on_outcome);
+                            r.trouble = Some(trouble::message_refused(&reply));
+                            r
+                        }
+                    },
+                    Err(t) => {
+                        let mut r = settle(recipients, &Outcome::NotAttempted(None), on_outcome);
+                        r.trouble = Some(t);
+                        r
+                    }
+                };
+                Attempt {
+                    report,
+                    connect,
+                    transfer: started.elapsed() - connect,
+                }
+            }
+            Self::Maildir(store) => Attempt {
+                report: store.deliver(envelope, recipients, body, on_outcome).await,
+                connect: Duration::ZERO,
+                transfer: started.elapsed(),
+            },
+            Self::Discard => Attempt {
+                report: settle(recipients, &Outcome::Delivered(discarded()), on_outcome),
+                ..Attempt::default()
+            },
+            Self::Error(reply) => {
+                let outcome = if reply.is_permanent() {
+                    Outcome::Bounced(reply.clone())
+                } else {
+                    Outcome::Deferred(reply.clone())
+                };
+                Attempt {
+                    report: settle(recipients, &outcome, on_outcome),
+                    ..Attempt::default()
+                }
+            }
+        }
+    }
+
+    /// Is the store reachable? LMTP: a fresh connection (greeting and LHLO, STARTTLS and
+    /// AUTH as configured), closed with QUIT. Other agents are always reachable.
+    pub async fn probe(&self) -> Result<(), String> {
+        match self {
+            Self::Lmtp(pool) => match pool.store().connect().await {
+                Ok(mut conn) => {
+                    conn.quit().await;
+                    Ok(())
+                }
+                Err(t) => Err(t.to_string()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+fn discarded() -> Reply {
+    Reply::new(
+        ReplyCode::new(250).unwrap_or(ReplyCode::LOCAL_ERROR),
+        Some(EnhancedCode::new(2, 0, 0)),
+        "discarded",
+    )
+}
+
+fn settle<F: FnMut(usize, &Outcome)>(
+    recipients: &[Recipient],
+    outcome: &Outcome,
+    on_outcome: &mut F,
+) -> Report {
+    let outcomes = recipients
+        .iter()
+        .map(|r| {
+            on_outcome(r.index, outcome);
+            (r.index, outcome.clone())
+        })
+        .collect();
+    Report {
+        outcomes,
+        trouble: None,
+    }
+}
+
+/// The agents by store name.
+#[derive(Clone, Debug, Default)]
+pub struct Agents {
+    map: HashMap<String, Agent>,
+}
+
+impl Agents {
+    /// No agents.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The agents for the configured stores (`maildir`, `discard`).
+    // XXX: `kind: lmtp` stores join here once `StoreConfig` has the variant: an
+    // `Agent::Lmtp(StorePool::new(Arc::new(LmtpStore::from_config(..)?)))` each.
+    pub fn from_config(config: &Config) -> Self {
+        let mut agents = Self::new();
+        for store in &config.stores {
+            let agent = match store {
+                StoreConfig::Maildir { name, root } => {
+                    Agent::Maildir(Arc::new(MaildirStore::new(name, root, &config.hostname)))
+                }
+                StoreConfig::Discard { .. } => Agent::Discard,
+            };
+            agents.insert(store.name(), agent);
+        }
+        agents
+    }
+
+    /// Adds (or replaces) the agent of store `name`.
+    pub fn insert(&mut self, name: &str, agent: Agent) {
+        self.map.insert(name.to_owned(), agent);
+    }
+
+    /// The agent of store `name`.
+    pub fn get(&self, name: &str) -> Option<&Agent> {
+        self.map.get(name)
+    }
+
+    /// Every store name and agent.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Agent)> {
+        self.map.iter().map(|(n, a)| (n.as_str(), a))
+    }
+}
+
+/// A spooled message body, readable from the start once per transaction.
+#[derive(Clone, Debug)]
+pub struct SpoolBody {
+    spool: Spool,
+    qid: QueueId,
+    size: u64,
+    corrupt: Arc<AtomicBool>,
+}
+
+impl SpoolBody {
+    /// The body of `qid` (of `size` octets).
+    pub fn new(spool: Spool, qid: QueueId, size: u64) -> Self {
+        Self {
+            spool,
+            qid,
+            size,
+            corrupt: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A read failed its length or checksum check: the message must be quarantined.
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+
+    fn open_now(&self) -> io::Result<BodyStream> {
+        let mut reader = self
+            .spool
+            .open_body(self.qid)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if self.size <= SMALL_BODY {
+            // Small: one read from the page cache, no thread.
+            let mut all = Vec::with_capacity(self.size as usize);
+            if let Err(e) = reader.read_to_end(&mut all) {
+                return Err(self.failed(e));
+            }
+            return Ok(BodyStream {
+                rx: None,
+                chunk: all,
+                pos: 0,
+            });
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let corrupt = Arc::clone(&self.corrupt);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match reader.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(buf)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::InvalidData {
+                            corrupt.store(true, Ordering::Relaxed);
+                        }
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(BodyStream {
+            rx: Some(rx),
+            chunk: Vec::new(),
+            pos: 0,
+        })
+    }
+
+    fn failed(&self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::InvalidData {
+            self.corrupt.store(true, Ordering::Relaxed);
+        }
+        e
+    }
+}
+
+impl MessageBody for SpoolBody {
+    type Reader<'a> = BodyStream;
+
+    fn open(&self) -> impl Future<Output = io::Result<BodyStream>> + Send {
+        std::future::ready(self.open_now())
+    }
+}
+
+/// The reader of one pass over a [`SpoolBody`].
+#[derive(Debug)]
+pub struct BodyStream {
+    rx: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl AsyncRead for BodyStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.pos < this.chunk.len() {
+                let n = buf.remaining().min(this.chunk.len() - this.pos);
+                buf.put_slice(&this.chunk[this.pos..this.pos + n]);
+                this.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            let Some(rx) = this.rx.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.chunk = chunk;
+                    this.pos = 0;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.rx = None;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(None) => {
+                    this.rx = None;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The scheduler: Postfix's qmgr for postern. Takes queued messages from the spool and
+//! delivers every recipient to the store that holds its mailbox, retrying, backing off,
+//! bouncing and reporting.
+//!
+//! # Shape
+//!
+//! `N` shards (default: the number of cores), each one tokio task that owns two disjoint
+//! sets without sharing them: the *stores* whose name hashes to it, and the *messages* whose
+//! queue id hashes to it (their "home"). No lock is global; shards talk through channels.
+//!
+//! ```text
+//! submit(qid) ─▶ home shard: status + envelope from the spool, route every open recipient
+//!                 (re-resolved at each attempt), one Job per store ──▶ store shard(s)
+//! store shard:   per-store queue of jobs, round robin; a transaction is started while the
+//!                store's window has room and its breaker is closed; each runs in its own
+//!                task: mark in doubt ─▶ agent (LMTP, maildir, …) ─▶ ledger per reply
+//!                ──▶ TxnDone back to the store shard (window, breaker, requeue, log)
+//!                ──▶ JobDone to the home shard once the job's recipients are settled
+//! home shard:    all jobs done ─▶ recipients left? timer at the retry time (jittered
+//!                backoff) : queue the DSN owed, then finish (delete) the message
+//! ```
+//!
+//! # Promises
+//!
+//! - **Ledger.** Recipients are marked in doubt (durably) before their transaction starts,
+//!   and each reply is written to the ledger as it arrives. A recipient found in doubt is
+//!   retried alone in its own transaction. A message is finished only after the DSN it
+//!   owes is durably queued.
+//! - **Per store.** At most `window` transactions at once (slow start at `initial_window`,
+//!   up to `max_connections`, see [`window`]); at most `recipients_per_transaction`
+//!   recipients per transaction; at most one transaction per mailbox at a time when
+//!   `per_mailbox_serialization` is on. A store that fails a cohort of connections is
+//!   marked down ([`breaker`]): its recipients are deferred without waiting on it, and its
+//!   parked messages come back as soon as a probe (or a transaction) succeeds, at
+//!   slow-start pace.
+//! - **Fairness.** Jobs of one store are served round robin, one transaction at a time
+//!   each, so a large message takes one slot and the small ones pass it. Stores never wait
+//!   for each other: a slow or dead store holds only its own window.
+//! - **Retries** ([`retry`]): jittered exponential backoff between `minimal_backoff` and
+//!   `maximal_backoff`; bounced at `maximal_lifetime`.
+//!
+//! # Compromises
+//!
+//! - XXX: an attempt reads the message's state and envelope from the spool on the shard's
+//!   task (memory and one small read from the page cache); a slow disk slows that shard.
+//! - XXX: every message being attempted is in memory (envelope, about 1 KiB); there is no
+//!   cap like Postfix's `qmgr_message_active_limit` yet. Waiting messages cost a timer entry.
+//! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
+//!   relay store) is logged and dropped; there is no double bounce to the postmaster.
+//! - XXX: DSNs are sent when the message is finished, not at the end of each attempt: the
+//!   spool has no per-recipient "notified" mark yet, and without one a restart could send a
+//!   bounce twice or never.
+//!
+//! DIAGNOSTICS: nothing here panics on spool or network input; a message whose envelope or
+//! body cannot be read is quarantined by the spool. Every recipient attempt is logged on
+//! one line (target `postern::delivery`).
+//!
+//! SEE ALSO: [`crate::delivery`] (the agents), [`crate::spool`] (the ledger), Postfix
+//! `qmgr(8)`, RFC 3464.
+
+pub mod agent;
+pub mod breaker;
+pub mod clock;
+pub mod config;
+pub mod dsn;
+pub mod metrics;
+pub mod retry;
+mod shard;
+mod transaction;
+pub mod window;
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use postern_proto::reply::{EnhancedCode, Reply, ReplyCode};
+use postern_proto::{ForwardPath, RcptParams};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use agent::{Agent, Agents, SpoolBody};
+pub use clock::Clock;
+pub use config::SchedulerConfig;
+pub use retry::RetryPolicy;
+
+use crate::routing::Router;
+use crate::spool::{Envelope, QueueId, Spool};
+
+/// The running scheduler. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    ctx: Arc<Ctx>,
+    shards: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// What [`Scheduler::start`] needs.
+#[derive(Debug)]
+pub struct Setup {
+    /// The spool (already open and recovered).
+    pub spool: Spool,
+    /// The routing map; swap it to reload (queued mail is re-routed at its next attempt).
+    pub router: Arc<ArcSwap<Router>>,
+    /// The agents, by store name.
+    pub agents: Agents,
+    /// `delivery:`
+    pub config: SchedulerConfig,
+    /// Our host name (DSNs).
+    pub hostname: String,
+    /// Where "now" comes from.
+    pub clock: Clock,
+}
+
+/// What every shard shares (read-only, or channels).
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) spool: Spool,
+    pub(crate) router: Arc<ArcSwap<Router>>,
+    pub(crate) agents: Agents,
+    pub(crate) config: SchedulerConfig,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) clock: Clock,
+    pub(crate) hostname: String,
+    pub(crate) shards: Vec<mpsc::UnboundedSender<shard::Event>>,
+    /// Cancelled at shutdown: no new transaction starts.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled when the shutdown deadline passes: transactions still running are dropped
+    /// (their recipients stay in doubt in the ledger).
+    pub(crate) abort: CancellationToken,
+    /// Cancelled last: the shard tasks end.
+    pub(crate) exit: CancellationToken,
+    /// Transactions, probes and finishing messages.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Ctx {
+    fn shard_of(&self, key: impl Hash) -> usize {
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % self.shards.len() as u64) as usize
+    }
+
+    /// The shard that owns store `name`.
+    pub(crate) fn store_shard(&self, name: &str) -> usize {
+        self.shard_of(("store", name))
+    }
+
+    /// The shard that owns message `qid`.
+    pub(crate) fn home_shard(&self, qid: QueueId) -> usize {
+        self.shard_of(("message", qid))
+    }
+
+    pub(crate) fn send(&self, shard: usize, event: shard::Event) {
+        // A closed channel means the shard has exited (shutdown): the message stays in the
+        // spool and is picked up at the next start.
+        if let Some(tx) = self.shards.get(shard) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// One message during one attempt: its envelope, as the agents want it, and the attempt's
+/// retry time (shared by every recipient deferred in the attempt).
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub(crate) qid: QueueId,
+    pub(crate) envelope: Envelope,
+    pub(crate) delivery: crate::delivery::Envelope,
+    pub(crate) body: SpoolBody,
+    pub(crate) arrival: SystemTime,
+    pub(crate) retry_at: SystemTime,
+    pub(crate) expires_at: SystemTime,
+}
+
+/// One recipient of a job.
+#[derive(Clone, Debug)]
+pub(crate) struct JobRcpt {
+    pub(crate) index: usize,
+    pub(crate) path: ForwardPath,
+    pub(crate) params: RcptParams,
+    /// Lower-cased address: the per-mailbox serialisation key.
+    pub(crate) mailbox: String,
+    /// May have been delivered already: goes alone in its transaction.
+    pub(crate) in_doubt: bool,
+    /// Transactions tried in this attempt.
+    pub(crate) tries: u8,
+}
+
+/// A message's recipients for one store (Postfix's queue entry).
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) msg: Arc<Message>,
+    pub(crate) store: String,
+    pub(crate) rcpts: Vec<JobRcpt>,
+}
+
+impl Scheduler {
+    /// Starts the shards and loads the queue from the spool (in the background: deferred
+    /// messages wait for their retry time, the others are attempted at once).
+    pub fn start(setup: Setup) -> Self {
+        let Setup {
+            spool,
+            router,
+            agents,
+            config,
+            hostname,
+            clock,
+        } = setup;
+        let n = config.shard_count().max(1);
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        // validate() refuses a zero backoff; never retry in a tight loop.
+        let minimal_backoff = config.minimal_backoff.0.max(Duration::from_millis(10));
+        let policy = RetryPolicy {
+            minimal_backoff,
+            // validate() refuses max < min; never let clamp() see it.
+            maximal_backoff: config.maximal_backoff.0.max(minimal_backoff),
+            maximal_lifetime: config.maximal_lifetime.0,
+        };
+        let ctx = Arc::new(Ctx {
+            spool,
+            router,
+            agents,
+            config,
+            policy,
+            clock,
+            hostname,
+            shards: txs,
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            exit: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let shards = rxs
+            .into_iter()
+            .enumerate()
+            .map(|(id, rx)| tokio::spawn(shard::Shard::new(id, Arc::clone(&ctx), rx).run()))
+            .collect();
+        let recovered = ctx.spool.stats().in_doubt_recovered;
+        ::metrics::counter!(metrics::IN_DOUBT_RECOVERED).increment(recovered);
+        let loader = Arc::clone(&ctx);
+        ctx.tasks.spawn(async move { load_queue(loader).await });
+        tracing::info!(shards = n, "scheduler started");
+        Self {
+            ctx,
+            shards: Arc::new(std::sync::Mutex::new(shards)),
+        }
+    }
+
+    /// A message was committed to the spool: deliver it.
+    pub fn submit(&self, qid: QueueId) {
+        self.ctx
+            .send(self.ctx.home_shard(qid), shard::Event::Submit(qid));
+    }
+
+    /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,
+    /// then drops the rest (their recipients stay in doubt, retried alone after a restart)
+    /// and ends the shards.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.ctx.stop.cancel();
+        self.ctx.tasks.close();
+        if tokio::time::timeout(deadline, self.ctx.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.ctx.tasks.len(),
+                "delivery deadline passed; abandoning the transactions in flight"
+            );
+            self.ctx.abort.cancel();
+            self.ctx.tasks.wait().await;
+        }
+        self.ctx.exit.cancel();
+        let shards = std::mem::take(&mut *self.shards.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in shards {
+            let _ = s.await;
+        }
+        tracing::info!("scheduler stopped");
+    }
+}
+
+/// Reads the queue at start: every message not on hold is attempted now, or at its retry
+/// time if all its open recipients are deferred.
+async fn load_queue(ctx: Arc<Ctx>) {
+    let spool = ctx.spool.clone();
+    let Ok(messages) = tokio::task::spawn_blocking(move || spool.snapshot()).await else {
+        return;
+    };
+    let (mut now_n, mut later_n) = (0usize, 0usize);
+    for m in messages {
+        let home = ctx.home_shard(m.qid);
+        match (m.queue, m.next_attempt) {
+            (crate::spool::QueueState::Hold, _) => {}
+            (crate::spool::QueueState::Deferred, Some(at)) if at > ctx.clock.now() => {
+                later_n += 1;
+                ctx.send(home, shard::Event::Schedule(m.qid, at));
+            }
+            _ => {
+                now_n += 1;
+                ctx.send(home, shard::Event::Submit(m.qid));
+            }
+        }
+    }
+    tracing::info!(now = now_n, deferred = later_n, "queue loaded");
+}
+
+/// A reply made here (not by a store), for the ledger, logs and DSNs.
+pub(crate) fn local_reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
+    let code = ReplyCode::new(code).unwrap_or(ReplyCode::LOCAL_ERROR);
+    Reply::new(
+        code,
+        Some(EnhancedCode::new(enhanced.0, enhanced.1, enhanced.2)),
+        text,
+    )
+}

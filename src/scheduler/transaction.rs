@@ -1,0 +1,336 @@
+//! One transaction: mark in doubt, hand to the agent, write each reply to the ledger as it
+//! arrives, log one line per recipient, count.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use metrics::{counter, histogram};
+use postern_proto::Reply;
+
+use super::agent::{Agent, Attempt};
+use super::metrics::{self as m, outcome};
+use super::{Ctx, JobRcpt, Message, dsn, local_reply};
+use crate::delivery::trouble::Trouble;
+use crate::delivery::{Outcome, Recipient, Report, Scope};
+use crate::spool::{Durable, RecipientState};
+
+/// What a transaction came to, for the store shard.
+#[derive(Debug)]
+pub(crate) struct TxnDone {
+    pub(crate) store: String,
+    pub(crate) job: u64,
+    pub(crate) batch: Vec<JobRcpt>,
+    pub(crate) report: Report,
+    /// A busy reply (421, 4.3.2, 4.7.0) came back.
+    pub(crate) busy: bool,
+    /// Dropped at the shutdown deadline.
+    pub(crate) aborted: bool,
+}
+
+impl TxnDone {
+    pub(crate) fn scope(&self) -> Scope {
+        self.report.scope()
+    }
+
+    pub(crate) fn outcome(&self, index: usize) -> Option<&Outcome> {
+        self.report.outcome(index)
+    }
+}
+
+/// Delays for the log line, Postfix's `delays=a/b/c`: in the queue before this
+/// transaction, getting a connection, the transfer.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Delays {
+    pub(crate) queue: Duration,
+    pub(crate) connect: Duration,
+    pub(crate) transfer: Duration,
+}
+
+/// The ledger state for an outcome decided now: a temporary failure of an expired message
+/// is a bounce. `None` for outcomes that write nothing (in doubt: already marked; not
+/// attempted: the shard decides).
+pub(crate) fn ledger_state(
+    msg: &Message,
+    outcome: &Outcome,
+    now: SystemTime,
+) -> Option<RecipientState> {
+    Some(match outcome {
+        Outcome::Delivered(r) => RecipientState::Delivered {
+            reply: r.to_string(),
+        },
+        Outcome::Bounced(r) => RecipientState::Bounced {
+            reply: r.to_string(),
+        },
+        Outcome::Deferred(r) => deferral(msg, r, now),
+        Outcome::InDoubt | Outcome::NotAttempted(_) => return None,
+    })
+}
+
+/// Deferred until the attempt's retry time, or bounced if the message has expired.
+pub(crate) fn deferral(msg: &Message, reply: &Reply, now: SystemTime) -> RecipientState {
+    if now >= msg.expires_at {
+        RecipientState::Bounced {
+            reply: reply.to_string(),
+        }
+    } else {
+        RecipientState::Deferred {
+            until: msg.retry_at,
+            reply: reply.to_string(),
+        }
+    }
+}
+
+/// Writes a recipient's state decided without a transaction (routing refused it, its store
+/// is down or unknown), logs and counts it. An in-doubt recipient keeps its state until the
+/// message expires: it may have been delivered, so it must be retried alone.
+#[allow(clippy::too_many_arguments, reason = "one log line's worth of fields")]
+pub(crate) fn settle_locally(
+    ctx: &Ctx,
+    msg: &Message,
+    store: &str,
+    relay: &str,
+    rcpt: &JobRcpt,
+    outcome: &Outcome,
+) {
+    let now = ctx.clock.now();
+    let delays = Delays {
+        queue: now.duration_since(msg.arrival).unwrap_or_default(),
+        ..Delays::default()
+    };
+    if rcpt.in_doubt && !outcome.is_final() && now < msg.expires_at {
+        log_line(
+            ctx,
+            msg,
+            store,
+            relay,
+            &rcpt.path.to_string(),
+            delays,
+            None,
+            outcome,
+        );
+        return;
+    }
+    let state = ledger_state(msg, outcome, now);
+    if let Some(state) = &state {
+        // Appended now; durability follows with the next group commit.
+        drop(ctx.spool.ledger(msg.qid, rcpt.index, state.clone()));
+    }
+    log_line(
+        ctx,
+        msg,
+        store,
+        relay,
+        &rcpt.path.to_string(),
+        delays,
+        state.as_ref(),
+        outcome,
+    );
+}
+
+/// Runs one transaction of `batch` (recipients of one message for one store).
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    agent: Agent,
+    store: String,
+    relay: String,
+    msg: Arc<Message>,
+    job: u64,
+    batch: Vec<JobRcpt>,
+) -> TxnDone {
+    let started = ctx.clock.now();
+    let indices: Vec<usize> = batch.iter().map(|r| r.index).collect();
+    let mut done = TxnDone {
+        store,
+        job,
+        batch,
+        report: Report::default(),
+        busy: false,
+        aborted: false,
+    };
+    if let [one] = done.batch.as_slice()
+        && one.in_doubt
+    {
+        counter!(m::IN_DOUBT_RETRIES, "store" => done.store.clone()).increment(1);
+    }
+    // The contract with the spool: durably in doubt before the final dot can be sent.
+    if let Err(e) = ctx.spool.mark_in_doubt(msg.qid, &indices).await {
+        tracing::warn!(queue_id = %msg.qid, error = %e, "cannot mark recipients in doubt; not delivering");
+        let reply = local_reply(451, (4, 3, 0), &format!("Spool error before delivery: {e}"));
+        done.report = Report {
+            outcomes: indices
+                .iter()
+                .map(|&i| (i, Outcome::NotAttempted(Some(reply.clone()))))
+                .collect(),
+            trouble: Some(Trouble {
+                scope: Scope::Message,
+                detail: "spool error before delivery".into(),
+                reply: Some(reply),
+            }),
+        };
+        return done;
+    }
+    let recipients: Vec<Recipient> = done
+        .batch
+        .iter()
+        .map(|r| Recipient {
+            index: r.index,
+            path: r.path.clone(),
+            params: r.params.clone(),
+        })
+        .collect();
+    let mut written: Vec<(usize, Option<RecipientState>, Durable)> = Vec::new();
+    let mut on_outcome = |index: usize, outcome: &Outcome| {
+        if let Some(state) = ledger_state(&msg, outcome, ctx.clock.now()) {
+            let durable = ctx.spool.ledger(msg.qid, index, state.clone());
+            written.push((index, Some(state), durable));
+        }
+    };
+    let attempt = tokio::select! {
+        a = agent.deliver(&msg.delivery, &recipients, &msg.body, &mut on_outcome) => a,
+        () = ctx.abort.cancelled() => {
+            done.aborted = true;
+            Attempt::default()
+        }
+    };
+    let mut states: Vec<(usize, Option<RecipientState>)> = Vec::with_capacity(written.len());
+    for (index, state, durable) in written {
+        if let Err(e) = durable.await {
+            // The spool keeps the new state in memory and retries the record.
+            tracing::warn!(queue_id = %msg.qid, rcpt = index, error = %e, "ledger update not yet durable");
+        }
+        states.push((index, state));
+    }
+    if done.aborted {
+        return done;
+    }
+    if msg.body.is_corrupt() {
+        tracing::error!(queue_id = %msg.qid, "message body failed its checksum; quarantining");
+        drop(
+            ctx.spool
+                .quarantine(msg.qid, "body checksum mismatch at delivery"),
+        );
+    }
+    let delays = Delays {
+        queue: started.duration_since(msg.arrival).unwrap_or_default(),
+        connect: attempt.connect,
+        transfer: attempt.transfer,
+    };
+    if matches!(agent, Agent::Lmtp(_)) {
+        let store = done.store.clone();
+        histogram!(m::PHASE_LATENCY, "store" => store.clone(), "phase" => "connect")
+            .record(attempt.connect.as_secs_f64());
+        if attempt.report.scope() != Scope::Store {
+            histogram!(m::PHASE_LATENCY, "store" => store, "phase" => "transaction")
+                .record(attempt.transfer.as_secs_f64());
+        }
+    }
+    for (index, outcome) in &attempt.report.outcomes {
+        if let Some(r) = outcome.reply()
+            && super::window::is_busy(r)
+        {
+            done.busy = true;
+        }
+        let Some(rcpt) = done.batch.iter().find(|r| r.index == *index) else {
+            continue;
+        };
+        if matches!(outcome, Outcome::NotAttempted(_)) {
+            continue; // logged by the shard when it decides
+        }
+        let state = states
+            .iter()
+            .find(|(i, _)| i == index)
+            .and_then(|(_, s)| s.as_ref());
+        log_line(
+            &ctx,
+            &msg,
+            &done.store,
+            &relay,
+            &rcpt.path.to_string(),
+            delays,
+            state,
+            outcome,
+        );
+    }
+    if attempt
+        .report
+        .trouble
+        .as_ref()
+        .and_then(|t| t.reply.as_ref())
+        .is_some_and(super::window::is_busy)
+    {
+        done.busy = true;
+    }
+    done.report = attempt.report;
+    done
+}
+
+/// One line per recipient attempt, Postfix-style, and the delivery counters.
+#[allow(clippy::too_many_arguments, reason = "one log line's worth of fields")]
+pub(crate) fn log_line(
+    ctx: &Ctx,
+    msg: &Message,
+    store: &str,
+    relay: &str,
+    to: &str,
+    delays: Delays,
+    state: Option<&RecipientState>,
+    outcome: &Outcome,
+) {
+    let (status, reply) = match (state, outcome) {
+        (Some(RecipientState::Delivered { reply }), _) => ("sent", reply.clone()),
+        (Some(RecipientState::Bounced { reply }), Outcome::Deferred(_)) => {
+            ("bounced", format!("{reply} (message expired)"))
+        }
+        (Some(RecipientState::Bounced { reply }), _) => ("bounced", reply.clone()),
+        (Some(RecipientState::Deferred { reply, .. }), _) => ("deferred", reply.clone()),
+        (_, Outcome::InDoubt) => (
+            "in doubt",
+            "451 4.4.2 connection lost after the end of data".to_owned(),
+        ),
+        (_, other) => (
+            "deferred",
+            other
+                .reply()
+                .map_or_else(|| "451 4.4.2 not attempted".to_owned(), ToString::to_string),
+        ),
+    };
+    let total = delays.queue + delays.connect + delays.transfer;
+    tracing::info!(
+        target: "postern::delivery",
+        queue_id = %msg.qid,
+        to = %to,
+        store = %store,
+        relay = %relay,
+        delay = %format_args!("{:.2}", total.as_secs_f64()),
+        delays = %format_args!(
+            "{:.2}/{:.2}/{:.2}",
+            delays.queue.as_secs_f64(),
+            delays.connect.as_secs_f64(),
+            delays.transfer.as_secs_f64()
+        ),
+        dsn = %dsn::status_of(&reply),
+        status,
+        reply = %reply,
+        "delivery"
+    );
+    let word = match status {
+        "sent" => outcome::SENT,
+        "bounced" => outcome::BOUNCED,
+        "in doubt" => outcome::IN_DOUBT,
+        _ => outcome::DEFERRED,
+    };
+    counter!(m::DELIVERIES, "store" => store.to_owned(), "outcome" => word).increment(1);
+    match word {
+        outcome::IN_DOUBT => counter!(m::IN_DOUBT, "store" => store.to_owned()).increment(1),
+        outcome::SENT => {
+            let latency = ctx
+                .clock
+                .now()
+                .duration_since(msg.arrival)
+                .unwrap_or_default();
+            histogram!(m::DELIVERY_LATENCY, "store" => store.to_owned())
+                .record(latency.as_secs_f64());
+        }
+        _ => {}
+    }
+}

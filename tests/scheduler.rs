@@ -1,0 +1,356 @@
+//! The scheduler against in-process fake LMTP stores: real spool, real sockets on
+//! 127.0.0.1, tiny backoffs; every wait is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod fake_store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_store::harness::{BODY, Harness, config, queue, router, until};
+use postern::spool::{QueueId, RecipientState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_in_three_stores_are_all_delivered_and_the_message_finished() {
+    let h = Harness::new(&["a", "b", "c"]).await;
+    let q1 = h.queue(
+        "s@a.test",
+        &["x1@a.test", "x2@b.test", "x3@c.test", "y1@a.test"],
+    );
+    let q2 = h.queue("", &["z@c.test"]);
+    until("both messages finished", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered_to(), ["x1@a.test", "y1@a.test"]);
+    assert_eq!(h.store("b").delivered_to(), ["x2@b.test"]);
+    assert_eq!(h.store("c").delivered_to(), ["x3@c.test", "z@c.test"]);
+    assert_eq!(
+        h.store("a").transactions().len(),
+        1,
+        "one transaction for both a recipients"
+    );
+    let copy = &h.store("b").delivered()[0];
+    assert_eq!(copy.from, "s@a.test");
+    assert!(copy.body.contains("Hello."));
+    assert_ne!(q1, q2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_451_is_deferred_in_the_ledger_then_retried_and_delivered() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("temp", &["451 4.2.0 mailbox locked", "250 2.0.0 Saved"]);
+    let q = h.queue("s@b.test", &["temp@a.test", "ok@a.test", "ok@b.test"]);
+    until("first attempt recorded", || {
+        h.spool.message(q).is_ok_and(|m| {
+            matches!(m.recipients[0].state, RecipientState::Deferred { .. })
+                && m.recipients[2..].iter().all(|r| r.state.is_final())
+        })
+    })
+    .await;
+    let states = h.states(q);
+    let RecipientState::Deferred { reply, until: at } = &states[0] else {
+        panic!("{states:?}")
+    };
+    assert_eq!(reply, "451 4.2.0 mailbox locked");
+    assert!(*at > std::time::SystemTime::now() - Duration::from_secs(1));
+    assert!(matches!(&states[1], RecipientState::Delivered { reply } if reply.starts_with("250")));
+    until("retried and finished", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered_to(), ["ok@a.test", "temp@a.test"]);
+    let txns = h.store("a").transactions();
+    assert_eq!(txns.len(), 2);
+    assert_eq!(
+        txns[1],
+        ["temp@a.test"],
+        "only the deferred recipient is retried"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_550_bounces_only_that_recipient_and_queues_a_dsn_to_the_sender() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("nobody", &["550 5.1.1 <nobody@a.test>: no such user"]);
+    h.queue("sender@b.test", &["nobody@a.test", "ok@a.test"]);
+    until("bounce delivered to the sender's store", || {
+        !h.store("b").delivered().is_empty() && h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("a").delivered_to(), ["ok@a.test"]);
+    let dsn = &h.store("b").delivered()[0];
+    assert_eq!(dsn.from, "", "a DSN comes from the null sender");
+    assert_eq!(dsn.to, "sender@b.test");
+    for want in [
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Final-Recipient: rfc822; nobody@a.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 <nobody@a.test>: no such user",
+        "Subject: test",
+    ] {
+        assert!(dsn.body.contains(want), "{want:?} missing:\n{}", dsn.body);
+    }
+    assert!(!dsn.body.contains("Final-Recipient: rfc822; ok@a.test"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_is_down_does_not_block_the_others_and_drains_when_back() {
+    // Retry times far away: only the breaker's probe can bring c's mail back in time.
+    let mut cfg = config();
+    cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    for n in ["a", "b", "c"] {
+        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+    }
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    h.store("c").set_down(true);
+    let qs: Vec<QueueId> = (0..6)
+        .map(|i| {
+            h.queue(
+                "s@a.test",
+                &[
+                    &format!("u{i}@a.test"),
+                    &format!("u{i}@b.test"),
+                    &format!("u{i}@c.test"),
+                ],
+            )
+        })
+        .collect();
+    until("a and b delivered while c is down", || {
+        h.store("a").delivered().len() == 6 && h.store("b").delivered().len() == 6
+    })
+    .await;
+    until("c's recipients deferred", || {
+        qs.iter().all(|q| {
+            matches!(h.states(*q)[2], RecipientState::Deferred { ref reply, .. } if reply.contains("4."))
+        })
+    })
+    .await;
+    let sessions_down = h.store("c").sessions();
+    assert!(
+        sessions_down <= 6,
+        "the breaker stops the connection attempts: {sessions_down}"
+    );
+    h.store("c").set_down(false);
+    until("c's backlog delivered after recovery", || {
+        h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("c").delivered().len(), 6);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_does_not_answer_holds_only_its_own_window() {
+    let h = Harness::new(&["a", "c"]).await;
+    h.store("c").hold_replies(true);
+    for i in 0..20 {
+        h.queue(
+            "s@a.test",
+            &[&format!("u{i}@c.test"), &format!("u{i}@a.test")],
+        );
+    }
+    until(
+        "all of a's recipients delivered while c holds every reply",
+        || h.store("a").delivered().len() == 20,
+    )
+    .await;
+    assert!(h.store("c").delivered().is_empty());
+    assert_eq!(h.spool.len(), 20);
+    h.store("c").hold_replies(false);
+    until("all finished once c answers", || h.spool.is_empty()).await;
+    assert_eq!(h.store("c").delivered().len(), 20);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_recipients_are_retried_one_per_transaction() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").drop_after_dot(1);
+    h.queue("", &["r1@a.test", "r2@a.test", "r3@a.test"]);
+    until("finished", || h.spool.is_empty()).await;
+    let txns = h.store("a").transactions();
+    assert_eq!(
+        txns[0].len(),
+        3,
+        "the first transaction had all three: {txns:?}"
+    );
+    assert!(
+        txns[1..].iter().all(|t| t.len() == 1),
+        "then one each: {txns:?}"
+    );
+    assert_eq!(
+        h.store("a").delivered_to(),
+        ["r1@a.test", "r2@a.test", "r3@a.test"]
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_queue_and_in_doubt_recipients_go_alone() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").set_down(true);
+    let q1 = h.queue("", &["d1@a.test", "d2@a.test"]);
+    until("deferred while the store is down", || {
+        h.states(q1)
+            .iter()
+            .all(|s| matches!(s, RecipientState::Deferred { .. }))
+    })
+    .await;
+    // A crash after the dot of another message: recipients left in doubt.
+    let q2 = queue(&h.spool, "", &["i1@a.test", "i2@a.test"], BODY);
+    h.spool.mark_in_doubt(q2, &[0, 1]).await.unwrap();
+    let (dir, stores) = h.stop().await;
+    stores["a"].set_down(false);
+    let h = Harness::with(dir, stores, config()).await;
+    until("resumed and finished", || h.spool.is_empty()).await;
+    assert_eq!(
+        h.store("a").delivered_to(),
+        ["d1@a.test", "d2@a.test", "i1@a.test", "i2@a.test"]
+    );
+    for t in h.store("a").transactions() {
+        if t.iter().any(|r| r.starts_with('i')) {
+            assert_eq!(t.len(), 1, "in-doubt recipients alone: {t:?}");
+        }
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_is_rerouted_when_the_map_changes() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a")
+        .script("mover", &["451 4.3.0 store in maintenance"]);
+    let q = h.queue("", &["mover@a.test"]);
+    until("deferred at a", || {
+        matches!(h.states(q)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    h.router
+        .store(Arc::new(router(&[("a.test", "b"), ("b.test", "b")])));
+    until("delivered through b at the next attempt", || {
+        h.spool.is_empty()
+    })
+    .await;
+    assert_eq!(h.store("b").delivered_to(), ["mover@a.test"]);
+    assert!(h.store("a").delivered().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_does_not_block_the_small_ones_behind_it() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_local("big", true);
+    let mut big = String::from("Subject: big\r\n\r\n");
+    while big.len() < 3 << 20 {
+        big.push_str(
+            "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n",
+        );
+    }
+    let qbig = queue(&h.spool, "", &["big@a.test"], &big);
+    h.scheduler.submit(qbig);
+    for i in 0..20 {
+        h.queue("", &[&format!("small{i}@a.test")]);
+    }
+    until(
+        "the small ones delivered while the big one is in its transaction",
+        || h.store("a").delivered().len() == 20 && h.spool.len() == 1,
+    )
+    .await;
+    h.store("a").hold_local("big", false);
+    until("the big one too", || h.spool.is_empty()).await;
+    let copy = h
+        .store("a")
+        .delivered()
+        .into_iter()
+        .find(|d| d.to == "big@a.test")
+        .unwrap();
+    assert_eq!(copy.body.len(), big.len(), "streamed from the spool intact");
+    assert_eq!(copy.body, big);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_replies(true);
+    for i in 0..30 {
+        h.queue("", &["same@a.test", &format!("u{i}@a.test")]);
+    }
+    until("the window's worth of transactions open", || {
+        h.store("a").max_active() >= 5
+    })
+    .await;
+    // Held replies: nothing succeeds, so the window stays at its initial 5.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.store("a").max_active(),
+        5,
+        "slow start: the initial window"
+    );
+    h.store("a").hold_replies(false);
+    until("all delivered", || h.spool.is_empty()).await;
+    assert_eq!(
+        h.store("a").overlaps(),
+        0,
+        "same@a.test never in two transactions at once"
+    );
+    assert_eq!(h.store("a").delivered().len(), 60);
+    assert!(h.store("a").max_active() <= 10, "max_connections");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_transaction_leaves_recipients_in_doubt_and_a_restart_retries_them_alone() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_replies(true);
+    let q = h.queue("", &["h1@a.test", "h2@a.test"]);
+    until("the transaction reached the end of data", || {
+        h.store("a").transactions().len() == 1
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (dir, stores) = h.stop_within(Duration::from_millis(200)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline bounds the shutdown"
+    );
+    let snapshot = postern::spool::Spool::open_read_only(&dir.path().join("spool")).unwrap();
+    let m = snapshot.messages.iter().find(|m| m.qid == q).unwrap();
+    assert!(
+        m.recipients
+            .iter()
+            .all(|r| r.state == RecipientState::InDoubt),
+        "{:?}",
+        m.recipients
+    );
+    stores["a"].hold_replies(false);
+    let h = Harness::with(dir, stores, config()).await;
+    until("delivered after the restart", || h.spool.is_empty()).await;
+    let txns = h.store("a").transactions();
+    assert!(txns[1..].iter().all(|t| t.len() == 1), "{txns:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_the_new_map_does_not_route_bounces_with_a_dsn() {
+    let h = Harness::new(&["a", "b"]).await;
+    h.store("a").script("gone", &["451 4.3.0 try again"]);
+    let q = h.queue("me@b.test", &["gone@a.test"]);
+    until("deferred at a", || {
+        matches!(h.states(q)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    h.router.store(Arc::new(router(&[("b.test", "b")])));
+    until("bounced and reported", || {
+        h.spool.is_empty() && !h.store("b").delivered().is_empty()
+    })
+    .await;
+    let dsn = &h.store("b").delivered()[0].body;
+    assert!(dsn.contains("Status: 5.7.1"), "{dsn}");
+    assert!(dsn.contains("Final-Recipient: rfc822; gone@a.test"));
+    h.stop().await;
+}
