@@ -9,6 +9,8 @@
 //! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
+//! | [`pipe`] | `kind: pipe`: a command with the message on stdin (like Postfix's pipe(8)) |
+//! | [`policy`] | `kind: discard` and `kind: error` (a fixed reply) |
 //! | `wire` | the socket and the client state machine; greeting, LHLO, STARTTLS, AUTH |
 //! | `tls` | rustls client configuration (CA file, or `insecure_skip_verify` for tests) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
@@ -43,6 +45,8 @@ pub mod config;
 pub mod lmtp;
 pub mod maildir;
 pub mod message;
+pub mod pipe;
+pub mod policy;
 pub mod pool;
 mod tls;
 pub mod trouble;
@@ -52,5 +56,7 @@ pub use config::LmtpStoreConfig;
 pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
 pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
+pub use pipe::{PipeStore, PipeStoreConfig};
+pub use policy::{DiscardStore, ErrorStore};
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};
