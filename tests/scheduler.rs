@@ -354,3 +354,126 @@ async fn a_recipient_the_new_map_does_not_route_bounces_with_a_dsn() {
     assert!(dsn.contains("Final-Recipient: rfc822; gone@a.test"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_messages_are_attempted_at_once_than_the_active_limit() {
+    let mut cfg = config();
+    cfg.shards = Some(1);
+    cfg.active_limit = 2;
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    h.store("a").hold_replies(true);
+    for i in 0..20 {
+        h.queue("", &[&format!("u{i}@a.test")]);
+    }
+    until("two transactions open", || h.store("a").max_active() == 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.store("a").max_active(),
+        2,
+        "the window has room for 5; the limit is 2"
+    );
+    h.store("a").hold_replies(false);
+    until("all delivered, in turn", || h.spool.is_empty()).await;
+    assert_eq!(h.store("a").delivered().len(), 20);
+    assert_eq!(h.store("a").max_active(), 2);
+    h.stop().await;
+}
+
+async fn window_of(h: &Harness, store: &str) -> usize {
+    let all = h.scheduler.stores().await;
+    all.into_iter().find(|s| s.name == store).unwrap().window
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
+    let mut cfg = config();
+    cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    assert_eq!(window_of(&h, "a").await, 5, "slow start");
+    for i in 0..4 {
+        h.store("a")
+            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
+        h.queue("", &[&format!("busy{i}@a.test")]);
+    }
+    until("four busy replies", || {
+        h.store("a").transactions().len() == 4
+    })
+    .await;
+    let mut w = 0;
+    for _ in 0..200 {
+        w = window_of(&h, "a").await;
+        if w == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w, 1, "each busy reply takes one off, down to one");
+    let st = h.scheduler.stores().await.remove(0);
+    assert_eq!(
+        st.breaker,
+        postern::scheduler::breaker::BreakerState::Closed,
+        "busy is not down"
+    );
+    for i in 0..3 {
+        h.queue("", &[&format!("ok{i}@a.test")]);
+    }
+    until("three successes", || h.store("a").delivered().len() == 3).await;
+    let mut w = 0;
+    for _ in 0..200 {
+        w = window_of(&h, "a").await;
+        if w == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w, 3, "one success at window 1, a run of two at window 2");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_goes_out_at_once_while_others_wait_and_only_once_across_a_restart() {
+    let mut slow = config();
+    slow.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    slow.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    for n in ["a", "b"] {
+        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+    }
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, slow).await;
+    h.store("a").script("nobody", &["550 5.1.1 no such user"]);
+    h.store("a")
+        .script("later", &["451 4.2.0 locked", "250 2.0.0 Saved"]);
+    let q = h.queue("me@b.test", &["nobody@a.test", "later@a.test"]);
+    until("the bounce delivered while the message waits", || {
+        h.store("b").delivered().len() == 1
+    })
+    .await;
+    let m = h.spool.message(q).unwrap();
+    assert!(m.recipients[0].reported, "the bounce is marked reported");
+    assert!(matches!(
+        m.recipients[1].state,
+        RecipientState::Deferred { .. }
+    ));
+    assert!(h.store("b").delivered()[0].body.contains("Action: failed"));
+    let (dir, stores) = h.stop().await;
+    let h = Harness::with(dir, stores, config()).await;
+    // Its retry time (in the ledger) is ten minutes away: ask for it now, as a flush would.
+    h.scheduler.submit(q);
+    until(
+        "the deferred recipient delivered and the message done",
+        || h.spool.is_empty(),
+    )
+    .await;
+    assert_eq!(h.store("a").delivered_to(), ["later@a.test"]);
+    assert_eq!(
+        h.store("b").delivered().len(),
+        1,
+        "no second bounce after the restart"
+    );
+    h.stop().await;
+}

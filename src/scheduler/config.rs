@@ -8,6 +8,7 @@
 //!   maximal_backoff: 4000s
 //!   maximal_lifetime: 5d         # then bounce
 //!   delay_warning: 4h            # optional "still trying" DSN
+//!   active_limit: 20000          # messages attempted at once
 //!   initial_window: 5            # per-store slow-start concurrency
 //!   per_mailbox_serialization: true
 //!   breaker: { failures: 5, probe_interval: 30s }
@@ -46,6 +47,11 @@ pub struct SchedulerConfig {
     /// After this long in the queue, the sender gets one "delayed" DSN: none by default.
     #[serde(default)]
     pub delay_warning: Option<Span>,
+    /// Messages being attempted at once, across the shards (Postfix's
+    /// `qmgr_message_active_limit`): 20000. More wait in a FIFO, as a queue id each, so a
+    /// large queue does not sit in memory whole.
+    #[serde(default = "default_active_limit")]
+    pub active_limit: usize,
     /// Each store's concurrency window starts here (slow start) and grows after runs of
     /// successes up to the store's `max_connections`: 5.
     #[serde(default = "default_initial_window")]
@@ -81,6 +87,7 @@ impl Default for SchedulerConfig {
             maximal_backoff: default_maximal_backoff(),
             maximal_lifetime: default_maximal_lifetime(),
             delay_warning: None,
+            active_limit: default_active_limit(),
             initial_window: default_initial_window(),
             per_mailbox_serialization: true,
             breaker: BreakerConfig::default(),
@@ -118,6 +125,9 @@ impl SchedulerConfig {
         {
             return Err("delay_warning: must be between 0s and maximal_lifetime".into());
         }
+        if self.active_limit == 0 {
+            return Err("active_limit: must be at least 1".into());
+        }
         if self.initial_window == 0 {
             return Err("initial_window: must be at least 1".into());
         }
@@ -146,6 +156,9 @@ fn default_maximal_backoff() -> Span {
 }
 fn default_maximal_lifetime() -> Span {
     Span(Duration::from_secs(5 * 86_400))
+}
+fn default_active_limit() -> usize {
+    20_000
 }
 fn default_initial_window() -> usize {
     5
@@ -189,6 +202,7 @@ mod tests {
             "{shards: 0}",
             "{minimal_backoff: 10m, maximal_backoff: 5m}",
             "{initial_window: 0}",
+            "{active_limit: 0}",
             "{delay_warning: 6d}",
             "{breaker: {failures: 0}}",
         ];

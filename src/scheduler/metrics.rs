@@ -28,7 +28,7 @@ pub const STORE_PARKED: &str = "postern_store_parked_messages";
 /// Age of the oldest message with recipients queued for a store, by store.
 pub const OLDEST_AGE: &str = "postern_store_oldest_message_age_seconds";
 /// Messages in the scheduler by state (`active`: an attempt is running; `waiting`: deferred
-/// until a retry time).
+/// until a retry time; `backlog`: due, waiting for room under `active_limit`).
 pub const QUEUE_MESSAGES: &str = "postern_queue_messages";
 /// From acceptance to delivery, by store (histogram).
 pub const DELIVERY_LATENCY: &str = "postern_delivery_latency_seconds";

@@ -16,16 +16,18 @@
 //!                task: mark in doubt ─▶ agent (LMTP, maildir, …) ─▶ ledger per reply
 //!                ──▶ TxnDone back to the store shard (window, breaker, requeue, log)
 //!                ──▶ JobDone to the home shard once the job's recipients are settled
-//! home shard:    all jobs done ─▶ recipients left? timer at the retry time (jittered
-//!                backoff) : queue the DSN owed, then finish (delete) the message
+//! home shard:    all jobs done ─▶ DSN for the newly final recipients, marked reported;
+//!                recipients left? timer at the retry time (jittered backoff) : finish
 //! ```
 //!
 //! # Promises
 //!
 //! - **Ledger.** Recipients are marked in doubt (durably) before their transaction starts,
 //!   and each reply is written to the ledger as it arrives. A recipient found in doubt is
-//!   retried alone in its own transaction. A message is finished only after the DSN it
-//!   owes is durably queued.
+//!   retried alone in its own transaction. The DSN owed for final recipients (bounces,
+//!   and deliveries with NOTIFY=SUCCESS) is queued at the end of the attempt that settled
+//!   them, then they are marked reported in the ledger (a crash between the two repeats the
+//!   DSN, never loses it); a message is finished only after that.
 //! - **Per store.** At most `window` transactions at once (slow start at `initial_window`,
 //!   up to `max_connections`, see [`window`]); at most `recipients_per_transaction`
 //!   recipients per transaction; at most one transaction per mailbox at a time when
@@ -43,13 +45,10 @@
 //!
 //! - XXX: an attempt reads the message's state and envelope from the spool on the shard's
 //!   task (memory and one small read from the page cache); a slow disk slows that shard.
-//! - XXX: every message being attempted is in memory (envelope, about 1 KiB); there is no
-//!   cap like Postfix's `qmgr_message_active_limit` yet. Waiting messages cost a timer entry.
+//! - Every message being attempted is in memory (envelope, about 1 KiB), at most
+//!   `active_limit` of them; waiting and backlogged messages cost a queue id each.
 //! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
 //!   relay store) is logged and dropped; there is no double bounce to the postmaster.
-//! - XXX: DSNs are sent when the message is finished, not at the end of each attempt: the
-//!   spool has no per-recipient "notified" mark yet, and without one a restart could send a
-//!   bounce twice or never.
 //!
 //! DIAGNOSTICS: nothing here panics on spool or network input; a message whose envelope or
 //! body cannot be read is quarantined by the spool. Every recipient attempt is logged on
@@ -94,6 +93,23 @@ use crate::spool::{Envelope, QueueId, Spool};
 pub struct Scheduler {
     ctx: Arc<Ctx>,
     shards: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// One store's scheduling state ([`Scheduler::stores`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The store.
+    pub name: String,
+    /// Transactions allowed at once now.
+    pub window: usize,
+    /// Transactions running.
+    pub in_flight: usize,
+    /// The breaker.
+    pub breaker: breaker::BreakerState,
+    /// Recipients waiting for a transaction.
+    pub queued: usize,
+    /// Messages parked until the store works again.
+    pub parked: usize,
 }
 
 /// What [`Scheduler::start`] needs.
@@ -252,6 +268,20 @@ impl Scheduler {
     pub fn submit(&self, qid: QueueId) {
         self.ctx
             .send(self.ctx.home_shard(qid), shard::Event::Submit(qid));
+    }
+
+    /// Each store's scheduling state, by name (for tools and tests).
+    pub async fn stores(&self) -> Vec<StoreStatus> {
+        let mut out = Vec::new();
+        for shard in 0..self.ctx.shards.len() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.ctx.send(shard, shard::Event::Status(tx));
+            if let Ok(mut v) = rx.await {
+                out.append(&mut v);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,

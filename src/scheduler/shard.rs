@@ -23,7 +23,7 @@ use super::dsn::{self, Kind};
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
 use super::window::Window;
-use super::{Ctx, Job, JobRcpt, Message, local_reply};
+use super::{Ctx, Job, JobRcpt, Message, StoreStatus, local_reply};
 use crate::delivery::{Outcome, Scope};
 use crate::routing::RcptDecision;
 use crate::spool::{QueueId, RecipientState, SpoolError};
@@ -57,6 +57,10 @@ pub(crate) enum Event {
     },
     /// Finishing (DSN and delete) ended.
     Finished { qid: QueueId, ok: bool },
+    /// Report the stores' state.
+    Status(tokio::sync::oneshot::Sender<Vec<StoreStatus>>),
+    /// Reporting the final recipients of a message still in the queue ended.
+    Reported(QueueId),
 }
 
 /// A message whose attempt is running, homed here.
@@ -130,6 +134,13 @@ pub(crate) struct Shard {
     stores: HashMap<String, StoreQueue>,
     next_job: u64,
     rng: fastrand::Rng,
+    /// Messages due while `active_limit` is reached, in arrival order of their turn.
+    backlog: VecDeque<QueueId>,
+    backlogged: HashSet<QueueId>,
+    /// This shard's share of `active_limit`.
+    active_limit: usize,
+    /// Messages whose final recipients are being reported while others are still open.
+    reporting: HashSet<QueueId>,
 }
 
 impl Shard {
@@ -140,7 +151,12 @@ impl Shard {
                 stores.insert(name.to_owned(), StoreQueue::new(&ctx, agent.clone()));
             }
         }
+        let active_limit = (ctx.config.active_limit / ctx.shards.len().max(1)).max(1);
         Self {
+            active_limit,
+            backlog: VecDeque::new(),
+            backlogged: HashSet::new(),
+            reporting: HashSet::new(),
             id,
             ctx,
             rx,
@@ -204,6 +220,24 @@ impl Shard {
             }
             Event::TxnDone(done) => self.txn_done(*done),
             Event::ProbeDone { store, result } => self.probe_done(&store, result),
+            Event::Reported(qid) => {
+                self.reporting.remove(&qid);
+            }
+            Event::Status(tx) => {
+                let v = self
+                    .stores
+                    .iter()
+                    .map(|(name, st)| StoreStatus {
+                        name: name.clone(),
+                        window: st.window.limit(),
+                        in_flight: st.in_flight,
+                        breaker: st.breaker.state(),
+                        queued: st.queued_rcpts,
+                        parked: st.parked.len(),
+                    })
+                    .collect();
+                let _ = tx.send(v);
+            }
             Event::Finished { qid, ok } => {
                 self.finishing.remove(&qid);
                 if ok {
@@ -212,7 +246,20 @@ impl Shard {
                     let at = self.ctx.clock.now() + self.ctx.policy.minimal_backoff;
                     self.schedule(qid, at);
                 }
+                self.drain_backlog();
             }
+        }
+    }
+
+    /// Starts the backlog's messages while there is room under the active limit.
+    fn drain_backlog(&mut self) {
+        while self.active.len() + self.finishing.len() < self.active_limit {
+            let Some(qid) = self.backlog.pop_front() else {
+                return;
+            };
+            self.backlogged.remove(&qid);
+            gauge!(m::QUEUE_MESSAGES, "state" => "backlog").decrement(1.0);
+            self.attempt(qid);
         }
     }
 
@@ -278,6 +325,13 @@ impl Shard {
             return; // picked up at the next start
         }
         self.unwait(qid);
+        if self.active.len() + self.finishing.len() >= self.active_limit {
+            if self.backlogged.insert(qid) {
+                gauge!(m::QUEUE_MESSAGES, "state" => "backlog").increment(1.0);
+                self.backlog.push_back(qid);
+            }
+            return;
+        }
         let ctx = Arc::clone(&self.ctx);
         let status = match ctx.spool.status(qid) {
             Ok(s) => s,
@@ -414,7 +468,8 @@ impl Shard {
             },
         );
         if groups.is_empty() {
-            self.settle(qid);
+            // Not settle(): that drains the backlog, which calls here (no recursion).
+            self.settle_message(qid);
             return;
         }
         for (store, rcpts) in groups {
@@ -430,6 +485,11 @@ impl Shard {
 
     /// Every job of the attempt is settled: wait for the next attempt, or finish.
     fn settle(&mut self, qid: QueueId) {
+        self.settle_message(qid);
+        self.drain_backlog();
+    }
+
+    fn settle_message(&mut self, qid: QueueId) {
         let Some(a) = self.active.remove(&qid) else {
             return;
         };
@@ -438,6 +498,13 @@ impl Shard {
         let now = ctx.clock.now();
         match ctx.spool.status(qid) {
             Err(SpoolError::NotFound(_)) => {}
+            Ok(_) if self.reporting.contains(&qid) => {
+                // Its report is being queued: come back once it is marked.
+                self.schedule(
+                    qid,
+                    now + Duration::from_secs(1).min(ctx.policy.minimal_backoff),
+                );
+            }
             Ok(s) if s.recipients.iter().all(RecipientState::is_final) => {
                 self.finishing.insert(qid);
                 let home = self.id;
@@ -454,6 +521,24 @@ impl Shard {
                 });
             }
             Ok(s) => {
+                // Bounces (and success reports) go out now, not when the last deferred
+                // recipient is done with.
+                let unreported = s
+                    .recipients
+                    .iter()
+                    .zip(&s.reported)
+                    .any(|(r, reported)| r.is_final() && !reported);
+                if unreported {
+                    self.reporting.insert(qid);
+                    let home = self.id;
+                    let c = Arc::clone(&ctx);
+                    ctx.tasks.spawn(async move {
+                        if let Err(e) = report(&c, qid).await {
+                            tracing::warn!(queue_id = %qid, error = %e, "cannot queue the DSN yet; retrying at the next attempt");
+                        }
+                        c.send(home, Event::Reported(qid));
+                    });
+                }
                 let deferred = s
                     .recipients
                     .iter()
@@ -893,15 +978,36 @@ fn not_attempted_reply(scope: Scope, detail: &str) -> postern_proto::Reply {
 }
 
 /// Queues the DSN the message owes, then removes it from the spool.
+/// Reports what is owed, then removes the message from the spool.
 async fn finish(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
-    queue_dsn_async(ctx, qid, Kind::Final).await?;
+    report(ctx, qid).await?;
     ctx.spool.finish(qid).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Queues the DSN owed for the final recipients not yet reported (failures and, with
+/// NOTIFY=SUCCESS, deliveries), then marks them reported in the ledger: the DSN is queued
+/// before the mark, so a crash between the two repeats it, never loses it.
+async fn report(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
+    let c = Arc::clone(ctx);
+    let (dsn, covered) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, Kind::Final))
+        .await
+        .map_err(|e| e.to_string())??;
+    if let Some(dsn_qid) = dsn {
+        ctx.send(ctx.home_shard(dsn_qid), Event::Submit(dsn_qid));
+    }
+    if !covered.is_empty() {
+        ctx.spool
+            .mark_reported(qid, &covered)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
 async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(), String> {
     let c = Arc::clone(ctx);
-    let dsn = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, kind))
+    let (dsn, _) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, kind))
         .await
         .map_err(|e| e.to_string())??;
     if let Some(dsn_qid) = dsn {
@@ -911,16 +1017,30 @@ async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(),
 }
 
 /// Builds and durably queues the DSN of `kind` for `qid`, if one is owed (blocking).
-fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<Option<QueueId>, String> {
+/// Returns its queue id and, for [`Kind::Final`], the final recipients it covers (those
+/// not reported before; owed a DSN or not).
+fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Vec<usize>), String> {
     let envelope = ctx.spool.read_envelope(qid).map_err(|e| e.to_string())?;
-    if envelope.sender.is_empty() {
-        return Ok(None);
-    }
     let summary = ctx.spool.message(qid).map_err(|e| e.to_string())?;
-    let states: Vec<RecipientState> = summary.recipients.into_iter().map(|r| r.state).collect();
+    let mut covered = Vec::new();
+    let states: Vec<RecipientState> = summary
+        .recipients
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if kind == Kind::Final && r.state.is_final() && !r.reported {
+                covered.push(i);
+            }
+            if r.reported {
+                RecipientState::Pending // reported before: not again
+            } else {
+                r.state
+            }
+        })
+        .collect();
     let rcpts = dsn::owed(&envelope, &states, kind);
     if rcpts.is_empty() {
-        return Ok(None);
+        return Ok((None, covered));
     }
     let now = ctx.clock.now();
     let report = dsn::Report {
@@ -955,7 +1075,7 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<Option<QueueId>, Str
     };
     counter!(m::DSNS, "kind" => word).increment(1);
     tracing::info!(queue_id = %qid, dsn = %dsn_qid, kind = word, recipients = rcpts.len(), "DSN queued to the sender");
-    Ok(Some(dsn_qid))
+    Ok((Some(dsn_qid), covered))
 }
 
 #[cfg(test)]

@@ -184,7 +184,13 @@ fn copy_message(inner: &Inner, qid: QueueId, seg: u32) -> Result<Option<u64>, Sp
             })
             .unwrap_or_default();
         let at = buf.len();
-        record::encode_ledger(&mut buf, qid, i as u32, &s.state.expand(reply));
+        record::encode_ledger_flagged(
+            &mut buf,
+            qid,
+            i as u32,
+            &s.state.expand(reply),
+            s.state.reported,
+        );
         ledgers.push((i, at as u32, (buf.len() - at) as u32, s.state));
     }
     let hold_at = buf.len();

@@ -256,14 +256,22 @@ mod tests {
         ix.set_ledger(
             q,
             0,
-            CompactState { tag: 1, until: 0 },
+            CompactState {
+                tag: 1,
+                until: 0,
+                reported: false,
+            },
             Some((Loc { seg: 2, off: 32 }, 50)),
         );
         assert_eq!(ix.segs[&2], SegUse { refs: 1, bytes: 50 });
         ix.set_ledger(
             q,
             0,
-            CompactState { tag: 2, until: 0 },
+            CompactState {
+                tag: 2,
+                until: 0,
+                reported: false,
+            },
             Some((Loc { seg: 3, off: 32 }, 60)),
         );
         assert_eq!(ix.segs[&2], SegUse::default());

@@ -17,6 +17,8 @@
 //! scheduler retries it alone in its own transaction (a duplicate is possible only for
 //! such a recipient). `Delivered` is reachable only from `InDoubt`, so no recipient can be
 //! delivered without first having been marked; the final states accept no transition.
+//! A final state can be marked *reported* (the Ledger record's flag, written again with the
+//! same state) once the DSN it owes is queued.
 
 use std::time::SystemTime;
 
@@ -136,14 +138,24 @@ impl RecipientState {
 pub(crate) struct CompactState {
     pub(crate) tag: u8,
     pub(crate) until: u64,
+    /// A final state whose DSN (if it owes one) is queued.
+    pub(crate) reported: bool,
 }
 
 impl CompactState {
-    pub(crate) const PENDING: Self = Self { tag: 0, until: 0 };
+    pub(crate) const PENDING: Self = Self {
+        tag: 0,
+        until: 0,
+        reported: false,
+    };
 
     pub(crate) fn of(s: &RecipientState) -> Self {
         let (tag, until, _) = s.parts();
-        Self { tag, until }
+        Self {
+            tag,
+            until,
+            reported: false,
+        }
     }
 
     /// The full state, with `reply` filled in from disk by the caller.

@@ -13,6 +13,8 @@
 //!   record written as each reply arrives ([`Spool::ledger`]). Recipients are marked in
 //!   doubt ([`Spool::mark_in_doubt`]) before a final dot is sent; after a crash they come
 //!   back in doubt (counted in [`RecoveryReport::in_doubt`]), never as pending, never lost.
+//!   A final state is marked *reported* ([`Spool::mark_reported`]) once the DSN it owes is
+//!   queued, so that a restart does not send it again.
 //! - **Queues** are states: *incoming* (a [`MessageWriter`] is open), *active* (recipients
 //!   pending or in doubt), *deferred* (all remaining recipients deferred; next attempt
 //!   known), *hold* (operator), *corrupt* (unreadable messages are moved to `corrupt/` with
@@ -236,6 +238,8 @@ pub struct RecipientSummary {
     pub address: String,
     /// The state, with its last reply.
     pub state: RecipientState,
+    /// Final, and the DSN it owes (if any) is queued ([`Spool::mark_reported`]).
+    pub reported: bool,
 }
 
 /// One queued message, for the queue tools and the scheduler.
@@ -266,6 +270,8 @@ pub struct MessageStatus {
     pub size: u64,
     /// Each recipient's state in envelope order; reply texts are empty.
     pub recipients: Vec<RecipientState>,
+    /// Each recipient is final and its DSN, if owed, is queued ([`Spool::mark_reported`]).
+    pub reported: Vec<bool>,
 }
 
 /// A read-only view of a spool, for the admin tools.
@@ -512,6 +518,14 @@ impl Spool {
         self.handle.inner.ledger_ops(qid, ops)
     }
 
+    /// Records that the DSN owed for these recipients' final states is queued (one durable
+    /// ledger record each, the same state with the reported flag), so that it is not sent
+    /// again, after a restart either. Recipients already marked are skipped; a recipient
+    /// that is not final is refused. Call (and await) after the DSN's own commit.
+    pub fn mark_reported(&self, qid: QueueId, rcpts: &[usize]) -> Durable {
+        self.handle.inner.mark_reported(qid, rcpts)
+    }
+
     /// The message's envelope (read from its Commit record).
     pub fn read_envelope(&self, qid: QueueId) -> Result<Envelope, SpoolError> {
         let inner = &self.handle.inner;
@@ -595,6 +609,7 @@ impl Spool {
             hold: e.hold.is_some(),
             size: e.body_len,
             recipients: e.rcpts.iter().map(|s| s.state.shape()).collect(),
+            reported: e.rcpts.iter().map(|s| s.state.reported).collect(),
         })
     }
 
@@ -882,6 +897,72 @@ impl Inner {
                 tracing::warn!(%qid, error = %err, "ledger update not written; will retry");
                 Durable::ready(Err(err))
             }
+        }
+    }
+
+    fn mark_reported(&self, qid: QueueId, rcpts: &[usize]) -> Durable {
+        let mut ix = lock(&self.index);
+        let Some(e) = ix.map.get(&qid) else {
+            return Durable::ready(Err(SpoolError::NotFound(qid)));
+        };
+        let mut buf = Vec::new();
+        let mut recs = Vec::new();
+        let mut states = Vec::new();
+        for &rcpt in rcpts {
+            let Some(slot) = e.rcpts.get(rcpt) else {
+                return Durable::ready(Err(SpoolError::NoSuchRecipient { qid, rcpt }));
+            };
+            if !slot.state.is_final() {
+                return Durable::ready(Err(SpoolError::Invalid(
+                    "mark_reported: the recipient is not delivered or bounced",
+                )));
+            }
+            if slot.state.reported {
+                continue;
+            }
+            // The record repeats the state's reply: the latest record is the one read.
+            let latest = if slot.retry {
+                lock(&self.retry).get(&(qid, rcpt as u32)).cloned()
+            } else {
+                slot.ledger
+                    .and_then(|(l, n)| self.log.read_at(l, n as usize).ok())
+            };
+            let reply = latest
+                .and_then(|b| match record::parse_full(&b) {
+                    Ok((_, Record::Ledger { state, .. })) => state.reply().map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let at = buf.len();
+            record::encode_ledger_flagged(
+                &mut buf,
+                qid,
+                rcpt as u32,
+                &slot.state.expand(reply),
+                true,
+            );
+            recs.push((rcpt as u32, at as u32, (buf.len() - at) as u32));
+            states.push(ledger::CompactState {
+                reported: true,
+                ..slot.state
+            });
+        }
+        if recs.is_empty() {
+            return Durable::ready(Ok(()));
+        }
+        match self.log.append(&buf, Reg::Ledger(qid, recs.clone())) {
+            Ok(a) => {
+                for ((rcpt, at, n), state) in recs.iter().zip(states) {
+                    let loc = Loc {
+                        seg: a.loc.seg,
+                        off: a.loc.off + at,
+                    };
+                    ix.set_ledger(qid, *rcpt as usize, state, Some((loc, *n)));
+                }
+                Durable::wait_for(&self.log.syncer, a.lsn)
+            }
+            // Nothing changes: the DSN may be sent again, never lost.
+            Err(e) => Durable::ready(Err(e)),
         }
     }
 
@@ -1228,7 +1309,11 @@ fn summarize(
                 .and_then(|env| env.recipients.get(i))
                 .map(|r| r.address.clone())
                 .unwrap_or_default();
-            recipients.push(RecipientSummary { address, state });
+            recipients.push(RecipientSummary {
+                address,
+                state,
+                reported: s.state.reported,
+            });
         }
         let queue = if e.hold.is_some() {
             QueueState::Hold

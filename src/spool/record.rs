@@ -68,6 +68,8 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Commit flag: this record is a copy written by compaction, not a new arrival.
 pub const FLAG_MOVED: u8 = 1;
+/// Ledger flag: the DSN this final state owes (if any) is queued; none is due for it again.
+pub const FLAG_REPORTED: u8 = 1;
 const ENVELOPE_VERSION: u8 = 1;
 
 /// Record kinds.
@@ -296,6 +298,8 @@ pub enum Record {
         rcpt: u32,
         /// The new state.
         state: RecipientState,
+        /// The DSN this final state owes is queued (flag [`FLAG_REPORTED`]).
+        reported: bool,
     },
     /// The message left the queue.
     Done {
@@ -356,6 +360,7 @@ impl Record {
                     rcpt,
                     state: RecipientState::from_parts(tag, until, reply)
                         .ok_or(FormatError::BadValue("ledger state"))?,
+                    reported: h.flags & FLAG_REPORTED != 0,
                 }
             }
             Kind::Done => Self::Done {
@@ -436,7 +441,19 @@ pub fn encode_commit(
 
 /// Appends a Ledger record.
 pub fn encode_ledger(out: &mut Vec<u8>, qid: QueueId, rcpt: u32, state: &RecipientState) {
-    frame(out, Kind::Ledger, 0, |o| {
+    encode_ledger_flagged(out, qid, rcpt, state, false);
+}
+
+/// Appends a Ledger record; `reported`: the DSN the (final) state owes is queued.
+pub fn encode_ledger_flagged(
+    out: &mut Vec<u8>,
+    qid: QueueId,
+    rcpt: u32,
+    state: &RecipientState,
+    reported: bool,
+) {
+    let flags = if reported { FLAG_REPORTED } else { 0 };
+    frame(out, Kind::Ledger, flags, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(&rcpt.to_le_bytes());
         let (tag, until, reply) = state.parts();
@@ -820,6 +837,7 @@ mod tests {
                     qid: qid(),
                     rcpt: 1,
                     state,
+                    reported: false,
                 },
             );
         }

@@ -143,14 +143,22 @@ impl Builder {
                 );
                 self.index.map.insert(qid, e);
             }
-            Record::Ledger { rcpt, state, .. } => {
+            Record::Ledger {
+                rcpt,
+                state,
+                reported,
+                ..
+            } => {
                 if let Some(slot) = self
                     .index
                     .map
                     .get_mut(&qid)
                     .and_then(|e| e.rcpts.get_mut(rcpt as usize))
                 {
-                    slot.state = CompactState::of(&state);
+                    slot.state = CompactState {
+                        reported,
+                        ..CompactState::of(&state)
+                    };
                     slot.ledger = Some((loc, total));
                 }
             }

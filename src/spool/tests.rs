@@ -776,3 +776,49 @@ fn real_disk_full_on_a_small_tmpfs() {
         assert_eq!(&read_body(&s, *q), data);
     }
 }
+
+#[test]
+fn reported_marks_survive_a_restart_and_keep_the_replies() {
+    let d = tempfile::tempdir().unwrap();
+    let q = {
+        let (s, _) = reopen(d.path());
+        let q = store(&s, 3, b"x");
+        s.mark_in_doubt(q, &[0, 1]).wait().unwrap();
+        let delivered = RecipientState::Delivered {
+            reply: "250 2.0.0 ok".into(),
+        };
+        s.ledger(q, 0, delivered).wait().unwrap();
+        let bounced = RecipientState::Bounced {
+            reply: "550 5.1.1 no".into(),
+        };
+        s.ledger(q, 1, bounced).wait().unwrap();
+        assert!(matches!(
+            s.mark_reported(q, &[2]).wait(),
+            Err(SpoolError::Invalid(_))
+        ));
+        assert_eq!(s.status(q).unwrap().reported, vec![false, false, false]);
+        s.mark_reported(q, &[0, 1]).wait().unwrap();
+        s.mark_reported(q, &[1]).wait().unwrap(); // already marked: nothing written
+        assert_eq!(s.status(q).unwrap().reported, vec![true, true, false]);
+        q
+    };
+    let (s, _) = reopen(d.path());
+    let m = s.message(q).unwrap();
+    assert_eq!(
+        m.recipients.iter().map(|r| r.reported).collect::<Vec<_>>(),
+        vec![true, true, false]
+    );
+    assert_eq!(
+        m.recipients[1].state,
+        RecipientState::Bounced {
+            reply: "550 5.1.1 no".into()
+        }
+    );
+    assert_eq!(
+        m.recipients[0].state,
+        RecipientState::Delivered {
+            reply: "250 2.0.0 ok".into()
+        }
+    );
+    assert_eq!(m.recipients[2].state, RecipientState::Pending);
+}
