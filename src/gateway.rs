@@ -40,6 +40,9 @@ pub enum GatewayError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A store's settings did not load (a password or CA file, say).
+    #[error(transparent)]
+    Store(crate::delivery::lmtp::StoreError),
     /// A listener could not start.
     #[error(transparent)]
     Listener(#[from] ListenerError),
@@ -97,8 +100,12 @@ impl Gateway {
             .unwrap_or(config.metrics.address);
         tracing::info!(address = %metrics_address, "metrics");
         let router = Arc::new(Router::new(&config.routes));
-        let scheduler = config.delivery.enabled.then(|| {
-            let mut agents = Agents::from_config(&config);
+        let agents = if config.delivery.enabled {
+            Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
+        } else {
+            None
+        };
+        let scheduler = agents.map(|mut agents| {
             for (name, agent) in extra_agents.iter() {
                 agents.insert(name, agent.clone());
             }

@@ -489,3 +489,60 @@ async fn metrics_endpoint_exports_the_listener_metrics() {
     }
     gw.gateway.stop().await;
 }
+
+#[tokio::test]
+async fn spool_errors_answer_4xx_and_leave_nothing_behind() {
+    let gw = start().await;
+    let spool = gw.gateway.spool.clone();
+    let mut c = gw.connect("smtp").await;
+    c.hello().await;
+    let before = spool.len();
+    // EIO on every append: the message cannot be stored.
+    spool.inject_errors(postern::spool::fault::EIO, 0);
+    c.cmd("MAIL FROM:<a@example.net>", 250).await;
+    c.cmd("RCPT TO:<x@example.org>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(&b"Subject: doomed\r\n\r\n".repeat(10_000)).await;
+    c.send(b".\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(
+        (r.code, r.text().starts_with("4.3.0")),
+        (451, true),
+        "{r:?}"
+    );
+    // EIO on the fdatasync: the commit fails, the message is withdrawn.
+    spool.inject_errors(0, postern::spool::fault::EIO);
+    c.cmd("MAIL FROM:<a@example.net>", 250).await;
+    c.cmd("RCPT TO:<x@example.org>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: doomed too\r\n\r\nx\r\n.\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 451, "{r:?}");
+    assert_eq!(
+        spool.len(),
+        before,
+        "no partial or withdrawn message is left live"
+    );
+    // ENOSPC: 452 4.3.1.
+    spool.inject_errors(postern::spool::fault::ENOSPC, 0);
+    c.cmd("MAIL FROM:<a@example.net>", 250).await;
+    c.cmd("RCPT TO:<x@example.org>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: no room\r\n\r\nx\r\n.\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(
+        (r.code, r.text().starts_with("4.3.1")),
+        (452, true),
+        "disk full: {r:?}"
+    );
+    // The disk recovers: mail flows again on the same connection.
+    spool.inject_errors(0, 0);
+    c.send_mail(
+        "a@example.net",
+        &["x@example.org"],
+        "Subject: fine\r\n\r\nx",
+    )
+    .await;
+    assert_eq!(spool.len(), before + 1);
+    gw.gateway.stop().await;
+}

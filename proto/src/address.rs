@@ -97,27 +97,22 @@ impl Domain {
         if s.starts_with('[') {
             return parse_literal(s).map(Self::Literal);
         }
-        if s.is_empty() || s.len() > MAX_DOMAIN {
-            return Err(if s.is_empty() {
-                AddressError::BadDomain
-            } else {
-                AddressError::DomainTooLong
-            });
-        }
-        if !valid_domain_name(s) {
-            return Err(AddressError::BadDomain);
-        }
+        check_domain_name(s)?;
         Ok(Self::Name(s.to_owned()))
+    }
+
+    /// A borrowed view, which carries the comparisons and formatting.
+    pub fn as_ref(&self) -> DomainRef<'_> {
+        match self {
+            Self::Name(n) => DomainRef::Name(n),
+            Self::Literal(l) => DomainRef::Literal(l),
+        }
     }
 
     /// The form for comparisons and map lookups: ASCII lower case; U-labels lower-cased as
     /// Unicode; literals in their canonical text form.
     pub fn folded(&self) -> String {
-        match self {
-            Self::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
-            Self::Name(n) => n.to_lowercase(),
-            Self::Literal(_) => self.to_string(),
-        }
+        self.as_ref().folded()
     }
 
     /// True when the two name the same domain, ignoring case.
@@ -132,27 +127,25 @@ impl Domain {
 
     /// True when the domain has no octet above 127.
     pub fn is_ascii(&self) -> bool {
-        match self {
-            Self::Name(n) => n.is_ascii(),
-            Self::Literal(AddressLiteral::General { tag, content }) => {
-                tag.is_ascii() && content.is_ascii()
-            }
-            Self::Literal(_) => true,
-        }
+        self.as_ref().is_ascii()
     }
 }
 
 impl fmt::Display for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Name(n) => f.write_str(n),
-            Self::Literal(AddressLiteral::V4(a)) => write!(f, "[{a}]"),
-            Self::Literal(AddressLiteral::V6(a)) => write!(f, "[IPv6:{a}]"),
-            Self::Literal(AddressLiteral::General { tag, content }) => {
-                write!(f, "[{tag}:{content}]")
-            }
-        }
+        self.as_ref().fmt(f)
     }
+}
+
+/// A domain name's length and syntax.
+fn check_domain_name(s: &str) -> Result<(), AddressError> {
+    if s.len() > MAX_DOMAIN {
+        return Err(AddressError::DomainTooLong);
+    }
+    if s.is_empty() || !valid_domain_name(s) {
+        return Err(AddressError::BadDomain);
+    }
+    Ok(())
 }
 
 /// `sub-domain *("." sub-domain)`; an all-ASCII name is checked in one pass over its octets.
@@ -160,29 +153,47 @@ fn valid_domain_name(s: &str) -> bool {
     if !s.is_ascii() {
         return s.split('.').all(valid_label);
     }
-    let mut label_len = 0usize;
-    let mut previous = b'.';
-    for b in s.bytes() {
-        match b {
-            b'.' => {
-                if label_len == 0 || previous == b'-' {
-                    return false;
-                }
-                label_len = 0;
+    let bytes = s.as_bytes();
+    let label_ok = |label: &[u8]| {
+        (1..=63).contains(&label.len()) && label[0] != b'-' && label[label.len() - 1] != b'-'
+    };
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'.' {
+            if !label_ok(&bytes[start..i]) {
+                return false;
             }
-            b'-' if label_len == 0 => return false,
-            b if b.is_ascii_alphanumeric() || b == b'-' => {
-                label_len += 1;
-                if label_len > 63 {
-                    return false;
-                }
-            }
-            _ => return false,
+            start = i + 1;
+        } else if CLASS[usize::from(b)] & LDH == 0 {
+            return false;
         }
-        previous = b;
     }
-    label_len > 0 && previous != b'-'
+    label_ok(&bytes[start..])
 }
+
+/// Octet classes for the ASCII fast paths.
+const LDH: u8 = 1;
+const ATEXT: u8 = 2;
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = LDH | ATEXT;
+        }
+        b += 1;
+    }
+    t[b'-' as usize] = LDH | ATEXT;
+    let specials = b"!#$%&'*+/=?^_`{|}~";
+    let mut k = 0;
+    while k < specials.len() {
+        t[specials[k] as usize] |= ATEXT;
+        k += 1;
+    }
+    t
+};
 
 /// A label: `Let-dig [Ldh-str]` (RFC 5321 §4.1.2), or a U-label (RFC 6531 §3.3) which we
 /// accept as any run of letters, digits, hyphens and non-ASCII characters not starting or
@@ -236,43 +247,102 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
-/// `local-part@domain`.
+/// `local-part@domain`, kept as sent in one allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Mailbox {
-    /// The local part as sent (a quoted string keeps its quotes and escapes).
-    local_part: String,
-    domain: Domain,
+    /// `local@domain` as sent (a quoted local part keeps its quotes and escapes).
+    text: String,
+    /// Where the `@` between local part and domain is.
+    at: usize,
+    /// The parsed address literal, when the domain is one.
+    literal: Option<Box<AddressLiteral>>,
+}
+
+/// A view of a mailbox's domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainRef<'a> {
+    /// A domain name as sent.
+    Name(&'a str),
+    /// An address literal.
+    Literal(&'a AddressLiteral),
+}
+
+impl DomainRef<'_> {
+    /// The form for comparisons and map lookups (see [`Domain::folded`]).
+    pub fn folded(&self) -> String {
+        match self {
+            Self::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
+            Self::Name(n) => n.to_lowercase(),
+            Self::Literal(_) => self.to_string(),
+        }
+    }
+
+    /// True when the domain has no octet above 127.
+    pub fn is_ascii(&self) -> bool {
+        match self {
+            Self::Name(n) => n.is_ascii(),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                tag.is_ascii() && content.is_ascii()
+            }
+            Self::Literal(_) => true,
+        }
+    }
+
+    /// An owned [`Domain`].
+    pub fn to_domain(&self) -> Domain {
+        match self {
+            Self::Name(n) => Domain::Name((*n).to_owned()),
+            Self::Literal(l) => Domain::Literal((*l).clone()),
+        }
+    }
+}
+
+impl fmt::Display for DomainRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Name(n) => f.write_str(n),
+            Self::Literal(AddressLiteral::V4(a)) => write!(f, "[{a}]"),
+            Self::Literal(AddressLiteral::V6(a)) => write!(f, "[IPv6:{a}]"),
+            Self::Literal(AddressLiteral::General { tag, content }) => {
+                write!(f, "[{tag}:{content}]")
+            }
+        }
+    }
 }
 
 impl Mailbox {
     /// Parses `local@domain` (no angle brackets).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
         let at = local_part_end(s)?;
-        let (local, rest) = s.split_at(at);
-        let domain = rest.strip_prefix('@').ok_or(AddressError::MissingDomain)?;
-        if local.len() > MAX_LOCAL_PART {
+        let domain = s[at..]
+            .strip_prefix('@')
+            .ok_or(AddressError::MissingDomain)?;
+        if at > MAX_LOCAL_PART {
             return Err(AddressError::LocalPartTooLong);
         }
-        let domain = Domain::parse(domain)?;
+        let literal = if domain.starts_with('[') {
+            Some(Box::new(parse_literal(domain)?))
+        } else {
+            check_domain_name(domain)?;
+            None
+        };
         Ok(Self {
-            local_part: local.to_owned(),
-            domain,
+            text: s.to_owned(),
+            at,
+            literal,
         })
     }
 
     /// The local part as sent, quotes included.
     pub fn local_part(&self) -> &str {
-        &self.local_part
+        &self.text[..self.at]
     }
 
     /// The local part with quoting removed (`"john doe"` → `john doe`).
     pub fn local_part_unquoted(&self) -> String {
-        match self
-            .local_part
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-        {
-            None => self.local_part.clone(),
+        let local = self.local_part();
+        match local.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            None => local.to_owned(),
             Some(inner) => {
                 let mut out = String::with_capacity(inner.len());
                 let mut chars = inner.chars();
@@ -288,27 +358,60 @@ impl Mailbox {
     }
 
     /// The domain as sent.
-    pub fn domain(&self) -> &Domain {
-        &self.domain
+    pub fn domain(&self) -> DomainRef<'_> {
+        match &self.literal {
+            Some(l) => DomainRef::Literal(l),
+            None => DomainRef::Name(&self.text[self.at + 1..]),
+        }
     }
 
     /// True when neither part has an octet above 127 (no SMTPUTF8 needed).
     pub fn is_ascii(&self) -> bool {
-        self.local_part.is_ascii() && self.domain.is_ascii()
+        self.text.is_ascii()
     }
 }
 
 impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.local_part, self.domain)
+        f.write_str(&self.text)
     }
 }
 
 /// RFC 5321 atext, plus UTF-8 under RFC 6531.
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-        || "!#$%&'*+-/=?^_`{|}~".contains(c)
-        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+    match u8::try_from(c) {
+        Ok(b) if b.is_ascii() => is_ascii_atext(b),
+        _ => !c.is_control() && !c.is_whitespace(),
+    }
+}
+
+/// RFC 5322 atext for one ASCII octet.
+fn is_ascii_atext(b: u8) -> bool {
+    CLASS[usize::from(b)] & ATEXT != 0
+}
+
+/// A dot-string: atoms of atext separated by single dots, in one pass.
+fn is_dot_string(local: &str) -> bool {
+    // `previous_dot` starts true so a leading dot (or an empty string) fails.
+    let mut previous_dot = true;
+    let ok = if local.is_ascii() {
+        local.bytes().all(|b| {
+            let ok = if b == b'.' {
+                !previous_dot
+            } else {
+                is_ascii_atext(b)
+            };
+            previous_dot = b == b'.';
+            ok
+        })
+    } else {
+        local.chars().all(|c| {
+            let ok = if c == '.' { !previous_dot } else { is_atext(c) };
+            previous_dot = c == '.';
+            ok
+        })
+    };
+    ok && !previous_dot
 }
 
 /// Finds the end of the local part at the start of `s` (a dot-string or a quoted string),
@@ -334,13 +437,9 @@ fn local_part_end(s: &str) -> Result<usize, AddressError> {
         }
         return Err(AddressError::BadLocalPart);
     }
-    let end = s.find('@').unwrap_or(s.len());
+    let end = memchr::memchr(b'@', s.as_bytes()).unwrap_or(s.len());
     let local = &s[..end];
-    if local.is_empty()
-        || local
-            .split('.')
-            .any(|atom| atom.is_empty() || !atom.chars().all(is_atext))
-    {
+    if !is_dot_string(local) {
         return Err(AddressError::BadLocalPart);
     }
     Ok(end)

@@ -267,6 +267,11 @@ fn split_path(s: &str) -> Option<(&str, &str)> {
     if !s.starts_with('<') {
         return None;
     }
+    // Fast path: no quoted string, so the first `>` closes the path.
+    if memchr::memchr(b'"', s.as_bytes()).is_none() {
+        let i = memchr::memchr(b'>', s.as_bytes())?;
+        return Some((&s[..=i], &s[i + 1..]));
+    }
     let mut quoted = false;
     let mut escaped = false;
     // Octets, not chars: the delimiters are ASCII and never occur inside a UTF-8 sequence.

@@ -253,13 +253,27 @@ pub enum StoreConfig {
         /// Name used by routes.
         name: String,
     },
+    /// A mailbox store reached over LMTP (Cyrus, Dovecot).
+    Lmtp(Box<crate::delivery::LmtpStoreConfig>),
+    /// A command with the message on stdin (like Postfix's pipe(8)).
+    Pipe(Box<crate::delivery::PipeStoreConfig>),
+    /// Every recipient gets this reply: 4yz deferred, 5yz bounced (a policy route).
+    Error {
+        /// Name used by routes.
+        name: String,
+        /// `550 5.7.1 text`, as on the wire.
+        #[serde(deserialize_with = "crate::delivery::policy::deserialize_fixed_reply")]
+        reply: postern_proto::Reply,
+    },
 }
 
 impl StoreConfig {
     /// The store's name.
     pub fn name(&self) -> &str {
         match self {
-            Self::Maildir { name, .. } | Self::Discard { name } => name,
+            Self::Maildir { name, .. } | Self::Discard { name } | Self::Error { name, .. } => name,
+            Self::Lmtp(l) => &l.name,
+            Self::Pipe(p) => &p.name,
         }
     }
 }
@@ -462,6 +476,14 @@ impl Config {
             }
         }
         for (i, s) in self.stores.iter().enumerate() {
+            let checked = match s {
+                StoreConfig::Lmtp(l) => l.validate(),
+                StoreConfig::Pipe(p) => p.validate(),
+                _ => Ok(()),
+            };
+            if let Err(e) = checked {
+                bad(format!("stores[{i}]"), e);
+            }
             if self.stores[..i].iter().any(|o| o.name() == s.name()) {
                 bad(
                     format!("stores[{i}].name"),

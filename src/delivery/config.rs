@@ -180,7 +180,8 @@ pub struct StoreTlsConfig {
     /// `required`: no STARTTLS (or a failed handshake), no delivery. `opportunistic`:
     /// plaintext when the store does not offer STARTTLS.
     pub mode: TlsMode,
-    /// PEM file of the CA certificates the store's certificate must chain to.
+    /// PEM file of the CA certificates the store's certificate must chain to; default:
+    /// Debian's bundle, `/etc/ssl/certs/ca-certificates.crt`.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// **Tests only**: accept any certificate. The connection is encrypted but anyone in the

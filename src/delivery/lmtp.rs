@@ -38,37 +38,31 @@
 //! after the end of data. A timeout ends the connection: the recipients still open are not
 //! attempted (before the end of data) or in doubt (after it).
 //!
-//! DIAGNOSTICS: setup failures are returned as a [`Trouble`] (scope [`Scope::Store`]); a
+//! DIAGNOSTICS: setup failures are returned as a [`Trouble`] (scope [`Scope::Store`](super::Scope::Store)); a
 //! transaction never fails as a whole, it returns a [`Report`]. No network input panics.
 //!
 //! SEE ALSO: `pool` (connections reused across messages), RFC 2033, RFC 2920, RFC 3030.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use postern_proto::address::{ForwardPath, ReversePath};
+use postern_proto::address::ForwardPath;
 use postern_proto::client::{Capabilities, ClientConnection, ClientError, ClientEvent, Protocol};
 use postern_proto::data::DataEncoder;
 use postern_proto::params::{Body, MailParams, RcptParams};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::config::{LmtpStoreConfig, StoreAddress, TlsMode};
-use super::trouble::{self, Outcome, Phase, Policy, Scope, Trouble, When};
-
-/// The CA bundle used when `tls.ca_file` is not given (Debian's `ca-certificates`).
-pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+use super::message::{Envelope, Recipient, Report};
+use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
+use super::wire::{self, Credentials, Io, TlsSettings, Wire};
 
 /// Size of the reads from the message body in DATA mode.
 const DATA_READ: usize = 64 * 1024;
@@ -149,17 +143,6 @@ pub struct LmtpStore {
     policy: Policy,
 }
 
-struct TlsSettings {
-    mode: TlsMode,
-    connector: TlsConnector,
-    server_name: ServerName<'static>,
-}
-
-struct Credentials {
-    username: String,
-    password: String,
-}
-
 impl fmt::Debug for LmtpStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LmtpStore")
@@ -189,8 +172,11 @@ impl LmtpStore {
         let tls = match &config.tls {
             None => None,
             Some(tls) => {
-                let client =
-                    tls_client_config(&store, tls.ca_file.as_deref(), tls.insecure_skip_verify)?;
+                let client = super::tls::client_config(
+                    &store,
+                    tls.ca_file.as_deref(),
+                    tls.insecure_skip_verify,
+                )?;
                 let name = match (&tls.server_name, &config.address) {
                     (Some(name), _) => name.clone(),
                     (None, StoreAddress::Tcp { host, .. }) => host.clone(),
@@ -291,7 +277,7 @@ impl LmtpStore {
     }
 
     /// Opens a connection: socket, greeting, LHLO, STARTTLS and LHLO again (if configured),
-    /// AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`]).
+    /// AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`](super::Scope::Store)).
     pub async fn connect(self: &Arc<Self>) -> Result<Connection, Trouble> {
         let t = self.timeouts;
         let io: Box<dyn Io> = match &self.address {
@@ -318,7 +304,7 @@ impl LmtpStore {
         let mut tls = false;
         if let Some(settings) = &self.tls {
             if caps.starttls {
-                (wire, caps, tls) = start_tls(wire, caps, settings, t.lhlo).await?;
+                (wire, caps, tls) = wire::start_tls(wire, caps, settings, t.lhlo).await?;
             } else if settings.mode == TlsMode::Required {
                 return Err(trouble::not_offered("STARTTLS"));
             }
@@ -337,120 +323,6 @@ impl LmtpStore {
             transactions: 0,
             broken: false,
         })
-    }
-}
-
-/// The envelope of one message, as the spool holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Envelope {
-    /// MAIL FROM.
-    pub from: ReversePath,
-    /// The parameters the message arrived with (BODY, SMTPUTF8, RET, ENVID); only those the
-    /// store offers are sent on.
-    pub params: MailParams,
-    /// The size of the content in octets (sent as SIZE=, checked against the store's limit).
-    pub size: u64,
-    /// The content has octets above 127 (as found when it was received).
-    pub eight_bit: bool,
-    /// When the message was queued (for the normalisation rules with `max_age`).
-    pub arrived: SystemTime,
-}
-
-impl Envelope {
-    /// An envelope with no parameters, arrived now.
-    pub fn new(from: ReversePath, size: u64) -> Self {
-        Self {
-            from,
-            params: MailParams::default(),
-            size,
-            eight_bit: false,
-            arrived: SystemTime::now(),
-        }
-    }
-}
-
-/// One recipient of a delivery.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Recipient {
-    /// The caller's index (its ledger slot); outcomes are reported under it.
-    pub index: usize,
-    /// RCPT TO.
-    pub path: ForwardPath,
-    /// The recipient's parameters (NOTIFY, ORCPT); sent only if the store offers DSN.
-    pub params: RcptParams,
-}
-
-/// What one transaction (or one message through the pool) came to.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    /// One outcome per recipient, by the caller's index, in the order they were decided.
-    pub outcomes: Vec<(usize, Outcome)>,
-    /// The widest failure beyond single recipients, if any.
-    pub trouble: Option<Trouble>,
-}
-
-impl Report {
-    /// How wide the failure is: [`Scope::Recipient`] when nothing beyond the recipients'
-    /// own replies went wrong.
-    pub fn scope(&self) -> Scope {
-        self.trouble.as_ref().map_or(Scope::Recipient, |t| t.scope)
-    }
-
-    /// The outcome of the recipient with this index.
-    pub fn outcome(&self, index: usize) -> Option<&Outcome> {
-        self.outcomes
-            .iter()
-            .find_map(|(i, o)| (*i == index).then_some(o))
-    }
-
-    /// Adds another transaction's report (the same message, more recipients).
-    pub fn merge(&mut self, other: Self) {
-        self.outcomes.extend(other.outcomes);
-        if let Some(t) = other.trouble {
-            self.trouble = Trouble::widen(self.trouble.take(), t);
-        }
-    }
-}
-
-/// A message body that can be read from the start as often as needed (once per
-/// transaction: a message with more recipients than `recipients_per_transaction` is sent
-/// several times).
-pub trait MessageBody: Sync {
-    /// The reader of one pass.
-    type Reader<'a>: AsyncRead + Unpin + Send + 'a
-    where
-        Self: 'a;
-
-    /// A reader positioned at the first octet of the content.
-    fn open(&self) -> impl Future<Output = io::Result<Self::Reader<'_>>> + Send;
-}
-
-impl MessageBody for [u8] {
-    type Reader<'a> = &'a [u8];
-
-    fn open(&self) -> impl Future<Output = io::Result<&[u8]>> + Send {
-        std::future::ready(Ok(self))
-    }
-}
-
-/// A body stored in a file: `len` octets from `offset` (the spool's content section).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileBody {
-    /// The file.
-    pub path: PathBuf,
-    /// Where the content starts.
-    pub offset: u64,
-    /// How long it is.
-    pub len: u64,
-}
-
-impl MessageBody for FileBody {
-    type Reader<'a> = tokio::io::Take<tokio::fs::File>;
-
-    async fn open(&self) -> io::Result<Self::Reader<'_>> {
-        let mut file = tokio::fs::File::open(&self.path).await?;
-        file.seek(io::SeekFrom::Start(self.offset)).await?;
-        Ok(file.take(self.len))
     }
 }
 
@@ -961,6 +833,11 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
         }
     }
 
+    /// Some recipient is not settled yet (and MAIL did not already fail them all).
+    fn open(&self) -> bool {
+        !self.mail_failed && self.settled.contains(&false)
+    }
+
     fn event(&mut self, event: ClientEvent) {
         match event {
             ClientEvent::MailReply(reply) if !reply.is_positive() => {
@@ -975,10 +852,12 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
                 self.settle(index, outcome);
             }
             ClientEvent::DataGoAhead => self.go_ahead = true,
-            ClientEvent::DataRefused(reply) => {
+            // A refusal after every recipient was refused at RCPT (503 "no valid
+            // recipients") fails nobody: it is no trouble of the message.
+            ClientEvent::DataRefused(reply) if self.open() => {
                 self.widen(trouble::refused(Phase::MailRcpt, &reply));
             }
-            ClientEvent::BdatReply(reply) if !reply.is_positive() => {
+            ClientEvent::BdatReply(reply) if !reply.is_positive() && self.open() => {
                 self.widen(trouble::refused(Phase::Data, &reply));
             }
             ClientEvent::RecipientResult { index, reply } => {
@@ -1010,333 +889,5 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
             outcomes: self.outcomes,
             trouble: self.trouble,
         }
-    }
-}
-
-/// The byte stream: TCP, unix socket, or TLS over either.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// Why the socket stopped.
-#[derive(Debug)]
-enum Failure {
-    Timeout,
-    Eof,
-    Io(io::Error),
-}
-
-impl Failure {
-    fn trouble(&self, phase: Phase, limit: Duration) -> Trouble {
-        match self {
-            Self::Timeout => trouble::timed_out(phase, limit),
-            Self::Eof => trouble::lost(phase, "closed by the store"),
-            Self::Io(e) => trouble::lost(phase, &e.to_string()),
-        }
-    }
-}
-
-/// The socket and the state machine it drives.
-struct Wire {
-    io: Box<dyn Io>,
-    proto: ClientConnection,
-    rbuf: Box<[u8]>,
-    out: Vec<u8>,
-}
-
-impl Wire {
-    fn new(io: Box<dyn Io>, proto: ClientConnection) -> Self {
-        Self {
-            io,
-            proto,
-            rbuf: vec![0; 16 * 1024].into_boxed_slice(),
-            out: Vec::new(),
-        }
-    }
-
-    /// The socket failed: the state machine settles what was open.
-    fn fail(&mut self, failure: Failure) -> Result<(), Failure> {
-        self.proto.connection_lost();
-        Err(failure)
-    }
-
-    /// Writes what the state machine has released.
-    async fn flush(&mut self, limit: Duration) -> Result<(), Failure> {
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
-        let result = if self.proto.poll_transmit(&mut out) == 0 {
-            Ok(())
-        } else {
-            self.write_all(&out, limit).await
-        };
-        self.out = out;
-        result
-    }
-
-    async fn write_all(&mut self, bytes: &[u8], limit: Duration) -> Result<(), Failure> {
-        let io = &mut self.io;
-        let written = timeout(limit, async {
-            io.write_all(bytes).await?;
-            io.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => self.fail(Failure::Io(e)),
-            Err(_) => self.fail(Failure::Timeout),
-        }
-    }
-
-    /// Waits (at most `limit`) for input and feeds it to the state machine.
-    async fn read(&mut self, limit: Duration) -> Result<(), Failure> {
-        match timeout(limit, self.io.read(&mut self.rbuf)).await {
-            Ok(Ok(0)) => self.fail(Failure::Eof),
-            Ok(Ok(n)) => {
-                self.proto.handle_input(&self.rbuf[..n]);
-                Ok(())
-            }
-            Ok(Err(e)) => self.fail(Failure::Io(e)),
-            Err(_) => self.fail(Failure::Timeout),
-        }
-    }
-
-    /// Feeds input that has already arrived, without waiting for more.
-    async fn read_ready(&mut self) -> Result<(), Failure> {
-        // A zero timeout still polls the read once (tokio polls the future before the
-        // timer), and a read that is not ready loses nothing when dropped.
-        match timeout(Duration::ZERO, self.io.read(&mut self.rbuf)).await {
-            Err(_) => Ok(()),
-            Ok(Ok(0)) => self.fail(Failure::Eof),
-            Ok(Ok(n)) => {
-                self.proto.handle_input(&self.rbuf[..n]);
-                Ok(())
-            }
-            Ok(Err(e)) => self.fail(Failure::Io(e)),
-        }
-    }
-
-    /// Drives the session until LHLO is answered: the capabilities.
-    async fn until_ready(
-        &mut self,
-        phase: Phase,
-        limit: Duration,
-    ) -> Result<Capabilities, Trouble> {
-        let mut seen: Option<Trouble> = None;
-        loop {
-            while let Some(event) = self.proto.poll_event() {
-                match event {
-                    ClientEvent::Ready(caps) => return Ok(caps),
-                    ClientEvent::Refused(reply) | ClientEvent::HelloRefused(reply) => {
-                        return Err(trouble::refused(phase, &reply));
-                    }
-                    ClientEvent::UnexpectedReply(reply) => {
-                        seen = Some(trouble::unexpected(&reply));
-                    }
-                    ClientEvent::ProtocolError(e) => seen = Some(trouble::protocol_error(&e)),
-                    ClientEvent::Closed => {
-                        let mut t = seen.unwrap_or_else(|| trouble::lost(phase, "closed"));
-                        t.scope = Scope::Store;
-                        return Err(t);
-                    }
-                    _ => {}
-                }
-            }
-            self.flush(limit)
-                .await
-                .map_err(|f| f.trouble(phase, limit))?;
-            self.read(limit)
-                .await
-                .map_err(|f| f.trouble(phase, limit))?;
-        }
-    }
-
-    /// Drives the session until the reply to RSET or NOOP.
-    async fn until_reply(
-        &mut self,
-        phase: Phase,
-        limit: Duration,
-    ) -> Result<postern_proto::Reply, Trouble> {
-        loop {
-            while let Some(event) = self.proto.poll_event() {
-                match event {
-                    ClientEvent::RsetReply(reply) | ClientEvent::NoopReply(reply) => {
-                        return Ok(reply);
-                    }
-                    ClientEvent::UnexpectedReply(reply) => {
-                        return Err(trouble::unexpected(&reply));
-                    }
-                    ClientEvent::ProtocolError(e) => return Err(trouble::protocol_error(&e)),
-                    ClientEvent::Closed => return Err(trouble::lost(phase, "closed")),
-                    _ => {}
-                }
-            }
-            self.flush(limit)
-                .await
-                .map_err(|f| f.trouble(phase, limit))?;
-            self.read(limit)
-                .await
-                .map_err(|f| f.trouble(phase, limit))?;
-        }
-    }
-
-    /// AUTH PLAIN with the store's credentials.
-    async fn authenticate(
-        &mut self,
-        credentials: &Credentials,
-        limit: Duration,
-    ) -> Result<(), Trouble> {
-        let (user, password) = (&credentials.username, &credentials.password);
-        match self.proto.auth_plain("", user, password) {
-            Ok(()) => {}
-            Err(ClientError::AuthNotOffered) => return Err(trouble::not_offered("AUTH PLAIN")),
-            Err(e) => return Err(setup_misuse(&e)),
-        }
-        loop {
-            while let Some(event) = self.proto.poll_event() {
-                match event {
-                    ClientEvent::Authenticated => return Ok(()),
-                    ClientEvent::AuthFailed(reply) => {
-                        return Err(trouble::refused(Phase::Auth, &reply));
-                    }
-                    ClientEvent::Closed => return Err(trouble::lost(Phase::Auth, "closed")),
-                    _ => {}
-                }
-            }
-            self.flush(limit)
-                .await
-                .map_err(|f| f.trouble(Phase::Auth, limit))?;
-            self.read(limit)
-                .await
-                .map_err(|f| f.trouble(Phase::Auth, limit))?;
-        }
-    }
-}
-
-fn setup_misuse(e: &ClientError) -> Trouble {
-    let mut t = trouble::unusable(&e.to_string());
-    t.scope = Scope::Store;
-    t
-}
-
-/// STARTTLS, the handshake, and LHLO again. Returns the wire (TLS or, when the store refused
-/// STARTTLS and TLS is opportunistic, still plaintext), the capabilities and whether TLS is on.
-async fn start_tls(
-    mut wire: Wire,
-    caps: Capabilities,
-    settings: &TlsSettings,
-    limit: Duration,
-) -> Result<(Wire, Capabilities, bool), Trouble> {
-    wire.proto.start_tls().map_err(|e| setup_misuse(&e))?;
-    'go_ahead: loop {
-        while let Some(event) = wire.proto.poll_event() {
-            match event {
-                ClientEvent::TlsGoAhead { .. } => break 'go_ahead,
-                ClientEvent::TlsRefused(reply) => {
-                    if settings.mode == TlsMode::Opportunistic {
-                        return Ok((wire, caps, false));
-                    }
-                    return Err(trouble::refused(Phase::StartTls, &reply));
-                }
-                ClientEvent::Closed => return Err(trouble::lost(Phase::StartTls, "closed")),
-                _ => {}
-            }
-        }
-        let phase = Phase::StartTls;
-        wire.flush(limit)
-            .await
-            .map_err(|f| f.trouble(phase, limit))?;
-        wire.read(limit)
-            .await
-            .map_err(|f| f.trouble(phase, limit))?;
-    }
-    let Wire { io, mut proto, .. } = wire;
-    let handshake = settings.connector.connect(settings.server_name.clone(), io);
-    let stream = match timeout(limit, handshake).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(trouble::tls_failed(&e)),
-        Err(_) => return Err(trouble::timed_out(Phase::StartTls, limit)),
-    };
-    proto.tls_established().map_err(|e| setup_misuse(&e))?;
-    let mut wire = Wire::new(Box::new(stream), proto);
-    let caps = wire.until_ready(Phase::StartTls, limit).await?;
-    Ok((wire, caps, true))
-}
-
-fn tls_client_config(
-    store: &str,
-    ca_file: Option<&Path>,
-    insecure_skip_verify: bool,
-) -> Result<Arc<rustls::ClientConfig>, StoreError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls_err = |error| StoreError::Tls {
-        store: store.to_owned(),
-        error,
-    };
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(tls_err)?;
-    if insecure_skip_verify {
-        let config = builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-            .with_no_client_auth();
-        return Ok(Arc::new(config));
-    }
-    let path = ca_file.unwrap_or(Path::new(SYSTEM_CA_FILE));
-    let ca_err = |reason: String| StoreError::CaFile {
-        store: store.to_owned(),
-        path: path.to_owned(),
-        reason,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_err(e.to_string()))? {
-        let cert = cert.map_err(|e| ca_err(e.to_string()))?;
-        roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(ca_err("no certificate in the file".into()));
-    }
-    let config = builder.with_root_certificates(roots).with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-/// `insecure_skip_verify`, for tests only: any certificate is accepted (signatures are still
-/// checked, so the handshake itself is sound).
-#[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

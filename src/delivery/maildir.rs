@@ -21,7 +21,7 @@ use postern_proto::ForwardPath;
 use postern_proto::reply::{EnhancedCode, Reply, ReplyCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::lmtp::{Envelope, MessageBody, Recipient, Report};
+use super::message::{Envelope, MessageBody, Recipient, Report};
 use super::trouble::Outcome;
 
 /// A maildir store.

@@ -6,8 +6,13 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
+//! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
+//! | [`pipe`] | `kind: pipe`: a command with the message on stdin (like Postfix's pipe(8)) |
+//! | [`policy`] | `kind: discard` and `kind: error` (a fixed reply) |
+//! | `wire` | the socket and the client state machine; greeting, LHLO, STARTTLS, AUTH |
+//! | `tls` | rustls client configuration (CA file, or `insecure_skip_verify` for tests) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
 //! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
 //!
@@ -39,11 +44,19 @@
 pub mod config;
 pub mod lmtp;
 pub mod maildir;
+pub mod message;
+pub mod pipe;
+pub mod policy;
 pub mod pool;
+mod tls;
 pub mod trouble;
+mod wire;
 
 pub use config::LmtpStoreConfig;
-pub use lmtp::{Connection, Envelope, FileBody, LmtpStore, MessageBody, Recipient, Report};
+pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
+pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
+pub use pipe::{PipeStore, PipeStoreConfig};
+pub use policy::{DiscardStore, ErrorStore};
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};

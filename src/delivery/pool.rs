@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 
-use super::lmtp::{Connection, Envelope, LmtpStore, MessageBody, Recipient, Report};
+use super::lmtp::{Connection, LmtpStore};
+use super::message::{Envelope, MessageBody, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
 
 pub use deadpool::Status;

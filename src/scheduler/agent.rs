@@ -224,10 +224,9 @@ impl Agents {
         Self::default()
     }
 
-    /// The agents for the configured stores (`maildir`, `discard`).
-    // XXX: `kind: lmtp` stores join here once `StoreConfig` has the variant: an
-    // `Agent::Lmtp(StorePool::new(Arc::new(LmtpStore::from_config(..)?)))` each.
-    pub fn from_config(config: &Config) -> Self {
+    /// The agents for the configured stores. LMTP stores get a connection pool each, swept
+    /// for idle and old connections every 30 s (needs a tokio runtime).
+    pub fn from_config(config: &Config) -> Result<Self, crate::delivery::lmtp::StoreError> {
         let mut agents = Self::new();
         for store in &config.stores {
             let agent = match store {
@@ -235,10 +234,16 @@ impl Agents {
                     Agent::Maildir(Arc::new(MaildirStore::new(name, root, &config.hostname)))
                 }
                 StoreConfig::Discard { .. } => Agent::Discard,
+                StoreConfig::Lmtp(l) => {
+                    let lmtp = crate::delivery::LmtpStore::from_config(l, &config.hostname)?;
+                    let pool = StorePool::new(Arc::new(lmtp));
+                    pool.spawn_sweeper(Duration::from_secs(30));
+                    Agent::Lmtp(pool)
+                }
             };
             agents.insert(store.name(), agent);
         }
-        agents
+        Ok(agents)
     }
 
     /// Adds (or replaces) the agent of store `name`.

@@ -1,0 +1,1039 @@
+//! The `pipe` store: runs a command with the message on its stdin, like Postfix's pipe(8).
+//!
+//! ```yaml
+//! stores:
+//!   - kind: pipe
+//!     name: lda
+//!     argv: [/usr/lib/dovecot/dovecot-lda, -f, "${sender}", -a, "${recipient}"]
+//!     timeout: 10m          # then the command (and its process group) is killed: 4.3.0
+//!     max_output: 64KiB     # stdout+stderr kept for the reply text; the rest is discarded
+//!     per_recipient: true   # one run per recipient (false: one run for all)
+//!     line_endings: lf      # the message as the command sees it (lf like Postfix, or crlf)
+//! ```
+//!
+//! # The command
+//!
+//! `argv[0]` is an absolute path, executed directly: no shell, no `PATH` search. Arguments
+//! may contain `${sender}` (the envelope sender, empty for `<>`), `${recipient}` (the
+//! recipient as received), `${user}` (its local part up to the first `+`) and `${domain}`
+//! (its domain), whole or inside a longer argument; they are never split or re-parsed. With
+//! `per_recipient: false` an argument that mentions a recipient macro is repeated once per
+//! recipient, as in Postfix. A value that would begin an argument with `-` (an address such
+//! as `-oQ/tmp@x` turned into an option) is refused: the recipient bounces `5.1.3` (the
+//! sender: every recipient bounces `5.1.7`), as Postfix refuses such addresses
+//! (`allow_min_user`).
+//!
+//! The command runs in its own process group, with an empty environment but
+//! `PATH=/usr/bin:/bin`, in `/`, as postern's own user (`user:` is refused at load: changing
+//! user needs privileges postern does not keep). Its stdin is the message, streamed from the
+//! spool with CRLF turned into LF unless `line_endings: crlf`; its stdout and stderr are read
+//! together up to `max_output`, the excess read and dropped. If reading the message fails
+//! half-way, the command is killed before its stdin closes, so it never sees a truncated
+//! message as complete.
+//!
+//! # The result
+//!
+//! | how it ended | outcome |
+//! |---|---|
+//! | exit 0 | delivered `250 2.0.0` (even if it did not read all its input) |
+//! | exit ≠ 0, first output line `D.S.N text` | that status: 4.x.x deferred, 5.x.x bounced |
+//! | exit 64–78 (sysexits) | Postfix's `sys_exits` table: 75 `EX_TEMPFAIL` and 71 `EX_OSERR` defer `4.3.0`; 67 `EX_NOUSER` bounces `5.1.1`, 68 `5.1.2`, 73 `5.2.0`, 65 `5.6.0`, 76 `5.5.0`, 77 `5.7.0`, 78 `5.3.5`, the others `5.3.0` |
+//! | other exit status | bounced `5.3.0` |
+//! | killed by a signal | deferred `4.3.0` |
+//! | time limit | killed (whole process group), deferred `4.3.0` |
+//! | cannot start | every recipient not attempted, [`Scope::Store`] (a configuration problem) |
+//!
+//! The reply text names the reason and carries the command's first line of output,
+//! printable ASCII only, at most 200 characters. A time limit defers rather than bounces
+//! (Postfix bounces): a command that hangs is usually a store that is down.
+//!
+//! SEE ALSO: Postfix `pipe(8)`, `global/pipe_command.c`, `global/sys_exits.c`.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use postern_proto::reply::{EnhancedCode, Reply, ReplyCode};
+use postern_proto::{ForwardPath, ReversePath};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, Command};
+use tokio::time::Instant;
+
+use super::lmtp::StoreError;
+use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::trouble::{self, Outcome, Scope, Trouble};
+use crate::config::{ByteSize, Span};
+
+/// The command's `PATH` (Postfix's `_PATH_DEFPATH`).
+const COMMAND_PATH: &str = "/usr/bin:/bin";
+
+/// How long output is still read after the command exited (offspring may hold the pipes).
+const AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// The longest piece of command output quoted in a reply.
+const QUOTED_OUTPUT: usize = 200;
+
+/// Reads from the message and from the command's output.
+const READ_SIZE: usize = 64 * 1024;
+
+/// One store of kind `pipe`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeStoreConfig {
+    /// Name used by routes, logs and metrics.
+    pub name: String,
+    /// The command and its arguments; `argv[0]` is an absolute path.
+    pub argv: Vec<String>,
+    /// The user to run the command as: not supported (a configuration error when set).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The longest a run may take before it is killed: 10m.
+    #[serde(default = "default_timeout")]
+    pub timeout: Span,
+    /// Output (stdout and stderr) kept for the reply text: 64KiB.
+    #[serde(default = "default_max_output")]
+    pub max_output: ByteSize,
+    /// One run per recipient (true), or one run for all the recipients of a transaction.
+    #[serde(default = "default_true")]
+    pub per_recipient: bool,
+    /// Line endings of the message on the command's stdin: `lf` (like Postfix) or `crlf`.
+    #[serde(default)]
+    pub line_endings: LineEndings,
+}
+
+/// Line endings of the message as the command sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineEndings {
+    /// CRLF becomes LF (a bare CR stays).
+    #[default]
+    Lf,
+    /// As spooled.
+    Crlf,
+}
+
+impl PipeStoreConfig {
+    /// A store running `argv`, with every default.
+    pub fn new(name: &str, argv: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            argv: argv.iter().map(|&a| a.to_owned()).collect(),
+            user: None,
+            timeout: default_timeout(),
+            max_output: default_max_output(),
+            per_recipient: true,
+            line_endings: LineEndings::Lf,
+        }
+    }
+
+    /// Checks what serde cannot: the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        parse_argv(&self.argv)?;
+        if self.user.is_some() {
+            return Err(
+                "user: running the command as another user is not supported; \
+                        run postern as that user, or let the command change user itself"
+                    .into(),
+            );
+        }
+        if self.timeout.0.is_zero() {
+            return Err("timeout: must be more than 0s".into());
+        }
+        if self.max_output.0 > 16 << 20 {
+            return Err("max_output: at most 16MiB".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_timeout() -> Span {
+    Span(Duration::from_secs(600))
+}
+fn default_max_output() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A macro of the argument templates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Var {
+    Sender,
+    Recipient,
+    User,
+    Domain,
+}
+
+impl Var {
+    const ALL: [(&'static str, Self); 4] = [
+        ("sender", Self::Sender),
+        ("recipient", Self::Recipient),
+        ("user", Self::User),
+        ("domain", Self::Domain),
+    ];
+
+    fn of_recipient(self) -> bool {
+        self != Self::Sender
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+/// One argument: text and macros.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Arg(Vec<Piece>);
+
+impl Arg {
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut rest = s;
+        while let Some(at) = rest.find('$') {
+            text.push_str(&rest[..at]);
+            rest = &rest[at..];
+            if let Some(inner) = rest.strip_prefix("${") {
+                let end = inner
+                    .find('}')
+                    .ok_or_else(|| format!("`{s}`: `${{` without a closing `}}`"))?;
+                let name = &inner[..end];
+                let var = Var::ALL
+                    .iter()
+                    .find_map(|(n, v)| (*n == name).then_some(*v))
+                    .ok_or_else(|| {
+                        format!(
+                            "`{s}`: unknown macro `${{{name}}}` \
+                             (known: ${{sender}}, ${{recipient}}, ${{user}}, ${{domain}})"
+                        )
+                    })?;
+                if !text.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(Piece::Var(var));
+                rest = &inner[end + 1..];
+            } else {
+                // `$sender` without braces is a likely mistake; a lone `$` is text.
+                let word: String = rest[1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if Var::ALL.iter().any(|(n, _)| *n == word) {
+                    return Err(format!("`{s}`: write `${{{word}}}`"));
+                }
+                text.push('$');
+                rest = &rest[1..];
+            }
+        }
+        text.push_str(rest);
+        if !text.is_empty() || pieces.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        Ok(Self(pieces))
+    }
+
+    fn of_recipient(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Var(v) if v.of_recipient()))
+    }
+
+    /// The argument for these values; `Err(var)` when a macro would begin it with `-`.
+    fn expand(&self, values: &Values<'_>) -> Result<String, Var> {
+        let mut out = String::new();
+        for (i, piece) in self.0.iter().enumerate() {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => {
+                    let value = values.get(*v);
+                    if i == 0 && value.starts_with('-') {
+                        return Err(*v);
+                    }
+                    out.push_str(value);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The templates of `argv`; `argv[0]` an absolute path without macros.
+fn parse_argv(argv: &[String]) -> Result<Vec<Arg>, String> {
+    let Some(program) = argv.first() else {
+        return Err("argv: the command is missing".into());
+    };
+    if !program.starts_with('/') {
+        return Err(format!(
+            "argv: `{program}` must be an absolute path (no PATH search)"
+        ));
+    }
+    if program.contains('$') {
+        return Err(format!(
+            "argv: `{program}`: no macros in the command's path"
+        ));
+    }
+    argv.iter()
+        .map(|a| Arg::parse(a).map_err(|e| format!("argv: {e}")))
+        .collect()
+}
+
+/// What the macros stand for, for one recipient (or none).
+#[derive(Debug, Default)]
+struct Values<'a> {
+    sender: &'a str,
+    recipient: String,
+    user: String,
+    domain: String,
+}
+
+impl<'a> Values<'a> {
+    fn new(sender: &'a str, to: Option<&ForwardPath>) -> Self {
+        let (recipient, user, domain) = match to {
+            None => Default::default(),
+            Some(ForwardPath::Postmaster) => {
+                ("postmaster".into(), "postmaster".into(), String::new())
+            }
+            Some(ForwardPath::Mailbox(m)) => {
+                let local = m.local_part_unquoted();
+                let user = local.split('+').next().unwrap_or_default().to_owned();
+                (m.to_string(), user, m.domain().to_string())
+            }
+        };
+        Self {
+            sender,
+            recipient,
+            user,
+            domain,
+        }
+    }
+
+    fn get(&self, var: Var) -> &str {
+        match var {
+            Var::Sender => self.sender,
+            Var::Recipient => &self.recipient,
+            Var::User => &self.user,
+            Var::Domain => &self.domain,
+        }
+    }
+}
+
+/// A pipe store, ready to run.
+#[derive(Debug)]
+pub struct PipeStore {
+    name: String,
+    program: String,
+    args: Vec<Arg>,
+    timeout: Duration,
+    max_output: usize,
+    per_recipient: bool,
+    line_endings: LineEndings,
+}
+
+impl PipeStore {
+    /// Loads a store's settings (validated again here).
+    pub fn from_config(config: &PipeStoreConfig) -> Result<Self, StoreError> {
+        let invalid = |reason| StoreError::Invalid {
+            store: config.name.clone(),
+            reason,
+        };
+        config.validate().map_err(invalid)?;
+        let args = parse_argv(&config.argv).map_err(invalid)?;
+        Ok(Self {
+            name: config.name.clone(),
+            program: config.argv[0].clone(),
+            args,
+            timeout: config.timeout.0,
+            // validate() bounds it to 16 MiB.
+            max_output: usize::try_from(config.max_output.0).unwrap_or(64 << 10),
+            per_recipient: config.per_recipient,
+            line_endings: config.line_endings,
+        })
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The command's path.
+    pub fn program(&self) -> &str {
+        &self.program
+    }
+
+    /// One run per recipient.
+    pub fn per_recipient(&self) -> bool {
+        self.per_recipient
+    }
+
+    /// Delivers one message: one run per recipient (or one for all), each reading the body
+    /// from its start. Each outcome goes to `on_outcome` as soon as its run has ended.
+    pub async fn deliver<B, F>(
+        &self,
+        envelope: &Envelope,
+        recipients: &[Recipient],
+        body: &B,
+        on_outcome: &mut F,
+    ) -> Report
+    where
+        B: MessageBody + ?Sized,
+        F: FnMut(usize, &Outcome),
+    {
+        let sender = match &envelope.from {
+            ReversePath::Null => String::new(),
+            ReversePath::Mailbox(m) => m.to_string(),
+        };
+        let mut report = Report::default();
+        let mut settle = |report: &mut Report, index: usize, outcome: Outcome| {
+            on_outcome(index, &outcome);
+            report.outcomes.push((index, outcome));
+        };
+        // Expand per recipient; a refused expansion settles the recipient at once.
+        let mut runnable: Vec<(&Recipient, Values<'_>)> = Vec::with_capacity(recipients.len());
+        for r in recipients {
+            let values = Values::new(&sender, Some(&r.path));
+            match self
+                .args
+                .iter()
+                .try_for_each(|a| a.expand(&values).map(drop))
+            {
+                Ok(()) => runnable.push((r, values)),
+                Err(var) => settle(&mut report, r.index, Outcome::Bounced(unsafe_value(var))),
+            }
+        }
+        if self.per_recipient {
+            let mut broken: Option<Outcome> = None;
+            for (r, values) in &runnable {
+                if let Some(outcome) = &broken {
+                    settle(&mut report, r.index, outcome.clone());
+                    continue;
+                }
+                let argv = self.argv(std::slice::from_ref(values));
+                let (outcome, trouble) = self.judge(self.run(&argv, body).await);
+                if trouble.as_ref().is_some_and(|t| t.scope == Scope::Store) {
+                    broken = Some(outcome.clone());
+                }
+                if let Some(t) = trouble {
+                    report.trouble = Trouble::widen(report.trouble.take(), t);
+                }
+                settle(&mut report, r.index, outcome);
+            }
+        } else if !runnable.is_empty() {
+            let values: Vec<Values<'_>> = runnable
+                .iter_mut()
+                .map(|(_, v)| std::mem::take(v))
+                .collect();
+            let argv = self.argv(&values);
+            let (outcome, trouble) = self.judge(self.run(&argv, body).await);
+            if let Some(t) = trouble {
+                report.trouble = Trouble::widen(report.trouble.take(), t);
+            }
+            for (r, _) in &runnable {
+                settle(&mut report, r.index, outcome.clone());
+            }
+        }
+        report
+    }
+
+    /// The command line for these recipients (values already checked by `expand`).
+    fn argv(&self, recipients: &[Values<'_>]) -> Vec<String> {
+        let mut argv = Vec::with_capacity(self.args.len() + recipients.len());
+        for arg in &self.args {
+            if arg.of_recipient() {
+                argv.extend(recipients.iter().filter_map(|v| arg.expand(v).ok()));
+            } else if let Some(v) = recipients.first() {
+                argv.extend(arg.expand(v).ok());
+            }
+        }
+        argv
+    }
+
+    /// One run of the command with the message on its stdin.
+    async fn run<B: MessageBody + ?Sized>(&self, argv: &[String], body: &B) -> Ended {
+        let reader = match body.open().await {
+            Ok(reader) => reader,
+            Err(e) => return Ended::Input(e),
+        };
+        let Some((program, args)) = argv.split_first() else {
+            return Ended::Spawn(io::Error::other("empty command line"));
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", COMMAND_PATH)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => return Ended::Spawn(e),
+        };
+        let group = child.id().and_then(|id| i32::try_from(id).ok());
+        let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            kill_group(group);
+            return Ended::Spawn(io::Error::other("the command's pipes are missing"));
+        };
+        let mut output = Captured::new(self.max_output);
+        let feed = feed(reader, stdin, self.line_endings);
+        tokio::pin!(feed);
+        let limit = tokio::time::sleep(self.timeout);
+        tokio::pin!(limit);
+        let (mut obuf, mut ebuf) = (vec![0u8; READ_SIZE], vec![0u8; READ_SIZE]);
+        let (mut out_open, mut err_open) = (true, true);
+        let mut fed: Option<Fed> = None;
+        let mut status: Option<io::Result<ExitStatus>> = None;
+        let mut timed_out = false;
+        loop {
+            if let Some(Fed::ReadFailed(..)) = fed {
+                break;
+            }
+            if status.is_some() && fed.is_some() && !out_open && !err_open {
+                break;
+            }
+            tokio::select! {
+                r = &mut feed, if fed.is_none() => fed = Some(r),
+                r = stdout.read(&mut obuf), if out_open => match r {
+                    Ok(n) if n > 0 => output.push(&obuf[..n]),
+                    _ => out_open = false,
+                },
+                r = stderr.read(&mut ebuf), if err_open => match r {
+                    Ok(n) if n > 0 => output.push(&ebuf[..n]),
+                    _ => err_open = false,
+                },
+                s = child.wait(), if status.is_none() => {
+                    status = Some(s);
+                    // Offspring may keep the pipes open: read a moment longer, no more.
+                    let soon = Instant::now() + AFTER_EXIT;
+                    if soon < limit.deadline() {
+                        limit.as_mut().reset(soon);
+                    }
+                }
+                () = &mut limit => {
+                    timed_out = status.is_none();
+                    break;
+                }
+            }
+        }
+        if let Some(Fed::ReadFailed(e, stdin)) = fed {
+            // Killed while its stdin is still open: it never sees the end of the message.
+            kill_group(group);
+            let _ = child.wait().await;
+            drop(stdin);
+            return Ended::Input(e);
+        }
+        if timed_out {
+            kill_group(group);
+            let _ = child.wait().await;
+            return Ended::TimedOut(output);
+        }
+        let status = match status {
+            Some(Ok(status)) => status,
+            Some(Err(e)) => return Ended::Spawn(e),
+            None => return Ended::TimedOut(output),
+        };
+        let write_error = match fed {
+            Some(Fed::WriteFailed(e)) => Some(e),
+            _ => None,
+        };
+        Ended::Exited {
+            status,
+            output,
+            write_error,
+        }
+    }
+
+    /// What a run's end means for its recipients, and any trouble beyond them.
+    fn judge(&self, ended: Ended) -> (Outcome, Option<Trouble>) {
+        let program = &self.program;
+        match ended {
+            Ended::Spawn(e) => {
+                let reply = local((4, 3, 0), &format!("Cannot run command \"{program}\": {e}"));
+                let trouble = Trouble {
+                    scope: Scope::Store,
+                    detail: format!("pipe {}: cannot run {program}: {e}", self.name),
+                    reply: Some(reply.clone()),
+                };
+                (Outcome::NotAttempted(Some(reply)), Some(trouble))
+            }
+            Ended::Input(e) => {
+                let reply = trouble::local_read_error(&e);
+                let trouble = trouble::message_refused(&reply);
+                (Outcome::Deferred(reply), Some(trouble))
+            }
+            Ended::TimedOut(output) => {
+                let text = with_output(
+                    format!(
+                        "Command time limit ({:?}) exceeded: \"{program}\"",
+                        self.timeout
+                    ),
+                    &output,
+                );
+                let reply = local((4, 3, 0), &text);
+                let trouble = Trouble {
+                    scope: Scope::Message,
+                    detail: format!(
+                        "pipe {}: {program} killed after {:?}",
+                        self.name, self.timeout
+                    ),
+                    reply: Some(reply.clone()),
+                };
+                (Outcome::Deferred(reply), Some(trouble))
+            }
+            Ended::Exited {
+                status,
+                output,
+                write_error,
+            } => (
+                exit_outcome(status, &output, write_error.as_ref(), program),
+                None,
+            ),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+enum Ended {
+    /// The command could not be started (or waited for).
+    Spawn(io::Error),
+    /// The message could not be read; the command was killed.
+    Input(io::Error),
+    /// Killed at the time limit.
+    TimedOut(Captured),
+    /// It exited (or died of a signal) by itself.
+    Exited {
+        status: ExitStatus,
+        output: Captured,
+        /// Writing its stdin failed other than by the command closing it.
+        write_error: Option<io::Error>,
+    },
+}
+
+/// The outcome of a command that ended by itself (Postfix's `pipe_command` and `sys_exits`).
+fn exit_outcome(
+    status: ExitStatus,
+    output: &Captured,
+    write_error: Option<&io::Error>,
+    program: &str,
+) -> Outcome {
+    if let Some(signal) = status.signal() {
+        let text = with_output(
+            format!("Command died with signal {signal}: \"{program}\""),
+            output,
+        );
+        return Outcome::Deferred(local((4, 3, 0), &text));
+    }
+    let code = status.code().unwrap_or(-1);
+    if code == 0 {
+        if let Some(e) = write_error {
+            let text = format!("Writing the message to \"{program}\": {e}");
+            return Outcome::Deferred(local((4, 3, 0), &text));
+        }
+        return Outcome::Delivered(local((2, 0, 0), &format!("Delivered to \"{program}\"")));
+    }
+    // "D.S.N text" as the first output line decides (pipe_command.c: dsn_valid).
+    if let Some(line) = output.first_line() {
+        if let Some((e, text)) = EnhancedCode::parse_prefix(&line) {
+            if matches!(e.class, 4 | 5) && !text.trim().is_empty() {
+                return settle_status(e, text.trim());
+            }
+        }
+    }
+    let (e, text) = match sys_exit(code) {
+        Some((e, text)) => (e, format!("{text} (exit status {code})")),
+        None => (
+            EnhancedCode::new(5, 3, 0),
+            format!("Command died with status {code}: \"{program}\""),
+        ),
+    };
+    settle_status(e, &with_output(text, output))
+}
+
+fn settle_status(e: EnhancedCode, text: &str) -> Outcome {
+    let reply = local((e.class, e.subject, e.detail), text);
+    if e.class == 4 {
+        Outcome::Deferred(reply)
+    } else {
+        Outcome::Bounced(reply)
+    }
+}
+
+/// `<sysexits.h>` codes as Postfix's `global/sys_exits.c` maps them.
+fn sys_exit(code: i32) -> Option<(EnhancedCode, &'static str)> {
+    let (e, text) = match code {
+        64 => ((5, 3, 0), "command line usage error"),
+        65 => ((5, 6, 0), "data format error"),
+        66 => ((5, 3, 0), "cannot open input"),
+        67 => ((5, 1, 1), "user unknown"),
+        68 => ((5, 1, 2), "host name unknown"),
+        69 => ((5, 3, 0), "service unavailable"),
+        70 => ((5, 3, 0), "internal software error"),
+        71 => ((4, 3, 0), "system resource problem"),
+        72 => ((5, 3, 0), "critical OS file missing"),
+        73 => ((5, 2, 0), "can't create user output file"),
+        74 => ((5, 3, 0), "input/output error"),
+        75 => ((4, 3, 0), "temporary failure"),
+        76 => ((5, 5, 0), "remote error in protocol"),
+        77 => ((5, 7, 0), "permission denied"),
+        78 => ((5, 3, 5), "local configuration error"),
+        _ => return None,
+    };
+    Some((EnhancedCode::new(e.0, e.1, e.2), text))
+}
+
+/// A locally made reply: `250`, `451`, or `550`/`554` by the enhanced code's subject.
+fn local(e: (u8, u16, u16), text: &str) -> Reply {
+    let code = match e {
+        (2, ..) => 250,
+        (4, ..) => 451,
+        (_, 1 | 7, _) => 550,
+        (_, 2, 2) => 552,
+        _ => 554,
+    };
+    let code = ReplyCode::new(code).unwrap_or(ReplyCode::LOCAL_ERROR);
+    Reply::new(code, Some(EnhancedCode::new(e.0, e.1, e.2)), text)
+}
+
+/// The refusal of an address that would begin an argument with `-`.
+fn unsafe_value(var: Var) -> Reply {
+    if var == Var::Sender {
+        local(
+            (5, 1, 7),
+            "Sender address not usable as a command argument (leading '-')",
+        )
+    } else {
+        local(
+            (5, 1, 3),
+            "Recipient address not usable as a command argument (leading '-')",
+        )
+    }
+}
+
+fn with_output(text: String, output: &Captured) -> String {
+    match output.first_line() {
+        Some(line) => format!("{text}. Command output: {line}"),
+        None => text,
+    }
+}
+
+/// The command's output, up to a limit; the rest is counted and dropped.
+#[derive(Debug)]
+struct Captured {
+    kept: Vec<u8>,
+    limit: usize,
+    dropped: u64,
+}
+
+impl Captured {
+    fn new(limit: usize) -> Self {
+        Self {
+            kept: Vec::new(),
+            limit,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.limit.saturating_sub(self.kept.len()).min(bytes.len());
+        self.kept.extend_from_slice(&bytes[..room]);
+        self.dropped += (bytes.len() - room) as u64;
+    }
+
+    /// The first non-blank line, printable ASCII (others `_`, tabs spaces), at most
+    /// [`QUOTED_OUTPUT`] characters.
+    fn first_line(&self) -> Option<String> {
+        let line = self
+            .kept
+            .split(|b| *b == b'\n')
+            .find(|l| l.iter().any(|b| !b.is_ascii_whitespace()))?;
+        let clean: String = line
+            .iter()
+            .filter(|b| **b != b'\r')
+            .take(QUOTED_OUTPUT)
+            .map(|&b| match b {
+                b'\t' => ' ',
+                0x20..=0x7e => char::from(b),
+                _ => '_',
+            })
+            .collect();
+        Some(clean.trim().to_owned())
+    }
+}
+
+/// How feeding the message to the command ended.
+#[derive(Debug)]
+enum Fed {
+    /// All of it, and stdin closed.
+    Done,
+    /// The command closed its stdin first (EPIPE): its exit status decides.
+    Closed,
+    /// Writing failed otherwise.
+    WriteFailed(io::Error),
+    /// Reading the message failed; stdin is handed back still open, so the command can be
+    /// killed before it sees an end of input.
+    ReadFailed(io::Error, ChildStdin),
+}
+
+async fn feed<R: AsyncRead + Unpin>(mut reader: R, mut stdin: ChildStdin, eol: LineEndings) -> Fed {
+    let mut input = vec![0u8; READ_SIZE];
+    let mut converted = Vec::with_capacity(READ_SIZE);
+    let mut lf = ToLf::default();
+    loop {
+        let n = match reader.read(&mut input).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return Fed::ReadFailed(e, stdin),
+        };
+        let chunk = match eol {
+            LineEndings::Crlf => &input[..n],
+            LineEndings::Lf => {
+                converted.clear();
+                lf.convert(&input[..n], &mut converted);
+                &converted[..]
+            }
+        };
+        if let Err(e) = stdin.write_all(chunk).await {
+            return written(e);
+        }
+    }
+    converted.clear();
+    lf.finish(&mut converted);
+    if let Err(e) = stdin.write_all(&converted).await {
+        return written(e);
+    }
+    if let Err(e) = stdin.flush().await {
+        return written(e);
+    }
+    drop(stdin);
+    Fed::Done
+}
+
+fn written(e: io::Error) -> Fed {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Fed::Closed
+    } else {
+        Fed::WriteFailed(e)
+    }
+}
+
+/// CRLF → LF across chunk boundaries; a bare CR is kept.
+#[derive(Debug, Default)]
+struct ToLf {
+    pending_cr: bool,
+}
+
+impl ToLf {
+    fn convert(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &b in input {
+            if self.pending_cr {
+                self.pending_cr = false;
+                if b != b'\n' {
+                    out.push(b'\r');
+                }
+            }
+            if b == b'\r' {
+                self.pending_cr = true;
+            } else {
+                out.push(b);
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.pending_cr) {
+            out.push(b'\r');
+        }
+    }
+}
+
+/// SIGKILL to the command's process group (it leads it: `process_group(0)`).
+fn kill_group(group: Option<i32>) {
+    if let Some(pid) = group.and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use postern_proto::Mailbox;
+
+    use super::*;
+
+    fn values<'a>(sender: &'a str, to: &str) -> Values<'a> {
+        Values::new(
+            sender,
+            Some(&ForwardPath::Mailbox(Mailbox::parse(to).unwrap())),
+        )
+    }
+
+    #[test]
+    fn templates() {
+        let a = Arg::parse("--to=${user}+x@${domain}").unwrap();
+        let v = values("s@example.net", "Bob+tag@Example.ORG");
+        assert_eq!(a.expand(&v).unwrap(), "--to=Bob+x@Example.ORG");
+        assert!(a.of_recipient());
+        let s = Arg::parse("${sender}").unwrap();
+        assert!(!s.of_recipient());
+        assert_eq!(s.expand(&v).unwrap(), "s@example.net");
+        assert_eq!(
+            Arg::parse("$5 and $").unwrap().expand(&v).unwrap(),
+            "$5 and $"
+        );
+        assert_eq!(Arg::parse("").unwrap().expand(&v).unwrap(), "");
+        assert_eq!(
+            Arg::parse("${recipient}").unwrap().expand(&v).unwrap(),
+            "Bob+tag@Example.ORG"
+        );
+        for (bad, why) in [
+            ("${nexthop}", "unknown macro"),
+            ("${sender", "closing"),
+            ("$sender", "write `${sender}`"),
+        ] {
+            let e = Arg::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn leading_dash_is_refused_only_where_a_macro_starts_the_argument() {
+        let v = values("s@example.net", "\"-oQ/tmp\"@example.org");
+        assert_eq!(Arg::parse("${user}").unwrap().expand(&v), Err(Var::User));
+        assert_eq!(
+            Arg::parse("--rcpt=${user}").unwrap().expand(&v).unwrap(),
+            "--rcpt=-oQ/tmp"
+        );
+        let v = values("-x@example.net", "a@example.org");
+        assert_eq!(
+            Arg::parse("${sender}").unwrap().expand(&v),
+            Err(Var::Sender)
+        );
+    }
+
+    #[test]
+    fn argv_checks() {
+        let check =
+            |argv: &[&str]| parse_argv(&argv.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>());
+        assert!(check(&["/bin/cat", "${recipient}"]).is_ok());
+        assert!(check(&[]).unwrap_err().contains("missing"));
+        assert!(check(&["cat"]).unwrap_err().contains("absolute"));
+        assert!(check(&["/usr/${user}"]).unwrap_err().contains("no macros"));
+        let mut c = PipeStoreConfig::new("p", &["/bin/cat"]);
+        assert!(c.validate().is_ok());
+        c.user = Some("vmail".into());
+        assert!(c.validate().unwrap_err().starts_with("user:"));
+    }
+
+    #[test]
+    fn batch_argv_repeats_recipient_arguments() {
+        let mut c = PipeStoreConfig::new(
+            "p",
+            &["/bin/x", "-f", "${sender}", "--to=${recipient}", "end"],
+        );
+        c.per_recipient = false;
+        let store = PipeStore::from_config(&c).unwrap();
+        let vs = [
+            values("s@x", "a@example.org"),
+            values("s@x", "b@example.org"),
+        ];
+        assert_eq!(
+            store.argv(&vs),
+            [
+                "/bin/x",
+                "-f",
+                "s@x",
+                "--to=a@example.org",
+                "--to=b@example.org",
+                "end"
+            ]
+        );
+    }
+
+    #[test]
+    fn crlf_to_lf_across_chunks() {
+        let mut lf = ToLf::default();
+        let mut out = Vec::new();
+        for chunk in [&b"a\r"[..], b"\nb\rc\r", b"\r\n", b"d\r"] {
+            lf.convert(chunk, &mut out);
+        }
+        lf.finish(&mut out);
+        assert_eq!(out, b"a\nb\rc\r\nd\r");
+    }
+
+    #[test]
+    fn captured_output_is_bounded_and_sanitised() {
+        let mut c = Captured::new(10);
+        c.push(b"\n  \r\nab\tc\x01\xff");
+        c.push(b"more than the limit");
+        assert_eq!(c.kept.len(), 10);
+        assert_eq!(c.dropped, 1 + 19);
+        assert_eq!(c.first_line().unwrap(), "ab c_");
+        assert_eq!(Captured::new(10).first_line(), None);
+    }
+
+    #[test]
+    fn exit_statuses_like_postfix() {
+        let out = Captured::new(100);
+        let show = |code: i32| {
+            let o = exit_outcome(ExitStatus::from_raw(code << 8), &out, None, "/bin/x");
+            let r = o.reply().unwrap();
+            let kind = if o.is_final() {
+                if matches!(o, Outcome::Delivered(_)) {
+                    "D"
+                } else {
+                    "B"
+                }
+            } else {
+                "T"
+            };
+            format!("{kind} {} {}", r.code(), r.enhanced().unwrap())
+        };
+        let table = [
+            (0, "D 250 2.0.0"),
+            (1, "B 554 5.3.0"),
+            (64, "B 554 5.3.0"),
+            (65, "B 554 5.6.0"),
+            (66, "B 554 5.3.0"),
+            (67, "B 550 5.1.1"),
+            (68, "B 550 5.1.2"),
+            (69, "B 554 5.3.0"),
+            (70, "B 554 5.3.0"),
+            (71, "T 451 4.3.0"),
+            (72, "B 554 5.3.0"),
+            (73, "B 554 5.2.0"),
+            (74, "B 554 5.3.0"),
+            (75, "T 451 4.3.0"),
+            (76, "B 554 5.5.0"),
+            (77, "B 550 5.7.0"),
+            (78, "B 554 5.3.5"),
+            (100, "B 554 5.3.0"),
+        ];
+        for (code, want) in table {
+            assert_eq!(show(code), want, "exit {code}");
+        }
+        // Killed by SIGKILL (raw status 9).
+        let o = exit_outcome(ExitStatus::from_raw(9), &out, None, "/bin/x");
+        assert!(matches!(&o, Outcome::Deferred(r) if r.text().contains("signal 9")));
+        // "D.S.N text" on the first output line wins over the exit status.
+        let mut said = Captured::new(100);
+        said.push(b"4.2.2 mailbox full\nmore\n");
+        let o = exit_outcome(ExitStatus::from_raw(1 << 8), &said, None, "/bin/x");
+        assert_eq!(o.reply().unwrap().to_string(), "451 4.2.2 mailbox full");
+        assert!(matches!(o, Outcome::Deferred(_)));
+        // Exit 0 after a write error that was not EPIPE.
+        let e = io::Error::other("boom");
+        let o = exit_outcome(ExitStatus::from_raw(0), &out, Some(&e), "/bin/x");
+        assert!(matches!(o, Outcome::Deferred(_)));
+    }
+}

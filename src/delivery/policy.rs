@@ -1,0 +1,271 @@
+//! The policy stores: `discard` (accept and drop) and `error` (a fixed reply).
+//!
+//! Neither touches the message. [`DiscardStore`] reports every recipient
+//! [`Outcome::Delivered`] with `250 2.0.0 discarded`; [`ErrorStore`] gives every recipient
+//! its configured reply, [`Outcome::Deferred`] for a 4yz and [`Outcome::Bounced`] for a 5yz
+//! (Postfix's `discard(8)` and `error(8)`). Both have the agents' `deliver` shape, so the
+//! scheduler treats them like any store; [`discard`] and [`refuse`] are the same as plain
+//! functions for a caller that holds only the reply.
+//!
+//! ```yaml
+//! stores:
+//!   - { kind: discard, name: blackhole }
+//!   - { kind: error, name: retired, reply: "550 5.1.6 This domain has moved to example.net" }
+//!   - { kind: error, name: frozen, reply: "451 4.3.2 Deliveries to this domain are paused" }
+//! ```
+//!
+//! The reply is written as on the wire: a 4yz or 5yz code, an optional enhanced status code
+//! whose class matches, and text ([`parse_fixed_reply`]); anything else is a configuration
+//! error at load time.
+
+use postern_proto::reply::{EnhancedCode, Reply, ReplyCode, ReplyParser, Severity};
+use serde::Deserializer;
+
+use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::trouble::Outcome;
+
+/// Accepts every recipient and drops the message.
+#[derive(Clone, Debug)]
+pub struct DiscardStore {
+    name: String,
+}
+
+impl DiscardStore {
+    /// A discard store named `name`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every recipient delivered (`250 2.0.0 discarded`); the body is not read.
+    #[allow(clippy::unused_async, reason = "the agents' common shape")]
+    pub async fn deliver<B, F>(
+        &self,
+        _envelope: &Envelope,
+        recipients: &[Recipient],
+        _body: &B,
+        on_outcome: &mut F,
+    ) -> Report
+    where
+        B: MessageBody + ?Sized,
+        F: FnMut(usize, &Outcome),
+    {
+        discard(recipients, on_outcome)
+    }
+}
+
+/// Gives every recipient the same refusal.
+#[derive(Clone, Debug)]
+pub struct ErrorStore {
+    name: String,
+    reply: Reply,
+}
+
+impl ErrorStore {
+    /// An error store named `name` answering `reply` (a 4yz or 5yz; see [`parse_fixed_reply`]).
+    pub fn new(name: &str, reply: Reply) -> Self {
+        Self {
+            name: name.to_owned(),
+            reply,
+        }
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The configured reply.
+    pub fn reply(&self) -> &Reply {
+        &self.reply
+    }
+
+    /// Every recipient deferred (4yz) or bounced (5yz) with the reply; the body is not read.
+    #[allow(clippy::unused_async, reason = "the agents' common shape")]
+    pub async fn deliver<B, F>(
+        &self,
+        _envelope: &Envelope,
+        recipients: &[Recipient],
+        _body: &B,
+        on_outcome: &mut F,
+    ) -> Report
+    where
+        B: MessageBody + ?Sized,
+        F: FnMut(usize, &Outcome),
+    {
+        refuse(&self.reply, recipients, on_outcome)
+    }
+}
+
+/// Every recipient delivered with `250 2.0.0 discarded`.
+pub fn discard<F: FnMut(usize, &Outcome)>(recipients: &[Recipient], on_outcome: &mut F) -> Report {
+    let reply = Reply::new(ReplyCode::OK, Some(EnhancedCode::new(2, 0, 0)), "discarded");
+    settle_all(recipients, &Outcome::Delivered(reply), on_outcome)
+}
+
+/// Every recipient refused with `reply`: deferred if it is a 4yz, bounced otherwise (a reply
+/// that is not a failure, which configuration never lets through, bounces too rather than
+/// counting as delivered).
+pub fn refuse<F: FnMut(usize, &Outcome)>(
+    reply: &Reply,
+    recipients: &[Recipient],
+    on_outcome: &mut F,
+) -> Report {
+    let outcome = if reply.is_transient() {
+        Outcome::Deferred(reply.clone())
+    } else {
+        Outcome::Bounced(reply.clone())
+    };
+    settle_all(recipients, &outcome, on_outcome)
+}
+
+fn settle_all<F: FnMut(usize, &Outcome)>(
+    recipients: &[Recipient],
+    outcome: &Outcome,
+    on_outcome: &mut F,
+) -> Report {
+    let outcomes = recipients
+        .iter()
+        .map(|r| {
+            on_outcome(r.index, outcome);
+            (r.index, outcome.clone())
+        })
+        .collect();
+    Report {
+        outcomes,
+        trouble: None,
+    }
+}
+
+/// Parses a configured reply such as `550 5.7.1 Relaying to this domain is closed`: one line,
+/// a 4yz or 5yz code, an optional enhanced status code of the same class.
+pub fn parse_fixed_reply(s: &str) -> Result<Reply, String> {
+    let s = s.trim();
+    if s.contains(['\r', '\n']) {
+        return Err("a reply is one line".into());
+    }
+    let mut parser = ReplyParser::default();
+    parser.handle_input(s.as_bytes());
+    parser.handle_input(b"\r\n");
+    let Ok(Some(reply)) = parser.poll_reply() else {
+        return Err(format!("`{s}` is not a reply like \"550 5.7.1 text\""));
+    };
+    if !matches!(
+        reply.severity(),
+        Severity::TransientNegative | Severity::PermanentNegative
+    ) {
+        return Err(format!("`{s}`: the reply must be a 4yz or a 5yz"));
+    }
+    // The parser keeps an enhanced code of another class as text.
+    if let (None, Some((e, _))) = (reply.enhanced(), EnhancedCode::parse_prefix(&reply.text())) {
+        return Err(format!(
+            "`{s}`: the enhanced status code {e} does not match the reply code's class"
+        ));
+    }
+    if reply.text().trim().is_empty() {
+        return Err(format!("`{s}`: the reply needs a text"));
+    }
+    Ok(reply)
+}
+
+/// serde: a [`parse_fixed_reply`] string.
+pub fn deserialize_fixed_reply<'de, D: Deserializer<'de>>(d: D) -> Result<Reply, D::Error> {
+    crate::config::units::parse_str(d, parse_fixed_reply, "a reply like \"550 5.7.1 text\"")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use postern_proto::{ForwardPath, Mailbox, RcptParams, ReversePath};
+
+    use super::*;
+
+    fn rcpts(n: usize) -> Vec<Recipient> {
+        (0..n)
+            .map(|i| Recipient {
+                index: i * 2,
+                path: ForwardPath::Mailbox(Mailbox::parse(&format!("u{i}@example.org")).unwrap()),
+                params: RcptParams::default(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn discard_delivers_everyone_without_reading() {
+        let store = DiscardStore::new("void");
+        let env = Envelope::new(ReversePath::Null, 3);
+        let mut seen = Vec::new();
+        let body: &[u8] = b"x\r\n";
+        let report = store
+            .deliver(&env, &rcpts(3), body, &mut |i, o: &Outcome| {
+                seen.push((i, o.clone()));
+            })
+            .await;
+        assert_eq!(report.outcomes, seen);
+        assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 4]);
+        for (_, o) in &seen {
+            let Outcome::Delivered(r) = o else {
+                panic!("{o:?}")
+            };
+            assert_eq!(r.to_string(), "250 2.0.0 discarded");
+        }
+        assert!(report.trouble.is_none());
+    }
+
+    #[tokio::test]
+    async fn error_store_defers_or_bounces_by_class() {
+        let env = Envelope::new(ReversePath::Null, 3);
+        let body: &[u8] = b"x\r\n";
+        let bounce = ErrorStore::new("x", parse_fixed_reply("550 5.1.6 Moved").unwrap());
+        let report = bounce
+            .deliver(&env, &rcpts(2), body, &mut |_, _: &Outcome| {})
+            .await;
+        assert!(
+            report.outcomes.iter().all(
+                |(_, o)| matches!(o, Outcome::Bounced(r) if r.to_string() == "550 5.1.6 Moved")
+            )
+        );
+        let defer = ErrorStore::new("y", parse_fixed_reply("451 4.3.2 Paused").unwrap());
+        let mut n = 0;
+        let report = defer
+            .deliver(&env, &rcpts(2), body, &mut |_, _: &Outcome| n += 1)
+            .await;
+        assert_eq!(n, 2);
+        assert!(
+            report
+                .outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::Deferred(r) if r.code().get() == 451))
+        );
+        assert_eq!(defer.reply().enhanced(), Some(EnhancedCode::new(4, 3, 2)));
+    }
+
+    #[test]
+    fn fixed_replies() {
+        let r = parse_fixed_reply("  554 No thanks ").unwrap();
+        assert_eq!(
+            (r.code().get(), r.enhanced(), r.text()),
+            (554, None, "No thanks".into())
+        );
+        for (bad, why) in [
+            ("250 2.0.0 fine", "4yz or a 5yz"),
+            ("354 go on", "4yz or a 5yz"),
+            ("550 4.1.1 mixed", "does not match"),
+            ("55 short", "not a reply"),
+            ("hello", "not a reply"),
+            ("550", "needs a text"),
+            ("550 5.1.1", "needs a text"),
+            ("550 a\nb", "one line"),
+        ] {
+            let err = parse_fixed_reply(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}
