@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, StoreConfig};
 use crate::delivery::{
-    Envelope, MaildirStore, MessageBody, Outcome, Recipient, Report, StorePool, trouble,
+    Envelope, MaildirStore, MessageBody, Outcome, PipeStore, Recipient, Report, StorePool, trouble,
 };
 use crate::spool::{QueueId, Spool};
 
@@ -46,6 +46,8 @@ pub enum Agent {
     Lmtp(StorePool),
     /// The built-in maildir store.
     Maildir(Arc<MaildirStore>),
+    /// A command, fed the message on its standard input.
+    Pipe(Arc<PipeStore>),
     /// Accept and drop.
     Discard,
     /// Every recipient gets this reply (4yz deferred, 5yz bounced): a store that is
@@ -69,7 +71,8 @@ impl Agent {
     pub fn recipients_per_transaction(&self) -> usize {
         match self {
             Self::Lmtp(pool) => pool.store().recipients_per_transaction().max(1),
-            Self::Maildir(_) | Self::Discard | Self::Error(_) => LOCAL_BATCH,
+            Self::Pipe(p) if p.per_recipient() => 1,
+            Self::Maildir(_) | Self::Pipe(_) | Self::Discard | Self::Error(_) => LOCAL_BATCH,
         }
     }
 
@@ -77,7 +80,9 @@ impl Agent {
     pub fn max_connections(&self) -> usize {
         match self {
             Self::Lmtp(pool) => pool.store().max_connections().max(1),
-            Self::Maildir(_) | Self::Discard | Self::Error(_) => LOCAL_MAX_CONCURRENCY,
+            Self::Maildir(_) | Self::Pipe(_) | Self::Discard | Self::Error(_) => {
+                LOCAL_MAX_CONCURRENCY
+            }
         }
     }
 
@@ -86,6 +91,7 @@ impl Agent {
         match self {
             Self::Lmtp(pool) => pool.store().address().to_string(),
             Self::Maildir(_) => "maildir".into(),
+            Self::Pipe(p) => format!("pipe:{}", p.program()),
             Self::Discard => "discard".into(),
             Self::Error(_) => "none".into(),
         }
@@ -148,6 +154,11 @@ impl Agent {
                 }
             }
             Self::Maildir(store) => Attempt {
+                report: store.deliver(envelope, recipients, body, on_outcome).await,
+                connect: Duration::ZERO,
+                transfer: started.elapsed(),
+            },
+            Self::Pipe(store) => Attempt {
                 report: store.deliver(envelope, recipients, body, on_outcome).await,
                 connect: Duration::ZERO,
                 transfer: started.elapsed(),
@@ -224,8 +235,8 @@ impl Agents {
         Self::default()
     }
 
-    /// The agents for the configured stores. LMTP stores get a connection pool each, swept
-    /// for idle and old connections every 30 s (needs a tokio runtime).
+    /// The agents for the configured stores. LMTP stores get a connection pool each (the
+    /// scheduler sweeps it for idle and old connections every 30 s).
     pub fn from_config(config: &Config) -> Result<Self, crate::delivery::lmtp::StoreError> {
         let mut agents = Self::new();
         for store in &config.stores {
@@ -236,10 +247,10 @@ impl Agents {
                 StoreConfig::Discard { .. } => Agent::Discard,
                 StoreConfig::Lmtp(l) => {
                     let lmtp = crate::delivery::LmtpStore::from_config(l, &config.hostname)?;
-                    let pool = StorePool::new(Arc::new(lmtp));
-                    pool.spawn_sweeper(Duration::from_secs(30));
-                    Agent::Lmtp(pool)
+                    Agent::Lmtp(StorePool::new(Arc::new(lmtp)))
                 }
+                StoreConfig::Pipe(p) => Agent::Pipe(Arc::new(PipeStore::from_config(p)?)),
+                StoreConfig::Error { reply, .. } => Agent::Error(reply.clone()),
             };
             agents.insert(store.name(), agent);
         }
