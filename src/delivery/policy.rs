@@ -125,7 +125,8 @@ pub fn refuse<F: FnMut(usize, &Outcome)>(
     settle_all(recipients, &outcome, on_outcome)
 }
 
-fn settle_all<F: FnMut(usize, &Outcome)>(
+/// Gives every recipient the same outcome, reporting each through `on_outcome`.
+pub fn settle_all<F: FnMut(usize, &Outcome)>(
     recipients: &[Recipient],
     outcome: &Outcome,
     on_outcome: &mut F,

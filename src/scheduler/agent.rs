@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use deadpool::managed::Object;
 use postern_proto::Reply;
-use postern_proto::reply::{EnhancedCode, ReplyCode};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -135,14 +134,21 @@ impl Agent {
                         }
                         Err(e) => {
                             let reply = trouble::local_read_error(&e);
-                            let mut r =
-                                settle(recipients, &Outcome::Deferred(reply.clone()), on_outcome);
+                            let mut r = crate::delivery::policy::settle_all(
+                                recipients,
+                                &Outcome::Deferred(reply.clone()),
+                                on_outcome,
+                            );
                             r.trouble = Some(trouble::message_refused(&reply));
                             r
                         }
                     },
                     Err(t) => {
-                        let mut r = settle(recipients, &Outcome::NotAttempted(None), on_outcome);
+                        let mut r = crate::delivery::policy::settle_all(
+                            recipients,
+                            &Outcome::NotAttempted(None),
+                            on_outcome,
+                        );
                         r.trouble = Some(t);
                         r
                     }
@@ -164,20 +170,13 @@ impl Agent {
                 transfer: started.elapsed(),
             },
             Self::Discard => Attempt {
-                report: settle(recipients, &Outcome::Delivered(discarded()), on_outcome),
+                report: crate::delivery::policy::discard(recipients, on_outcome),
                 ..Attempt::default()
             },
-            Self::Error(reply) => {
-                let outcome = if reply.is_permanent() {
-                    Outcome::Bounced(reply.clone())
-                } else {
-                    Outcome::Deferred(reply.clone())
-                };
-                Attempt {
-                    report: settle(recipients, &outcome, on_outcome),
-                    ..Attempt::default()
-                }
-            }
+            Self::Error(reply) => Attempt {
+                report: crate::delivery::policy::refuse(reply, recipients, on_outcome),
+                ..Attempt::default()
+            },
         }
     }
 
@@ -194,32 +193,6 @@ impl Agent {
             },
             _ => Ok(()),
         }
-    }
-}
-
-fn discarded() -> Reply {
-    Reply::new(
-        ReplyCode::new(250).unwrap_or(ReplyCode::LOCAL_ERROR),
-        Some(EnhancedCode::new(2, 0, 0)),
-        "discarded",
-    )
-}
-
-fn settle<F: FnMut(usize, &Outcome)>(
-    recipients: &[Recipient],
-    outcome: &Outcome,
-    on_outcome: &mut F,
-) -> Report {
-    let outcomes = recipients
-        .iter()
-        .map(|r| {
-            on_outcome(r.index, outcome);
-            (r.index, outcome.clone())
-        })
-        .collect();
-    Report {
-        outcomes,
-        trouble: None,
     }
 }
 
