@@ -255,6 +255,8 @@ pub enum StoreConfig {
     },
     /// A mailbox store reached over LMTP (Cyrus, Dovecot).
     Lmtp(Box<crate::delivery::LmtpStoreConfig>),
+    /// A relay to a fixed next hop over SMTP (bounces, mail to other domains).
+    Smtp(Box<crate::delivery::SmtpStoreConfig>),
     /// A command with the message on stdin (like Postfix's pipe(8)).
     Pipe(Box<crate::delivery::PipeStoreConfig>),
     /// Every recipient gets this reply: 4yz deferred, 5yz bounced (a policy route).
@@ -272,7 +274,7 @@ impl StoreConfig {
     pub fn name(&self) -> &str {
         match self {
             Self::Maildir { name, .. } | Self::Discard { name } | Self::Error { name, .. } => name,
-            Self::Lmtp(l) => &l.name,
+            Self::Lmtp(l) | Self::Smtp(l) => &l.name,
             Self::Pipe(p) => &p.name,
         }
     }
@@ -478,6 +480,7 @@ impl Config {
         for (i, s) in self.stores.iter().enumerate() {
             let checked = match s {
                 StoreConfig::Lmtp(l) => l.validate(),
+                StoreConfig::Smtp(s) => s.validate_smtp(),
                 StoreConfig::Pipe(p) => p.validate(),
                 _ => Ok(()),
             };

@@ -308,3 +308,41 @@ routes:
         assert!(joined.contains(want), "want {want}\ngot {joined}");
     }
 }
+
+#[test]
+fn smtp_relay_store_loads_and_validates() {
+    let yaml = BASE.replace(
+        "routes:\n",
+        "  - name: smarthost
+    kind: smtp
+    address: \"[relay.example.net]:587\"
+    tls: { mode: required }
+    auth: { username: postern, password_file: /etc/postern/relay.pass }
+    timeouts: { ehlo: 1m }
+routes:
+  relay: smarthost
+",
+    );
+    let yaml = yaml.replace("routes:\n  domains:", "  domains:");
+    let c = Config::parse(&yaml, "t").unwrap();
+    let StoreConfig::Smtp(s) = &c.stores[1] else {
+        panic!("{:?}", c.stores[1])
+    };
+    assert_eq!(s.name, "smarthost");
+    assert_eq!(s.address.to_string(), "relay.example.net:587");
+    assert_eq!(s.timeouts.lhlo, Span(Duration::from_secs(60)));
+    assert_eq!(c.routes.relay.as_deref(), Some("smarthost"));
+
+    let plain = yaml.replace("    tls: { mode: required }\n", "");
+    let joined = errors(&plain).join("\n");
+    assert!(
+        joined.contains("test.yaml:9: stores[1]: auth: needs tls: { mode: required }"),
+        "{joined}"
+    );
+    let unix = yaml.replace("\"[relay.example.net]:587\"", "unix:/run/relay");
+    let joined = errors(&unix).join("\n");
+    assert!(
+        joined.contains("stores[1]: address: an SMTP relay is host:port"),
+        "{joined}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Configuration of a store of kind `lmtp`, as written under `stores:`.
+//! Configuration of a store of kind `lmtp` (and of kind `smtp`, the same settings), as
+//! written under `stores:`.
 //!
 //! ```yaml
 //! stores:
@@ -16,6 +17,9 @@
 //!       - { code: 552, enhanced: "5.2.2", treat_as: temporary, max_age: 2d }
 //!       - { code: 550, treat_as: temporary, until: "2026-05-01T06:00:00Z" }
 //! ```
+//!
+//! A `kind: smtp` relay ([`SmtpStoreConfig`]) takes the same keys; `timeouts.ehlo` may be
+//! written for `timeouts.lhlo`, and [`LmtpStoreConfig::validate_smtp`] adds its own checks.
 //!
 //! Plain serde structs with `deny_unknown_fields`; durations and sizes carry units
 //! ([`Span`], [`ByteSize`]). [`LmtpStoreConfig::validate`] checks what serde cannot.
@@ -73,6 +77,10 @@ pub struct LmtpStoreConfig {
     pub normalize: Vec<NormalizeRule>,
 }
 
+/// One store of kind `smtp`: a fixed next hop (no MX lookups), with the same settings as an
+/// LMTP store; checked with [`LmtpStoreConfig::validate_smtp`].
+pub type SmtpStoreConfig = LmtpStoreConfig;
+
 impl LmtpStoreConfig {
     /// A store at `address` with every default.
     pub fn new(name: &str, address: StoreAddress) -> Self {
@@ -90,6 +98,32 @@ impl LmtpStoreConfig {
             chunk_size: default_chunk_size(),
             normalize: Vec::new(),
         }
+    }
+
+    /// Checks, for a `kind: smtp` relay, what [`validate`](Self::validate) checks and: the
+    /// address is `host:port` (no unix socket), and AUTH goes only over required TLS unless
+    /// the relay is on this host (a password is never sent in clear across a network, nor
+    /// exposed to a STARTTLS downgrade).
+    pub fn validate_smtp(&self) -> Result<(), String> {
+        self.validate()?;
+        let StoreAddress::Tcp { host, .. } = &self.address else {
+            return Err("address: an SMTP relay is host:port".into());
+        };
+        let tls_required = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == TlsMode::Required);
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if self.auth.is_some() && !tls_required && !loopback {
+            return Err(
+                "auth: needs tls: { mode: required } (the password would cross the network in clear)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Checks what serde cannot: the message names the key.
@@ -221,8 +255,9 @@ pub struct LmtpTimeouts {
     /// Opening the socket: 30s.
     #[serde(default = "default_connect")]
     pub connect: Span,
-    /// The greeting and each reply of LHLO, STARTTLS and AUTH: 5m.
-    #[serde(default = "default_lhlo")]
+    /// The greeting and each reply of LHLO (EHLO, HELO), STARTTLS and AUTH: 5m. Also
+    /// written `ehlo`.
+    #[serde(default = "default_lhlo", alias = "ehlo")]
     pub lhlo: Span,
     /// Each reply to MAIL, RCPT, DATA and RSET: 5m.
     #[serde(default = "default_mail_rcpt")]

@@ -127,8 +127,13 @@ pub struct Timeouts {
 }
 
 /// An LMTP store, ready to connect to. Shared (`Arc`) by its pool and its connections.
+///
+/// The same type, with [`Protocol::Smtp`], is an SMTP relay ([`LmtpStore::from_smtp_config`],
+/// in [`super::smtp`]): EHLO (HELO fallback) instead of LHLO, one reply after the end of data
+/// for every accepted recipient; everything else is shared.
 pub struct LmtpStore {
     name: String,
+    protocol: Protocol,
     address: StoreAddress,
     local_name: String,
     tls: Option<TlsSettings>,
@@ -147,6 +152,7 @@ impl fmt::Debug for LmtpStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LmtpStore")
             .field("name", &self.name)
+            .field("protocol", &self.protocol)
             .field("address", &self.address)
             .field("tls", &self.tls.as_ref().map(|t| t.mode))
             .field("auth", &self.auth.as_ref().map(|c| &c.username))
@@ -164,11 +170,20 @@ impl LmtpStore {
     /// Loads a store's settings: validates the configuration, reads the password file and
     /// the CA file, builds the TLS client configuration. `local_name` is sent with LHLO.
     pub fn from_config(config: &LmtpStoreConfig, local_name: &str) -> Result<Self, StoreError> {
-        let store = config.name.clone();
         config.validate().map_err(|reason| StoreError::Invalid {
-            store: store.clone(),
+            store: config.name.clone(),
             reason,
         })?;
+        Self::build(config, local_name, Protocol::Lmtp)
+    }
+
+    /// The store for a validated configuration, speaking `protocol`.
+    pub(super) fn build(
+        config: &LmtpStoreConfig,
+        local_name: &str,
+        protocol: Protocol,
+    ) -> Result<Self, StoreError> {
+        let store = config.name.clone();
         let tls = match &config.tls {
             None => None,
             Some(tls) => {
@@ -214,6 +229,7 @@ impl LmtpStore {
         let t = &config.timeouts;
         Ok(Self {
             name: store,
+            protocol,
             address: config.address.clone(),
             local_name: local_name.to_owned(),
             tls,
@@ -239,6 +255,11 @@ impl LmtpStore {
     /// The store's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// LMTP, or SMTP for a relay.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// Where it listens.
@@ -276,8 +297,8 @@ impl LmtpStore {
         &self.policy
     }
 
-    /// Opens a connection: socket, greeting, LHLO, STARTTLS and LHLO again (if configured),
-    /// AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`](super::Scope::Store)).
+    /// Opens a connection: socket, greeting, LHLO (EHLO, or HELO when EHLO is refused, for
+    /// SMTP), STARTTLS and LHLO/EHLO again (if configured), AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`](super::Scope::Store)).
     pub async fn connect(self: &Arc<Self>) -> Result<Connection, Trouble> {
         let t = self.timeouts;
         let io: Box<dyn Io> = match &self.address {
@@ -298,7 +319,7 @@ impl LmtpStore {
                 Box::new(stream)
             }
         };
-        let proto = ClientConnection::new(Protocol::Lmtp, self.local_name.clone());
+        let proto = ClientConnection::new(self.protocol, self.local_name.clone());
         let mut wire = Wire::new(io, proto);
         let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
         let mut tls = false;

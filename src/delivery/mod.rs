@@ -1,11 +1,12 @@
-//! Delivery to the mailbox stores over LMTP: the agent the scheduler calls.
+//! Delivery to the stores: the agents the scheduler calls (LMTP, SMTP relay, maildir, pipe,
+//! discard, error).
 //!
 //! Owns everything between "deliver this message to these recipients of that store" and one
 //! [`Outcome`] per recipient:
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | `kind: lmtp` store settings (address, TLS, AUTH, timeouts, normalisation) |
+//! | [`config`] | `kind: lmtp` and `kind: smtp` settings (address, TLS, AUTH, timeouts, normalisation) |
 //! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
@@ -13,6 +14,7 @@
 //! | [`policy`] | `kind: discard` and `kind: error` (a fixed reply) |
 //! | `wire` | the socket and the client state machine; greeting, LHLO, STARTTLS, AUTH |
 //! | `tls` | rustls client configuration (CA file, or `insecure_skip_verify` for tests) |
+//! | [`smtp`] | `kind: smtp`: a relay to a fixed next hop (the LMTP code speaking SMTP) |
 //! | [`pool`] | connections per store, reused across messages (deadpool) |
 //! | [`trouble`] | the failure policy: reply or error → outcome and [`Scope`] |
 //!
@@ -48,11 +50,12 @@ pub mod message;
 pub mod pipe;
 pub mod policy;
 pub mod pool;
+pub mod smtp;
 mod tls;
 pub mod trouble;
 mod wire;
 
-pub use config::LmtpStoreConfig;
+pub use config::{LmtpStoreConfig, SmtpStoreConfig};
 pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
 pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};

@@ -26,8 +26,9 @@
 //! The command runs in its own process group, with an empty environment but
 //! `PATH=/usr/bin:/bin`, in `/`, as postern's own user (`user:` is refused at load: changing
 //! user needs privileges postern does not keep). Its stdin is the message, streamed from the
-//! spool with CRLF turned into LF unless `line_endings: crlf`; its stdout and stderr are read
-//! together up to `max_output`, the excess read and dropped. If reading the message fails
+//! spool with CRLF turned into LF unless `line_endings: crlf`; its stdout and stderr are one
+//! pipe (as in Postfix: the output keeps its order), read up to `max_output`, the excess read
+//! and dropped. If reading the message fails
 //! half-way, the command is killed before its stdin closes, so it never sees a truncated
 //! message as complete.
 //!
@@ -50,6 +51,7 @@
 //! SEE ALSO: Postfix `pipe(8)`, `global/pipe_command.c`, `global/sys_exits.c`.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -461,6 +463,15 @@ impl PipeStore {
         let Some((program, args)) = argv.split_first() else {
             return Ended::Spawn(io::Error::other("empty command line"));
         };
+        // stdout and stderr share one pipe, so the output keeps the order it was written in.
+        let (output_end, mut output_pipe) = match output_pipe() {
+            Ok(ends) => ends,
+            Err(e) => return Ended::Spawn(e),
+        };
+        let stderr_end = match output_end.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => return Ended::Spawn(e),
+        };
         let mut command = Command::new(program);
         command
             .args(args)
@@ -468,28 +479,30 @@ impl PipeStore {
             .env("PATH", COMMAND_PATH)
             .current_dir("/")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(output_end))
+            .stderr(Stdio::from(stderr_end))
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = match command.spawn() {
+        let spawned = command.spawn();
+        // Our copies of the output pipe's write end close with the command: the end of
+        // output is seen once the command (and whatever inherited them) has closed its own.
+        drop(command);
+        let mut child = match spawned {
             Ok(child) => child,
             Err(e) => return Ended::Spawn(e),
         };
         let group = child.id().and_then(|id| i32::try_from(id).ok());
-        let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let Some(stdin) = child.stdin.take() else {
             kill_group(group);
-            return Ended::Spawn(io::Error::other("the command's pipes are missing"));
+            return Ended::Spawn(io::Error::other("the command's stdin is missing"));
         };
         let mut output = Captured::new(self.max_output);
         let feed = feed(reader, stdin, self.line_endings);
         tokio::pin!(feed);
         let limit = tokio::time::sleep(self.timeout);
         tokio::pin!(limit);
-        let (mut obuf, mut ebuf) = (vec![0u8; READ_SIZE], vec![0u8; READ_SIZE]);
-        let (mut out_open, mut err_open) = (true, true);
+        let mut buf = vec![0u8; READ_SIZE];
+        let mut output_open = true;
         let mut fed: Option<Fed> = None;
         let mut status: Option<io::Result<ExitStatus>> = None;
         let mut timed_out = false;
@@ -497,18 +510,14 @@ impl PipeStore {
             if let Some(Fed::ReadFailed(..)) = fed {
                 break;
             }
-            if status.is_some() && fed.is_some() && !out_open && !err_open {
+            if status.is_some() && fed.is_some() && !output_open {
                 break;
             }
             tokio::select! {
                 r = &mut feed, if fed.is_none() => fed = Some(r),
-                r = stdout.read(&mut obuf), if out_open => match r {
-                    Ok(n) if n > 0 => output.push(&obuf[..n]),
-                    _ => out_open = false,
-                },
-                r = stderr.read(&mut ebuf), if err_open => match r {
-                    Ok(n) if n > 0 => output.push(&ebuf[..n]),
-                    _ => err_open = false,
+                r = output_pipe.read(&mut buf), if output_open => match r {
+                    Ok(n) if n > 0 => output.push(&buf[..n]),
+                    _ => output_open = false,
                 },
                 s = child.wait(), if status.is_none() => {
                     status = Some(s);
@@ -854,6 +863,16 @@ impl ToLf {
             out.push(b'\r');
         }
     }
+}
+
+/// A pipe for the command's stdout and stderr: the write end (close-on-exec; the child gets
+/// it as fds 1 and 2) and our non-blocking read end.
+fn output_pipe() -> io::Result<(OwnedFd, tokio::net::unix::pipe::Receiver)> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((
+        write,
+        tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
+    ))
 }
 
 /// SIGKILL to the command's process group (it leads it: `process_group(0)`).

@@ -1,4 +1,5 @@
-//! A scripted LMTP store for fault injection: an in-process tokio server on 127.0.0.1:0.
+//! A scripted LMTP store (or SMTP relay, [`Script::smtp`]) for fault injection: an in-process
+//! tokio server on 127.0.0.1:0.
 //!
 //! Per recipient (by local part) it answers RCPT and the post-dot reply from a script
 //! (250/451/550/552, multi-line replies); it can advertise or withhold PIPELINING, CHUNKING,
@@ -84,6 +85,12 @@ pub struct Script {
     pub gate: Option<Arc<Semaphore>>,
     /// Close the connection, without a reply, on receiving this verb (`DATA`, `RCPT`…).
     pub drop_at: Option<&'static str>,
+    /// Speak SMTP: EHLO/HELO instead of LHLO, one reply (`data_reply`) after the end of data.
+    pub smtp: bool,
+    /// SMTP: answer EHLO with 502 (the client falls back to HELO).
+    pub ehlo_refused: bool,
+    /// SMTP: the reply after the end of data, for the whole message.
+    pub data_reply: String,
 }
 
 impl Default for Script {
@@ -104,11 +111,23 @@ impl Default for Script {
             stall_after_replies: None,
             gate: None,
             drop_at: None,
+            smtp: false,
+            ehlo_refused: false,
+            data_reply: "250 2.0.0 Ok: queued as FAKE1".into(),
         }
     }
 }
 
 impl Script {
+    /// An SMTP relay with the defaults otherwise.
+    pub fn smtp() -> Self {
+        Self {
+            greeting: "220 relay.example ESMTP".into(),
+            smtp: true,
+            ..Self::default()
+        }
+    }
+
     pub fn rcpt(mut self, local: &str, rcpt: Rcpt) -> Self {
         self.rcpts.insert(local.to_ascii_lowercase(), rcpt);
         self
@@ -296,7 +315,12 @@ impl Handler {
                 return Ok(());
             }
             match verb.as_str() {
-                "LHLO" => queue(&mut out, &self.lhlo_reply(tls)),
+                "LHLO" if !self.script.smtp => queue(&mut out, &self.lhlo_reply(tls)),
+                "EHLO" if self.script.smtp && self.script.ehlo_refused => {
+                    queue(&mut out, "502 5.5.2 Error: command not recognized");
+                }
+                "EHLO" if self.script.smtp => queue(&mut out, &self.lhlo_reply(tls)),
+                "HELO" if self.script.smtp => queue(&mut out, "250 relay.example"),
                 "STARTTLS" if self.script.tls.is_some() && !tls => {
                     send(&mut io, &mut out, "220 2.0.0 Ready to start TLS").await?;
                     let config = self.script.tls.clone().unwrap();
@@ -420,7 +444,9 @@ impl Handler {
         accepted: &[String],
     ) -> std::io::Result<bool> {
         flush(io, out).await?;
-        for (i, reply) in accepted.iter().enumerate() {
+        let one = [self.script.data_reply.clone()];
+        let replies = if self.script.smtp { &one[..] } else { accepted };
+        for (i, reply) in replies.iter().enumerate() {
             if self.script.drop_after_replies == Some(i) {
                 return Ok(false);
             }
