@@ -528,6 +528,10 @@ impl Config {
                 bad("routes.relay".into(), format!("no store named `{relay}`"));
             }
         }
+        if let Err(e) = self.delivery.validate() {
+            let (key, message) = e.split_once(": ").unwrap_or(("", e.as_str()));
+            bad(format!("delivery.{key}"), message.to_owned());
+        }
         out
     }
 }

@@ -346,3 +346,19 @@ routes:
         "{joined}"
     );
 }
+
+#[test]
+fn delivery_section_is_validated_with_its_key_path() {
+    let yaml = format!("{BASE}delivery:\n  minimal_backoff: 10m\n  maximal_backoff: 5m\n");
+    let joined = errors(&yaml).join("\n");
+    assert!(
+        joined.contains("delivery.maximal_backoff: must not be less than minimal_backoff"),
+        "{joined}"
+    );
+    let yaml = format!("{BASE}delivery:\n  shards: 0\n");
+    let joined = errors(&yaml).join("\n");
+    assert!(
+        joined.contains("delivery.shards: must be at least 1"),
+        "{joined}"
+    );
+}

@@ -222,6 +222,10 @@ impl Agents {
                     let lmtp = crate::delivery::LmtpStore::from_config(l, &config.hostname)?;
                     Agent::Lmtp(StorePool::new(Arc::new(lmtp)))
                 }
+                StoreConfig::Smtp(s) => {
+                    let relay = crate::delivery::LmtpStore::from_smtp_config(s, &config.hostname)?;
+                    Agent::Lmtp(StorePool::new(Arc::new(relay)))
+                }
                 StoreConfig::Pipe(p) => Agent::Pipe(Arc::new(PipeStore::from_config(p)?)),
                 StoreConfig::Error { reply, .. } => Agent::Error(reply.clone()),
             };
