@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod common;
 mod fake_lmtp;
 
 use std::io::Write as _;
@@ -577,4 +578,66 @@ async fn smtp_sink_refusals_and_disconnects() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(sink.dumps()[0].contains("X-Client-Proto: SMTP"));
+}
+
+/// Through the whole gateway: a trusted client's mail to another domain is spooled, routed to
+/// the `kind: smtp` store named by `routes.relay` and relayed; an untrusted client gets 554.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_relays_trusted_mail_through_the_smtp_store() {
+    let fake = FakeStore::start(Script::smtp()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "hostname: mx.test\nnode_id: 3\ndrain_timeout: 5s\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: trusted\n    address: 127.0.0.1:0\n    protocol: smtp\n    trusted_networks: [127.0.0.0/8]\n  - name: public\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - {{ name: local, kind: discard }}\n  - name: smarthost\n    kind: smtp\n    address: 127.0.0.1:{port}\nroutes:\n  domains:\n    example.org: {{ store: local }}\n  relay: smarthost\ndelivery:\n  minimal_backoff: 1s\n  maximal_backoff: 2s\n",
+        spool = dir.path().join("spool").display(),
+        port = fake.addr.port(),
+    );
+    let config =
+        postern::config::Config::parse(&yaml, "relay.yaml").unwrap_or_else(|e| panic!("{e:?}"));
+    let gateway = postern::gateway::Gateway::start(config).await.unwrap();
+
+    let public = gateway.address("public").unwrap().to_owned();
+    let mut c = common::Client::connect(&public).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<a@example.org>", 250).await;
+    let r = c.cmd("RCPT TO:<bob@remote.test>", 554).await;
+    assert!(r.text().contains("5.7.1"), "{}", r.text());
+    c.cmd("QUIT", 221).await;
+
+    let trusted = gateway.address("trusted").unwrap().to_owned();
+    let mut c = common::Client::connect(&trusted).await;
+    c.hello().await;
+    c.send_mail(
+        "a@example.org",
+        &["bob@remote.test", "carol@other.test"],
+        "Subject: out\r\n\r\nto the world\r\n",
+    )
+    .await;
+    c.cmd("QUIT", 221).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(fake.transactions().iter().any(|t| t.complete) && gateway.spool.is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "not relayed: {:?}",
+            fake.sessions()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let txns: Vec<_> = fake
+        .transactions()
+        .into_iter()
+        .filter(|t| t.complete)
+        .collect();
+    assert_eq!(txns.len(), 1, "one SMTP transaction for both recipients");
+    assert!(txns[0].mail.contains("a@example.org"), "{}", txns[0].mail);
+    let mut rcpts = txns[0].rcpts.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["bob@remote.test", "carol@other.test"]);
+    assert!(String::from_utf8_lossy(&txns[0].content).contains("to the world"));
+    assert!(
+        fake.sessions()[0].commands[0].starts_with("EHLO mx.test"),
+        "{:?}",
+        fake.sessions()[0].commands
+    );
+    gateway.stop().await;
 }
