@@ -10,16 +10,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::listener::{Listener, ListenerError};
-use crate::routing::Router;
+use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+
+/// How often the configuration and users files are checked for a change.
+const ROUTES_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the gateway did not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ pub struct Gateway {
     pub spool: Spool,
     /// The scheduler, unless `delivery.enabled` is off.
     pub scheduler: Option<Scheduler>,
+    routes: Arc<LiveRoutes>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -99,7 +102,11 @@ impl Gateway {
             .local_addr()
             .unwrap_or(config.metrics.address);
         tracing::info!(address = %metrics_address, "metrics");
-        let router = Arc::new(Router::new(&config.routes));
+        let routes = Arc::new(LiveRoutes::start(&config));
+        let router = routes.router();
+        if config.source.is_some() {
+            tokio::spawn(Arc::clone(&routes).watch(ROUTES_POLL, shutdown.clone()));
+        }
         let agents = if config.delivery.enabled {
             Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
         } else {
@@ -111,7 +118,7 @@ impl Gateway {
             }
             Scheduler::start(Setup {
                 spool: spool.clone(),
-                router: Arc::new(ArcSwap::new(Arc::clone(&router))),
+                router: Arc::clone(&router),
                 agents,
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
@@ -125,7 +132,7 @@ impl Gateway {
                     l,
                     &config.hostname,
                     spool.clone(),
-                    router.clone(),
+                    Arc::clone(&router),
                     scheduler.clone(),
                     shutdown.clone(),
                 )
@@ -173,6 +180,7 @@ impl Gateway {
             metrics_address,
             spool,
             scheduler,
+            routes,
             shutdown,
             task,
         })
@@ -184,6 +192,17 @@ impl Gateway {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| a.as_str())
+    }
+
+    /// The routing map in force and its reload (`SIGHUP` calls [`LiveRoutes::reload`]).
+    pub fn routes(&self) -> Arc<LiveRoutes> {
+        Arc::clone(&self.routes)
+    }
+
+    /// Reads the configuration file again and swaps in its routing map; on error the
+    /// running map stays. Returns the new generation.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        self.routes.reload_async().await
     }
 
     /// A token that shuts the gateway down when cancelled.

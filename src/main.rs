@@ -150,6 +150,7 @@ fn run(config: Option<PathBuf>) -> ExitCode {
             }
         };
         let token = gateway.shutdown_token();
+        tokio::spawn(gateway.routes().on_sighup(token.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down: no new connections, draining sessions");

@@ -51,6 +51,8 @@ pub mod reason {
     pub const POLICY: &str = "policy";
     /// The spool could not take it (full, or an I/O error).
     pub const SPOOL: &str = "spool";
+    /// The routing map could not decide (did not load, an alias loop): 451 4.3.0.
+    pub const ROUTING: &str = "routing";
 }
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -110,6 +112,7 @@ pub fn describe() {
         "Build information; the value is 1."
     );
     crate::scheduler::metrics::describe();
+    crate::routing::reload::describe();
 }
 
 /// Builds the Prometheus recorder with our histogram buckets (not installed).

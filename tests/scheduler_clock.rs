@@ -22,8 +22,8 @@ fn routes() -> Router {
         domains.insert(
             d.to_owned(),
             DomainRoute {
-                store: s.to_owned(),
-                authoritative: false,
+                store: Some(s.to_owned()),
+                ..DomainRoute::default()
             },
         );
     }

@@ -57,6 +57,10 @@ pub struct Config {
     /// The delivery scheduler.
     #[serde(default)]
     pub delivery: crate::scheduler::config::SchedulerConfig,
+    /// The file this was loaded from (`None`: the embedded default or a string); a reload
+    /// reads it again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `spool:`
@@ -280,32 +284,118 @@ impl StoreConfig {
     }
 }
 
-/// `routes:`
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `routes:` — see [`crate::routing`] for what each rule means and their precedence.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
     /// Local domains.
     #[serde(default)]
     pub domains: BTreeMap<String, DomainRoute>,
-    /// Per-user pins, `user@domain: store`.
+    /// Per-user pins, `user@domain: store-or-cluster`.
     #[serde(default)]
     pub users: BTreeMap<String, String>,
-    /// The store for mail that trusted clients send to other domains.
+    /// More pins from a plain file, one `user@domain store-or-cluster` a line (`#` comments):
+    /// the format for big user lists. Entries in `users` win over the file's.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// Virtual aliases: `address: target` or `address: [targets]`; `@domain` is that
+    /// domain's catch-all.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasTargets>,
+    /// How deep alias expansion may nest before the recipient is refused as a loop.
+    #[serde(default = "default_alias_depth")]
+    pub alias_depth: usize,
+    /// Regex or wildcard rules, tried in order after exact entries.
+    #[serde(default)]
+    pub patterns: Vec<PatternRoute>,
+    /// Named sets of stores; a domain or a user sent to a cluster lands on one of its stores
+    /// by rendezvous hashing of the normalised mailbox.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, Vec<String>>,
+    /// The separator of address extensions: `alice+news@` routes as `alice@` (empty: none).
+    #[serde(default = "default_recipient_delimiter")]
+    pub recipient_delimiter: String,
+    /// The store for mail that trusted clients send to other domains, and for bounces.
     #[serde(default)]
     pub relay: Option<String>,
 }
 
-/// One local domain.
-#[derive(Clone, Debug, Deserialize)]
+/// One alias's targets: one address or a list.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AliasTargets {
+    /// `alias: target@domain`
+    One(String),
+    /// `alias: [a@domain, b@domain]`
+    Many(Vec<String>),
+}
+
+impl AliasTargets {
+    /// The targets as a slice.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Self::One(t) => std::slice::from_ref(t),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// One entry of `routes.patterns`: exactly one of `regex` / `wildcard`, and exactly one of
+/// `store` / `cluster`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatternRoute {
+    /// A regular expression over the normalised address `user@domain` (anchor it yourself).
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// A wildcard over the normalised address: `*` any run, `?` one character.
+    #[serde(default)]
+    pub wildcard: Option<String>,
+    /// The store.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// Or the cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+/// How a domain treats the case of local parts.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalPartCase {
+    /// `Alice` and `alice` are one mailbox (the usual choice).
+    #[default]
+    Fold,
+    /// Local parts are compared exactly (RFC 5321 allows a store to tell them apart).
+    Preserve,
+}
+
+/// One local domain: its mailboxes are in `store`, spread over `cluster`, or (neither)
+/// resolved per user through `users` and `patterns` only.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DomainRoute {
     /// The store holding its mailboxes.
-    pub store: String,
-    /// Only users listed in `routes.users` exist; others are refused at RCPT (550 5.1.1).
+    #[serde(default)]
+    pub store: Option<String>,
+    /// Or the cluster they are spread over.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Only users listed in `routes.users`, the users file, `aliases` or `patterns` exist;
+    /// others are refused at RCPT (550 5.1.1). Otherwise the store decides (pass-through).
     #[serde(default)]
     pub authoritative: bool,
+    /// Local-part case policy.
+    #[serde(default)]
+    pub local_part_case: LocalPartCase,
 }
 
+fn default_alias_depth() -> usize {
+    8
+}
+fn default_recipient_delimiter() -> String {
+    "+".into()
+}
 fn default_hostname() -> String {
     "localhost".into()
 }
@@ -381,7 +471,9 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }]
         })?;
-        Self::parse(&text, &name)
+        let mut config = Self::parse(&text, &name)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// The embedded default.
@@ -494,39 +586,9 @@ impl Config {
                 );
             }
         }
-        let known = |store: &str| self.stores.iter().any(|s| s.name() == store);
-        for (domain, route) in &self.routes.domains {
-            if postern_proto::Domain::parse(domain).is_err() {
-                bad(
-                    format!("routes.domains[{domain}]"),
-                    format!("`{domain}` is not a domain"),
-                );
-            }
-            if !known(&route.store) {
-                bad(
-                    format!("routes.domains[{domain}].store"),
-                    format!("no store named `{}`", route.store),
-                );
-            }
-        }
-        for (user, store) in &self.routes.users {
-            if postern_proto::Mailbox::parse(user).is_err() {
-                bad(
-                    format!("routes.users[{user}]"),
-                    format!("`{user}` is not an address user@domain"),
-                );
-            }
-            if !known(store) {
-                bad(
-                    format!("routes.users[{user}]"),
-                    format!("no store named `{store}`"),
-                );
-            }
-        }
-        if let Some(relay) = &self.routes.relay {
-            if !known(relay) {
-                bad("routes.relay".into(), format!("no store named `{relay}`"));
-            }
+        let store_names: Vec<&str> = self.stores.iter().map(StoreConfig::name).collect();
+        for (path, message) in crate::routing::validate(&self.routes, &store_names) {
+            bad(path, message);
         }
         if let Err(e) = self.delivery.validate() {
             let (key, message) = e.split_once(": ").unwrap_or(("", e.as_str()));

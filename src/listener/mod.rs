@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram};
 use postern_proto::replies;
 use postern_proto::server::{BarePolicy, Protocol, ServerConfig};
@@ -39,7 +40,8 @@ pub(crate) struct Shared {
     pub(crate) server_config: ServerConfig,
     pub(crate) hostname: String,
     pub(crate) spool: Spool,
-    pub(crate) router: Arc<Router>,
+    /// The routing map in force (swapped whole by a reload).
+    pub(crate) router: Arc<ArcSwap<Router>>,
     /// Told about each committed message (none: accept and queue only).
     pub(crate) scheduler: Option<Scheduler>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
@@ -88,7 +90,7 @@ impl Listener {
         config: &ListenerConfig,
         hostname: &str,
         spool: Spool,
-        router: Arc<Router>,
+        router: Arc<ArcSwap<Router>>,
         scheduler: Option<Scheduler>,
         shutdown: CancellationToken,
     ) -> Result<Self, ListenerError> {

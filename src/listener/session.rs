@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::Shared;
 use super::received::{HopCounter, Trace, received_header};
 use crate::metrics::{self as m, reason};
-use crate::routing::RcptDecision;
+use crate::routing::{RcptDecision, RcptRoute};
 use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, SpoolError};
 
 /// How a conversation ended.
@@ -197,11 +197,43 @@ impl Conversation {
 
     fn rcpt(&mut self, to: ForwardPath, params: postern_proto::RcptParams) {
         let listener = self.listener();
-        let decision = self.shared.router.resolve(&to, self.trusted);
-        let refusal = match decision {
-            RcptDecision::Local { .. } | RcptDecision::Relay { .. } => None,
-            RcptDecision::UnknownUser => Some((replies::unknown_user(), reason::UNKNOWN_USER)),
-            RcptDecision::RelayDenied => Some((replies::relay_denied(), reason::RELAY)),
+        let route = self.shared.router.load().rcpt(&to, self.trusted);
+        let address = match &to {
+            ForwardPath::Postmaster => "Postmaster".to_owned(),
+            ForwardPath::Mailbox(mb) => mb.to_string(),
+        };
+        let refusal = match route {
+            RcptRoute::Accept(_) => {
+                self.recipients.push(EnvelopeRecipient { address, params });
+                None
+            }
+            RcptRoute::Expand(targets) => {
+                // Alias expansion happens here, once: the envelope holds the targets, each
+                // remembering the address the client gave (ORCPT, RFC 3461 §4.2).
+                let orcpt = params
+                    .orcpt
+                    .clone()
+                    .unwrap_or(postern_proto::params::Orcpt {
+                        addr_type: "rfc822".into(),
+                        address,
+                    });
+                for target in targets {
+                    let mut p = params.clone();
+                    p.orcpt = Some(orcpt.clone());
+                    self.recipients.push(EnvelopeRecipient {
+                        address: target,
+                        params: p,
+                    });
+                }
+                None
+            }
+            RcptRoute::Refuse(RcptDecision::UnknownUser) => {
+                Some((replies::unknown_user(), reason::UNKNOWN_USER))
+            }
+            RcptRoute::Refuse(RcptDecision::Unavailable) => {
+                Some((replies::local_error(), reason::ROUTING))
+            }
+            RcptRoute::Refuse(_) => Some((replies::relay_denied(), reason::RELAY)),
         };
         match refusal {
             Some((reply, why)) => {
@@ -211,11 +243,6 @@ impl Conversation {
             }
             None => {
                 counter!(m::RECIPIENTS_ACCEPTED, "listener" => listener).increment(1);
-                let address = match &to {
-                    ForwardPath::Postmaster => "Postmaster".to_owned(),
-                    ForwardPath::Mailbox(mb) => mb.to_string(),
-                };
-                self.recipients.push(EnvelopeRecipient { address, params });
                 let _ = self.session.accept();
             }
         }

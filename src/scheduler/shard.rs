@@ -462,6 +462,19 @@ impl Shard {
                     );
                     continue;
                 }
+                RcptDecision::Unavailable => {
+                    // The map did not load: retry later, never bounce for our own trouble.
+                    let reply = local_reply(451, (4, 3, 0), "Routing map unavailable");
+                    transaction::settle_locally(
+                        &ctx,
+                        &msg,
+                        "none",
+                        "none",
+                        &rcpt,
+                        &Outcome::Deferred(reply),
+                    );
+                    continue;
+                }
             };
             match groups.iter_mut().find(|(s, _)| *s == store) {
                 Some((_, v)) => v.push(rcpt),

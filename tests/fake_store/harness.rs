@@ -30,8 +30,8 @@ pub fn router(routes: &[(&str, &str)]) -> Router {
             (
                 (*d).to_owned(),
                 DomainRoute {
-                    store: (*s).to_owned(),
-                    authoritative: false,
+                    store: Some((*s).to_owned()),
+                    ..DomainRoute::default()
                 },
             )
         })

@@ -1,0 +1,293 @@
+//! The routing map in force, and its live reload.
+//!
+//! [`LiveRoutes`] owns the `Arc<ArcSwap<Router>>` that the listener (at RCPT) and the
+//! scheduler (at every attempt) read. A reload — `SIGHUP`, or a change of the configuration
+//! file or the users file seen by [`LiveRoutes::watch`] — re-reads the configuration file,
+//! validates it and builds a complete new [`Router`] off to the side, then swaps it in with
+//! one atomic store: a reader holds either the old map or the new one, never a mix, and no
+//! connection is touched. On any error the running map stays, every problem is logged with
+//! file:line:key, `postern_routes_reload_errors_total` is incremented, and the generation
+//! does not move. Keys other than `routes:` cannot change live: a change to them is logged
+//! as needing a restart and otherwise ignored; so is a route to a store that was not
+//! configured at start-up (its delivery agent does not exist).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+use tokio_util::sync::CancellationToken;
+
+use super::Router;
+use crate::config::{Config, ConfigError, StoreConfig};
+
+/// Reloads that failed (the running map was kept).
+pub const RELOAD_ERRORS: &str = "postern_routes_reload_errors_total";
+/// The routing map's generation: 1 at start, +1 at each successful reload.
+pub const GENERATION: &str = "postern_routes_generation";
+
+/// Describes this module's metrics (called from [`crate::metrics::describe`]).
+pub fn describe() {
+    describe_counter!(
+        RELOAD_ERRORS,
+        Unit::Count,
+        "Routing map reloads that failed; the running map was kept."
+    );
+    describe_gauge!(
+        GENERATION,
+        Unit::Count,
+        "Generation of the routing map in force: 1 at start, +1 per successful reload."
+    );
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway runs on the embedded default: there is no file to read again.
+    #[error("no configuration file (running on the embedded default): nothing to reload")]
+    NoFile,
+    /// The new configuration or map did not load; each error names file:line:key.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigError>),
+}
+
+struct Running {
+    config: Config,
+    generation: u64,
+    stamps: Vec<(PathBuf, Option<SystemTime>)>,
+}
+
+/// The routing map in force and how to replace it.
+pub struct LiveRoutes {
+    current: Arc<ArcSwap<Router>>,
+    running: Mutex<Running>,
+}
+
+fn store_names(config: &Config) -> Vec<&str> {
+    config.stores.iter().map(StoreConfig::name).collect()
+}
+
+/// Builds the map of `config`, with its users file checked against its stores.
+pub fn build(config: &Config) -> Result<Router, Vec<ConfigError>> {
+    Router::build(&config.routes, Some(&store_names(config)))
+}
+
+/// The files whose change triggers a reload, with their modification times.
+fn stamps(config: &Config) -> Vec<(PathBuf, Option<SystemTime>)> {
+    config
+        .source
+        .iter()
+        .chain(config.routes.users_file.iter())
+        .map(|p| {
+            let t = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            (p.clone(), t)
+        })
+        .collect()
+}
+
+impl LiveRoutes {
+    /// Builds the first map. One that does not build (an unreadable users file) runs as an
+    /// unavailable map — `451 4.3.0` to every recipient — until a reload succeeds.
+    pub fn start(config: &Config) -> Self {
+        let router = match build(config) {
+            Ok(r) => r,
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "routing map did not load; answering 451 4.3.0 until a reload succeeds");
+                }
+                counter!(RELOAD_ERRORS).increment(1);
+                let reason = errors.iter().map(ToString::to_string).collect::<Vec<_>>();
+                Router::unavailable(reason.join("; "))
+            }
+        };
+        gauge!(GENERATION).set(1.0);
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(router)),
+            running: Mutex::new(Running {
+                stamps: stamps(config),
+                config: config.clone(),
+                generation: 1,
+            }),
+        }
+    }
+
+    /// The shared handle readers load the current map from.
+    pub fn router(&self) -> Arc<ArcSwap<Router>> {
+        Arc::clone(&self.current)
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// True when the configuration file or the users file changed since the last reload.
+    pub fn changed(&self) -> bool {
+        let running = self.lock();
+        running.stamps != stamps(&running.config)
+    }
+
+    /// Reads the configuration file again and swaps in its map; blocking (a big users file
+    /// takes a while), so call it from a blocking thread. Returns the new generation.
+    pub fn reload(&self) -> Result<u64, ReloadError> {
+        let mut running = self.lock();
+        let Some(path) = running.config.source.clone() else {
+            return Err(ReloadError::NoFile);
+        };
+        let started = Instant::now();
+        let result = Config::load(&path).and_then(|new| {
+            let router = build(&new)?;
+            let missing: Vec<String> = router
+                .store_names()
+                .filter(|s| !store_names(&running.config).contains(s))
+                .map(|s| format!("`{s}`"))
+                .collect();
+            if !missing.is_empty() {
+                return Err(vec![ConfigError {
+                    file: path.display().to_string(),
+                    line: None,
+                    path: "stores".into(),
+                    message: format!(
+                        "routes name stores not running since start-up ({}); new stores need a restart",
+                        missing.join(", ")
+                    ),
+                }]);
+            }
+            Ok((new, router))
+        });
+        match result {
+            Ok((new, router)) => {
+                let restart = needs_restart(&running.config, &new);
+                if !restart.is_empty() {
+                    tracing::warn!(keys = %restart.join(", "), "configuration changed outside routes:; needs a restart to take effect");
+                }
+                let users = router.user_count();
+                self.current.store(Arc::new(router));
+                running.generation += 1;
+                running.config.routes = new.routes;
+                running.stamps = stamps(&running.config);
+                gauge!(GENERATION).set(running.generation as f64);
+                tracing::info!(
+                    generation = running.generation,
+                    users,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "routing map reloaded"
+                );
+                Ok(running.generation)
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "routing map reload failed; keeping the running map");
+                }
+                counter!(RELOAD_ERRORS).increment(1);
+                // Do not retry the same broken files every poll; the next change retries.
+                let mut probe = running.config.clone();
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    if let Ok(c) = serde_yaml::from_str::<Config>(&text) {
+                        probe.routes.users_file = c.routes.users_file;
+                    }
+                }
+                running.stamps = stamps(&probe);
+                Err(ReloadError::Invalid(errors))
+            }
+        }
+    }
+
+    /// [`LiveRoutes::reload`] on a blocking thread.
+    pub async fn reload_async(self: &Arc<Self>) -> Result<u64, ReloadError> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.reload())
+            .await
+            .unwrap_or_else(|e| {
+                Err(ReloadError::Invalid(vec![ConfigError {
+                    file: String::new(),
+                    line: None,
+                    path: "routes".into(),
+                    message: format!("reload task failed: {e}"),
+                }]))
+            })
+    }
+
+    /// Polls the files' modification times every `every` and reloads on a change, until
+    /// `stop` is cancelled.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if self.changed() {
+                // Errors are logged and counted by reload itself.
+                let _ = self.reload_async().await;
+            }
+        }
+    }
+
+    /// Reloads at every `SIGHUP`, until `stop` is cancelled.
+    pub async fn on_sighup(self: Arc<Self>, stop: CancellationToken) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by changing the files");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            tracing::info!("SIGHUP: reloading the routing map");
+            let _ = self.reload_async().await;
+        }
+    }
+}
+
+/// The top-level keys other than `routes:` that differ.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |key: &'static str, a: String, b: String| {
+        if a != b {
+            out.push(key);
+        }
+    };
+    check("hostname", old.hostname.clone(), new.hostname.clone());
+    check("node_id", old.node_id.to_string(), new.node_id.to_string());
+    check(
+        "spool",
+        format!("{:?}", old.spool),
+        format!("{:?}", new.spool),
+    );
+    check(
+        "metrics",
+        format!("{:?}", old.metrics),
+        format!("{:?}", new.metrics),
+    );
+    check(
+        "drain_timeout",
+        format!("{:?}", old.drain_timeout),
+        format!("{:?}", new.drain_timeout),
+    );
+    check(
+        "listeners",
+        format!("{:?}", old.listeners),
+        format!("{:?}", new.listeners),
+    );
+    check(
+        "stores",
+        format!("{:?}", old.stores),
+        format!("{:?}", new.stores),
+    );
+    check(
+        "delivery",
+        format!("{:?}", old.delivery),
+        format!("{:?}", new.delivery),
+    );
+    out
+}
