@@ -48,6 +48,10 @@ enum Command {
     /// Spool crash-test load (run and killed by the crash tests).
     #[command(hide = true)]
     SpoolTorture(postern::spool::torture::TortureArgs),
+    /// Explain how addresses are routed, or what a new map would move (`--diff NEW.yaml`).
+    Route(postern::routing::cli::RouteArgs),
+    /// Routing benchmark: load time, RSS and lookup latency of a big map.
+    BenchRoutes(postern::routing::bench::BenchArgs),
     /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
     CheckConfig {
         /// Configuration file; without it, the embedded default.
@@ -65,6 +69,14 @@ fn main() -> ExitCode {
         Command::BenchIntake { size, idle } => bench_intake(&size, idle),
         Command::BenchSpool(args) => spool_exit(postern::spool::bench::run(&args)),
         Command::SpoolTorture(args) => spool_exit(postern::spool::torture::run(&args)),
+        Command::Route(args) => route(&args),
+        Command::BenchRoutes(args) => match postern::routing::bench::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("postern bench-routes: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -114,15 +126,39 @@ fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-fn check_config(config: Option<PathBuf>) -> ExitCode {
-    match load(config.as_ref()) {
-        Ok(_) => {
-            let name = config.map_or_else(|| EMBEDDED_NAME.to_owned(), |p| p.display().to_string());
-            println!("{name}: ok");
-            ExitCode::SUCCESS
+fn route(args: &postern::routing::cli::RouteArgs) -> ExitCode {
+    use postern::routing::cli::RouteCliError;
+    let mut out = String::new();
+    let result = postern::routing::cli::run(args, &mut out);
+    print!("{out}");
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RouteCliError::Config(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
-        Err(code) => code,
+        Err(e) => {
+            eprintln!("postern route: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn check_config(config: Option<PathBuf>) -> ExitCode {
+    let loaded = match load(config.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // The users file is read and checked only when the map is built.
+    if let Err(errors) = postern::routing::reload::build(&loaded) {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(2);
+    }
+    let name = config.map_or_else(|| EMBEDDED_NAME.to_owned(), |p| p.display().to_string());
+    println!("{name}: ok");
+    ExitCode::SUCCESS
 }
 
 fn run(config: Option<PathBuf>) -> ExitCode {

@@ -13,6 +13,7 @@ use postern_proto::{Domain, Mailbox};
 
 use super::cluster::{Cluster, store_seed};
 use super::pattern::Pattern;
+use super::users::Users;
 use super::{DomainEntry, Router, Target, fold_domain};
 use crate::config::{ConfigError, LocalPartCase, RoutesConfig};
 
@@ -277,7 +278,7 @@ impl Router {
             let t = names
                 .target(target)
                 .ok_or_else(|| unknown(format!("routes.users[{user}]"), target))?;
-            router.users.insert(key.into(), t);
+            router.users.insert(&key, t);
         }
         for (alias, targets) in &routes.aliases {
             let key = match alias.strip_prefix('@') {
@@ -352,7 +353,7 @@ fn read_users_file(
     path: &Path,
     router: &Router,
     names: &mut Names<'_>,
-) -> Result<HashMap<Box<str>, Target>, Vec<ConfigError>> {
+) -> Result<Users, Vec<ConfigError>> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![error(
@@ -363,7 +364,7 @@ fn read_users_file(
         )]
     })?;
     // One entry a line: reserve once instead of rehashing a million entries.
-    let mut users = HashMap::with_capacity(text.bytes().filter(|b| *b == b'\n').count() + 1);
+    let mut users = Users::with_capacity(text.bytes().filter(|b| *b == b'\n').count() + 1);
     let mut errors = Vec::new();
     let mut extra = 0usize;
     for (n, line) in text.lines().enumerate() {
@@ -380,7 +381,7 @@ fn read_users_file(
                 None => Some(format!("`{user}`: the domain is not in routes.domains")),
                 Some(key) => match names.target(target) {
                     Some(t) => {
-                        users.insert(key.into_boxed_str(), t);
+                        users.insert(&key, t);
                         None
                     }
                     None => Some(format!("`{user}`: no store or cluster named `{target}`")),

@@ -123,10 +123,11 @@ impl Router {
             e.decision = Some(decision);
             return e;
         };
-        let keys = self.keys(entry, &local, domain);
-        let normalised = keys.base.clone().unwrap_or_else(|| keys.full.clone());
+        let keys = self.keys(entry, &local, &domain);
+        let normalised = keys.mailbox();
+        let base = keys.base();
         // Aliases: the exact address, then without its extension.
-        let alias = [Some(keys.full.as_str()), keys.base.as_deref()]
+        let alias = [Some(keys.full.as_str()), base.as_deref()]
             .into_iter()
             .flatten()
             .find_map(|k| self.aliases.get(k).map(|t| (k.to_owned(), t)));
@@ -136,7 +137,7 @@ impl Router {
         let found = self.find(entry, &keys);
         // The catch-all stands in for users the rest of the map does not know.
         if matches!(found, None | Some((_, Hit::Domain))) {
-            let key = format!("@{}", keys.domain);
+            let key = format!("@{}", keys.domain());
             if let Some(targets) = self.aliases.get(key.as_str()) {
                 return self.expand(address, &normalised, &key, targets, depth, chain);
             }
@@ -216,8 +217,10 @@ impl Router {
     fn normalised_of(&self, m: &Mailbox) -> Option<String> {
         let domain = m.domain().folded();
         let entry = self.domains.get(domain.as_str())?;
-        let keys = self.keys(entry, &m.local_part_unquoted(), domain);
-        Some(keys.base.unwrap_or(keys.full))
+        Some(
+            self.keys(entry, &m.local_part_unquoted(), &domain)
+                .mailbox(),
+        )
     }
 
     fn explain_mailbox_without_aliases(&self, m: &Mailbox, address: &str) -> Explanation {
@@ -233,7 +236,7 @@ impl Router {
         let rule = match hit {
             Hit::User { base: false } => format!("users[{}]", keys.full),
             Hit::User { base: true } => {
-                format!("users[{}]", keys.base.as_deref().unwrap_or(&keys.full))
+                format!("users[{}]", keys.mailbox())
             }
             Hit::Pattern(i) => format!("patterns[{i}] `{}`", self.patterns[i].text),
             Hit::Domain => format!(

@@ -40,12 +40,15 @@
 //! lookup [`RcptDecision::Unavailable`] — `451 4.3.0` at RCPT, a deferral at delivery —
 //! until a reload succeeds. Never a 5xx for our own trouble.
 
+pub mod bench;
 mod build;
+pub mod cli;
 pub mod cluster;
 pub mod diff;
 mod explain;
 mod pattern;
 pub mod reload;
+mod users;
 
 #[cfg(test)]
 mod tests;
@@ -132,7 +135,7 @@ pub struct Router {
     stores: Vec<Box<str>>,
     clusters: Vec<(Box<str>, cluster::Cluster)>,
     domains: HashMap<Box<str>, DomainEntry>,
-    users: HashMap<Box<str>, Target>,
+    users: users::Users,
     aliases: HashMap<Box<str>, Box<[Box<str>]>>,
     alias_depth: usize,
     patterns: Vec<pattern::Pattern>,
@@ -143,17 +146,62 @@ pub struct Router {
     unavailable: Option<String>,
 }
 
-/// A recipient's lookup keys.
+/// A recipient's lookup keys: one string `local@domain`, normalised, extension kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Keys {
-    /// `local@domain`, normalised, extension kept.
     pub(crate) full: String,
-    /// Without the extension, when there was one.
-    pub(crate) base: Option<String>,
-    /// The local part as compared (before any extension stripping).
-    pub(crate) local: String,
+    /// Where the `@` is.
+    at: usize,
+    /// Where the extension starts in the local part, when there is one.
+    extension: Option<usize>,
+}
+
+impl Keys {
+    /// The key without its extension, when there was one.
+    pub(crate) fn base(&self) -> Option<String> {
+        self.extension
+            .map(|e| format!("{}{}", &self.full[..e], &self.full[self.at..]))
+    }
+
+    /// The base if any, else the full key: the mailbox as clusters and explanations see it.
+    pub(crate) fn mailbox(&self) -> String {
+        self.base().unwrap_or_else(|| self.full.clone())
+    }
+
+    /// The local part as compared (extension kept).
+    pub(crate) fn local(&self) -> &str {
+        &self.full[..self.at]
+    }
+
     /// The folded domain.
-    pub(crate) domain: String,
+    pub(crate) fn domain(&self) -> &str {
+        &self.full[self.at + 1..]
+    }
+}
+
+/// A domain folded to lower case without allocating (domains are at most 255 octets).
+struct FoldedDomain {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl FoldedDomain {
+    fn new(domain: &str) -> Option<Self> {
+        let b = domain.trim_end_matches('.').as_bytes();
+        if b.len() > 256 {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        for (d, s) in buf.iter_mut().zip(b) {
+            *d = s.to_ascii_lowercase();
+        }
+        Some(Self { buf, len: b.len() })
+    }
+
+    fn as_str(&self) -> &str {
+        // ASCII lower-casing keeps UTF-8 valid.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
 }
 
 impl Router {
@@ -194,7 +242,7 @@ impl Router {
 
     /// The explicit user keys (normalised), for the dry-run diff.
     pub fn user_keys(&self) -> impl Iterator<Item = &str> {
-        self.users.keys().map(AsRef::as_ref)
+        self.users.keys()
     }
 
     /// Every store name the map can route to.
@@ -216,11 +264,19 @@ impl Router {
         let Some(mailbox) = to.mailbox() else {
             return self.postmaster_decision();
         };
-        let domain = mailbox.domain().folded();
+        let postern_proto::address::DomainRef::Name(name) = mailbox.domain() else {
+            return self.relay_or_deny(trusted); // an address literal is never ours
+        };
+        let Some(domain) = FoldedDomain::new(name) else {
+            return self.relay_or_deny(trusted);
+        };
         let Some(entry) = self.domains.get(domain.as_str()) else {
             return self.relay_or_deny(trusted);
         };
-        let keys = self.keys(entry, &mailbox.local_part_unquoted(), domain);
+        let keys = match mailbox.local_part().starts_with('"') {
+            true => self.keys(entry, &mailbox.local_part_unquoted(), domain.as_str()),
+            false => self.keys(entry, mailbox.local_part(), domain.as_str()),
+        };
         match self.find(entry, &keys) {
             Some((target, _)) => self.decide(target, &keys),
             None => RcptDecision::UnknownUser,
@@ -284,36 +340,44 @@ impl Router {
         }
     }
 
-    /// The lookup keys of `local@domain` under `entry`'s policy.
-    pub(crate) fn keys(&self, entry: &DomainEntry, local: &str, domain: String) -> Keys {
-        let local = match entry.case {
-            LocalPartCase::Fold => local.to_lowercase(),
-            LocalPartCase::Preserve => local.to_owned(),
-        };
-        let base = local
+    /// The lookup keys of `local@domain` (domain already folded) under `entry`'s policy.
+    pub(crate) fn keys(&self, entry: &DomainEntry, local: &str, domain: &str) -> Keys {
+        let mut full = String::with_capacity(local.len() + 1 + domain.len());
+        match entry.case {
+            LocalPartCase::Fold if local.is_ascii() => {
+                full.extend(local.chars().map(|c| c.to_ascii_lowercase()));
+            }
+            LocalPartCase::Fold => full.push_str(&local.to_lowercase()),
+            LocalPartCase::Preserve => full.push_str(local),
+        }
+        let at = full.len();
+        let extension = full
             .char_indices()
             .find(|(i, c)| *i > 0 && self.delimiters.contains(c))
-            .map(|(i, _)| format!("{}@{domain}", &local[..i]));
+            .map(|(i, _)| i);
+        full.push('@');
+        full.push_str(domain);
         Keys {
-            full: format!("{local}@{domain}"),
-            base,
-            local,
-            domain,
+            full,
+            at,
+            extension,
         }
     }
 
     /// Steps 4, 5 and 7 (no aliases): the target and the rule, or `None` for an unknown user.
     pub(crate) fn find(&self, entry: &DomainEntry, keys: &Keys) -> Option<(Target, Hit)> {
-        if let Some(t) = self.users.get(keys.full.as_str()) {
-            return Some((*t, Hit::User { base: false }));
+        if let Some(t) = self.users.get(&keys.full) {
+            return Some((t, Hit::User { base: false }));
         }
-        if let Some(t) = keys.base.as_deref().and_then(|b| self.users.get(b)) {
-            return Some((*t, Hit::User { base: true }));
+        let base = keys.base();
+        if let Some(t) = base.as_deref().and_then(|b| self.users.get(b)) {
+            return Some((t, Hit::User { base: true }));
         }
         // The whole address first, then without its extension.
-        let pattern = self.patterns.iter().position(|p| {
-            p.matches(&keys.full) || keys.base.as_deref().is_some_and(|b| p.matches(b))
-        });
+        let pattern = self
+            .patterns
+            .iter()
+            .position(|p| p.matches(&keys.full) || base.as_deref().is_some_and(|b| p.matches(b)));
         if let Some(i) = pattern {
             return Some((self.patterns[i].target, Hit::Pattern(i)));
         }
@@ -321,7 +385,7 @@ impl Router {
             Some(t) if !entry.authoritative => return Some((t, Hit::Domain)),
             _ => {}
         }
-        if keys.local.eq_ignore_ascii_case("postmaster") {
+        if keys.local().eq_ignore_ascii_case("postmaster") {
             return entry
                 .default
                 .or(self.postmaster)
@@ -348,7 +412,7 @@ impl Router {
             Target::Cluster(c) => self
                 .clusters
                 .get(c as usize)
-                .and_then(|(_, cl)| cl.pick(keys.base.as_deref().unwrap_or(&keys.full))),
+                .and_then(|(_, cl)| cl.pick(&keys.mailbox())),
         }
     }
 }
@@ -356,10 +420,9 @@ impl Router {
 impl Keys {
     fn postmaster() -> Self {
         Self {
-            full: "postmaster".into(),
-            base: None,
-            local: "postmaster".into(),
-            domain: String::new(),
+            full: "postmaster@".into(),
+            at: "postmaster".len(),
+            extension: None,
         }
     }
 }
