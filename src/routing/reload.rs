@@ -238,6 +238,7 @@ impl LiveRoutes {
                 return;
             }
         };
+        tracing::info!("SIGHUP reloads the routing map");
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
