@@ -191,6 +191,18 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         mib(rss.saturating_sub(base_rss)),
         mib(hwm)
     );
+    // A reload builds the new map while the old one still serves.
+    let t = Instant::now();
+    let config =
+        Config::parse(&text, "bench.yaml").map_err(|e| BenchError::Map(format!("{e:?}")))?;
+    let second = build(&config).map_err(|e| BenchError::Map(format!("{e:?}")))?;
+    println!(
+        "reload (a second map built while the first serves): {:.3} s, RSS {} with both, peak (VmHWM) {}",
+        t.elapsed().as_secs_f64(),
+        mib(status_kib("VmRSS:")),
+        mib(status_kib("VmHWM:"))
+    );
+    drop(second);
     // Lookups: addresses chosen at random (fixed seed), parsed beforehand; a tenth unknown.
     let mut rng = fastrand::Rng::with_seed(42);
     let sample: Vec<ForwardPath> = (0..args.lookups.min(1 << 20))

@@ -7,6 +7,7 @@
 //! and key. Building never touches a running map.
 
 use std::collections::HashMap;
+use std::io::BufRead;
 use std::path::Path;
 
 use postern_proto::{Domain, Mailbox};
@@ -238,7 +239,7 @@ impl Router {
         }
         let unknown =
             |path: String, n: &str| internal(&path, format!("no store or cluster named `{n}`"));
-        let mut domains = HashMap::new();
+        let mut domains = HashMap::default();
         for (name, route) in &routes.domains {
             let default = match route.store.as_deref().or(route.cluster.as_deref()) {
                 Some(n) => Some(
@@ -355,20 +356,32 @@ fn read_users_file(
     names: &mut Names<'_>,
 ) -> Result<Users, Vec<ConfigError>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         vec![error(
             &file,
             None,
             "routes.users_file",
             format!("cannot read: {e}"),
         )]
-    })?;
-    // One entry a line: reserve once instead of rehashing a million entries.
-    let mut users = Users::with_capacity(text.bytes().filter(|b| *b == b'\n').count() + 1);
+    };
+    let handle = std::fs::File::open(path).map_err(cannot)?;
+    let bytes = handle.metadata().map_err(cannot)?.len();
+    // Streamed a line at a time: the file's text is never held whole next to the table.
+    // Entries are reserved from the size (about 24 octets a line; spare room is given back
+    // after the load) instead of rehashing a million entries as they come.
+    let mut users = Users::with_capacity(usize::try_from(bytes / 24).unwrap_or(0));
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, handle);
+    let mut raw = String::new();
     let mut errors = Vec::new();
     let mut extra = 0usize;
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or_default().trim();
+    let mut n = 0usize;
+    loop {
+        raw.clear();
+        if reader.read_line(&mut raw).map_err(cannot)? == 0 {
+            break;
+        }
+        n += 1;
+        let line = raw.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;
         }
@@ -391,7 +404,7 @@ fn read_users_file(
         };
         if let Some(message) = problem {
             if errors.len() < MAX_FILE_ERRORS {
-                errors.push(error(&file, Some(n + 1), "routes.users_file", message));
+                errors.push(error(&file, Some(n), "routes.users_file", message));
             } else {
                 extra += 1;
             }

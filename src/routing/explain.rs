@@ -124,7 +124,7 @@ impl Router {
             return e;
         };
         let keys = self.keys(entry, &local, &domain);
-        let normalised = keys.mailbox();
+        let normalised = keys.mailbox().into_owned();
         let base = keys.base();
         // Aliases: the exact address, then without its extension.
         let alias = [Some(keys.full.as_str()), base.as_deref()]
@@ -219,7 +219,8 @@ impl Router {
         let entry = self.domains.get(domain.as_str())?;
         Some(
             self.keys(entry, &m.local_part_unquoted(), &domain)
-                .mailbox(),
+                .mailbox()
+                .into_owned(),
         )
     }
 

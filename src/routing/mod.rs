@@ -134,7 +134,7 @@ pub(crate) enum Hit {
 pub struct Router {
     stores: Vec<Box<str>>,
     clusters: Vec<(Box<str>, cluster::Cluster)>,
-    domains: HashMap<Box<str>, DomainEntry>,
+    domains: HashMap<Box<str>, DomainEntry, users::Fast>,
     users: users::Users,
     aliases: HashMap<Box<str>, Box<[Box<str>]>>,
     alias_depth: usize,
@@ -164,8 +164,11 @@ impl Keys {
     }
 
     /// The base if any, else the full key: the mailbox as clusters and explanations see it.
-    pub(crate) fn mailbox(&self) -> String {
-        self.base().unwrap_or_else(|| self.full.clone())
+    pub(crate) fn mailbox(&self) -> std::borrow::Cow<'_, str> {
+        match self.base() {
+            Some(b) => b.into(),
+            None => self.full.as_str().into(),
+        }
     }
 
     /// The local part as compared (extension kept).

@@ -86,7 +86,8 @@ impl Hasher for WordHasher {
     }
 }
 
-type Fast = BuildHasherDefault<WordHasher>;
+/// Tables keyed by configuration text (users, domains) use this hasher.
+pub(crate) type Fast = BuildHasherDefault<WordHasher>;
 
 /// The users table.
 #[derive(Clone, Debug, Default)]
