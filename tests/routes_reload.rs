@@ -258,3 +258,43 @@ async fn an_unloadable_users_file_at_start_answers_451_until_a_reload_fixes_it()
     c.cmd("QUIT", 221).await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn queued_mail_is_rerouted_by_a_reload_at_its_next_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    // `paused` defers everything: mail routed there waits in the queue.
+    let text = |store: &str| {
+        config_text(dir.path(), Some(store)).replace(
+            "stores:\n",
+            "stores:\n  - { name: paused, kind: error, reply: \"451 4.3.2 Paused\" }\n",
+        )
+    };
+    let path = dir.path().join("postern.yaml");
+    std::fs::write(&path, text("paused")).unwrap();
+    let gw = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
+    let mut c = Client::connect(gw.address("smtp").unwrap()).await;
+    c.hello().await;
+    c.send_mail(
+        "s@example.net",
+        &["waiting@example.org"],
+        "Subject: rerouted\r\n\r\nbody",
+    )
+    .await;
+    c.cmd("QUIT", 221).await;
+    // Deferred, not delivered anywhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(delivered(&dir.path().join("b")).is_empty());
+    assert_eq!(gw.spool.len(), 1, "still queued");
+    std::fs::write(&path, text("b")).unwrap();
+    gw.reload().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while delivered(&dir.path().join("b")).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        delivered(&dir.path().join("b")),
+        ["rerouted"],
+        "the retry used the new map"
+    );
+    gw.stop().await;
+}

@@ -12,7 +12,8 @@
 //! configured at start-up (its delivery agent does not exist).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -52,15 +53,17 @@ pub enum ReloadError {
     Invalid(Vec<ConfigError>),
 }
 
+/// What a reload compares against; locked for the whole of a reload, so reloads run one
+/// at a time.
 struct Running {
     config: Config,
-    generation: u64,
     stamps: Vec<(PathBuf, Option<SystemTime>)>,
 }
 
 /// The routing map in force and how to replace it.
 pub struct LiveRoutes {
     current: Arc<ArcSwap<Router>>,
+    generation: AtomicU64,
     running: Mutex<Running>,
 }
 
@@ -104,10 +107,10 @@ impl LiveRoutes {
         gauge!(GENERATION).set(1.0);
         Self {
             current: Arc::new(ArcSwap::from_pointee(router)),
+            generation: AtomicU64::new(1),
             running: Mutex::new(Running {
                 stamps: stamps(config),
                 config: config.clone(),
-                generation: 1,
             }),
         }
     }
@@ -119,16 +122,21 @@ impl LiveRoutes {
 
     /// The generation in force.
     pub fn generation(&self) -> u64 {
-        self.lock().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// True when the configuration file or the users file changed since the last reload.
+    /// True when the configuration file or the users file changed since the last reload
+    /// (false while a reload is running: it will record what it read).
     pub fn changed(&self) -> bool {
-        let running = self.lock();
+        let running = match self.running.try_lock() {
+            Ok(r) => r,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
         running.stamps != stamps(&running.config)
     }
 
@@ -168,17 +176,17 @@ impl LiveRoutes {
                 }
                 let users = router.user_count();
                 self.current.store(Arc::new(router));
-                running.generation += 1;
+                let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 running.config.routes = new.routes;
                 running.stamps = stamps(&running.config);
-                gauge!(GENERATION).set(running.generation as f64);
+                gauge!(GENERATION).set(generation as f64);
                 tracing::info!(
-                    generation = running.generation,
+                    generation,
                     users,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "routing map reloaded"
                 );
-                Ok(running.generation)
+                Ok(generation)
             }
             Err(errors) => {
                 for e in &errors {
@@ -291,4 +299,20 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         format!("{:?}", new.delivery),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_outside_routes_need_a_restart() {
+        let old = Config::embedded().unwrap();
+        let mut new = old.clone();
+        assert!(needs_restart(&old, &new).is_empty());
+        new.hostname = "mx.example".into();
+        new.routes.relay = None;
+        new.stores.clear();
+        assert_eq!(needs_restart(&old, &new), ["hostname", "stores"]);
+    }
 }
