@@ -6,7 +6,7 @@
 //! every cluster has members); a map that does not build names each problem by file, line
 //! and key. Building never touches a running map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::Path;
 
@@ -26,12 +26,12 @@ const MAX_FILE_ERRORS: usize = 20;
 pub fn validate(routes: &RoutesConfig, stores: &[&str]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut bad = |path: String, message: String| out.push((path, message));
-    let store = |n: &str| stores.contains(&n);
+    // Sets, not scans: a map may hold a million users and a thousand stores.
+    let store_set: HashSet<&str> = stores.iter().copied().collect();
+    let store = |n: &str| store_set.contains(n);
     let cluster = |n: &str| routes.clusters.contains_key(n);
-    let local = |d: &str| {
-        let d = fold_domain(d);
-        routes.domains.keys().any(|k| fold_domain(k) == d)
-    };
+    let folded: HashSet<String> = routes.domains.keys().map(|k| fold_domain(k)).collect();
+    let local = |d: &str| folded.contains(&fold_domain(d));
     for (name, members) in &routes.clusters {
         let at = format!("routes.clusters[{name}]");
         if store(name) {
