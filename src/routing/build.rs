@@ -364,12 +364,24 @@ fn read_users_file(
             format!("cannot read: {e}"),
         )]
     };
+    // Counted first (a fast pass over the octets) so the table is sized once: growing or
+    // shrinking a million-entry table would hold two of them at once.
+    let mut lines = 1usize;
+    {
+        let mut counter =
+            std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path).map_err(cannot)?);
+        loop {
+            let chunk = counter.fill_buf().map_err(cannot)?;
+            if chunk.is_empty() {
+                break;
+            }
+            lines += chunk.iter().filter(|b| **b == b'\n').count();
+            let n = chunk.len();
+            counter.consume(n);
+        }
+    }
     let handle = std::fs::File::open(path).map_err(cannot)?;
-    let bytes = handle.metadata().map_err(cannot)?.len();
-    // Streamed a line at a time: the file's text is never held whole next to the table.
-    // Entries are reserved from the size (about 24 octets a line; spare room is given back
-    // after the load) instead of rehashing a million entries as they come.
-    let mut users = Users::with_capacity(usize::try_from(bytes / 24).unwrap_or(0));
+    let mut users = Users::with_capacity(lines);
     let mut reader = std::io::BufReader::with_capacity(1 << 16, handle);
     let mut raw = String::new();
     let mut errors = Vec::new();
