@@ -126,7 +126,18 @@ pub mod reason {
     pub const POLICY: &str = "policy";
     /// The spool could not take it (full, or an I/O error).
     pub const SPOOL: &str = "spool";
+    /// Every reason.
+    pub const ALL: [&str; 6] = [RELAY, UNKNOWN_USER, SIZE, TLS, POLICY, SPOOL];
 }
+
+/// The `outcome` words of [`CONNECTIONS_TOTAL`].
+pub const CONNECTION_OUTCOMES: [&str; 3] = ["accepted", "refused_limit", "refused_per_ip"];
+
+/// The `state` words of [`QUEUE_MESSAGES`].
+pub const QUEUE_STATES: [&str; 3] = ["active", "waiting", "backlog"];
+
+/// The `kind` words of [`DSNS`].
+pub const DSN_KINDS: [&str; 3] = ["failure", "success", "delay"];
 
 /// Outcome words of [`DELIVERIES`].
 pub mod outcome {
@@ -367,7 +378,25 @@ pub fn watch(
         counter!(MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(0);
         counter!(RECIPIENTS_ACCEPTED, "listener" => listener.clone()).increment(0);
         counter!(RECEIVED_BYTES, "listener" => listener.clone()).increment(0);
-        gauge!(CONNECTIONS_CURRENT, "listener" => listener).increment(0.0);
+        gauge!(CONNECTIONS_CURRENT, "listener" => listener.clone()).increment(0.0);
+        for outcome in CONNECTION_OUTCOMES {
+            counter!(CONNECTIONS_TOTAL, "listener" => listener.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for state in QUEUE_STATES {
+        gauge!(QUEUE_MESSAGES, "state" => state).increment(0.0);
+    }
+    for l in &config.listeners {
+        for why in reason::ALL {
+            let listener = l.name.clone();
+            counter!(MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => why)
+                .increment(0);
+            counter!(RECIPIENTS_REJECTED, "listener" => listener, "reason" => why).increment(0);
+        }
+    }
+    for kind in DSN_KINDS {
+        counter!(DSNS, "kind" => kind).increment(0);
     }
     for s in &config.stores {
         let store = s.name().to_owned();
@@ -375,6 +404,7 @@ pub fn watch(
             counter!(DELIVERIES, "store" => store.clone(), "outcome" => word).increment(0);
         }
         counter!(IN_DOUBT, "store" => store.clone()).increment(0);
+        counter!(IN_DOUBT_RETRIES, "store" => store.clone()).increment(0);
         counter!(BREAKER_TRIPS, "store" => store).increment(0);
     }
     let dir = config.spool.path.clone();
