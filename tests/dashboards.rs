@@ -551,3 +551,32 @@ fn metric_names_are_found_in_expressions() {
     assert!(!defined("postern_spool_sync_seconds_total"));
     assert!(!defined("postern_nothing"));
 }
+
+#[test]
+fn the_readme_metrics_table_lists_every_metric_with_its_type_and_labels() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut listed = BTreeSet::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `postern_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`');
+        let def = ALL
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("README lists {name}, which postern::metrics::ALL does not"));
+        let kind = match def.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        assert_eq!(cells[2], kind, "{name}");
+        assert_eq!(cells[3], def.labels.join(", "), "{name}: labels");
+        assert!(listed.insert(name.to_owned()), "{name} listed twice");
+    }
+    let defined: BTreeSet<String> = ALL.iter().map(|d| d.name.to_owned()).collect();
+    let unlisted: Vec<_> = defined.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "not in the README's table: {unlisted:?}"
+    );
+}
