@@ -126,8 +126,10 @@ pub mod reason {
     pub const POLICY: &str = "policy";
     /// The spool could not take it (full, or an I/O error).
     pub const SPOOL: &str = "spool";
-    /// Every reason.
-    pub const ALL: [&str; 6] = [RELAY, UNKNOWN_USER, SIZE, TLS, POLICY, SPOOL];
+    /// The reasons a message is refused for.
+    pub const MESSAGE: [&str; 4] = [SIZE, TLS, POLICY, SPOOL];
+    /// The reasons a recipient is refused for.
+    pub const RECIPIENT: [&str; 2] = [RELAY, UNKNOWN_USER];
 }
 
 /// The `outcome` words of [`CONNECTIONS_TOTAL`].
@@ -388,11 +390,12 @@ pub fn watch(
         gauge!(QUEUE_MESSAGES, "state" => state).increment(0.0);
     }
     for l in &config.listeners {
-        for why in reason::ALL {
-            let listener = l.name.clone();
-            counter!(MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => why)
+        for why in reason::MESSAGE {
+            counter!(MESSAGES_REJECTED, "listener" => l.name.clone(), "reason" => why).increment(0);
+        }
+        for why in reason::RECIPIENT {
+            counter!(RECIPIENTS_REJECTED, "listener" => l.name.clone(), "reason" => why)
                 .increment(0);
-            counter!(RECIPIENTS_REJECTED, "listener" => listener, "reason" => why).increment(0);
         }
     }
     for kind in DSN_KINDS {
