@@ -113,17 +113,27 @@ fn load(path: &Path) -> Vec<Query> {
             && text(v, "query") == "prometheus"),
         "{name}: no datasource variable of type datasource for prometheus"
     );
+    let mut queries = Vec::new();
     for v in vars.iter().filter(|v| text(v, "type") == "query") {
         assert_eq!(
             v["datasource"]["uid"].as_str(),
             Some("${datasource}"),
             "{name}"
         );
+        // label_values(METRIC, LABEL) lists LABEL's values: checked as count by (LABEL) (METRIC).
         let q = text(v, "definition");
-        assert!(q.starts_with("label_values(postern_"), "{name}: {q}");
+        let (metric, label) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.split_once(','))
+            .unwrap_or_else(|| panic!("{name}: variable query {q}"));
+        queries.push(Query {
+            dashboard: name.clone(),
+            panel: format!("variable {}", text(v, "name")),
+            expr: format!("count by ({}) ({})", label.trim(), metric.trim()),
+        });
     }
     let panels = board["panels"].as_sequence().unwrap();
-    let mut queries = Vec::new();
     let mut ids = BTreeSet::new();
     for p in panels {
         let title = text(p, "title").to_owned();
