@@ -385,18 +385,17 @@ pub fn watch(
             counter!(CONNECTIONS_TOTAL, "listener" => listener.clone(), "outcome" => outcome)
                 .increment(0);
         }
+        for why in reason::MESSAGE {
+            counter!(MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => why)
+                .increment(0);
+        }
+        for why in reason::RECIPIENT {
+            counter!(RECIPIENTS_REJECTED, "listener" => listener.clone(), "reason" => why)
+                .increment(0);
+        }
     }
     for state in QUEUE_STATES {
         gauge!(QUEUE_MESSAGES, "state" => state).increment(0.0);
-    }
-    for l in &config.listeners {
-        for why in reason::MESSAGE {
-            counter!(MESSAGES_REJECTED, "listener" => l.name.clone(), "reason" => why).increment(0);
-        }
-        for why in reason::RECIPIENT {
-            counter!(RECIPIENTS_REJECTED, "listener" => l.name.clone(), "reason" => why)
-                .increment(0);
-        }
     }
     for kind in DSN_KINDS {
         counter!(DSNS, "kind" => kind).increment(0);
