@@ -146,6 +146,7 @@ impl Gateway {
             .map(|(c, l)| (c.name.clone(), l.local_addr()))
             .collect();
         let tracker = TaskTracker::new();
+        let sampler = crate::metrics::watch(&config, spool.clone(), shutdown.clone());
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
             handle,
@@ -174,6 +175,7 @@ impl Gateway {
                 scheduler.shutdown(drain).await;
             }
             let _ = metrics_task.await;
+            let _ = sampler.await;
         });
         Ok(Self {
             listeners,

@@ -16,6 +16,7 @@
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
 //! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
+//! | [`shape`] | queue shape: qshape's message-age buckets |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
 //! | [`tls`] | rustls server configuration for STARTTLS |
 //!
@@ -36,6 +37,7 @@ pub mod listener;
 pub mod metrics;
 pub mod routing;
 pub mod scheduler;
+pub mod shape;
 pub mod spool;
 pub mod tls;
 

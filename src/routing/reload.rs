@@ -17,30 +17,16 @@ use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
 use super::Router;
 use crate::config::{Config, ConfigError, StoreConfig};
 
-/// Reloads that failed (the running map was kept).
-pub const RELOAD_ERRORS: &str = "postern_routes_reload_errors_total";
+/// Reloads that failed (the running map was kept); described in [`crate::metrics`].
+pub const RELOAD_ERRORS: &str = crate::metrics::ROUTES_RELOAD_ERRORS;
 /// The routing map's generation: 1 at start, +1 at each successful reload.
-pub const GENERATION: &str = "postern_routes_generation";
-
-/// Describes this module's metrics (called from [`crate::metrics::describe`]).
-pub fn describe() {
-    describe_counter!(
-        RELOAD_ERRORS,
-        Unit::Count,
-        "Routing map reloads that failed; the running map was kept."
-    );
-    describe_gauge!(
-        GENERATION,
-        Unit::Count,
-        "Generation of the routing map in force: 1 at start, +1 per successful reload."
-    );
-}
+pub const GENERATION: &str = crate::metrics::ROUTES_GENERATION;
 
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
