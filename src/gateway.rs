@@ -46,6 +46,9 @@ pub enum GatewayError {
     /// A listener could not start.
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    /// The admin socket could not be set up.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// A started gateway.
@@ -54,6 +57,8 @@ pub struct Gateway {
     pub listeners: Vec<(String, String)>,
     /// Where `/metrics` is served.
     pub metrics_address: SocketAddr,
+    /// The admin socket (`postern queue …`).
+    pub admin_socket: std::path::PathBuf,
     /// The spool (for tests and tools in the same process).
     pub spool: Spool,
     /// The scheduler, unless `delivery.enabled` is off.
@@ -99,6 +104,8 @@ impl Gateway {
             .local_addr()
             .unwrap_or(config.metrics.address);
         tracing::info!(address = %metrics_address, "metrics");
+        let admin = crate::admin::AdminServer::bind(&config.admin_socket())?;
+        let admin_socket = admin.path().to_owned();
         let router = Arc::new(Router::new(&config.routes));
         let agents = if config.delivery.enabled {
             Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
@@ -138,6 +145,12 @@ impl Gateway {
             .zip(&bound)
             .map(|(c, l)| (c.name.clone(), l.local_addr()))
             .collect();
+        let backend = crate::admin::Backend {
+            spool: spool.clone(),
+            scheduler: scheduler.clone(),
+            router: Arc::clone(&router),
+        };
+        let admin_task = tokio::spawn(admin.serve(Arc::new(backend), shutdown.clone()));
         let tracker = TaskTracker::new();
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
@@ -167,10 +180,12 @@ impl Gateway {
                 scheduler.shutdown(drain).await;
             }
             let _ = metrics_task.await;
+            let _ = admin_task.await;
         });
         Ok(Self {
             listeners,
             metrics_address,
+            admin_socket,
             spool,
             scheduler,
             shutdown,

@@ -48,6 +48,8 @@ enum Command {
     /// Spool crash-test load (run and killed by the crash tests).
     #[command(hide = true)]
     SpoolTorture(postern::spool::torture::TortureArgs),
+    /// Queue tools: list, show, shape, flush, hold, release, delete, requeue.
+    Queue(postern::queue::QueueArgs),
     /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
     CheckConfig {
         /// Configuration file; without it, the embedded default.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => check_config(config),
+        Command::Queue(args) => postern::queue::run(&args),
         Command::Run { config } => run(config),
         Command::BenchIntake { size, idle } => bench_intake(&size, idle),
         Command::BenchSpool(args) => spool_exit(postern::spool::bench::run(&args)),

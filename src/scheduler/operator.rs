@@ -1,0 +1,45 @@
+//! Operator actions on queued messages (`postern queue hold|release|delete|flush|requeue`),
+//! through the scheduler so that what it holds in memory and the spool's ledger agree.
+//!
+//! Promises: hold, release and delete resolve only once their spool record is durable.
+//! A held message is never started: the scheduler checks the hold flag at the start of
+//! every attempt (an attempt already running when the hold lands finishes its transactions;
+//! the message is then left alone). Release and flush make the message due now; its
+//! recipients still wait for their store's window (slow start) and breaker, so a flush of a
+//! large queue cannot stampede a store. Routing is resolved again at every attempt, so a
+//! requeue (route again with the current map) is a flush.
+
+use std::sync::Arc;
+
+use super::Scheduler;
+use crate::routing::Router;
+use crate::spool::{QueueId, SpoolError};
+
+impl Scheduler {
+    /// Puts `qid` on hold (durable when this returns `Ok`).
+    pub async fn hold(&self, qid: QueueId) -> Result<(), SpoolError> {
+        self.ctx.spool.hold(qid).await
+    }
+
+    /// Releases `qid` (durable) and makes it due now.
+    pub async fn release(&self, qid: QueueId) -> Result<(), SpoolError> {
+        self.ctx.spool.release(qid).await?;
+        self.submit(qid);
+        Ok(())
+    }
+
+    /// Removes `qid` from the spool without a bounce (durable when this returns `Ok`).
+    pub async fn delete(&self, qid: QueueId) -> Result<(), SpoolError> {
+        self.ctx.spool.delete(qid).await
+    }
+
+    /// Makes `qid` due now (a no-op for a held message, or one being attempted).
+    pub fn flush(&self, qid: QueueId) {
+        self.submit(qid);
+    }
+
+    /// The routing map the scheduler routes with now.
+    pub fn router(&self) -> Arc<Router> {
+        self.ctx.router.load_full()
+    }
+}
