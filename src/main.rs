@@ -145,6 +145,17 @@ fn run(config: Option<PathBuf>) -> ExitCode {
     };
     postern::gateway::raise_fd_limit(1 << 20);
     runtime.block_on(async move {
+        // Installed before anything starts: a SIGTERM during start-up drains once started
+        // instead of killing the process with the default action.
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGTERM; only ctrl-c stops gracefully");
+                None
+            }
+        };
         let gateway = match Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -154,10 +165,10 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         };
         let token = gateway.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(term.as_mut()).await;
             tracing::info!("shutting down: no new connections, draining sessions");
             token.cancel();
-            wait_for_signal().await;
+            wait_for_signal(term.as_mut()).await;
             tracing::warn!("second signal: exiting now (nothing acknowledged is lost)");
             std::process::exit(0);
         });
@@ -167,17 +178,16 @@ fn run(config: Option<PathBuf>) -> ExitCode {
     })
 }
 
-/// SIGTERM or ctrl-c.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+/// SIGTERM (when it can be caught) or ctrl-c.
+async fn wait_for_signal(term: Option<&mut tokio::signal::unix::Signal>) {
+    match term {
+        Some(term) => {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
         }
-        Err(_) => {
+        None => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
