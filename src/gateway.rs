@@ -3,9 +3,12 @@
 //!
 //! Start-up is all or nothing: if the spool cannot be opened or any address cannot be bound,
 //! [`Gateway::start`] fails with that error and nothing keeps running. Shutdown (the token
-//! is cancelled) stops accepting at once, lets sessions finish their current transaction
-//! until `drain_timeout`, then ends the rest. A message whose 250 was not sent is not
-//! acknowledged, so ending a session early loses nothing that was accepted.
+//! is cancelled) stops accepting at once (SMTP/LMTP listeners and the admin socket), and
+//! drains against one deadline, `drain_timeout`: sessions finish their current transaction
+//! (idle ones are told 421), while the scheduler starts no new delivery and waits for the
+//! ones in flight. At the deadline the rest are ended: a message whose 250 was not sent is
+//! not acknowledged, and a delivery cut short leaves its recipients in doubt in the ledger
+//! (retried alone after a restart), so nothing accepted is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -166,19 +169,26 @@ impl Gateway {
         let scheduler_for_drain = scheduler.clone();
         let task = tokio::spawn(async move {
             token.cancelled().await;
-            for t in accept_tasks {
-                let _ = t.await;
-            }
-            tracker.close();
-            if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-                tracing::warn!(
-                    remaining = tracker.len(),
-                    "drain deadline passed; ending the remaining sessions"
-                );
-            }
-            if let Some(scheduler) = scheduler_for_drain {
-                scheduler.shutdown(drain).await;
-            }
+            // Sessions and deliveries drain at the same time, against one deadline: the
+            // gateway is gone within `drain_timeout` of the signal.
+            let sessions = async {
+                for t in accept_tasks {
+                    let _ = t.await;
+                }
+                tracker.close();
+                if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+                    tracing::warn!(
+                        remaining = tracker.len(),
+                        "drain deadline passed; ending the remaining sessions (their messages were not acknowledged)"
+                    );
+                }
+            };
+            let deliveries = async {
+                if let Some(scheduler) = scheduler_for_drain {
+                    scheduler.shutdown(drain).await;
+                }
+            };
+            tokio::join!(sessions, deliveries);
             let _ = metrics_task.await;
             let _ = admin_task.await;
         });

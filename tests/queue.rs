@@ -426,3 +426,38 @@ fn a_bad_config_exits_2() {
     let out = queue(Path::new("/nonexistent/postern.yaml"), &["list"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let socket = dir.path().join("spool/admin.sock");
+    let mut d = Daemon::start(&config);
+    d.child.kill().unwrap(); // SIGKILL: the socket file stays behind
+    d.child.wait().unwrap();
+    assert!(socket.exists());
+    let d = Daemon::start(&config);
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(queue(&config, &["list"]).status.success());
+
+    // Another gateway (its own spool) configured with the same admin socket does not start.
+    let other = dir.path().join("other.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &dir.path().join("spool").display().to_string(),
+        &dir.path().join("spool2").display().to_string(),
+    ) + &format!("admin:\n  socket: {}\n", socket.display());
+    std::fs::write(&other, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["run", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another postern is listening"),
+        "{}",
+        stderr(&out)
+    );
+    drop(d);
+}
