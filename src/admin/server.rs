@@ -203,3 +203,41 @@ async fn connection(stream: UnixStream, backend: Arc<Backend>) -> io::Result<()>
 fn error(message: String) -> Response {
     Response::Error { message }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_0600_refuses_a_live_socket_and_anything_else_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/admin.sock");
+        let server = AdminServer::bind(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(matches!(
+            AdminServer::bind(&path),
+            Err(AdminError::InUse(_))
+        ));
+        // No private directory is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("admin.sock")]);
+        drop(server);
+        // Stale (nobody listening): replaced.
+        let again = AdminServer::bind(&path).unwrap();
+        drop(again);
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            AdminServer::bind(&file),
+            Err(AdminError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+}
