@@ -150,6 +150,26 @@ fn sigterm_drains_in_flight_transactions_and_exits_0() {
         },
     );
 
+    // The read-only scan (`postern queue list` without the daemon) is consistent while the
+    // daemon appends and delivers: whatever was acknowledged before a scan is in it, or was
+    // delivered (and removed) before the scan ended.
+    for _ in 0..10 {
+        let before = acked.lock().unwrap().clone();
+        let snapshot = Spool::open_read_only(&dir.path().join("spool")).unwrap();
+        let delivered = delivered_subjects(&dir.path().join("mail"));
+        let queued: std::collections::HashSet<String> = snapshot
+            .messages
+            .iter()
+            .map(|m| m.qid.to_string())
+            .collect();
+        for (id, subject) in &before {
+            assert!(
+                queued.contains(id) || delivered.contains(subject),
+                "read-only scan during load missed {id}"
+            );
+        }
+    }
+
     d.signal(Signal::TERM);
     let signalled = Instant::now();
     eventually(Duration::from_secs(5), "the shutdown log line", || {

@@ -25,6 +25,14 @@ pub enum QueueError {
         /// What connecting said, when the file exists.
         detail: Option<String>,
     },
+    /// The socket is there but may not be used (permissions).
+    #[error("cannot use the admin socket {}: {source} (it is mode 0600: run as the daemon's user, or root)", socket.display())]
+    Access {
+        /// The socket path.
+        socket: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The spool directory does not exist.
     #[error("spool not found at {} (spool.path in the configuration)", .0.display())]
     SpoolNotFound(PathBuf),
@@ -54,10 +62,7 @@ pub enum QueueError {
 
 /// Sends `req` to the daemon at `socket` and reads its answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, QueueError> {
-    let stream = UnixStream::connect(socket).map_err(|e| QueueError::NotRunning {
-        socket: socket.to_owned(),
-        detail: socket.exists().then(|| e.to_string()),
-    })?;
+    let stream = connect(socket)?;
     let proto = |detail: String| QueueError::Protocol {
         socket: socket.to_owned(),
         detail,
@@ -85,9 +90,27 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, QueueError> {
     }
 }
 
-/// Is a daemon answering on `socket`?
-pub fn daemon_running(socket: &Path) -> bool {
-    UnixStream::connect(socket).is_ok()
+fn connect(socket: &Path) -> Result<UnixStream, QueueError> {
+    UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => QueueError::Access {
+            socket: socket.to_owned(),
+            source: e,
+        },
+        _ => QueueError::NotRunning {
+            socket: socket.to_owned(),
+            detail: socket.exists().then(|| e.to_string()),
+        },
+    })
+}
+
+/// Is a daemon answering on `socket`? `Ok(false)` when none is (no socket, or a stale one);
+/// an error when one may be but cannot be used (permissions).
+pub fn daemon_running(socket: &Path) -> Result<bool, QueueError> {
+    match connect(socket) {
+        Ok(_) => Ok(true),
+        Err(QueueError::NotRunning { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads the spool in `dir` without its lock (no daemon needed; safe while one appends:

@@ -201,7 +201,7 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
     match cmd {
         QueueCommand::List { select, json } => {
             let selector = select.selector();
-            let messages = if client::daemon_running(&socket) {
+            let messages = if client::daemon_running(&socket)? {
                 match client::request(&socket, &Request::List { selector })? {
                     Response::Messages { messages } => messages,
                     other => return Err(unexpected(&other)),
@@ -222,7 +222,7 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
             ))
         }
         QueueCommand::Show { id, body, json } => {
-            let (message, headers, body) = if client::daemon_running(&socket) {
+            let (message, headers, body) = if client::daemon_running(&socket)? {
                 let req = Request::Show {
                     id: id.clone(),
                     body: *body,
@@ -256,7 +256,7 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
                 ShapeByArg::Store => ShapeBy::Store,
                 ShapeByArg::Domain => ShapeBy::Domain,
             };
-            let table = if client::daemon_running(&socket) {
+            let table = if client::daemon_running(&socket)? {
                 match client::request(&socket, &Request::Shape { by })? {
                     Response::Shape { table } => table,
                     other => return Err(unexpected(&other)),
