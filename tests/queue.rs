@@ -461,3 +461,87 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     );
     drop(d);
 }
+
+/// A hold that lands while the message's recipient waits behind a busy mailbox (its
+/// attempt has started, its transaction not): the transaction is not run.
+#[test]
+fn a_hold_stops_a_recipient_already_waiting_for_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let script = dir.path().join("slow.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "f=$(mktemp {0}/d.XXXXXX)\ncat > \"$f.tmp\"\nmv \"$f.tmp\" \"$f.msg\"\nsleep 2\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("postern.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname: mx.test\nnode_id: 5\ndrain_timeout: 5s\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: slow\n    kind: pipe\n    argv: [/bin/sh, {script}]\nroutes:\n  domains:\n    pipe.test: {{ store: slow }}\ndelivery:\n  minimal_backoff: 1h\n  maximal_backoff: 2h\n",
+            spool = dir.path().join("spool").display(),
+            script = script.display(),
+        ),
+    )
+    .unwrap();
+    let subjects = || -> Vec<String> {
+        std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+            })
+            .collect()
+    };
+    let d = Daemon::start(&config);
+    let a = send_one(&d.addr, "s@example.net", "x@pipe.test", "first", "a");
+    eventually(
+        Duration::from_secs(10),
+        "the first message in the pipe",
+        || subjects().contains(&"first".to_owned()).then_some(()),
+    );
+    // Same mailbox: waits until the first transaction (2 s of sleep) is over.
+    let b = send_one(&d.addr, "s@example.net", "x@pipe.test", "second", "b");
+    let held = queue(&config, &["hold", &b]);
+    assert!(
+        stdout(&held).contains(&format!("held {b}")),
+        "{}",
+        stdout(&held)
+    );
+    eventually(Duration::from_secs(10), "the first message done", || {
+        find(&list_json(&config, &[]), &a).is_none().then_some(())
+    });
+    let v = eventually(
+        Duration::from_secs(10),
+        "the held recipient settled",
+        || {
+            let v = list_json(&config, &[&b]);
+            (v[0]["recipients"][0]["state"] == "deferred").then_some(v)
+        },
+    );
+    assert_eq!(v[0]["queue_name"], "hold");
+    assert_eq!(
+        v[0]["recipients"][0]["last_reply"],
+        "451 4.0.0 Held by the operator"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !subjects().contains(&"second".to_owned()),
+        "a held message was delivered"
+    );
+
+    let out_release = queue(&config, &["release", &b]);
+    assert!(out_release.status.success());
+    eventually(
+        Duration::from_secs(10),
+        "the second message delivered after release",
+        || subjects().contains(&"second".to_owned()).then_some(()),
+    );
+}

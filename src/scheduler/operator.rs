@@ -2,9 +2,10 @@
 //! through the scheduler so that what it holds in memory and the spool's ledger agree.
 //!
 //! Promises: hold, release and delete resolve only once their spool record is durable.
-//! A held message is never started: the scheduler checks the hold flag at the start of
-//! every attempt (an attempt already running when the hold lands finishes its transactions;
-//! the message is then left alone). Release and flush make the message due now; its
+//! A held message is not delivered: the hold flag is checked at the start of every attempt
+//! and again before each transaction (recipients already waiting for their store's window
+//! are deferred with `451 4.0.0 Held by the operator`); only a transaction already past
+//! that check finishes. Release and flush make the message due now; its
 //! recipients still wait for their store's window (slow start) and breaker, so a flush of a
 //! large queue cannot stampede a store. Routing is resolved again at every attempt, so a
 //! requeue (route again with the current map) is a flush.
