@@ -155,6 +155,7 @@ impl Gateway {
         };
         let admin_task = tokio::spawn(admin.serve(Arc::new(backend), shutdown.clone()));
         let tracker = TaskTracker::new();
+        let sampler = crate::metrics::watch(&config, spool.clone(), shutdown.clone());
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
             handle,
@@ -191,6 +192,7 @@ impl Gateway {
             tokio::join!(sessions, deliveries);
             let _ = metrics_task.await;
             let _ = admin_task.await;
+            let _ = sampler.await;
         });
         Ok(Self {
             listeners,

@@ -18,7 +18,7 @@
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
 //! | [`queue`] | `postern queue …`: the operator's queue tools (client side) |
 //! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
-//! | [`shape`] | qshape's age buckets (pure) |
+//! | [`shape`] | queue shape: qshape's message-age buckets |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
 //! | [`tls`] | rustls server configuration for STARTTLS |
 //!

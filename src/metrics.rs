@@ -1,20 +1,30 @@
-//! Every metric postern exports: names, help texts, units and label sets, in one place.
+//! Every metric postern exports: names, help texts, units, label sets and histogram buckets,
+//! in one place ([`ALL`]).
 //!
-//! Labels are bounded: listener and store names from the configuration, and fixed outcome and
-//! reason words. Never an address, a queue id or a reply text. Histograms get explicit
-//! buckets so they export as Prometheus histograms (aggregatable), not summaries.
+//! Labels are bounded: listener and store names from the configuration, and fixed words
+//! (outcome, reason, state, phase, class, bucket, kind). Never an address, a queue id or a
+//! reply text. Histograms get explicit buckets so they export as Prometheus histograms
+//! (aggregatable), not summaries.
 //!
 //! `/metrics` is served by [`serve`], a tiny HTTP/1.1 responder on our own tokio listener:
-//! it binds loopback by default, and tests can bind port 0 and learn the port.
+//! it binds loopback by default, and tests can bind port 0 and learn the port. [`watch`]
+//! registers the per-store series at zero and samples the spool's size and free space.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::spool::Spool;
+
+// ---- listeners ------------------------------------------------------------------------------
 
 /// Open connections, by listener.
 pub const CONNECTIONS_CURRENT: &str = "postern_connections_current";
@@ -37,6 +47,71 @@ pub const ACCEPT_LATENCY: &str = "postern_accept_latency_seconds";
 /// Build information (value 1), labelled with the version.
 pub const BUILD_INFO: &str = "postern_build_info";
 
+// ---- scheduler and delivery -----------------------------------------------------------------
+
+/// Recipient delivery attempts, by store and outcome.
+pub const DELIVERIES: &str = "postern_deliveries_total";
+/// Deferred recipient attempts, by store and reply class (`4.2`, `4.4`, … of the enhanced
+/// status code; `4.0` when the reply had none).
+pub const DEFERRALS: &str = "postern_deferrals_total";
+/// Recipients left in doubt (connection lost after the end of data), by store.
+pub const IN_DOUBT: &str = "postern_in_doubt_total";
+/// In-doubt recipients retried alone in their own transaction, by store.
+pub const IN_DOUBT_RETRIES: &str = "postern_in_doubt_retries_total";
+/// Recipients that were in doubt when the spool was recovered at start.
+pub const IN_DOUBT_RECOVERED: &str = "postern_in_doubt_recovered_total";
+/// A store's concurrency window, by store.
+pub const WINDOW: &str = "postern_store_window";
+/// A store's connections, by store and state (`in_use`, `idle`).
+pub const CONNECTIONS: &str = "postern_store_connections";
+/// A store's breaker: 0 closed, 1 open (down), 2 probing; by store.
+pub const BREAKER: &str = "postern_store_breaker_state";
+/// Times a store was marked down, by store.
+pub const BREAKER_TRIPS: &str = "postern_store_breaker_trips_total";
+/// Recipients queued for a store, by store and state (`queued`, `in_flight`).
+pub const STORE_RECIPIENTS: &str = "postern_store_recipients";
+/// Messages parked while a store is down, by store.
+pub const STORE_PARKED: &str = "postern_store_parked_messages";
+/// Age of the oldest message with recipients queued for a store, by store.
+pub const OLDEST_AGE: &str = "postern_store_oldest_message_age_seconds";
+/// Messages in the scheduler by state (`active`: an attempt is running; `waiting`: deferred
+/// until a retry time; `backlog`: due, waiting for room under `active_limit`).
+pub const QUEUE_MESSAGES: &str = "postern_queue_messages";
+/// Queue shape: messages with open recipients for a store, by store and age bucket
+/// ([`crate::shape::LABELS`]).
+pub const QUEUE_SHAPE: &str = "postern_queue_shape_messages";
+/// From acceptance to delivery, by store (histogram, up to 5 days).
+pub const DELIVERY_LATENCY: &str = "postern_delivery_latency_seconds";
+/// LMTP (and SMTP relay) latency by store and phase: `acquire` (a connection from the pool
+/// or a new one), `connect` (the socket), `lhlo` (greeting, LHLO, STARTTLS, AUTH),
+/// `mail_rcpt` (MAIL and RCPT replies; with BDAT, until the first chunk), `data` (the body),
+/// `end_of_data` (the final replies), `transaction` (MAIL to the last reply).
+pub const PHASE_LATENCY: &str = "postern_lmtp_phase_seconds";
+/// DSNs queued, by kind (`failure`, `success`, `delay`).
+pub const DSNS: &str = "postern_dsn_total";
+
+// ---- spool ----------------------------------------------------------------------------------
+
+/// Group-commit sync latency: fdatasync of a batch's segment files (and the directory).
+pub const SPOOL_SYNC: &str = "postern_spool_sync_seconds";
+/// Group-commit batch size: message commits and ledger records made durable by one sync.
+pub const SPOOL_BATCH_RECORDS: &str = "postern_spool_sync_batch_records";
+/// Group-commit batch size in bytes appended.
+pub const SPOOL_BATCH_BYTES: &str = "postern_spool_sync_batch_bytes";
+/// Bytes of the spool's files on disk (segments, and the corrupt queue).
+pub const SPOOL_BYTES: &str = "postern_spool_bytes";
+/// Free space for unprivileged users on the spool's filesystem.
+pub const SPOOL_FREE_BYTES: &str = "postern_spool_free_bytes";
+/// Messages in the spool.
+pub const SPOOL_MESSAGES: &str = "postern_spool_messages";
+
+// ---- routing --------------------------------------------------------------------------------
+
+/// The routing map's generation: 1 for the map loaded at start, one more per reload.
+pub const ROUTES_GENERATION: &str = "postern_routes_generation";
+/// Reloads of the routing map that failed (the old map stays).
+pub const ROUTES_RELOAD_ERRORS: &str = "postern_routes_reload_errors_total";
+
 /// Reasons for refused messages and recipients (the `reason` label).
 pub mod reason {
     /// Not a local domain and not a trusted client.
@@ -51,72 +126,220 @@ pub mod reason {
     pub const POLICY: &str = "policy";
     /// The spool could not take it (full, or an I/O error).
     pub const SPOOL: &str = "spool";
+    /// The reasons a message is refused for.
+    pub const MESSAGE: [&str; 4] = [SIZE, TLS, POLICY, SPOOL];
+    /// The reasons a recipient is refused for.
+    pub const RECIPIENT: [&str; 2] = [RELAY, UNKNOWN_USER];
 }
 
-const SECONDS_BUCKETS: &[f64] = &[
+/// The `outcome` words of [`CONNECTIONS_TOTAL`].
+pub const CONNECTION_OUTCOMES: [&str; 3] = ["accepted", "refused_limit", "refused_per_ip"];
+
+/// The `state` words of [`QUEUE_MESSAGES`].
+pub const QUEUE_STATES: [&str; 3] = ["active", "waiting", "backlog"];
+
+/// The `kind` words of [`DSNS`].
+pub const DSN_KINDS: [&str; 3] = ["failure", "success", "delay"];
+
+/// Outcome words of [`DELIVERIES`].
+pub mod outcome {
+    /// Delivered.
+    pub const SENT: &str = "sent";
+    /// Deferred.
+    pub const DEFERRED: &str = "deferred";
+    /// Bounced.
+    pub const BOUNCED: &str = "bounced";
+    /// In doubt.
+    pub const IN_DOUBT: &str = "in_doubt";
+    /// Every outcome.
+    pub const ALL: [&str; 4] = [SENT, DEFERRED, BOUNCED, IN_DOUBT];
+}
+
+/// The reply class of a deferral ([`DEFERRALS`]'s `class` label): `4.N` from the enhanced
+/// status code `4.N.M` at the start of `reply` after the code, `4.0` without one. Bounded:
+/// `4.0` to `4.7`; anything else is `4.0`.
+pub fn deferral_class(reply: &str) -> &'static str {
+    const CLASSES: [&str; 8] = ["4.0", "4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7"];
+    let status = reply.split_whitespace().nth(1).unwrap_or("");
+    let mut parts = status.split('.');
+    match (
+        parts.next(),
+        parts.next().and_then(|p| p.parse::<usize>().ok()),
+    ) {
+        (Some("4"), Some(n)) if n < CLASSES.len() && parts.next().is_some() => CLASSES[n],
+        _ => CLASSES[0],
+    }
+}
+
+/// What kind of metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets.
+    Histogram,
+}
+
+/// One metric's definition.
+#[derive(Clone, Copy, Debug)]
+pub struct Def {
+    /// The exported name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// Its unit.
+    pub unit: Unit,
+    /// Its label names.
+    pub labels: &'static [&'static str],
+    /// The HELP text.
+    pub help: &'static str,
+    /// A histogram's bucket upper bounds (`None`: [`SECONDS_BUCKETS`]).
+    pub buckets: Option<&'static [f64]>,
+}
+
+/// Default buckets of a `_seconds` histogram: 1 ms to 5 minutes.
+pub const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Delivery latency: mail may wait days for a store, so 10 ms to 5 days.
+pub const DELIVERY_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+    7200.0, 14400.0, 28800.0, 43200.0, 86400.0, 172_800.0, 259_200.0, 345_600.0, 432_000.0,
+];
+
+/// fdatasync latency: 50 µs to 10 s.
+pub const SYNC_BUCKETS: &[f64] = &[
+    0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// Records per group commit.
+pub const BATCH_RECORD_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// Bytes per group commit: 512 B to 64 MiB.
+pub const BATCH_BYTE_BUCKETS: &[f64] = &[
+    512.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    unit: Unit,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Def {
+    Def {
+        name,
+        kind,
+        unit,
+        labels,
+        help,
+        buckets: None,
+    }
+}
+
+const fn hist(
+    name: &'static str,
+    unit: Unit,
+    labels: &'static [&'static str],
+    help: &'static str,
+    buckets: &'static [f64],
+) -> Def {
+    Def {
+        name,
+        kind: Kind::Histogram,
+        unit,
+        labels,
+        help,
+        buckets: Some(buckets),
+    }
+}
+
+use Kind::{Counter, Gauge};
+
+/// Every metric postern exports.
+#[rustfmt::skip]
+pub const ALL: &[Def] = &[
+    def(CONNECTIONS_CURRENT, Gauge, Unit::Count, &["listener"], "Open client connections, by listener."),
+    def(CONNECTIONS_TOTAL, Counter, Unit::Count, &["listener", "outcome"], "Client connections by listener and outcome (accepted, refused_limit, refused_per_ip)."),
+    def(MESSAGES_ACCEPTED, Counter, Unit::Count, &["listener"], "Messages answered 250 after they were durable, by listener."),
+    def(MESSAGES_REJECTED, Counter, Unit::Count, &["listener", "reason"], "Messages refused, by listener and reason."),
+    def(RECIPIENTS_ACCEPTED, Counter, Unit::Count, &["listener"], "Recipients accepted at RCPT, by listener."),
+    def(RECIPIENTS_REJECTED, Counter, Unit::Count, &["listener", "reason"], "Recipients refused at RCPT, by listener and reason."),
+    def(RECEIVED_BYTES, Counter, Unit::Bytes, &["listener"], "Message octets received, by listener."),
+    hist(SESSION_DURATION, Unit::Seconds, &["listener"], "Client session duration, by listener.", SECONDS_BUCKETS),
+    hist(ACCEPT_LATENCY, Unit::Seconds, &["listener"], "End of data to 250 (durable store), by listener.", SECONDS_BUCKETS),
+    def(BUILD_INFO, Gauge, Unit::Count, &["version"], "Build information; the value is 1."),
+    def(DELIVERIES, Counter, Unit::Count, &["store", "outcome"], "Recipient delivery attempts, by store and outcome (sent, deferred, bounced, in_doubt)."),
+    def(DEFERRALS, Counter, Unit::Count, &["store", "class"], "Deferred recipient attempts, by store and reply class (4.0 to 4.7)."),
+    def(IN_DOUBT, Counter, Unit::Count, &["store"], "Recipients left in doubt after the end of data, by store."),
+    def(IN_DOUBT_RETRIES, Counter, Unit::Count, &["store"], "In-doubt recipients retried alone, by store."),
+    def(IN_DOUBT_RECOVERED, Counter, Unit::Count, &[], "Recipients in doubt when the spool was recovered."),
+    def(WINDOW, Gauge, Unit::Count, &["store"], "Concurrency window (transactions at once), by store."),
+    def(CONNECTIONS, Gauge, Unit::Count, &["store", "state"], "Pooled store connections, by store and state (in_use, idle)."),
+    def(BREAKER, Gauge, Unit::Count, &["store"], "Circuit breaker: 0 closed, 1 open, 2 probing; by store."),
+    def(BREAKER_TRIPS, Counter, Unit::Count, &["store"], "Times a store was marked down, by store."),
+    def(STORE_RECIPIENTS, Gauge, Unit::Count, &["store", "state"], "Recipients queued for a store, by store and state (queued, in_flight)."),
+    def(STORE_PARKED, Gauge, Unit::Count, &["store"], "Messages parked while a store is down, by store."),
+    def(OLDEST_AGE, Gauge, Unit::Seconds, &["store"], "Age of the oldest message queued for a store, by store."),
+    def(QUEUE_MESSAGES, Gauge, Unit::Count, &["state"], "Messages in the scheduler, by state (active, waiting, backlog)."),
+    def(QUEUE_SHAPE, Gauge, Unit::Count, &["store", "bucket"], "Messages with open recipients for a store, by store and age bucket (0-5m ... 1280m+)."),
+    hist(DELIVERY_LATENCY, Unit::Seconds, &["store"], "Acceptance to delivery, by store.", DELIVERY_BUCKETS),
+    hist(PHASE_LATENCY, Unit::Seconds, &["store", "phase"], "LMTP latency by store and phase (acquire, connect, lhlo, mail_rcpt, data, end_of_data, transaction).", SECONDS_BUCKETS),
+    def(DSNS, Counter, Unit::Count, &["kind"], "Delivery status notifications queued, by kind (failure, success, delay)."),
+    hist(SPOOL_SYNC, Unit::Seconds, &[], "Group-commit fdatasync latency of one batch.", SYNC_BUCKETS),
+    hist(SPOOL_BATCH_RECORDS, Unit::Count, &[], "Message commits and ledger records made durable by one group commit.", BATCH_RECORD_BUCKETS),
+    hist(SPOOL_BATCH_BYTES, Unit::Bytes, &[], "Bytes made durable by one group commit.", BATCH_BYTE_BUCKETS),
+    def(SPOOL_BYTES, Gauge, Unit::Bytes, &[], "Bytes of the spool's files on disk."),
+    def(SPOOL_FREE_BYTES, Gauge, Unit::Bytes, &[], "Free space for unprivileged users on the spool's filesystem."),
+    def(SPOOL_MESSAGES, Gauge, Unit::Count, &[], "Messages in the spool."),
+    def(ROUTES_GENERATION, Gauge, Unit::Count, &[], "Routing map generation: 1 at start, one more per successful reload."),
+    def(ROUTES_RELOAD_ERRORS, Counter, Unit::Count, &[], "Routing map reloads that failed (the previous map stays)."),
+];
+
+/// The definition of `name`.
+pub fn find(name: &str) -> Option<&'static Def> {
+    ALL.iter().find(|d| d.name == name)
+}
+
 /// Describes every metric (promtool flags a metric without HELP).
 pub fn describe() {
-    describe_gauge!(
-        CONNECTIONS_CURRENT,
-        Unit::Count,
-        "Open client connections, by listener."
-    );
-    describe_counter!(
-        CONNECTIONS_TOTAL,
-        Unit::Count,
-        "Client connections by listener and outcome."
-    );
-    describe_counter!(
-        MESSAGES_ACCEPTED,
-        Unit::Count,
-        "Messages answered 250 after they were durable, by listener."
-    );
-    describe_counter!(
-        MESSAGES_REJECTED,
-        Unit::Count,
-        "Messages refused, by listener and reason."
-    );
-    describe_counter!(
-        RECIPIENTS_ACCEPTED,
-        Unit::Count,
-        "Recipients accepted at RCPT, by listener."
-    );
-    describe_counter!(
-        RECIPIENTS_REJECTED,
-        Unit::Count,
-        "Recipients refused at RCPT, by listener and reason."
-    );
-    describe_counter!(
-        RECEIVED_BYTES,
-        Unit::Bytes,
-        "Message octets received, by listener."
-    );
-    describe_histogram!(
-        SESSION_DURATION,
-        Unit::Seconds,
-        "Client session duration, by listener."
-    );
-    describe_histogram!(
-        ACCEPT_LATENCY,
-        Unit::Seconds,
-        "End of data to 250 (durable store), by listener."
-    );
-    describe_gauge!(
-        BUILD_INFO,
-        Unit::Count,
-        "Build information; the value is 1."
-    );
-    crate::scheduler::metrics::describe();
+    for d in ALL {
+        match d.kind {
+            Kind::Counter => describe_counter!(d.name, d.unit, d.help),
+            Kind::Gauge => describe_gauge!(d.name, d.unit, d.help),
+            Kind::Histogram => describe_histogram!(d.name, d.unit, d.help),
+        }
+    }
 }
 
 /// Builds the Prometheus recorder with our histogram buckets (not installed).
 pub fn recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
-    // Only an empty bucket list fails; ours is a non-empty constant. Summaries otherwise.
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+    // Only an empty bucket list fails, and ours are non-empty constants (a test checks);
+    // were one empty, every histogram would export as a summary rather than fail start-up.
+    let built = ALL
+        .iter()
+        .filter_map(|d| d.buckets.map(|b| (d.name, b)))
+        .try_fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
+            builder.set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        });
+    built
         .unwrap_or_else(|_| PrometheusBuilder::new())
         .build_recorder()
 }
@@ -131,10 +354,107 @@ pub fn install() -> PrometheusHandle {
             // A second install (tests) fails harmlessly; the first recorder stays.
             let _ = metrics::set_global_recorder(recorder);
             describe();
-            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // The map read at start is generation 1; reloads count on from there.
+            gauge!(ROUTES_GENERATION).set(1.0);
+            counter!(ROUTES_RELOAD_ERRORS).increment(0);
+            counter!(IN_DOUBT_RECOVERED).increment(0);
             handle
         })
         .clone()
+}
+
+/// How often [`watch`] samples the spool.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Registers every configured store's and listener's series at zero (so a dashboard shows
+/// them, and `rate()` works, from the start), then samples the spool's size, free space and
+/// message count every [`SAMPLE_EVERY`] until `shutdown`.
+pub fn watch(
+    config: &crate::config::Config,
+    spool: Spool,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    for l in &config.listeners {
+        let listener = l.name.clone();
+        counter!(MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(0);
+        counter!(RECIPIENTS_ACCEPTED, "listener" => listener.clone()).increment(0);
+        counter!(RECEIVED_BYTES, "listener" => listener.clone()).increment(0);
+        gauge!(CONNECTIONS_CURRENT, "listener" => listener.clone()).increment(0.0);
+        for outcome in CONNECTION_OUTCOMES {
+            counter!(CONNECTIONS_TOTAL, "listener" => listener.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+        for why in reason::MESSAGE {
+            counter!(MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => why)
+                .increment(0);
+        }
+        for why in reason::RECIPIENT {
+            counter!(RECIPIENTS_REJECTED, "listener" => listener.clone(), "reason" => why)
+                .increment(0);
+        }
+    }
+    for state in QUEUE_STATES {
+        gauge!(QUEUE_MESSAGES, "state" => state).increment(0.0);
+    }
+    for kind in DSN_KINDS {
+        counter!(DSNS, "kind" => kind).increment(0);
+    }
+    for s in &config.stores {
+        let store = s.name().to_owned();
+        for word in outcome::ALL {
+            counter!(DELIVERIES, "store" => store.clone(), "outcome" => word).increment(0);
+        }
+        counter!(IN_DOUBT, "store" => store.clone()).increment(0);
+        counter!(IN_DOUBT_RETRIES, "store" => store.clone()).increment(0);
+        counter!(BREAKER_TRIPS, "store" => store).increment(0);
+    }
+    let dir = config.spool.path.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (dir, spool) = (dir.clone(), spool.clone());
+            let _ = tokio::task::spawn_blocking(move || sample_spool(&dir, &spool)).await;
+        }
+    })
+}
+
+/// Sets the spool gauges (a blocking directory walk and `statvfs`).
+pub fn sample_spool(dir: &Path, spool: &Spool) {
+    gauge!(SPOOL_BYTES).set(dir_bytes(dir) as f64);
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => gauge!(SPOOL_FREE_BYTES).set(s.f_bavail.saturating_mul(s.f_frsize) as f64),
+        Err(e) => tracing::debug!(error = %e, "statvfs of the spool failed"),
+    }
+    gauge!(SPOOL_MESSAGES).set(spool.len() as f64);
+}
+
+/// Bytes of the regular files in `dir` and one level of subdirectories (the spool keeps its
+/// segments at the top and quarantined files in `corrupt/`). Unreadable entries count 0.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut dirs: Vec<(PathBuf, bool)> = vec![(dir.to_owned(), true)];
+    while let Some((d, descend)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            } else if meta.is_dir() && descend {
+                dirs.push((entry.path(), false));
+            }
+        }
+    }
+    total
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`; runs the exporter's upkeep.
@@ -150,8 +470,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Ca
         let handle = handle.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let read =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf));
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf));
             let Ok(Ok(n)) = read.await else { return };
             let request = String::from_utf8_lossy(&buf[..n]);
             let response = if request.starts_with("GET /metrics ") || request.starts_with("GET / ")
@@ -175,4 +494,66 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Ca
 /// Binds the metrics address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_follow_the_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for d in ALL {
+            assert!(seen.insert(d.name), "{} defined twice", d.name);
+            assert!(d.name.starts_with("postern_"), "{}", d.name);
+            assert_eq!(
+                d.kind == Kind::Counter,
+                d.name.ends_with("_total"),
+                "{}",
+                d.name
+            );
+            if d.unit == Unit::Seconds {
+                assert!(d.name.ends_with("_seconds"), "{}", d.name);
+            }
+            if d.kind == Kind::Histogram {
+                assert!(d.buckets.is_some_and(|b| !b.is_empty()), "{}", d.name);
+            }
+            for l in d.labels {
+                assert!(
+                    !matches!(
+                        *l,
+                        "address" | "sender" | "recipient" | "queue_id" | "reply"
+                    ),
+                    "{}: unbounded label {l}",
+                    d.name
+                );
+            }
+            assert!(!d.help.is_empty());
+        }
+    }
+
+    #[test]
+    fn delivery_latency_buckets_reach_five_days() {
+        let last = DELIVERY_BUCKETS.last().copied().unwrap_or_default();
+        assert!(last >= 5.0 * 86400.0, "{last}");
+        for b in [
+            SECONDS_BUCKETS,
+            DELIVERY_BUCKETS,
+            SYNC_BUCKETS,
+            BATCH_RECORD_BUCKETS,
+            BATCH_BYTE_BUCKETS,
+        ] {
+            assert!(b.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+
+    #[test]
+    fn deferral_classes_are_bounded() {
+        assert_eq!(deferral_class("452 4.2.2 Mailbox full"), "4.2");
+        assert_eq!(deferral_class("421 4.4.2 Timeout"), "4.4");
+        assert_eq!(deferral_class("451 Try again"), "4.0");
+        assert_eq!(deferral_class("451 4.9.1 odd"), "4.0");
+        assert_eq!(deferral_class("451 4.77 odd"), "4.0");
+        assert_eq!(deferral_class(""), "4.0");
+    }
 }

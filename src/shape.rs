@@ -1,55 +1,84 @@
-//! The queue's age buckets, as Postfix's `qshape` draws them: one column per doubling of
-//! age in minutes (`5 10 20 … 1280`, then `1280+`).
+//! Queue shape: message ages in qshape's buckets (0-5m, 5-10m, 10-20m, … 1280m+).
 //!
-//! Pure: no I/O. Shared by `postern queue shape` and any gauge that reports the queue by age,
-//! so both use the same edges. A message of age `a` minutes falls in the first bucket whose
-//! edge is `>= a` (an age of exactly 5 minutes is in the `5` column); older than the last
-//! edge is `1280+`.
+//! Pure and shared: the `postern_queue_shape_messages` gauge and the queue tools bucket
+//! ages the same way. Bucket `i` holds ages in `[EDGES_MINUTES[i-1], EDGES_MINUTES[i])`
+//! minutes (bucket 0 starts at 0); the last bucket holds everything from 1280 minutes on.
 
 use std::time::Duration;
 
-/// The upper edge of each bucket but the last, in minutes.
+/// Upper edges of the buckets, in minutes (the last bucket is open-ended).
 pub const EDGES_MINUTES: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
 
-/// Column labels: one per edge, then the open-ended last bucket.
+/// The buckets' labels, in order.
 pub const LABELS: [&str; 10] = [
-    "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+",
+    "0-5m",
+    "5-10m",
+    "10-20m",
+    "20-40m",
+    "40-80m",
+    "80-160m",
+    "160-320m",
+    "320-640m",
+    "640-1280m",
+    "1280m+",
 ];
 
-/// The bucket (index into [`LABELS`]) of a message this old.
+/// The bucket (index into [`LABELS`]) of a message `age` old.
 pub fn bucket(age: Duration) -> usize {
     let secs = age.as_secs();
     EDGES_MINUTES
         .iter()
-        .position(|&edge| secs <= edge.saturating_mul(60))
+        .position(|&edge| secs < edge * 60)
         .unwrap_or(EDGES_MINUTES.len())
+}
+
+/// Counts `ages` into the buckets.
+pub fn histogram(ages: impl IntoIterator<Item = Duration>) -> [u64; 10] {
+    let mut counts = [0u64; 10];
+    for age in ages {
+        counts[bucket(age)] += 1;
+    }
+    counts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn mins(m: u64) -> Duration {
-        Duration::from_secs(m * 60)
-    }
+    const MIN: u64 = 60;
 
     #[test]
-    fn edges_are_inclusive_and_the_last_bucket_is_open() {
+    fn edges_fall_in_the_upper_bucket() {
         assert_eq!(bucket(Duration::ZERO), 0);
-        assert_eq!(bucket(mins(5)), 0);
-        assert_eq!(bucket(mins(5) + Duration::from_secs(1)), 1);
-        assert_eq!(bucket(mins(10)), 1);
-        assert_eq!(bucket(mins(1280)), 8);
-        assert_eq!(bucket(mins(1281)), 9);
-        assert_eq!(bucket(Duration::from_secs(u64::MAX)), 9);
-        assert_eq!(LABELS[bucket(mins(100_000))], "1280+");
+        assert_eq!(bucket(Duration::from_secs(5 * MIN - 1)), 0);
+        assert_eq!(bucket(Duration::from_secs(5 * MIN)), 1);
+        assert_eq!(bucket(Duration::from_secs(10 * MIN)), 2);
+        assert_eq!(bucket(Duration::from_secs(1280 * MIN - 1)), 8);
+        assert_eq!(bucket(Duration::from_secs(1280 * MIN)), 9);
+        assert_eq!(bucket(Duration::from_secs(30 * 24 * 60 * MIN)), 9);
     }
 
     #[test]
     fn labels_match_edges() {
-        for (edge, label) in EDGES_MINUTES.iter().zip(LABELS) {
-            assert_eq!(edge.to_string(), label);
+        for (i, edge) in EDGES_MINUTES.iter().enumerate() {
+            assert!(LABELS[i].ends_with(&format!("-{edge}m")), "{}", LABELS[i]);
+            assert!(
+                LABELS[i + 1].starts_with(&format!("{edge}")),
+                "{}",
+                LABELS[i + 1]
+            );
         }
-        assert_eq!(LABELS.len(), EDGES_MINUTES.len() + 1);
+        assert_eq!(LABELS[0], "0-5m");
+        assert_eq!(LABELS[9], "1280m+");
+    }
+
+    #[test]
+    fn histogram_counts_each_age_once() {
+        let ages = [0, 4, 6, 100_000].map(|m| Duration::from_secs(m * MIN));
+        let h = histogram(ages);
+        assert_eq!(h.iter().sum::<u64>(), 4);
+        assert_eq!(h[0], 2);
+        assert_eq!(h[1], 1);
+        assert_eq!(h[9], 1);
     }
 }

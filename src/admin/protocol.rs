@@ -163,7 +163,8 @@ pub struct ShapeRow {
     pub name: String,
     /// Open recipients in the row.
     pub total: u64,
-    /// Open recipients per age bucket ([`crate::shape::LABELS`]).
+    /// Open recipients per age bucket ([`crate::shape::bucket`]; heads in
+    /// [`ShapeTable::labels`]).
     pub buckets: Vec<u64>,
 }
 
@@ -172,7 +173,8 @@ pub struct ShapeRow {
 pub struct ShapeTable {
     /// `store` or `domain`.
     pub by: ShapeBy,
-    /// The bucket labels (minutes).
+    /// The column heads, in minutes: `5 10 20 … 1280 1280+` (a column holds ages below its
+    /// head and at or above the previous one).
     pub labels: Vec<String>,
     /// `TOTAL` first, then the rows by descending total.
     pub rows: Vec<ShapeRow>,

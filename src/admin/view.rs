@@ -163,6 +163,18 @@ fn domain_of(address: &str) -> String {
         .map_or_else(|| "(local)".to_owned(), |(_, d)| d.to_lowercase())
 }
 
+/// qshape's column heads: each bucket's upper edge in minutes, then `LAST+`
+/// (`5 10 20 … 1280 1280+`; the buckets are [`crate::shape`]'s).
+pub fn column_labels() -> Vec<String> {
+    let edges = crate::shape::EDGES_MINUTES;
+    let last = edges.last().copied().unwrap_or_default();
+    edges
+        .iter()
+        .map(ToString::to_string)
+        .chain(std::iter::once(format!("{last}+")))
+        .collect()
+}
+
 /// The qshape table of `messages` at `now`: open recipients by row and age bucket.
 pub fn shape(messages: &[MessageView], by: ShapeBy, now: SystemTime) -> ShapeTable {
     let n = crate::shape::LABELS.len();
@@ -200,10 +212,7 @@ pub fn shape(messages: &[MessageView], by: ShapeBy, now: SystemTime) -> ShapeTab
     );
     ShapeTable {
         by,
-        labels: crate::shape::LABELS
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
+        labels: column_labels(),
         rows,
     }
 }

@@ -301,6 +301,7 @@ impl LmtpStore {
     /// SMTP), STARTTLS and LHLO/EHLO again (if configured), AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`](super::Scope::Store)).
     pub async fn connect(self: &Arc<Self>) -> Result<Connection, Trouble> {
         let t = self.timeouts;
+        let mut mark = Instant::now();
         let io: Box<dyn Io> = match &self.address {
             StoreAddress::Tcp { host, port } => {
                 let stream = timeout(t.connect, TcpStream::connect((host.as_str(), *port)))
@@ -319,6 +320,7 @@ impl LmtpStore {
                 Box::new(stream)
             }
         };
+        phase_done(&self.name, "connect", &mut mark);
         let proto = ClientConnection::new(self.protocol, self.local_name.clone());
         let mut wire = Wire::new(io, proto);
         let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
@@ -333,6 +335,7 @@ impl LmtpStore {
         if let Some(credentials) = &self.auth {
             wire.authenticate(credentials, t.lhlo).await?;
         }
+        phase_done(&self.name, "lhlo", &mut mark);
         let now = Instant::now();
         Ok(Connection {
             store: Arc::clone(self),
@@ -455,11 +458,18 @@ impl Connection {
         }
         self.last_used = Instant::now();
         self.transactions += 1;
+        // Per-phase latency: with BDAT, MAIL and RCPT are pipelined with the chunks, so
+        // `mail_rcpt` is their flush and `data` the chunks with whatever replies they await.
+        let mut mark = self.last_used;
+        let mut mail_rcpt_timed = false;
 
         if let Err(f) = self.wire.flush(t.mail_rcpt).await {
             run.widen(f.trouble(Phase::MailRcpt, t.mail_rcpt));
         } else if bdat {
+            phase_done(&store.name, "mail_rcpt", &mut mark);
+            mail_rcpt_timed = true;
             self.send_bdat(&mut body, &mut run, check_8bit).await;
+            phase_done(&store.name, "data", &mut mark);
         }
         let mut data_started = false;
         loop {
@@ -469,7 +479,10 @@ impl Connection {
             }
             if run.go_ahead && !data_started {
                 data_started = true;
+                phase_done(&store.name, "mail_rcpt", &mut mark);
+                mail_rcpt_timed = true;
                 self.send_data(&mut body, &mut run, check_8bit).await;
+                phase_done(&store.name, "data", &mut mark);
                 continue;
             }
             let (phase, limit) = if run.end_sent {
@@ -484,6 +497,11 @@ impl Connection {
             if let Err(f) = self.wire.read(limit).await {
                 run.widen(f.trouble(phase, limit));
             }
+        }
+        if run.end_sent {
+            phase_done(&store.name, "end_of_data", &mut mark);
+        } else if !mail_rcpt_timed {
+            phase_done(&store.name, "mail_rcpt", &mut mark);
         }
         self.last_used = Instant::now();
         if run.closed || self.wire.proto.is_closed() {
@@ -753,6 +771,15 @@ impl Connection {
             chunk = next;
         }
     }
+}
+
+/// Records the time since `mark` as `phase` of `store` ([`crate::metrics::PHASE_LATENCY`])
+/// and moves `mark` to now.
+fn phase_done(store: &str, phase: &'static str, mark: &mut Instant) {
+    let now = Instant::now();
+    metrics::histogram!(crate::metrics::PHASE_LATENCY, "store" => store.to_owned(), "phase" => phase)
+        .record(now.duration_since(*mark).as_secs_f64());
+    *mark = now;
 }
 
 /// The message needs SMTPUTF8: declared, or an address is not ASCII.

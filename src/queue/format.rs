@@ -253,10 +253,7 @@ mod tests {
     fn shape_aligns_columns() {
         let t = ShapeTable {
             by: ShapeBy::Store,
-            labels: crate::shape::LABELS
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
+            labels: crate::admin::view::column_labels(),
             rows: vec![ShapeRow {
                 name: "TOTAL".into(),
                 total: 12,

@@ -1,130 +1,117 @@
-//! The scheduler's metrics: names, help texts and label sets (see [`crate::metrics`]).
-//!
-//! Labels: `store` (configured names), `outcome` (`sent`, `deferred`, `bounced`,
-//! `in_doubt`), `state` and `phase` (fixed words). Never an address or a queue id.
+//! The scheduler's metrics. Names, help texts and label sets live in [`crate::metrics`];
+//! this module re-exports the scheduler's names and keeps the queue-shape bookkeeping.
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+pub use crate::metrics::{
+    BREAKER, BREAKER_TRIPS, CONNECTIONS, DEFERRALS, DELIVERIES, DELIVERY_LATENCY, DSNS, IN_DOUBT,
+    IN_DOUBT_RECOVERED, IN_DOUBT_RETRIES, OLDEST_AGE, PHASE_LATENCY, QUEUE_MESSAGES, QUEUE_SHAPE,
+    STORE_PARKED, STORE_RECIPIENTS, WINDOW, outcome,
+};
 
-/// Recipient delivery attempts, by store and outcome.
-pub const DELIVERIES: &str = "postern_deliveries_total";
-/// Recipients left in doubt (connection lost after the end of data), by store.
-pub const IN_DOUBT: &str = "postern_in_doubt_total";
-/// In-doubt recipients retried alone in their own transaction, by store.
-pub const IN_DOUBT_RETRIES: &str = "postern_in_doubt_retries_total";
-/// Recipients that were in doubt when the spool was recovered at start.
-pub const IN_DOUBT_RECOVERED: &str = "postern_in_doubt_recovered_total";
-/// A store's concurrency window, by store.
-pub const WINDOW: &str = "postern_store_window";
-/// A store's connections, by store and state (`in_use`, `idle`).
-pub const CONNECTIONS: &str = "postern_store_connections";
-/// A store's breaker: 0 closed, 1 open (down), 2 probing; by store.
-pub const BREAKER: &str = "postern_store_breaker_state";
-/// Times a store was marked down, by store.
-pub const BREAKER_TRIPS: &str = "postern_store_breaker_trips_total";
-/// Recipients queued for a store, by store and state (`queued`, `in_flight`).
-pub const STORE_RECIPIENTS: &str = "postern_store_recipients";
-/// Messages parked while a store is down, by store.
-pub const STORE_PARKED: &str = "postern_store_parked_messages";
-/// Age of the oldest message with recipients queued for a store, by store.
-pub const OLDEST_AGE: &str = "postern_store_oldest_message_age_seconds";
-/// Messages in the scheduler by state (`active`: an attempt is running; `waiting`: deferred
-/// until a retry time; `backlog`: due, waiting for room under `active_limit`).
-pub const QUEUE_MESSAGES: &str = "postern_queue_messages";
-/// From acceptance to delivery, by store (histogram).
-pub const DELIVERY_LATENCY: &str = "postern_delivery_latency_seconds";
-/// LMTP latency by store and phase (`connect`: a connection from the pool or a new one;
-/// `transaction`: MAIL to the last reply).
-pub const PHASE_LATENCY: &str = "postern_lmtp_phase_seconds";
-/// DSNs queued, by kind (`failure`, `success`, `delay`).
-pub const DSNS: &str = "postern_dsn_total";
+use std::collections::HashMap;
+use std::time::SystemTime;
 
-/// Outcome words of [`DELIVERIES`].
-pub mod outcome {
-    /// Delivered.
-    pub const SENT: &str = "sent";
-    /// Deferred.
-    pub const DEFERRED: &str = "deferred";
-    /// Bounced.
-    pub const BOUNCED: &str = "bounced";
-    /// In doubt.
-    pub const IN_DOUBT: &str = "in_doubt";
+use metrics::gauge;
+
+use crate::shape;
+use crate::spool::{QueueId, Spool, SpoolError};
+
+/// The queue shape of one store: the messages routed to it (since start) that still have an
+/// open recipient for it, with their arrival times. Published as [`QUEUE_SHAPE`].
+#[derive(Debug, Default)]
+pub(crate) struct ShapeTracker {
+    messages: HashMap<QueueId, (SystemTime, Vec<usize>)>,
 }
 
-/// Describes every scheduler metric.
-pub fn describe() {
-    describe_counter!(
-        DELIVERIES,
-        Unit::Count,
-        "Recipient delivery attempts, by store and outcome."
-    );
-    describe_counter!(
-        IN_DOUBT,
-        Unit::Count,
-        "Recipients left in doubt after the end of data, by store."
-    );
-    describe_counter!(
-        IN_DOUBT_RETRIES,
-        Unit::Count,
-        "In-doubt recipients retried alone, by store."
-    );
-    describe_counter!(
-        IN_DOUBT_RECOVERED,
-        Unit::Count,
-        "Recipients in doubt when the spool was recovered."
-    );
-    describe_gauge!(
-        WINDOW,
-        Unit::Count,
-        "Concurrency window (transactions at once), by store."
-    );
-    describe_gauge!(
-        CONNECTIONS,
-        Unit::Count,
-        "Pooled store connections, by store and state."
-    );
-    describe_gauge!(
-        BREAKER,
-        Unit::Count,
-        "Circuit breaker: 0 closed, 1 open, 2 probing; by store."
-    );
-    describe_counter!(
-        BREAKER_TRIPS,
-        Unit::Count,
-        "Times a store was marked down, by store."
-    );
-    describe_gauge!(
-        STORE_RECIPIENTS,
-        Unit::Count,
-        "Recipients queued for a store, by store and state."
-    );
-    describe_gauge!(
-        STORE_PARKED,
-        Unit::Count,
-        "Messages parked while a store is down, by store."
-    );
-    describe_gauge!(
-        OLDEST_AGE,
-        Unit::Seconds,
-        "Age of the oldest message queued for a store, by store."
-    );
-    describe_gauge!(
-        QUEUE_MESSAGES,
-        Unit::Count,
-        "Messages in the scheduler, by state."
-    );
-    describe_histogram!(
-        DELIVERY_LATENCY,
-        Unit::Seconds,
-        "Acceptance to delivery, by store."
-    );
-    describe_histogram!(
-        PHASE_LATENCY,
-        Unit::Seconds,
-        "LMTP latency by store and phase."
-    );
-    describe_counter!(
-        DSNS,
-        Unit::Count,
-        "Delivery status notifications queued, by kind."
-    );
+impl ShapeTracker {
+    /// A message's recipients (envelope indexes) were queued for this store.
+    pub(crate) fn track(
+        &mut self,
+        qid: QueueId,
+        arrival: SystemTime,
+        indexes: impl IntoIterator<Item = usize>,
+    ) {
+        let (_, known) = self
+            .messages
+            .entry(qid)
+            .or_insert_with(|| (arrival, Vec::new()));
+        for i in indexes {
+            if !known.contains(&i) {
+                known.push(i);
+            }
+        }
+    }
+
+    /// Forgets messages that are gone or whose recipients for this store are all final, then
+    /// sets every age bucket of `store` (zeros included). One index look-up per message.
+    pub(crate) fn publish(&mut self, store: &str, now: SystemTime, spool: &Spool) {
+        self.messages
+            .retain(|qid, (_, indexes)| match spool.status(*qid) {
+                Ok(s) => indexes
+                    .iter()
+                    .any(|&i| s.recipients.get(i).is_some_and(|r| !r.is_final())),
+                Err(SpoolError::NotFound(_)) => false,
+                Err(_) => true,
+            });
+        let counts = shape::histogram(
+            self.messages
+                .values()
+                .map(|(arrival, _)| now.duration_since(*arrival).unwrap_or_default()),
+        );
+        for (label, n) in shape::LABELS.iter().zip(counts) {
+            gauge!(QUEUE_SHAPE, "store" => store.to_owned(), "bucket" => *label).set(n as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::spool::{Envelope, EnvelopeRecipient, RecipientState, SpoolOptions};
+
+    #[test]
+    fn a_message_leaves_the_shape_when_its_recipients_for_the_store_are_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions {
+            min_free_bytes: 0,
+            ..SpoolOptions::default()
+        };
+        let (spool, _) = Spool::open(dir.path(), opts).unwrap();
+        let arrived = UNIX_EPOCH + Duration::from_secs(1_764_000_000);
+        let envelope = Envelope {
+            sender: "s@example.org".into(),
+            params: postern_proto::MailParams::default(),
+            recipients: (0..2)
+                .map(|i| EnvelopeRecipient {
+                    address: format!("r{i}@example.net"),
+                    params: postern_proto::RcptParams::default(),
+                })
+                .collect(),
+            received_at: arrived,
+            client: "client.example [192.0.2.9]".into(),
+        };
+        let mut w = spool.begin(envelope).unwrap();
+        w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let qid = w.queue_id();
+        w.commit().wait().unwrap();
+
+        let mut shape = ShapeTracker::default();
+        shape.track(qid, arrived, [0]);
+        shape.track(qid, arrived, [0]);
+        let now = arrived + Duration::from_secs(7 * 60);
+        shape.publish("a", now, &spool);
+        assert_eq!(shape.messages.len(), 1, "recipient 0 is still open");
+
+        let bounced = RecipientState::Bounced {
+            reply: "550 5.1.1 no".into(),
+        };
+        spool.ledger(qid, 0, bounced).wait().unwrap();
+        shape.publish("a", now, &spool);
+        assert_eq!(
+            shape.messages.len(),
+            0,
+            "recipient 1 is open but not this store's"
+        );
+    }
 }

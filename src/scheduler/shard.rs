@@ -98,6 +98,8 @@ struct StoreQueue {
     parked: HashSet<QueueId>,
     queued_rcpts: usize,
     inflight_rcpts: usize,
+    /// The queue shape (`postern_queue_shape_messages`).
+    shape: m::ShapeTracker,
 }
 
 impl StoreQueue {
@@ -120,6 +122,7 @@ impl StoreQueue {
             parked: HashSet::new(),
             queued_rcpts: 0,
             inflight_rcpts: 0,
+            shape: m::ShapeTracker::default(),
         }
     }
 }
@@ -626,6 +629,8 @@ impl Shard {
             ctx.send(home, Event::JobDone(msg.qid));
             return;
         };
+        st.shape
+            .track(msg.qid, msg.arrival, rcpts.iter().map(|r| r.index));
         if !st.breaker.is_closed() {
             let reply = down_reply(&store, st.breaker.reason());
             for r in &rcpts {
@@ -901,9 +906,10 @@ impl Shard {
         }
     }
 
-    fn publish_metrics(&self) {
+    fn publish_metrics(&mut self) {
         let now = self.ctx.clock.now();
-        for (name, st) in &self.stores {
+        for (name, st) in &mut self.stores {
+            st.shape.publish(name, now, &self.ctx.spool);
             let store = name.clone();
             gauge!(m::WINDOW, "store" => store.clone()).set(st.window.limit() as f64);
             gauge!(m::BREAKER, "store" => store.clone()).set(st.breaker.state().gauge());

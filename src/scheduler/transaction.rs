@@ -234,7 +234,7 @@ pub(crate) async fn run(
     };
     if matches!(agent, Agent::Lmtp(_)) {
         let store = done.store.clone();
-        histogram!(m::PHASE_LATENCY, "store" => store.clone(), "phase" => "connect")
+        histogram!(m::PHASE_LATENCY, "store" => store.clone(), "phase" => "acquire")
             .record(attempt.connect.as_secs_f64());
         if attempt.report.scope() != Scope::Store {
             histogram!(m::PHASE_LATENCY, "store" => store, "phase" => "transaction")
@@ -339,6 +339,10 @@ pub(crate) fn log_line(
     counter!(m::DELIVERIES, "store" => store.to_owned(), "outcome" => word).increment(1);
     match word {
         outcome::IN_DOUBT => counter!(m::IN_DOUBT, "store" => store.to_owned()).increment(1),
+        outcome::DEFERRED => {
+            let class = crate::metrics::deferral_class(&reply);
+            counter!(m::DEFERRALS, "store" => store.to_owned(), "class" => class).increment(1);
+        }
         outcome::SENT => {
             let latency = ctx
                 .clock

@@ -357,6 +357,9 @@ impl Log {
         self.stats
             .synced_commits
             .fetch_add(commits as u64, Ordering::Relaxed);
+        metrics::histogram!(crate::metrics::SPOOL_SYNC).record(start.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::SPOOL_BATCH_RECORDS).record(b.unsynced.len() as f64);
+        metrics::histogram!(crate::metrics::SPOOL_BATCH_BYTES).record((b.upto - b.from) as f64);
         if commit {
             self.faults.hit("store.after_sync");
         }
