@@ -110,6 +110,8 @@ impl Gateway {
         let admin = crate::admin::AdminServer::bind(&config.admin_socket())?;
         let admin_socket = admin.path().to_owned();
         let router = Arc::new(Router::new(&config.routes));
+        // The map the scheduler routes queued mail with (and the admin socket shows).
+        let live_router = Arc::new(ArcSwap::new(Arc::clone(&router)));
         let agents = if config.delivery.enabled {
             Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
         } else {
@@ -121,7 +123,7 @@ impl Gateway {
             }
             Scheduler::start(Setup {
                 spool: spool.clone(),
-                router: Arc::new(ArcSwap::new(Arc::clone(&router))),
+                router: Arc::clone(&live_router),
                 agents,
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
@@ -151,7 +153,7 @@ impl Gateway {
         let backend = crate::admin::Backend {
             spool: spool.clone(),
             scheduler: scheduler.clone(),
-            router: Arc::clone(&router),
+            router: live_router,
         };
         let admin_task = tokio::spawn(admin.serve(Arc::new(backend), shutdown.clone()));
         let tracker = TaskTracker::new();

@@ -7,6 +7,8 @@
 
 use std::io::Read;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
 use super::protocol::{Action, MessageView, Request, Response, Selector, ShapeBy, Touched};
@@ -25,15 +27,13 @@ pub struct Backend {
     pub spool: Spool,
     /// The scheduler (`None` when `delivery.enabled` is off).
     pub scheduler: Option<Scheduler>,
-    /// The routing map when there is no scheduler.
-    pub router: Arc<Router>,
+    /// The routing map in force (the one the scheduler routes with; swapped on reload).
+    pub router: Arc<ArcSwap<Router>>,
 }
 
 impl Backend {
     fn router(&self) -> Arc<Router> {
-        self.scheduler
-            .as_ref()
-            .map_or_else(|| Arc::clone(&self.router), Scheduler::router)
+        self.router.load_full()
     }
 
     /// Answers one request.

@@ -41,7 +41,8 @@ pub fn route(router: &Router, address: &str) -> Option<String> {
     let path = ForwardPath::parse(&text).ok()?;
     match router.resolve(&path, true) {
         RcptDecision::Local { store } | RcptDecision::Relay { store } => Some(store),
-        RcptDecision::UnknownUser | RcptDecision::RelayDenied => None,
+        // Refused (or undecidable): no store.
+        _ => None,
     }
 }
 

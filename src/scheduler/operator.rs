@@ -10,10 +10,7 @@
 //! large queue cannot stampede a store. Routing is resolved again at every attempt, so a
 //! requeue (route again with the current map) is a flush.
 
-use std::sync::Arc;
-
 use super::Scheduler;
-use crate::routing::Router;
 use crate::spool::{QueueId, SpoolError};
 
 impl Scheduler {
@@ -37,10 +34,5 @@ impl Scheduler {
     /// Makes `qid` due now (a no-op for a held message, or one being attempted).
     pub fn flush(&self, qid: QueueId) {
         self.submit(qid);
-    }
-
-    /// The routing map the scheduler routes with now.
-    pub fn router(&self) -> Arc<Router> {
-        self.ctx.router.load_full()
     }
 }
