@@ -428,18 +428,36 @@ fn a_bad_config_exits_2() {
 }
 
 #[test]
-fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+fn actions_are_durable_and_a_stale_socket_is_replaced_and_a_live_one_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     let socket = dir.path().join("spool/admin.sock");
     let mut d = Daemon::start(&config);
+    let id = send_one(&d.addr, "s@example.net", "carol@slow.test", "held", "x");
+    eventually(Duration::from_secs(10), "deferred", || {
+        (list_json(&config, &[])[0]["queue_name"] == "deferred").then_some(())
+    });
+    // The hold is durable once the command returns: kill -9 right after it.
+    let out = queue(&config, &["hold", &id]);
+    assert!(
+        stdout(&out).contains(&format!("held {id}")),
+        "{}",
+        stdout(&out)
+    );
     d.child.kill().unwrap(); // SIGKILL: the socket file stays behind
     d.child.wait().unwrap();
     assert!(socket.exists());
+    assert_eq!(list_json(&config, &[])[0]["queue_name"], "hold");
     let d = Daemon::start(&config);
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert!(queue(&config, &["list"]).status.success());
+    assert_eq!(list_json(&config, &[])[0]["queue_name"], "hold");
+    // Deleted, then killed: gone for good.
+    assert!(queue(&config, &["delete", &id]).status.success());
+    drop(d);
+    assert!(list_json(&config, &[]).is_empty());
+    let d = Daemon::start(&config);
+    assert!(list_json(&config, &[]).is_empty());
 
     // Another gateway (its own spool) configured with the same admin socket does not start.
     let other = dir.path().join("other.yaml");
