@@ -66,9 +66,36 @@ impl Backend {
             .collect())
     }
 
+    /// The messages with these ids (unknown or malformed ids are left out): no full scan.
+    async fn views_of(&self, ids: &[String]) -> Result<Vec<MessageView>, String> {
+        let mut qids: Vec<QueueId> = Vec::new();
+        for q in ids.iter().filter_map(|id| id.parse::<QueueId>().ok()) {
+            if !qids.contains(&q) {
+                qids.push(q);
+            }
+        }
+        let spool = self.spool.clone();
+        let summaries = tokio::task::spawn_blocking(move || {
+            qids.into_iter()
+                .filter_map(|q| spool.message(q).ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| format!("reading the spool: {e}"))?;
+        let router = self.router();
+        Ok(summaries
+            .iter()
+            .map(|m| view::view(m, &router, None))
+            .collect())
+    }
+
     async fn select(&self, selector: &Selector) -> Result<Vec<MessageView>, String> {
         let now = SystemTime::now();
-        let mut v = self.views().await?;
+        let mut v = if selector.ids.is_empty() {
+            self.views().await?
+        } else {
+            self.views_of(&selector.ids).await?
+        };
         v.retain(|m| view::selected(selector, m, now));
         Ok(v)
     }
