@@ -11,7 +11,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
-use super::protocol::{Action, MessageView, Request, Response, Selector, ShapeBy, Touched};
+use super::protocol::{
+    Action, EnvelopeDetails, MessageView, Request, Response, Selector, ShapeBy, Touched,
+};
 use super::view;
 use crate::routing::Router;
 use crate::scheduler::Scheduler;
@@ -113,13 +115,14 @@ impl Backend {
         let read = tokio::task::spawn_blocking(move || read_message(&spool, qid, with_body))
             .await
             .map_err(|e| format!("reading the spool: {e}"))?;
-        let (summary, headers, body) = read.map_err(|e| e.to_string())?;
+        let (summary, envelope, headers, body) = read.map_err(|e| e.to_string())?;
         let next = match &self.scheduler {
             Some(s) => s.next_attempt(qid).await,
             None => None,
         };
         Ok(Response::Show {
             message: view::view(&summary, &self.router(), next),
+            envelope,
             headers,
             body,
         })
@@ -201,11 +204,26 @@ impl Backend {
     }
 }
 
-type Read3 = (crate::spool::MessageSummary, String, Option<String>);
+type Read4 = (
+    crate::spool::MessageSummary,
+    EnvelopeDetails,
+    String,
+    Option<String>,
+);
 
-/// The message's summary, its header section, and (if asked) the rest.
-fn read_message(spool: &Spool, qid: QueueId, with_body: bool) -> Result<Read3, SpoolError> {
+/// The message's summary, envelope details, header section, and (if asked) the rest.
+fn read_message(spool: &Spool, qid: QueueId, with_body: bool) -> Result<Read4, SpoolError> {
     let summary = spool.message(qid)?;
+    let env = spool.read_envelope(qid)?;
+    let details = EnvelopeDetails {
+        client: env.client.clone(),
+        mail_params: env.params.to_string().trim().to_owned(),
+        rcpt_params: env
+            .recipients
+            .iter()
+            .map(|r| r.params.to_string().trim().to_owned())
+            .collect(),
+    };
     let mut reader = spool.open_body(qid)?;
     let mut all = Vec::new();
     if with_body {
@@ -223,7 +241,7 @@ fn read_message(spool: &Spool, qid: QueueId, with_body: bool) -> Result<Read3, S
     let split = find_end_of_headers(&all).unwrap_or(all.len().min(MAX_HEADERS));
     let headers = String::from_utf8_lossy(&all[..split]).into_owned();
     let body = with_body.then(|| String::from_utf8_lossy(&all[split..]).into_owned());
-    Ok((summary, headers, body))
+    Ok((summary, details, headers, body))
 }
 
 /// The end of the header section: just after the blank line (`\r\n\r\n` or `\n\n`).

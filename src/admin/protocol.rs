@@ -156,6 +156,17 @@ pub struct MessageView {
     pub recipients: Vec<RecipientView>,
 }
 
+/// What `show` adds to a [`MessageView`]: the client and the ESMTP parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeDetails {
+    /// The client as logged (HELO name and address).
+    pub client: String,
+    /// MAIL FROM parameters as on the wire (`SIZE=… RET=HDRS ENVID=…`), `""` for none.
+    pub mail_params: String,
+    /// Each recipient's RCPT TO parameters (`NOTIFY=… ORCPT=…`), in envelope order.
+    pub rcpt_params: Vec<String>,
+}
+
 /// One row of a [`ShapeTable`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShapeRow {
@@ -202,6 +213,9 @@ pub enum Response {
     Show {
         /// The envelope and ledger.
         message: MessageView,
+        /// The rest of the envelope.
+        #[serde(default)]
+        envelope: EnvelopeDetails,
         /// The header section as received (lossy UTF-8).
         headers: String,
         /// The rest, when asked for.

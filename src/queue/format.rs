@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::admin::protocol::{Action, MessageView, ShapeTable, Touched};
+use crate::admin::protocol::{Action, EnvelopeDetails, MessageView, ShapeTable, Touched};
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.
 pub fn utc(secs: u64) -> String {
@@ -83,18 +83,24 @@ pub fn list(messages: &[MessageView]) -> String {
 
 /// `postern queue show`: the envelope, each recipient's ledger entry, then the headers
 /// (and body).
-pub fn show(m: &MessageView, headers: &str, body: Option<&str>) -> String {
+pub fn show(m: &MessageView, env: &EnvelopeDetails, headers: &str, body: Option<&str>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "queue id:     {}", m.queue_id);
     let _ = writeln!(out, "queue:        {}", m.queue_name);
     let _ = writeln!(out, "arrival:      {} UTC", utc(m.arrival_time));
     let _ = writeln!(out, "size:         {} bytes", m.message_size);
     let _ = writeln!(out, "sender:       {}", sender(&m.sender));
+    if !env.client.is_empty() {
+        let _ = writeln!(out, "client:       {}", env.client);
+    }
+    if !env.mail_params.is_empty() {
+        let _ = writeln!(out, "mail params:  {}", env.mail_params);
+    }
     if let Some(t) = m.next_attempt {
         let _ = writeln!(out, "next attempt: {} UTC", utc(t));
     }
     let _ = writeln!(out, "recipients:");
-    for r in &m.recipients {
+    for (i, r) in m.recipients.iter().enumerate() {
         let _ = write!(
             out,
             "  {}  {}  store={}",
@@ -106,6 +112,9 @@ pub fn show(m: &MessageView, headers: &str, body: Option<&str>) -> String {
             let _ = write!(out, "  next={} UTC", utc(t));
         }
         out.push('\n');
+        if let Some(p) = env.rcpt_params.get(i).filter(|p| !p.is_empty()) {
+            let _ = writeln!(out, "    params: {p}");
+        }
         if let Some(reply) = &r.last_reply {
             let _ = writeln!(out, "    last reply: {reply}");
         }

@@ -21,7 +21,9 @@ use std::time::SystemTime;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::admin::protocol::{Action, MessageView, Request, Response, Selector, ShapeBy};
+use crate::admin::protocol::{
+    Action, EnvelopeDetails, MessageView, Request, Response, Selector, ShapeBy,
+};
 use crate::admin::view;
 use crate::config::{Config, Span};
 use crate::routing::Router;
@@ -222,7 +224,7 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
             ))
         }
         QueueCommand::Show { id, body, json } => {
-            let (message, headers, body) = if client::daemon_running(&socket)? {
+            let (message, envelope, headers, body) = if client::daemon_running(&socket)? {
                 let req = Request::Show {
                     id: id.clone(),
                     body: *body,
@@ -230,9 +232,10 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
                 match client::request(&socket, &req)? {
                     Response::Show {
                         message,
+                        envelope,
                         headers,
                         body,
-                    } => (message, headers, body),
+                    } => (message, envelope, headers, body),
                     other => return Err(unexpected(&other)),
                 }
             } else {
@@ -241,13 +244,18 @@ pub fn execute(config: &Config, cmd: &QueueCommand) -> Result<(String, bool), Qu
                     .find(|m| m.queue_id.eq_ignore_ascii_case(id))
                     .ok_or_else(|| QueueError::Refused(format!("no message {id} in the spool")))?;
                 let note = "(postern is not running: headers and body are shown only through the daemon)\n";
-                (m, note.to_owned(), None)
+                (m, EnvelopeDetails::default(), note.to_owned(), None)
             };
             let text = if *json {
-                let v = serde_json::json!({ "message": message, "headers": headers, "body": body });
+                let v = serde_json::json!({
+                    "message": message,
+                    "envelope": envelope,
+                    "headers": headers,
+                    "body": body,
+                });
                 format!("{v}\n")
             } else {
-                format::show(&message, &headers, body.as_deref())
+                format::show(&message, &envelope, &headers, body.as_deref())
             };
             Ok((text, true))
         }
