@@ -254,3 +254,24 @@ fn a_second_sigterm_exits_at_once_without_loss() {
     restart_delivers_everything(dir.path(), &config, &acked);
     assert!(!delivered_subjects(&dir.path().join("mail")).contains(&"slow".to_owned()));
 }
+
+#[test]
+fn the_drain_deadline_ends_a_stuck_session_and_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "1s");
+    let mut d = Daemon::start(&config);
+    let stuck = half_sent(&d.addr);
+    d.signal(Signal::TERM);
+    let signalled = Instant::now();
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "exit {took:?} after SIGTERM with drain_timeout 1s"
+    );
+    assert!(!d.log_lines(&["drain deadline passed"]).is_empty());
+    drop(stuck);
+    // The unfinished message was never acknowledged and is not in the spool.
+    let snapshot = Spool::open_read_only(&dir.path().join("spool")).unwrap();
+    assert!(snapshot.messages.is_empty());
+}

@@ -199,7 +199,10 @@ fn every_queue_command_against_a_running_daemon() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("sender:       alice@example.net"), "{text}");
-    assert!(text.contains("client:       ") && text.contains("127.0.0.1"), "{text}");
+    assert!(
+        text.contains("client:       ") && text.contains("127.0.0.1"),
+        "{text}"
+    );
     assert!(
         text.contains("bob@example.org  deferred  store=local"),
         "{text}"
