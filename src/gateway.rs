@@ -3,9 +3,12 @@
 //!
 //! Start-up is all or nothing: if the spool cannot be opened or any address cannot be bound,
 //! [`Gateway::start`] fails with that error and nothing keeps running. Shutdown (the token
-//! is cancelled) stops accepting at once, lets sessions finish their current transaction
-//! until `drain_timeout`, then ends the rest. A message whose 250 was not sent is not
-//! acknowledged, so ending a session early loses nothing that was accepted.
+//! is cancelled) stops accepting at once (SMTP/LMTP listeners and the admin socket), and
+//! drains against one deadline, `drain_timeout`: sessions finish their current transaction
+//! (idle ones are told 421), while the scheduler starts no new delivery and waits for the
+//! ones in flight. At the deadline the rest are ended: a message whose 250 was not sent is
+//! not acknowledged, and a delivery cut short leaves its recipients in doubt in the ledger
+//! (retried alone after a restart), so nothing accepted is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +51,9 @@ pub enum GatewayError {
     /// A listener could not start.
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    /// The admin socket could not be set up.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// A started gateway.
@@ -56,6 +62,8 @@ pub struct Gateway {
     pub listeners: Vec<(String, String)>,
     /// Where `/metrics` is served.
     pub metrics_address: SocketAddr,
+    /// The admin socket (`postern queue …`).
+    pub admin_socket: std::path::PathBuf,
     /// The spool (for tests and tools in the same process).
     pub spool: Spool,
     /// The scheduler, unless `delivery.enabled` is off.
@@ -102,6 +110,9 @@ impl Gateway {
             .local_addr()
             .unwrap_or(config.metrics.address);
         tracing::info!(address = %metrics_address, "metrics");
+        let admin = crate::admin::AdminServer::bind(&config.admin_socket())?;
+        let admin_socket = admin.path().to_owned();
+        // The map in force: the listeners, the scheduler and the admin socket all read it.
         let routes = Arc::new(LiveRoutes::start(&config));
         let router = routes.router();
         if config.source.is_some() {
@@ -145,6 +156,12 @@ impl Gateway {
             .zip(&bound)
             .map(|(c, l)| (c.name.clone(), l.local_addr()))
             .collect();
+        let backend = crate::admin::Backend {
+            spool: spool.clone(),
+            scheduler: scheduler.clone(),
+            router: Arc::clone(&router),
+        };
+        let admin_task = tokio::spawn(admin.serve(Arc::new(backend), shutdown.clone()));
         let tracker = TaskTracker::new();
         let sampler = crate::metrics::watch(&config, spool.clone(), shutdown.clone());
         let metrics_task = tokio::spawn(crate::metrics::serve(
@@ -161,25 +178,34 @@ impl Gateway {
         let scheduler_for_drain = scheduler.clone();
         let task = tokio::spawn(async move {
             token.cancelled().await;
-            for t in accept_tasks {
-                let _ = t.await;
-            }
-            tracker.close();
-            if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-                tracing::warn!(
-                    remaining = tracker.len(),
-                    "drain deadline passed; ending the remaining sessions"
-                );
-            }
-            if let Some(scheduler) = scheduler_for_drain {
-                scheduler.shutdown(drain).await;
-            }
+            // Sessions and deliveries drain at the same time, against one deadline: the
+            // gateway is gone within `drain_timeout` of the signal.
+            let sessions = async {
+                for t in accept_tasks {
+                    let _ = t.await;
+                }
+                tracker.close();
+                if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+                    tracing::warn!(
+                        remaining = tracker.len(),
+                        "drain deadline passed; ending the remaining sessions (their messages were not acknowledged)"
+                    );
+                }
+            };
+            let deliveries = async {
+                if let Some(scheduler) = scheduler_for_drain {
+                    scheduler.shutdown(drain).await;
+                }
+            };
+            tokio::join!(sessions, deliveries);
             let _ = metrics_task.await;
+            let _ = admin_task.await;
             let _ = sampler.await;
         });
         Ok(Self {
             listeners,
             metrics_address,
+            admin_socket,
             spool,
             scheduler,
             routes,

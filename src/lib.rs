@@ -8,6 +8,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`admin`] | the admin socket (mode 0600) that `postern queue` talks to |
 //! | [`bench`] | `postern bench …`: benchmark commands that print figures |
 //! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
 //! | [`delivery`] | LMTP delivery to the stores: pooled connections, per-recipient outcomes |
@@ -15,6 +16,7 @@
 //! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
+//! | [`queue`] | `postern queue …`: the operator's queue tools (client side) |
 //! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
 //! | [`shape`] | queue shape: qshape's message-age buckets |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
@@ -29,12 +31,14 @@
 //!                              └──250 queued as ID (only after durable)
 //! ```
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod delivery;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
+pub mod queue;
 pub mod routing;
 pub mod scheduler;
 pub mod shape;

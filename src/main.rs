@@ -52,6 +52,8 @@ enum Command {
     Route(postern::routing::cli::RouteArgs),
     /// Routing benchmark: load time, RSS and lookup latency of a big map.
     BenchRoutes(postern::routing::bench::BenchArgs),
+    /// Queue tools: list, show, shape, flush, hold, release, delete, requeue.
+    Queue(postern::queue::QueueArgs),
     /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
     CheckConfig {
         /// Configuration file; without it, the embedded default.
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => check_config(config),
+        Command::Queue(args) => postern::queue::run(&args),
         Command::Run { config } => run(config),
         Command::BenchIntake { size, idle } => bench_intake(&size, idle),
         Command::BenchSpool(args) => spool_exit(postern::spool::bench::run(&args)),
@@ -178,6 +181,17 @@ fn run(config: Option<PathBuf>) -> ExitCode {
     };
     postern::gateway::raise_fd_limit(1 << 20);
     runtime.block_on(async move {
+        // Installed before anything starts: a SIGTERM during start-up drains once started
+        // instead of killing the process with the default action.
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGTERM; only ctrl-c stops gracefully");
+                None
+            }
+        };
         let gateway = match Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -188,10 +202,10 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         let token = gateway.shutdown_token();
         tokio::spawn(gateway.routes().on_sighup(token.clone()));
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(term.as_mut()).await;
             tracing::info!("shutting down: no new connections, draining sessions");
             token.cancel();
-            wait_for_signal().await;
+            wait_for_signal(term.as_mut()).await;
             tracing::warn!("second signal: exiting now (nothing acknowledged is lost)");
             std::process::exit(0);
         });
@@ -201,17 +215,16 @@ fn run(config: Option<PathBuf>) -> ExitCode {
     })
 }
 
-/// SIGTERM or ctrl-c.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+/// SIGTERM (when it can be caught) or ctrl-c.
+async fn wait_for_signal(term: Option<&mut tokio::signal::unix::Signal>) {
+    match term {
+        Some(term) => {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
         }
-        Err(_) => {
+        None => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

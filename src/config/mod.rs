@@ -61,6 +61,28 @@ pub struct Config {
     /// reads it again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// The local admin socket for `postern queue …`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `admin:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The admin socket (created mode 0600); default `<spool.path>/admin.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+impl Config {
+    /// Where the admin socket is: `admin.socket`, or `admin.sock` in the spool directory.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.spool.path.join("admin.sock"))
+    }
 }
 
 /// `spool:`

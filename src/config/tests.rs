@@ -362,3 +362,26 @@ fn delivery_section_is_validated_with_its_key_path() {
         "{joined}"
     );
 }
+
+#[test]
+fn admin_socket_defaults_to_the_spool_and_can_be_set() {
+    let c = Config::parse(&format!("spool:\n  path: /var/spool/p\n{BASE}"), "t.yaml").unwrap();
+    assert_eq!(
+        c.admin_socket(),
+        std::path::PathBuf::from("/var/spool/p/admin.sock")
+    );
+    let c = Config::parse(
+        &format!("admin:\n  socket: /run/postern/admin.sock\n{BASE}"),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.admin_socket(),
+        std::path::PathBuf::from("/run/postern/admin.sock")
+    );
+    let e = errors(&format!("admin:\n  sockett: /x\n{BASE}"));
+    assert!(
+        e[0].contains("test.yaml:2: admin: unknown field `sockett`"),
+        "{e:?}"
+    );
+}

@@ -63,6 +63,7 @@ pub mod clock;
 pub mod config;
 pub mod dsn;
 pub mod metrics;
+mod operator;
 pub mod retry;
 mod shard;
 mod transaction;

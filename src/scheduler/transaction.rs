@@ -152,6 +152,23 @@ pub(crate) async fn run(
     {
         counter!(m::IN_DOUBT_RETRIES, "store" => done.store.clone()).increment(1);
     }
+    // An operator hold that landed after the attempt started (the recipients were waiting
+    // for the store's window or a busy mailbox): not delivered, deferred with that reason.
+    if ctx.spool.status(msg.qid).is_ok_and(|s| s.hold) {
+        let reply = local_reply(451, (4, 0, 0), "Held by the operator");
+        done.report = Report {
+            outcomes: indices
+                .iter()
+                .map(|&i| (i, Outcome::NotAttempted(Some(reply.clone()))))
+                .collect(),
+            trouble: Some(Trouble {
+                scope: Scope::Message,
+                detail: "held by the operator".into(),
+                reply: Some(reply),
+            }),
+        };
+        return done;
+    }
     // The contract with the spool: durably in doubt before the final dot can be sent.
     if let Err(e) = ctx.spool.mark_in_doubt(msg.qid, &indices).await {
         tracing::warn!(queue_id = %msg.qid, error = %e, "cannot mark recipients in doubt; not delivering");
