@@ -110,6 +110,11 @@ pub struct StoreStatus {
     pub queued: usize,
     /// Messages parked until the store works again.
     pub parked: usize,
+    /// Jobs waiting for a busy mailbox (per-mailbox serialisation), off the ready queue.
+    pub mailbox_waits: usize,
+    /// Jobs the dispatcher has looked at since start: grows with the work started, not
+    /// with the queue's length times the dispatches.
+    pub examined: u64,
 }
 
 /// What [`Scheduler::start`] needs.
