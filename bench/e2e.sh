@@ -1,0 +1,176 @@
+#!/bin/bash
+# e2e.sh - issue 5's end-to-end benchmark: smtp-source -> gateway -> LMTP sink, postern
+# and Postfix measured in ONE run, interleaved rounds, medians and ratios printed.
+#
+#   smtp-source --SMTP--> postern | Postfix --LMTP--> lmtp_sink.py (counts msgs x rcpts)
+#
+# usage: bench/e2e.sh [options]            (as root: Postfix needs it; never in CI)
+#   -n ROUNDS        interleaved rounds (default 3; medians over them)
+#   -m MSGS          messages per run (default 10000)
+#   --shapes "a b"   a: 20 sessions, 4 KiB, 1 rcpt; b: as a with 5 rcpts (default "a b")
+#   --postern BIN    the postern binary (default: target/release/postern, built first)
+#   --also LABEL=BIN another postern binary to measure in the same rounds (e.g. main's
+#                    build, for a before/after); may be repeated
+#   --serialize      keep per-mailbox serialisation on (see "Mailboxes" below)
+#   --base DIR       state directory, must lie under /var (default /var/tmp/postern-e2e)
+#   --out FILE       JSON lines, one per run (default BASE/e2e-DATE.jsonl)
+# The harness scripts next to this one (run.sh, lmtp_sink.py, procmon.py,
+# postfix-ctl.sh, setup-postfix.sh) are the peer-comparison harness: run.sh starts
+# the gateway in its own cgroup v2 and counts the CPU of every process and thread.
+#
+# Mailboxes. smtp-source sends every message to the same recipients (1to@, or
+# 1rcpt@..5rcpt@ with -r 5). Postfix has no per-mailbox limit: its 20 LMTP
+# sessions deliver to the same mailbox at once. postern serialises deliveries per
+# mailbox by default (delivery.per_mailbox_serialization), which with this load
+# means one delivery at a time for the whole benchmark -- a load no real store
+# sees. So by default postern runs here with per_mailbox_serialization: false,
+# the same contract as Postfix; --serialize measures the default.
+#
+# Ports (chosen not to collide with the shared harness defaults): postern
+# 127.0.0.1:2537, Postfix 127.0.0.1:2536, sink 127.0.0.1:2434, metrics :9337.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+ROUNDS=3 MSGS=10000 SHAPES="a b" BIN= SERIALIZE=false BASE=/var/tmp/postern-e2e OUT=
+ALSO=()
+die() { echo "e2e.sh: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+    -n) ROUNDS=$2; shift 2 ;;
+    -m) MSGS=$2; shift 2 ;;
+    --shapes) SHAPES=$2; shift 2 ;;
+    --postern) BIN=$2; shift 2 ;;
+    --also) ALSO+=("$2"); shift 2 ;;
+    --serialize) SERIALIZE=true; shift ;;
+    --base) BASE=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) awk 'NR>1 && !/^#/{exit} NR>1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument $1" ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || die "run as root (Postfix's private instance needs it)"
+command -v smtp-source >/dev/null || die "smtp-source not found (Debian package postfix)"
+if [ -z "$BIN" ]; then
+    (cd "$REPO" && flock /tmp/cargo.lock cargo build --release -q) || die "build failed"
+    BIN=$REPO/target/release/postern
+fi
+[ -x "$BIN" ] || die "no binary $BIN"
+mkdir -p "$BASE"
+BASE=$(cd "$BASE" && pwd)
+OUT=${OUT:-$BASE/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
+SINK=127.0.0.1:2434 PF_ADDR=127.0.0.1:2536 PT_ADDR=127.0.0.1:2537
+
+# --- Postfix: a private instance, made once ------------------------------------------
+PF=$BASE/postfix
+if [ ! -f "$PF/etc/main.cf" ]; then
+    "$HERE/setup-postfix.sh" "$PF" "$PF_ADDR" "$SINK" >"$BASE/setup-postfix.log" 2>&1 ||
+        { cat "$BASE/setup-postfix.log" >&2; die "setup-postfix.sh failed"; }
+fi
+
+# --- postern: one config per binary; the spool is wiped at every start -----------------
+write_config() {   # write_config NAME -> prints the config path
+    local d=$BASE/$1
+    mkdir -p "$d"
+    cat >"$d/postern.yaml" <<EOF
+hostname: bench-postern.invalid
+node_id: 1
+spool:
+  path: $d/spool
+  min_free: 100MiB
+metrics:
+  address: 127.0.0.1:9337
+listeners:
+  - name: smtp
+    address: $PT_ADDR
+    protocol: smtp
+    trusted_networks: []
+stores:
+  - name: sink
+    kind: lmtp
+    address: $SINK
+    max_connections: 20
+    recipients_per_transaction: 50
+routes:
+  domains:
+    dest.example: { store: sink, authoritative: false }
+delivery:
+  per_mailbox_serialization: $SERIALIZE
+EOF
+    "$2" check-config --config "$d/postern.yaml" >&2 || die "$2 refuses $d/postern.yaml"
+    echo "$d/postern.yaml"
+}
+GWS=("postern=$BIN" "${ALSO[@]}")
+declare -A CFG
+for g in "${GWS[@]}"; do
+    CFG[${g%%=*}]=$(write_config "${g%%=*}" "${g#*=}") || exit 2
+done
+
+shape_args() {
+    case "$1" in
+    a) echo "-s 20 -m $MSGS -r 1 -l 4096" ;;
+    b) echo "-s 20 -m $MSGS -r 5 -l 4096" ;;
+    *) die "unknown shape $1" ;;
+    esac
+}
+
+echo "e2e.sh: $ROUNDS rounds, shapes $SHAPES, $MSGS msgs, per_mailbox_serialization=$SERIALIZE -> $OUT"
+fails=0
+for i in $(seq 1 "$ROUNDS"); do
+    for sh in $SHAPES; do
+        args=$(shape_args "$sh")
+        for g in postfix "${GWS[@]}"; do
+            name=${g%%=*}
+            echo "##### round $i/$ROUNDS shape $sh $name $(date +%T)"
+            if [ "$name" = postfix ]; then
+                # shellcheck disable=SC2086
+                "$HERE/run.sh" --target "$PF_ADDR" --sink "$SINK" \
+                    --start "$HERE/postfix-ctl.sh $PF start" --stop "$HERE/postfix-ctl.sh $PF stop" \
+                    --queue-cmd "$HERE/postfix-ctl.sh $PF queue" \
+                    $args --nice -10 --label "postfix/$sh" --json "$OUT" || fails=$((fails + 1))
+            else
+                bin=${g#*=} cfg=${CFG[$name]}
+                # shellcheck disable=SC2086
+                POSTERN_LOG=${POSTERN_LOG:-info} "$HERE/run.sh" --target "$PT_ADDR" --sink "$SINK" \
+                    --start-fg "sh -c 'rm -rf $(dirname "$cfg")/spool; exec $bin run --config $cfg >$(dirname "$cfg")/postern.log 2>&1'" \
+                    $args --nice -10 --label "$name/$sh" --json "$OUT" || fails=$((fails + 1))
+            fi
+        done
+    done
+done
+
+# --- summary: medians, and each postern against Postfix ---------------------------------
+python3 - "$OUT" <<'EOF'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in runs:
+    by.setdefault(r["label"], []).append(r)
+def med(rs, k):
+    v = [r[k] for r in rs if r.get(k) is not None]
+    return statistics.median(v) if v else float("nan")
+def row(rs):
+    n = len(rs)
+    return dict(n=n, ok=sum(1 for r in rs if r["complete"]),
+                acc=med(rs, "accept_rate"), e2e=med(rs, "e2e_rate"), dps=med(rs, "e2e_deliv_rate"),
+                cpu=med(rs, "mta_cpu_ms_per_msg"),
+                fl=statistics.median([r["disk_flushes"] / r["messages"] for r in rs]),
+                sess=med(rs, "sink_sessions"), foreign=med(rs, "foreign_cores"))
+print()
+print("| run | n | complete | accept msg/s | e2e msg/s | e2e deliv/s | CPU ms/msg | flushes/msg | LMTP sessions | foreign cores |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+rows = {k: row(v) for k, v in sorted(by.items())}
+for k, x in rows.items():
+    print("| %s | %d | %d/%d | %.0f | %.0f | %.0f | %.2f | %.2f | %.0f | %.2f |" % (
+        k, x["n"], x["ok"], x["n"], x["acc"], x["e2e"], x["dps"], x["cpu"], x["fl"], x["sess"], x["foreign"]))
+print()
+print("Against Postfix (medians of the same rounds): e2e msg/s ratio (target >= 10), CPU/msg ratio (target <= 0.10)")
+for k, x in rows.items():
+    gw, shape = k.split("/", 1)
+    pf = rows.get("postfix/" + shape)
+    if gw == "postfix" or not pf:
+        continue
+    print("  %-16s shape %s: %.2fx Postfix's msg/s, %.3fx its CPU per message" % (
+        gw, shape, x["e2e"] / pf["e2e"], x["cpu"] / pf["cpu"]))
+EOF
+echo "e2e.sh: $fails failed runs; raw results in $OUT"
+[ "$fails" = 0 ]
