@@ -561,3 +561,38 @@ async fn a_busy_mailbox_with_200_queued_messages_does_not_delay_the_others_nor_g
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_outcomes_are_one_ledger_record_and_finishing_writes_only_the_removal() {
+    let h = Harness::new(&["a"]).await;
+    // A first message, so that the start-up queue scan is over before the one measured is
+    // queued (it must not be picked up by the scan before the counters are read).
+    h.queue("", &["warm@a.test"]);
+    until("the warm-up delivered", || h.spool.is_empty()).await;
+    let rcpts: Vec<String> = (0..5).map(|i| format!("r{i}@a.test")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let q = queue(&h.spool, "sender@a.test", &rcpts, BODY);
+    let before = h.spool.stats();
+    h.scheduler.submit(q);
+    until("delivered and finished", || h.spool.is_empty()).await;
+    let after = h.spool.stats();
+    assert_eq!(
+        h.store("a").transactions().len(),
+        2,
+        "one LMTP transaction each"
+    );
+    assert_eq!(h.store("a").delivered().len(), 6);
+    // In doubt (before the dot), the five 250s (one record batch, already marked reported:
+    // no DSN is owed), the removal. Before: five outcome appends and a reported mark.
+    assert_eq!(
+        after.appends - before.appends,
+        3,
+        "appends for one 5-recipient message"
+    );
+    assert!(
+        after.syncs - before.syncs <= 3,
+        "{} flushes for one message",
+        after.syncs - before.syncs
+    );
+    h.stop().await;
+}

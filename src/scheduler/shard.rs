@@ -586,8 +586,11 @@ impl Shard {
                 self.finishing.insert(qid);
                 let home = self.id;
                 let c = Arc::clone(&ctx);
+                // Every final state already reported (no DSN owed, marked with the outcome
+                // itself): nothing to read back from disk, just remove the message.
+                let reported = s.reported.iter().all(|r| *r);
                 ctx.tasks.spawn(async move {
-                    let ok = match finish(&c, qid).await {
+                    let ok = match finish(&c, qid, reported).await {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::warn!(queue_id = %qid, error = %e, "cannot finish the message; retrying later");
@@ -1076,8 +1079,10 @@ fn not_attempted_reply(scope: Scope, detail: &str) -> postern_proto::Reply {
 
 /// Queues the DSN the message owes, then removes it from the spool.
 /// Reports what is owed, then removes the message from the spool.
-async fn finish(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
-    report(ctx, qid).await?;
+async fn finish(ctx: &Arc<Ctx>, qid: QueueId, reported: bool) -> Result<(), String> {
+    if !reported {
+        report(ctx, qid).await?;
+    }
     ctx.spool.finish(qid).await.map_err(|e| e.to_string())?;
     Ok(())
 }
