@@ -11,27 +11,34 @@
 #   --postern BIN    the postern binary (default: target/release/postern, built first)
 #   --also LABEL=BIN another postern binary to measure in the same rounds (e.g. main's
 #                    build, for a before/after); may be repeated
-#   --serialize      keep per-mailbox serialisation on (see "Mailboxes" below)
+#   --same-rcpts     every message to the same mailboxes (the shared harness's load;
+#                    default: new mailboxes for every message, see "Mailboxes")
+#   --serialize on|off  postern's delivery.per_mailbox_serialization (default on,
+#                    postern's default)
 #   --base DIR       state directory, must lie under /var (default /var/tmp/postern-e2e)
 #   --out FILE       JSON lines, one per run (default BASE/e2e-DATE.jsonl)
 # The harness scripts next to this one (run.sh, lmtp_sink.py, procmon.py,
 # postfix-ctl.sh, setup-postfix.sh) are the peer-comparison harness: run.sh starts
 # the gateway in its own cgroup v2 and counts the CPU of every process and thread.
 #
-# Mailboxes. smtp-source sends every message to the same recipients (1to@, or
-# 1rcpt@..5rcpt@ with -r 5). Postfix has no per-mailbox limit: its 20 LMTP
-# sessions deliver to the same mailbox at once. postern serialises deliveries per
-# mailbox by default (delivery.per_mailbox_serialization), which with this load
-# means one delivery at a time for the whole benchmark -- a load no real store
-# sees. So by default postern runs here with per_mailbox_serialization: false,
-# the same contract as Postfix; --serialize measures the default.
+# Mailboxes. Without -N, smtp-source sends every message to the same recipients
+# (1rcpt@, or 1rcpt@..5rcpt@ with -r 5). Postfix has no per-mailbox limit: its 20
+# LMTP sessions deliver to one mailbox at once. postern serialises deliveries per
+# mailbox by default (delivery.per_mailbox_serialization: one transaction per
+# mailbox at a time), which with that load means one delivery at a time for the
+# whole benchmark -- a load no real store sees. So by default both gateways get
+# smtp-source -N (a new number before every recipient: every message to new
+# mailboxes, as at a store with many users) and postern keeps its default
+# serialisation. --same-rcpts gives the old load; add --serialize off to compare
+# postern without serialisation, the contract Postfix has.
 #
 # Ports (chosen not to collide with the shared harness defaults): postern
 # 127.0.0.1:2537, Postfix 127.0.0.1:2536, sink 127.0.0.1:2434, metrics :9337.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-ROUNDS=3 MSGS=10000 SHAPES="a b" BIN= SERIALIZE=false BASE=/var/tmp/postern-e2e OUT=
+ROUNDS=3 MSGS=10000 SHAPES="a b" BIN= SERIALIZE=true BASE=/var/tmp/postern-e2e OUT=
+DISTINCT=--distinct
 ALSO=()
 die() { echo "e2e.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -41,7 +48,9 @@ while [ $# -gt 0 ]; do
     --shapes) SHAPES=$2; shift 2 ;;
     --postern) BIN=$2; shift 2 ;;
     --also) ALSO+=("$2"); shift 2 ;;
-    --serialize) SERIALIZE=true; shift ;;
+    --serialize) case "$2" in on) SERIALIZE=true ;; off) SERIALIZE=false ;;
+                 *) die "--serialize on|off" ;; esac; shift 2 ;;
+    --same-rcpts) DISTINCT=; shift ;;
     --base) BASE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     -h|--help) awk 'NR>1 && !/^#/{exit} NR>1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -107,13 +116,13 @@ done
 
 shape_args() {
     case "$1" in
-    a) echo "-s 20 -m $MSGS -r 1 -l 4096" ;;
-    b) echo "-s 20 -m $MSGS -r 5 -l 4096" ;;
+    a) echo "-s 20 -m $MSGS -r 1 -l 4096 $DISTINCT" ;;
+    b) echo "-s 20 -m $MSGS -r 5 -l 4096 $DISTINCT" ;;
     *) die "unknown shape $1" ;;
     esac
 }
 
-echo "e2e.sh: $ROUNDS rounds, shapes $SHAPES, $MSGS msgs, per_mailbox_serialization=$SERIALIZE -> $OUT"
+echo "e2e.sh: $ROUNDS rounds, shapes $SHAPES, $MSGS msgs, ${DISTINCT:+distinct recipients, }${DISTINCT:-the same recipients every message, }per_mailbox_serialization=$SERIALIZE -> $OUT"
 fails=0
 for i in $(seq 1 "$ROUNDS"); do
     for sh in $SHAPES; do
