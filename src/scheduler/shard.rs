@@ -747,7 +747,7 @@ impl Shard {
             else {
                 continue;
             };
-            let batch = select(&mut job.pending, &mut st.busy, st.per_txn, serialize);
+            let batch = select(&mut job.pending, &mut st.busy, st.per_txn.max(1), serialize);
             // Woken by a release but did not take that mailbox (and nobody else did):
             // the next waiter gets the wake-up.
             let pass_on = woken_for.filter(|m| !st.busy.contains(m));
