@@ -498,3 +498,101 @@ async fn a_bounce_goes_out_at_once_while_others_wait_and_only_once_across_a_rest
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_mailbox_with_200_queued_messages_does_not_delay_the_others_nor_get_rescanned() {
+    let h = Harness::new(&["a"]).await;
+    h.store("a").hold_local("busy", true);
+    for _ in 0..200 {
+        h.queue("", &["busy@a.test"]);
+    }
+    let status = |h: &Harness| {
+        let s = h.scheduler.clone();
+        async move {
+            s.stores()
+                .await
+                .into_iter()
+                .find(|s| s.name == "a")
+                .unwrap()
+        }
+    };
+    // One transaction for busy@ is open (its reply held); the 199 others wait on the
+    // mailbox, off the ready queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status(&h).await;
+        if st.mailbox_waits == 199 && st.in_flight == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for 199 parked jobs: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..100 {
+        h.queue("", &[&format!("u{i}@a.test")]);
+    }
+    until("the other mailboxes delivered while busy@ is held", || {
+        h.store("a").delivered().len() == 100
+    })
+    .await;
+    assert_eq!(h.spool.len(), 200, "busy@ still serialised: none delivered");
+    let st = status(&h).await;
+    assert!(
+        st.examined <= 2 * 300,
+        "dispatch looked at {} jobs for 300 messages: it rescans the parked ones",
+        st.examined
+    );
+    h.store("a").hold_local("busy", false);
+    until("busy@ drains, one at a time", || h.spool.is_empty()).await;
+    assert_eq!(
+        h.store("a").overlaps(),
+        0,
+        "busy@ never in two transactions"
+    );
+    assert_eq!(h.store("a").delivered().len(), 300);
+    let st = status(&h).await;
+    assert_eq!(st.mailbox_waits, 0);
+    assert!(
+        st.examined <= 4 * 300,
+        "{} jobs examined for 300 messages",
+        st.examined
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_outcomes_are_one_ledger_record_and_finishing_writes_only_the_removal() {
+    let h = Harness::new(&["a"]).await;
+    // A first message, so that the start-up queue scan is over before the one measured is
+    // queued (it must not be picked up by the scan before the counters are read).
+    h.queue("", &["warm@a.test"]);
+    until("the warm-up delivered", || h.spool.is_empty()).await;
+    let rcpts: Vec<String> = (0..5).map(|i| format!("r{i}@a.test")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let q = queue(&h.spool, "sender@a.test", &rcpts, BODY);
+    let before = h.spool.stats();
+    h.scheduler.submit(q);
+    until("delivered and finished", || h.spool.is_empty()).await;
+    let after = h.spool.stats();
+    assert_eq!(
+        h.store("a").transactions().len(),
+        2,
+        "one LMTP transaction each"
+    );
+    assert_eq!(h.store("a").delivered().len(), 6);
+    // In doubt (before the dot), the five 250s (one record batch, already marked reported:
+    // no DSN is owed), the removal. Before: five outcome appends and a reported mark.
+    assert_eq!(
+        after.appends - before.appends,
+        3,
+        "appends for one 5-recipient message"
+    );
+    assert!(
+        after.syncs - before.syncs <= 3,
+        "{} flushes for one message",
+        after.syncs - before.syncs
+    );
+    h.stop().await;
+}

@@ -481,7 +481,8 @@ impl Connection {
                 data_started = true;
                 phase_done(&store.name, "mail_rcpt", &mut mark);
                 mail_rcpt_timed = true;
-                self.send_data(&mut body, &mut run, check_8bit).await;
+                let size = usize::try_from(envelope.size).unwrap_or(DATA_READ);
+                self.send_data(&mut body, &mut run, check_8bit, size).await;
                 phase_done(&store.name, "data", &mut mark);
                 continue;
             }
@@ -637,16 +638,26 @@ impl Connection {
         self.broken = true;
     }
 
-    /// After 354: the body, dot-stuffed, then the final dot.
-    async fn send_data<R, F>(&mut self, body: &mut R, run: &mut Run<'_, F>, check_8bit: bool)
-    where
+    /// After 354: the body, dot-stuffed, then the final dot. Output is written in blocks
+    /// of about `DATA_READ`; the last block carries the final dot, so a small message is one
+    /// write (one segment on the wire, one wake-up of the store). `size`: the body's size,
+    /// to size the buffers (a wrong value costs only extra reads).
+    async fn send_data<R, F>(
+        &mut self,
+        body: &mut R,
+        run: &mut Run<'_, F>,
+        check_8bit: bool,
+        size: usize,
+    ) where
         R: AsyncRead + Unpin,
         F: FnMut(usize, &Outcome),
     {
         let limit = self.store.timeouts.data;
         let mut encoder = DataEncoder::new();
-        let mut input = vec![0u8; DATA_READ];
-        let mut out = Vec::with_capacity(DATA_READ + DATA_READ / 32);
+        // One more byte than the body, so that the read after the body returns 0.
+        let want = size.saturating_add(1).clamp(4096, DATA_READ);
+        let mut input = vec![0u8; want];
+        let mut out = Vec::with_capacity(want + want / 32 + 8);
         loop {
             let n = match body.read(&mut input).await {
                 Ok(0) => break,
@@ -663,16 +674,17 @@ impl Connection {
                 let why = trouble::message_refused(&reply);
                 return self.abort(run, Outcome::Bounced(reply), why);
             }
-            out.clear();
             encoder.encode(chunk, &mut out);
-            if let Err(f) = self.wire.write_all(&out, limit).await {
-                return run.widen(f.trouble(Phase::Data, limit));
+            if out.len() >= DATA_READ {
+                if let Err(f) = self.wire.write_all(&out, limit).await {
+                    return run.widen(f.trouble(Phase::Data, limit));
+                }
+                out.clear();
             }
         }
-        out.clear();
         encoder.finish(&mut out);
         // From here a lost connection leaves the recipients in doubt: the dot may arrive even
-        // if the write reports an error.
+        // if the write reports an error (the last block of the body goes with it).
         if let Err(e) = self.wire.proto.data_sent() {
             let why = trouble::unusable(&e.to_string());
             return self.abort(run, Outcome::NotAttempted(None), why);

@@ -117,6 +117,23 @@ pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<D
     out
 }
 
+/// Whether recipient `rcpt`'s final `state` owes the sender a DSN, as [`owed`] decides
+/// for [`Kind::Final`]. `true` for anything else (the caller then reports it the slow way).
+pub fn owes_final(envelope: &Envelope, rcpt: usize, state: &RecipientState) -> bool {
+    if envelope.sender.is_empty() {
+        return false;
+    }
+    let Some(r) = envelope.recipients.get(rcpt) else {
+        return true;
+    };
+    let notify = r.params.notify;
+    match state {
+        RecipientState::Bounced { .. } => notify.is_none_or(|n| n.failure && !n.never),
+        RecipientState::Delivered { .. } => notify.is_some_and(|n| n.success && !n.never),
+        _ => true,
+    }
+}
+
 /// The DSN's envelope: from `<>` to the original sender, 8BITMIME when the returned
 /// content needs it.
 pub fn envelope(original: &Envelope, eight_bit: bool, now: SystemTime) -> Envelope {
@@ -466,6 +483,34 @@ mod tests {
         };
         let r = render(&report, &mut &BODY[..], BODY.len() as u64).unwrap();
         String::from_utf8(r.content).unwrap()
+    }
+
+    #[test]
+    fn owes_final_agrees_with_owed() {
+        let mut notifies = vec![None];
+        for bits in 0..16u8 {
+            notifies.push(Some(Notify {
+                never: bits & 1 != 0,
+                success: bits & 2 != 0,
+                failure: bits & 4 != 0,
+                delay: bits & 8 != 0,
+            }));
+        }
+        for notify in notifies {
+            for sender in ["", "a@example.org"] {
+                let mut env = envelope(notify);
+                env.sender = sender.into();
+                for state in [delivered(), bounced("550 5.1.1 no")] {
+                    let states = [state.clone(), RecipientState::Pending];
+                    let want = !owed(&env, &states, Kind::Final).is_empty();
+                    assert_eq!(
+                        owes_final(&env, 0, &state),
+                        want,
+                        "{notify:?} sender {sender:?} {state:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!                 (re-resolved at each attempt), one Job per store ──▶ store shard(s)
 //! store shard:   per-store queue of jobs, round robin; a transaction is started while the
 //!                store's window has room and its breaker is closed; each runs in its own
-//!                task: mark in doubt ─▶ agent (LMTP, maildir, …) ─▶ ledger per reply
+//!                task: mark in doubt ─▶ agent (LMTP, maildir, …) ─▶ ledger (one append)
 //!                ──▶ TxnDone back to the store shard (window, breaker, requeue, log)
 //!                ──▶ JobDone to the home shard once the job's recipients are settled
 //! home shard:    all jobs done ─▶ DSN for the newly final recipients, marked reported;
@@ -23,15 +23,19 @@
 //! # Promises
 //!
 //! - **Ledger.** Recipients are marked in doubt (durably) before their transaction starts,
-//!   and each reply is written to the ledger as it arrives. A recipient found in doubt is
-//!   retried alone in its own transaction. The DSN owed for final recipients (bounces,
-//!   and deliveries with NOTIFY=SUCCESS) is queued at the end of the attempt that settled
-//!   them, then they are marked reported in the ledger (a crash between the two repeats the
-//!   DSN, never loses it); a message is finished only after that.
+//!   and the transaction's replies are written to the ledger in one append when it ends (a
+//!   crash before that leaves them in doubt). A recipient found in doubt is retried alone
+//!   in its own transaction. The DSN owed for final recipients (bounces, and deliveries
+//!   with NOTIFY=SUCCESS) is queued at the end of the attempt that settled them, then they
+//!   are marked reported in the ledger (a crash between the two repeats the DSN, never
+//!   loses it); a message is finished only after that. A final state that owes no DSN is
+//!   marked reported in its outcome record itself.
 //! - **Per store.** At most `window` transactions at once (slow start at `initial_window`,
 //!   up to `max_connections`, see [`window`]); at most `recipients_per_transaction`
 //!   recipients per transaction; at most one transaction per mailbox at a time when
-//!   `per_mailbox_serialization` is on. A store that fails a cohort of connections is
+//!   `per_mailbox_serialization` is on; a job whose mailboxes are all busy waits on one of
+//!   them, off the ready queue, and is woken when it is released (dispatching costs the
+//!   work it starts, not the length of the queue). A store that fails a cohort of connections is
 //!   marked down ([`breaker`]): its recipients are deferred without waiting on it, and its
 //!   parked messages come back as soon as a probe (or a transaction) succeeds, at
 //!   slow-start pace.
@@ -111,6 +115,11 @@ pub struct StoreStatus {
     pub queued: usize,
     /// Messages parked until the store works again.
     pub parked: usize,
+    /// Jobs waiting for a busy mailbox (per-mailbox serialisation), off the ready queue.
+    pub mailbox_waits: usize,
+    /// Jobs the dispatcher has looked at since start: grows with the work started, not
+    /// with the queue's length times the dispatches.
+    pub examined: u64,
 }
 
 /// What [`Scheduler::start`] needs.

@@ -73,14 +73,27 @@ struct Active {
     arrival: SystemTime,
 }
 
+/// Where a job with recipients to start waits.
+#[derive(Debug, PartialEq, Eq)]
+enum JobState {
+    /// Not queued: nothing pending (its recipients are in flight or settled).
+    Idle,
+    /// In the store's round-robin `ready` queue. `woken_for`: the mailbox whose release
+    /// put it there; if the job does not take that mailbox, the wake-up passes to the
+    /// mailbox's next waiter (no lost wake-ups, one waiter woken per release).
+    Ready { woken_for: Option<String> },
+    /// Every pending recipient's mailbox is busy: waits, off the ready queue, in this
+    /// mailbox's waiter list until it is released.
+    Parked(String),
+}
+
 /// A job in a store queue.
 #[derive(Debug)]
 struct StoreJob {
     msg: Arc<Message>,
     pending: VecDeque<JobRcpt>,
     in_flight: usize,
-    /// In the store's round-robin queue.
-    queued: bool,
+    state: JobState,
 }
 
 /// One store, as its shard sees it.
@@ -92,14 +105,22 @@ struct StoreQueue {
     window: Window,
     breaker: Breaker,
     jobs: HashMap<u64, StoreJob>,
-    queue: VecDeque<u64>,
+    /// Jobs with a recipient that can start now, round robin. Dispatch costs O(work
+    /// started): a job whose mailboxes are all busy is parked in `waiters`, not rescanned.
+    ready: VecDeque<u64>,
     in_flight: usize,
+    /// Mailboxes in a transaction now (per-mailbox serialisation).
     busy: HashSet<String>,
+    /// Jobs parked on a busy mailbox, in arrival order (entries whose job has moved on
+    /// are skipped when popped).
+    waiters: HashMap<String, VecDeque<u64>>,
     parked: HashSet<QueueId>,
     queued_rcpts: usize,
     inflight_rcpts: usize,
     /// The queue shape (`postern_queue_shape_messages`).
     shape: m::ShapeTracker,
+    /// Jobs popped off `ready` by the dispatcher ([`StoreStatus::examined`]).
+    examined: u64,
 }
 
 impl StoreQueue {
@@ -116,13 +137,50 @@ impl StoreQueue {
             ),
             agent,
             jobs: HashMap::new(),
-            queue: VecDeque::new(),
+            ready: VecDeque::new(),
             in_flight: 0,
             busy: HashSet::new(),
+            waiters: HashMap::new(),
             parked: HashSet::new(),
             queued_rcpts: 0,
             inflight_rcpts: 0,
             shape: m::ShapeTracker::default(),
+            examined: 0,
+        }
+    }
+
+    /// Puts a job with pending recipients on the ready queue (unless it is there).
+    fn make_ready(&mut self, id: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.pending.is_empty() || matches!(job.state, JobState::Ready { .. }) {
+            return;
+        }
+        job.state = JobState::Ready { woken_for: None };
+        self.ready.push_back(id);
+    }
+
+    /// `mailbox` was released: its first (still parked) waiter goes to the ready queue.
+    fn wake(&mut self, mailbox: &str) {
+        let Some(q) = self.waiters.get_mut(mailbox) else {
+            return;
+        };
+        while let Some(id) = q.pop_front() {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            if !matches!(&job.state, JobState::Parked(m) if m == mailbox) {
+                continue; // moved on since it was parked here
+            }
+            job.state = JobState::Ready {
+                woken_for: Some(mailbox.to_owned()),
+            };
+            self.ready.push_back(id);
+            break;
+        }
+        if q.is_empty() {
+            self.waiters.remove(mailbox);
         }
     }
 }
@@ -247,6 +305,12 @@ impl Shard {
                         breaker: st.breaker.state(),
                         queued: st.queued_rcpts,
                         parked: st.parked.len(),
+                        mailbox_waits: st
+                            .jobs
+                            .values()
+                            .filter(|j| matches!(j.state, JobState::Parked(_)))
+                            .count(),
+                        examined: st.examined,
                     })
                     .collect();
                 let _ = tx.send(v);
@@ -538,8 +602,11 @@ impl Shard {
                 self.finishing.insert(qid);
                 let home = self.id;
                 let c = Arc::clone(&ctx);
+                // Every final state already reported (no DSN owed, marked with the outcome
+                // itself): nothing to read back from disk, just remove the message.
+                let reported = s.reported.iter().all(|r| *r);
                 ctx.tasks.spawn(async move {
-                    let ok = match finish(&c, qid).await {
+                    let ok = match finish(&c, qid, reported).await {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::warn!(queue_id = %qid, error = %e, "cannot finish the message; retrying later");
@@ -667,10 +734,10 @@ impl Shard {
                 msg,
                 pending: rcpts.into(),
                 in_flight: 0,
-                queued: true,
+                state: JobState::Ready { woken_for: None },
             },
         );
-        st.queue.push_back(id);
+        st.ready.push_back(id);
         self.dispatch(&store);
     }
 
@@ -686,29 +753,37 @@ impl Shard {
             return;
         }
         let serialize = ctx.config.per_mailbox_serialization;
-        let mut scanned = 0;
-        while st.in_flight < st.window.limit() && scanned < st.queue.len() {
-            let Some(id) = st.queue.pop_front() else {
+        while st.in_flight < st.window.limit() {
+            let Some(id) = st.ready.pop_front() else {
                 break;
             };
+            st.examined += 1;
             let Some(job) = st.jobs.get_mut(&id) else {
+                continue; // reaped since it was queued
+            };
+            let JobState::Ready { woken_for } = std::mem::replace(&mut job.state, JobState::Idle)
+            else {
                 continue;
             };
-            let batch = select(&mut job.pending, &mut st.busy, st.per_txn, serialize);
+            let batch = select(&mut job.pending, &mut st.busy, st.per_txn.max(1), serialize);
+            // Woken by a release but did not take that mailbox (and nobody else did):
+            // the next waiter gets the wake-up.
+            let pass_on = woken_for.filter(|m| !st.busy.contains(m));
             if batch.is_empty() {
-                if job.pending.is_empty() {
-                    job.queued = false;
-                } else {
-                    st.queue.push_back(id);
-                    scanned += 1;
+                // Nothing startable: every pending mailbox is busy. Wait on the first.
+                if let Some(r) = job.pending.front() {
+                    let mailbox = r.mailbox.clone();
+                    job.state = JobState::Parked(mailbox.clone());
+                    st.waiters.entry(mailbox).or_default().push_back(id);
+                }
+                if let Some(m) = pass_on {
+                    st.wake(&m);
                 }
                 continue;
             }
-            scanned = 0;
-            if job.pending.is_empty() {
-                job.queued = false;
-            } else {
-                st.queue.push_back(id);
+            if !job.pending.is_empty() {
+                job.state = JobState::Ready { woken_for: None };
+                st.ready.push_back(id);
             }
             job.in_flight += batch.len();
             st.in_flight += 1;
@@ -728,6 +803,9 @@ impl Shard {
                 let done = task.await;
                 c.send(shard, Event::TxnDone(Box::new(done)));
             });
+            if let Some(m) = pass_on {
+                st.wake(&m);
+            }
         }
     }
 
@@ -739,8 +817,11 @@ impl Shard {
         };
         st.in_flight = st.in_flight.saturating_sub(1);
         st.inflight_rcpts = st.inflight_rcpts.saturating_sub(done.batch.len());
+        let mut released = Vec::new();
         for r in &done.batch {
-            st.busy.remove(&r.mailbox);
+            if st.busy.remove(&r.mailbox) {
+                released.push(r.mailbox.clone());
+            }
         }
         if done.aborted {
             return;
@@ -775,6 +856,9 @@ impl Shard {
             }
         }
         let up = st.breaker.is_closed() && !ctx.stop.is_cancelled();
+        for m in &released {
+            st.wake(m);
+        }
         let Some(job) = st.jobs.get_mut(&done.job) else {
             return;
         };
@@ -813,10 +897,7 @@ impl Shard {
                 }
             }
         }
-        if !job.pending.is_empty() && !job.queued {
-            job.queued = true;
-            st.queue.push_back(done.job);
-        }
+        st.make_ready(done.job);
         for (r, outcome) in &later {
             transaction::settle_locally(&ctx, &msg, &done.store, &st.relay, r, outcome);
         }
@@ -839,12 +920,19 @@ impl Shard {
             return;
         };
         let reply = down_reply(name, st.breaker.reason());
-        let ids: Vec<u64> = st.queue.drain(..).collect();
+        st.ready.clear();
+        st.waiters.clear();
+        let ids: Vec<u64> = st
+            .jobs
+            .iter()
+            .filter(|(_, j)| !j.pending.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
         for id in &ids {
             let Some(job) = st.jobs.get_mut(id) else {
                 continue;
             };
-            job.queued = false;
+            job.state = JobState::Idle;
             st.queued_rcpts -= job.pending.len();
             for r in job.pending.drain(..) {
                 transaction::settle_locally(
@@ -1010,8 +1098,10 @@ fn not_attempted_reply(scope: Scope, detail: &str) -> postern_proto::Reply {
 
 /// Queues the DSN the message owes, then removes it from the spool.
 /// Reports what is owed, then removes the message from the spool.
-async fn finish(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
-    report(ctx, qid).await?;
+async fn finish(ctx: &Arc<Ctx>, qid: QueueId, reported: bool) -> Result<(), String> {
+    if !reported {
+        report(ctx, qid).await?;
+    }
     ctx.spool.finish(qid).await.map_err(|e| e.to_string())?;
     Ok(())
 }

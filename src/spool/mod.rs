@@ -505,7 +505,25 @@ impl Spool {
 
     /// Records recipient `rcpt`'s new state (one durable ledger record).
     pub fn ledger(&self, qid: QueueId, rcpt: usize, state: RecipientState) -> Durable {
-        self.handle.inner.ledger_ops(qid, vec![(rcpt, state)])
+        self.handle
+            .inner
+            .ledger_ops(qid, vec![(rcpt, state, false)])
+    }
+
+    /// Records several recipients' new states in one append (one `pwrite`, one place in
+    /// the next group commit): the outcomes of one transaction. `reported` marks a final
+    /// state whose DSN is already dealt with (none is owed), as [`Spool::mark_reported`]
+    /// would, without a second record; it is refused for a state that is not final.
+    pub fn ledger_batch(&self, qid: QueueId, ops: Vec<(usize, RecipientState, bool)>) -> Durable {
+        if ops
+            .iter()
+            .any(|(_, s, reported)| *reported && !s.is_final())
+        {
+            return Durable::ready(Err(SpoolError::Invalid(
+                "ledger_batch: only a delivered or bounced recipient can be reported",
+            )));
+        }
+        self.handle.inner.ledger_ops(qid, ops)
     }
 
     /// Marks recipients in doubt, in one record batch: call (and await) before sending
@@ -513,7 +531,7 @@ impl Spool {
     pub fn mark_in_doubt(&self, qid: QueueId, rcpts: &[usize]) -> Durable {
         let ops = rcpts
             .iter()
-            .map(|&r| (r, RecipientState::InDoubt))
+            .map(|&r| (r, RecipientState::InDoubt, false))
             .collect();
         self.handle.inner.ledger_ops(qid, ops)
     }
@@ -837,7 +855,7 @@ impl Inner {
         }
     }
 
-    fn ledger_ops(&self, qid: QueueId, ops: Vec<(usize, RecipientState)>) -> Durable {
+    fn ledger_ops(&self, qid: QueueId, ops: Vec<(usize, RecipientState, bool)>) -> Durable {
         let mut ix = lock(&self.index);
         let Some(e) = ix.map.get(&qid) else {
             return Durable::ready(Err(SpoolError::NotFound(qid)));
@@ -845,7 +863,7 @@ impl Inner {
         let mut current: Vec<_> = e.rcpts.iter().map(|s| s.state.shape()).collect();
         let mut buf = Vec::new();
         let mut recs = Vec::with_capacity(ops.len());
-        for (rcpt, state) in &ops {
+        for (rcpt, state, reported) in &ops {
             let Some(cur) = current.get_mut(*rcpt) else {
                 return Durable::ready(Err(SpoolError::NoSuchRecipient { qid, rcpt: *rcpt }));
             };
@@ -854,12 +872,12 @@ impl Inner {
             }
             *cur = state.clone();
             let at = buf.len();
-            record::encode_ledger(&mut buf, qid, *rcpt as u32, state);
+            record::encode_ledger_flagged(&mut buf, qid, *rcpt as u32, state, *reported);
             recs.push((*rcpt as u32, at as u32, (buf.len() - at) as u32));
         }
         match self.log.append(&buf, Reg::Ledger(qid, recs.clone())) {
             Ok(a) => {
-                for ((rcpt, at, n), (_, state)) in recs.iter().zip(&ops) {
+                for ((rcpt, at, n), (_, state, reported)) in recs.iter().zip(&ops) {
                     let loc = Loc {
                         seg: a.loc.seg,
                         off: a.loc.off + at,
@@ -867,7 +885,10 @@ impl Inner {
                     ix.set_ledger(
                         qid,
                         *rcpt as usize,
-                        ledger::CompactState::of(state),
+                        ledger::CompactState {
+                            reported: *reported,
+                            ..ledger::CompactState::of(state)
+                        },
                         Some((loc, *n)),
                     );
                 }
@@ -879,8 +900,12 @@ impl Inner {
                 // The in-memory state moves on (so nothing is delivered twice from memory);
                 // the durable state stays the previous one until the retry lands.
                 let mut retry = lock(&self.retry);
-                for ((rcpt, at, n), (_, state)) in recs.iter().zip(&ops) {
-                    ix.set_ledger(qid, *rcpt as usize, ledger::CompactState::of(state), None);
+                for ((rcpt, at, n), (_, state, reported)) in recs.iter().zip(&ops) {
+                    let state = ledger::CompactState {
+                        reported: *reported,
+                        ..ledger::CompactState::of(state)
+                    };
+                    ix.set_ledger(qid, *rcpt as usize, state, None);
                     if let Some(slot) = ix
                         .map
                         .get_mut(&qid)

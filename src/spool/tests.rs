@@ -824,3 +824,57 @@ fn reported_marks_survive_a_restart_and_keep_the_replies() {
     );
     assert_eq!(m.recipients[2].state, RecipientState::Pending);
 }
+
+#[test]
+fn ledger_batch_is_one_append_and_its_reported_flags_survive_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let q = {
+        let (s, _) = Spool::open(d.path(), opts()).unwrap();
+        let q = store(&s, 3, b"x");
+        s.mark_in_doubt(q, &[0, 1, 2]).wait().unwrap();
+        let delivered = RecipientState::Delivered {
+            reply: "250 2.0.0 ok".into(),
+        };
+        let deferred = RecipientState::Deferred {
+            until: std::time::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000),
+            reply: "451 4.2.0 later".into(),
+        };
+        assert!(
+            matches!(
+                s.ledger_batch(q, vec![(2, deferred.clone(), true)]).wait(),
+                Err(SpoolError::Invalid(_))
+            ),
+            "only a final state can be reported"
+        );
+        let before = s.stats().appends;
+        s.ledger_batch(
+            q,
+            vec![
+                (0, delivered.clone(), true),
+                (1, delivered, false),
+                (2, deferred, false),
+            ],
+        )
+        .wait()
+        .unwrap();
+        assert_eq!(s.stats().appends - before, 1, "three records, one append");
+        assert_eq!(s.status(q).unwrap().reported, vec![true, false, false]);
+        q
+    };
+    let (s, _) = reopen(d.path());
+    let m = s.message(q).unwrap();
+    assert_eq!(
+        m.recipients.iter().map(|r| r.reported).collect::<Vec<_>>(),
+        vec![true, false, false]
+    );
+    assert_eq!(
+        m.recipients[0].state,
+        RecipientState::Delivered {
+            reply: "250 2.0.0 ok".into()
+        }
+    );
+    assert!(matches!(
+        m.recipients[2].state,
+        RecipientState::Deferred { .. }
+    ));
+}
