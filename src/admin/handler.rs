@@ -17,7 +17,7 @@ use super::protocol::{
 use super::view;
 use crate::routing::Router;
 use crate::scheduler::Scheduler;
-use crate::spool::{QueueId, Spool, SpoolError};
+use crate::spool::{MessageSummary, QueueId, Spool, SpoolError};
 
 /// The most header bytes `show` returns.
 const MAX_HEADERS: usize = 1 << 20;
@@ -56,16 +56,21 @@ impl Backend {
         result.unwrap_or_else(|message| Response::Error { message })
     }
 
+    /// The views of these messages under the map in force.
+    fn view_all(&self, summaries: &[MessageSummary]) -> Vec<MessageView> {
+        let router = self.router();
+        summaries
+            .iter()
+            .map(|m| view::view(m, &router, None))
+            .collect()
+    }
+
     async fn views(&self) -> Result<Vec<MessageView>, String> {
         let spool = self.spool.clone();
         let summaries = tokio::task::spawn_blocking(move || spool.snapshot())
             .await
             .map_err(|e| format!("reading the spool: {e}"))?;
-        let router = self.router();
-        Ok(summaries
-            .iter()
-            .map(|m| view::view(m, &router, None))
-            .collect())
+        Ok(self.view_all(&summaries))
     }
 
     /// The messages with these ids (unknown or malformed ids are left out): no full scan.
@@ -84,11 +89,7 @@ impl Backend {
         })
         .await
         .map_err(|e| format!("reading the spool: {e}"))?;
-        let router = self.router();
-        Ok(summaries
-            .iter()
-            .map(|m| view::view(m, &router, None))
-            .collect())
+        Ok(self.view_all(&summaries))
     }
 
     async fn select(&self, selector: &Selector) -> Result<Vec<MessageView>, String> {

@@ -498,48 +498,29 @@ impl Shard {
                 continue;
             };
             rcpt.path = path;
-            let store = match router.resolve(&rcpt.path, true) {
-                RcptDecision::Local { store } | RcptDecision::Relay { store } => store,
-                RcptDecision::UnknownUser => {
-                    let reply =
-                        local_reply(550, (5, 1, 1), "Recipient address rejected: unknown user");
-                    transaction::settle_locally(
-                        &ctx,
-                        &msg,
-                        "none",
-                        "none",
-                        &rcpt,
-                        &Outcome::Bounced(reply),
-                    );
-                    continue;
-                }
-                RcptDecision::RelayDenied => {
-                    let reply = local_reply(
-                        554,
-                        (5, 7, 1),
-                        "Recipient address rejected: no route to this domain",
-                    );
-                    transaction::settle_locally(
-                        &ctx,
-                        &msg,
-                        "none",
-                        "none",
-                        &rcpt,
-                        &Outcome::Bounced(reply),
-                    );
-                    continue;
-                }
-                RcptDecision::Unavailable => {
-                    // The map did not load: retry later, never bounce for our own trouble.
-                    let reply = local_reply(451, (4, 3, 0), "Routing map unavailable");
-                    transaction::settle_locally(
-                        &ctx,
-                        &msg,
-                        "none",
-                        "none",
-                        &rcpt,
-                        &Outcome::Deferred(reply),
-                    );
+            let refusal = match router.resolve(&rcpt.path, true) {
+                RcptDecision::Local { store } | RcptDecision::Relay { store } => Ok(store),
+                RcptDecision::UnknownUser => Err(Outcome::Bounced(local_reply(
+                    550,
+                    (5, 1, 1),
+                    "Recipient address rejected: unknown user",
+                ))),
+                RcptDecision::RelayDenied => Err(Outcome::Bounced(local_reply(
+                    554,
+                    (5, 7, 1),
+                    "Recipient address rejected: no route to this domain",
+                ))),
+                // The map did not load: retry later, never bounce for our own trouble.
+                RcptDecision::Unavailable => Err(Outcome::Deferred(local_reply(
+                    451,
+                    (4, 3, 0),
+                    "Routing map unavailable",
+                ))),
+            };
+            let store = match refusal {
+                Ok(store) => store,
+                Err(outcome) => {
+                    transaction::settle_locally(&ctx, &msg, "none", "none", &rcpt, &outcome);
                     continue;
                 }
             };

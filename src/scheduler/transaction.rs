@@ -156,34 +156,14 @@ pub(crate) async fn run(
     // for the store's window or a busy mailbox): not delivered, deferred with that reason.
     if ctx.spool.status(msg.qid).is_ok_and(|s| s.hold) {
         let reply = local_reply(451, (4, 0, 0), "Held by the operator");
-        done.report = Report {
-            outcomes: indices
-                .iter()
-                .map(|&i| (i, Outcome::NotAttempted(Some(reply.clone()))))
-                .collect(),
-            trouble: Some(Trouble {
-                scope: Scope::Message,
-                detail: "held by the operator".into(),
-                reply: Some(reply),
-            }),
-        };
+        done.report = not_attempted(&indices, reply, "held by the operator");
         return done;
     }
     // The contract with the spool: durably in doubt before the final dot can be sent.
     if let Err(e) = ctx.spool.mark_in_doubt(msg.qid, &indices).await {
         tracing::warn!(queue_id = %msg.qid, error = %e, "cannot mark recipients in doubt; not delivering");
         let reply = local_reply(451, (4, 3, 0), &format!("Spool error before delivery: {e}"));
-        done.report = Report {
-            outcomes: indices
-                .iter()
-                .map(|&i| (i, Outcome::NotAttempted(Some(reply.clone()))))
-                .collect(),
-            trouble: Some(Trouble {
-                scope: Scope::Message,
-                detail: "spool error before delivery".into(),
-                reply: Some(reply),
-            }),
-        };
+        done.report = not_attempted(&indices, reply, "spool error before delivery");
         return done;
     }
     let recipients: Vec<Recipient> = done
@@ -364,5 +344,20 @@ pub(crate) fn log_line(
                 .record(latency.as_secs_f64());
         }
         _ => {}
+    }
+}
+
+/// Every recipient of the transaction not attempted, for a reason of the whole message.
+fn not_attempted(indices: &[usize], reply: Reply, detail: &str) -> Report {
+    Report {
+        outcomes: indices
+            .iter()
+            .map(|&i| (i, Outcome::NotAttempted(Some(reply.clone()))))
+            .collect(),
+        trouble: Some(Trouble {
+            scope: Scope::Message,
+            detail: detail.into(),
+            reply: Some(reply),
+        }),
     }
 }
