@@ -174,3 +174,51 @@ fn diff_shows_moving_users_and_queued_recipients_before_a_reload() {
         "users moving: 0 of 61\nqueued recipients moving: 0 of 60\n"
     );
 }
+
+#[test]
+fn route_names_the_fragment_of_a_rule_and_check_config_reads_fragments() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "p.yaml", "c1, c2", "c3");
+    let frag = dir.path().join("lists.yaml");
+    std::fs::write(
+        &frag,
+        "users:\n  carol@corp.example: c1\naliases:\n  staff@example.org: [carol@corp.example, bob@corp.example]\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "  relay: out\n",
+        &format!("  relay: out\n  include: [{}]\n", frag.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = postern(&["route", "--config", &cfg, "staff@example.org"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f = frag.display();
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "staff@example.org  normalised=staff@example.org  rule=aliases[staff@example.org] (from {f})  alias of 2 address(es)\n  carol@corp.example  normalised=carol@corp.example  rule=users[carol@corp.example] (from {f})  store c1\n  bob@corp.example  normalised=bob@corp.example  rule=users[bob@corp.example]  store c3\n"
+        )
+    );
+    // check-config reads the fragments too: a broken one is named with its line.
+    std::fs::write(&frag, "users:\n  carol@corp.example: nowhere\n").unwrap();
+    let out = postern(&["check-config", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{f}:2: users[carol@corp.example]: no store or cluster named `nowhere`"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    // A key defined both in the main file and a fragment: both places named.
+    std::fs::write(&frag, "users:\n  bob@corp.example: c1\n").unwrap();
+    let out = postern(&["check-config", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{f}:2: users[bob@corp.example]: `bob@corp.example` is already defined at {cfg}:"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -298,3 +298,64 @@ async fn queued_mail_is_rerouted_by_a_reload_at_its_next_attempt() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_route_fragment_is_picked_up_and_a_broken_one_keeps_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let fragment = dir.path().join("frag.yaml");
+    // Replaced in one rename, like the configuration file.
+    let write_fragment = |text: &str| {
+        let tmp = dir.path().join("frag.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &fragment).unwrap();
+    };
+    write_fragment("users:\n  moved@pinned.example: a\n");
+    let text = config_text(dir.path(), Some("a")).replace(
+        "  domains:\n",
+        &format!("  include: [{}]\n  domains:\n", fragment.display()),
+    );
+    let path = dir.path().join("postern.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let gw = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
+    let routes = gw.routes();
+    let router = routes.router();
+    let to = postern::proto::ForwardPath::parse("<moved@pinned.example>").unwrap();
+    assert_eq!(router.load().resolve(&to, false).store(), Some("a"));
+    // Only the fragment changes: the poller sees it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_fragment("users:\n  moved@pinned.example: b\n");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while routes.generation() == 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(routes.generation(), 2, "the poller reloaded within 10 s");
+    assert_eq!(router.load().resolve(&to, false).store(), Some("b"));
+    // A broken fragment: refused, with its file and line; the map in force stays.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_fragment("users:\n  moved@pinned.example: a\n  other@pinned.example: nowhere\n");
+    let err = gw.reload().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "{}:3: users[other@pinned.example]: no store or cluster named `nowhere`",
+            fragment.display()
+        )),
+        "{err}"
+    );
+    // Nor does the poller retry the same broken file.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(routes.generation(), 2);
+    assert_eq!(router.load().resolve(&to, false).store(), Some("b"));
+    // Fixed: picked up again.
+    write_fragment("users:\n  moved@pinned.example: a\n");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while routes.generation() == 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        routes.generation(),
+        3,
+        "the fixed fragment reloaded within 10 s"
+    );
+    assert_eq!(router.load().resolve(&to, false).store(), Some("a"));
+    gw.stop().await;
+}

@@ -6,6 +6,7 @@
 //! only the whole file can tell (unique names, stores that exist, LMTP never on port 25,
 //! certificates that load). A `Config` that exists is valid; nothing downstream re-checks.
 
+mod include;
 mod locate;
 pub mod units;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use include::{MAX_INCLUDES, RouteOrigins};
 pub use units::{ByteSize, Span};
 
 /// The embedded default configuration (`config/postern.yaml`).
@@ -340,6 +342,14 @@ pub struct RoutesConfig {
     /// The store for mail that trusted clients send to other domains, and for bounces.
     #[serde(default)]
     pub relay: Option<String>,
+    /// Route fragments: YAML files holding `domains`, `users`, `aliases`, `patterns` and
+    /// `clusters`, merged into this section (see `config::include`). Relative paths are
+    /// taken from the working directory, like `users_file`.
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
+    /// Which fragment each merged entry came from (filled by loading, not by YAML).
+    #[serde(skip)]
+    pub origins: RouteOrigins,
 }
 
 /// One alias's targets: one address or a list.
@@ -513,19 +523,24 @@ impl Config {
 
     /// Parses and validates YAML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, Vec<ConfigError>> {
-        let config: Self =
+        let mut config: Self =
             serde_yaml::from_str(text).map_err(|e| vec![locate::parse_error(&e, text, file)])?;
+        let fragments = include::merge(&mut config.routes, text, file)?;
         let problems = config.validate();
         if problems.is_empty() {
             return Ok(config);
         }
         Err(problems
             .into_iter()
-            .map(|(path, message)| ConfigError {
-                file: file.to_owned(),
-                line: locate::line_of(text, &path),
-                path,
-                message,
+            .map(|(path, message)| {
+                include::relocate(&config.routes, &fragments, &path, &message).unwrap_or_else(
+                    || ConfigError {
+                        file: file.to_owned(),
+                        line: locate::line_of(text, &path),
+                        path,
+                        message,
+                    },
+                )
             })
             .collect())
     }

@@ -221,6 +221,13 @@ impl Router {
             allowed: stores,
         };
         let mut clusters = Vec::new();
+        // Rule key as explained → the fragment it came from.
+        let mut sources: HashMap<String, Box<str>> = HashMap::new();
+        let origin = |sources: &mut HashMap<String, Box<str>>, entry: String, key: String| {
+            if let Some(file) = routes.origins.file_of(&entry) {
+                sources.insert(key, file.display().to_string().into());
+            }
+        };
         for (i, (name, members)) in routes.clusters.iter().enumerate() {
             let mut compiled = Vec::new();
             for m in members {
@@ -235,6 +242,11 @@ impl Router {
             let id =
                 u32::try_from(i).map_err(|_| internal("routes.clusters", "too many".into()))?;
             names.clusters.insert(name, id);
+            origin(
+                &mut sources,
+                format!("clusters[{name}]"),
+                format!("clusters[{name}]"),
+            );
             clusters.push((Box::from(name.as_str()), Cluster { members: compiled }));
         }
         let unknown =
@@ -250,6 +262,11 @@ impl Router {
                 None => None,
             };
             let folded = fold_domain(name);
+            origin(
+                &mut sources,
+                format!("domains[{name}]"),
+                format!("domains[{name}]"),
+            );
             domains.insert(
                 Box::from(folded.as_str()),
                 DomainEntry {
@@ -279,6 +296,11 @@ impl Router {
             let t = names
                 .target(target)
                 .ok_or_else(|| unknown(format!("routes.users[{user}]"), target))?;
+            origin(
+                &mut sources,
+                format!("users[{user}]"),
+                format!("users[{key}]"),
+            );
             router.users.insert(&key, t);
         }
         for (alias, targets) in &routes.aliases {
@@ -296,6 +318,11 @@ impl Router {
                 .iter()
                 .map(|t| Box::from(t.as_str()))
                 .collect();
+            origin(
+                &mut sources,
+                format!("aliases[{alias}]"),
+                format!("aliases[{key}]"),
+            );
             router.aliases.insert(key.into(), targets);
         }
         for (i, p) in routes.patterns.iter().enumerate() {
@@ -316,6 +343,11 @@ impl Router {
             router
                 .patterns
                 .push(compiled.map_err(|e| internal(&at, e))?);
+            origin(
+                &mut sources,
+                format!("patterns[{i}]"),
+                format!("patterns[{i}]"),
+            );
         }
         if let Some(relay) = &routes.relay {
             router.relay =
@@ -333,6 +365,7 @@ impl Router {
             .find_map(|e| e.default);
         router.stores = names.stores;
         router.clusters = clusters;
+        router.sources = sources;
         Ok(router)
     }
 

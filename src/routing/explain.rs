@@ -175,7 +175,12 @@ impl Router {
         depth: usize,
         chain: &mut Vec<String>,
     ) -> Explanation {
-        let mut e = self.leaf(address, normalised, &format!("aliases[{key}]"));
+        let rule = format!("aliases[{key}]");
+        let mut e = self.leaf(
+            address,
+            normalised,
+            &format!("{rule}{}", self.source(&rule)),
+        );
         if depth >= self.alias_depth {
             e.error = Some(format!(
                 "alias chain deeper than alias_depth {} at aliases[{key}]",
@@ -213,6 +218,13 @@ impl Router {
         e
     }
 
+    /// ` (from FILE)` when the rule `key` came from an included file.
+    fn source(&self, key: &str) -> String {
+        self.sources
+            .get(key)
+            .map_or_else(String::new, |f| format!(" (from {f})"))
+    }
+
     /// The normalised lookup form of a local mailbox (`None` for other domains).
     fn normalised_of(&self, m: &Mailbox) -> Option<String> {
         let domain = m.domain().folded();
@@ -235,27 +247,38 @@ impl Router {
 
     fn rule_text(&self, hit: Hit, target: Target, keys: &Keys, domain: &str) -> String {
         let rule = match hit {
-            Hit::User { base: false } => format!("users[{}]", keys.full),
-            Hit::User { base: true } => {
-                format!("users[{}]", keys.mailbox())
+            Hit::User { base: false } => {
+                let k = format!("users[{}]", keys.full);
+                format!("{k}{}", self.source(&k))
             }
-            Hit::Pattern(i) => format!("patterns[{i}] `{}`", self.patterns[i].text),
+            Hit::User { base: true } => {
+                let k = format!("users[{}]", keys.mailbox());
+                format!("{k}{}", self.source(&k))
+            }
+            Hit::Pattern(i) => format!(
+                "patterns[{i}] `{}`{}",
+                self.patterns[i].text,
+                self.source(&format!("patterns[{i}]"))
+            ),
             Hit::Domain => format!(
-                "domains[{domain}].{}",
+                "domains[{domain}].{}{}",
                 match target {
                     Target::Store(_) => "store",
                     Target::Cluster(_) => "cluster",
-                }
+                },
+                self.source(&format!("domains[{domain}]"))
             ),
             Hit::Postmaster => format!("domains[{domain}] (postmaster always exists)"),
         };
         match target {
-            Target::Cluster(c) => format!(
-                "{rule} -> clusters[{}] (rendezvous)",
-                self.clusters
+            Target::Cluster(c) => {
+                let name = self
+                    .clusters
                     .get(c as usize)
-                    .map_or("?", |(n, _)| n.as_ref())
-            ),
+                    .map_or("?", |(n, _)| n.as_ref());
+                let k = format!("clusters[{name}]");
+                format!("{rule} -> {k} (rendezvous){}", self.source(&k))
+            }
             Target::Store(_) => rule,
         }
     }

@@ -1,7 +1,8 @@
 //! Routing: which store holds a recipient's mailbox, or why it is refused.
 //!
-//! The map (`routes:` in the configuration, plus an optional plain `users_file`) is compiled
-//! once into a [`Router`] and then only read; a reload builds a whole new one and swaps it
+//! The map (`routes:` in the configuration, the route fragments it includes — merged by
+//! `config::include` — plus an optional plain `users_file`) is compiled once into a
+//! [`Router`] and then only read; a reload builds a whole new one and swaps it
 //! ([`reload`]), so a reader sees either the old map or the new one, never half of each.
 //! The listener asks at RCPT ([`Router::rcpt`]: accept, expand aliases, or refuse); the
 //! scheduler asks again at every delivery attempt ([`Router::resolve`], through the map in
@@ -138,6 +139,9 @@ pub struct Router {
     users: users::Users,
     aliases: HashMap<Box<str>, Box<[Box<str>]>>,
     alias_depth: usize,
+    /// Rule key (`users[k]`, `aliases[k]`, `patterns[i]`, `domains[d]`, `clusters[c]`) →
+    /// the included file it came from; rules of the main file are not listed.
+    sources: HashMap<String, Box<str>>,
     patterns: Vec<pattern::Pattern>,
     delimiters: Box<[char]>,
     relay: Option<u32>,

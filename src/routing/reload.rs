@@ -2,14 +2,15 @@
 //!
 //! [`LiveRoutes`] owns the `Arc<ArcSwap<Router>>` that the listener (at RCPT) and the
 //! scheduler (at every attempt) read. A reload — `SIGHUP`, or a change of the configuration
-//! file or the users file seen by [`LiveRoutes::watch`] — re-reads the configuration file,
-//! validates it and builds a complete new [`Router`] off to the side, then swaps it in with
-//! one atomic store: a reader holds either the old map or the new one, never a mix, and no
-//! connection is touched. On any error the running map stays, every problem is logged with
-//! file:line:key, `postern_routes_reload_errors_total` is incremented, and the generation
-//! does not move. Keys other than `routes:` cannot change live: a change to them is logged
-//! as needing a restart and otherwise ignored; so is a route to a store that was not
-//! configured at start-up (its delivery agent does not exist).
+//! file, the users file or an included route fragment seen by [`LiveRoutes::watch`] —
+//! re-reads the configuration file (and its includes), validates it and builds a complete
+//! new [`Router`] off to the side, then swaps it in with one atomic store: a reader holds
+//! either the old map or the new one, never a mix, and no connection is touched. On any
+//! error the running map stays, every problem is logged with file:line:key,
+//! `postern_routes_reload_errors_total` is incremented, and the generation does not move.
+//! Keys other than `routes:` cannot change live: a change to them is logged as needing a
+//! restart and otherwise ignored; so is a route to a store that was not configured at
+//! start-up (its delivery agent does not exist).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +69,7 @@ fn stamps(config: &Config) -> Vec<(PathBuf, Option<SystemTime>)> {
         .source
         .iter()
         .chain(config.routes.users_file.iter())
+        .chain(config.routes.include.iter())
         .map(|p| {
             let t = std::fs::metadata(p).and_then(|m| m.modified()).ok();
             (p.clone(), t)
@@ -115,8 +117,8 @@ impl LiveRoutes {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// True when the configuration file or the users file changed since the last reload
-    /// (false while a reload is running: it will record what it read).
+    /// True when the configuration file, the users file or an included file changed since
+    /// the last reload (false while a reload is running: it will record what it read).
     pub fn changed(&self) -> bool {
         let running = match self.running.try_lock() {
             Ok(r) => r,
@@ -184,6 +186,7 @@ impl LiveRoutes {
                 if let Ok(text) = std::fs::read_to_string(&path) {
                     if let Ok(c) = serde_yaml::from_str::<Config>(&text) {
                         probe.routes.users_file = c.routes.users_file;
+                        probe.routes.include = c.routes.include;
                     }
                 }
                 running.stamps = stamps(&probe);

@@ -1,0 +1,241 @@
+//! `routes.include`: route fragments in separate YAML files, merged into `routes:`.
+//!
+//! Each included file is one YAML document holding the map keys of `routes:` — `domains`,
+//! `users`, `aliases`, `patterns`, `clusters` — and nothing else: the settings
+//! (`recipient_delimiter`, `relay`, `users_file`, …) stay in the main file, and a fragment
+//! may not include another (one level; an `include:` in a fragment is an unknown key).
+//! Relative paths are taken from the working directory, like `users_file`.
+//!
+//! Merge rules: maps are merged; a key defined twice — in two fragments, or in the main
+//! file and a fragment — is an error naming both places (`file:line: key`), never a silent
+//! override (domains are compared case-insensitively); patterns are appended after the main
+//! file's, in include order. [`RouteOrigins`] remembers which file every merged entry came
+//! from, so later errors and `postern route` name the fragment.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{AliasTargets, ConfigError, DomainRoute, PatternRoute, RoutesConfig, locate};
+
+/// At most this many files may be included.
+pub const MAX_INCLUDES: usize = 256;
+
+/// One included file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fragment {
+    #[serde(default)]
+    domains: BTreeMap<String, DomainRoute>,
+    #[serde(default)]
+    users: BTreeMap<String, String>,
+    #[serde(default)]
+    aliases: BTreeMap<String, AliasTargets>,
+    #[serde(default)]
+    patterns: Vec<PatternRoute>,
+    #[serde(default)]
+    clusters: BTreeMap<String, Vec<String>>,
+}
+
+/// Where the merged entries of `routes:` came from; an entry not listed is the main file's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteOrigins {
+    /// The included files, in include order, as named in `routes.include`.
+    pub files: Vec<PathBuf>,
+    /// `domains[k]`, `users[k]`, `aliases[k]`, `clusters[k]` (keys as written) and
+    /// `patterns[i]` (merged index) → index into `files`.
+    pub entries: BTreeMap<String, usize>,
+    /// Merged pattern index → its index within its own file.
+    pub pattern_local: BTreeMap<usize, usize>,
+}
+
+impl RouteOrigins {
+    /// The file an entry (`users[k]`, `patterns[3]`, …) came from, when a fragment.
+    pub fn file_of(&self, entry: &str) -> Option<&PathBuf> {
+        self.entries.get(entry).and_then(|f| self.files.get(*f))
+    }
+}
+
+/// A domain as compared for duplicates.
+fn fold(d: &str) -> String {
+    d.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Where an entry was defined, for a duplicate's message: `file:line: key`.
+struct Place<'a> {
+    main_file: &'a str,
+    main_text: &'a str,
+    texts: &'a [String],
+    origins: &'a RouteOrigins,
+}
+
+impl Place<'_> {
+    fn of(&self, section: &str, key: &str) -> String {
+        let entry = format!("{section}[{key}]");
+        let (file, path, text) = match self.origins.entries.get(&entry) {
+            Some(&f) => (
+                self.origins.files[f].display().to_string(),
+                entry,
+                self.texts[f].as_str(),
+            ),
+            None => (
+                self.main_file.to_owned(),
+                format!("routes.{entry}"),
+                self.main_text,
+            ),
+        };
+        let line = locate::line_of(text, &path).map_or_else(|| "?".to_owned(), |l| l.to_string());
+        format!("{file}:{line}: {path}")
+    }
+}
+
+/// Reads and merges `routes.include` into `routes`. Returns the fragments' texts (indexed
+/// like `routes.origins.files`, for [`relocate`]) or every problem found.
+pub(super) fn merge(
+    routes: &mut RoutesConfig,
+    main_text: &str,
+    main_file: &str,
+) -> Result<Vec<String>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
+    let includes = std::mem::take(&mut routes.include);
+    let at_main = |i: usize, message: String| {
+        let path = format!("routes.include[{i}]");
+        ConfigError {
+            file: main_file.to_owned(),
+            line: locate::line_of(main_text, &path),
+            path,
+            message,
+        }
+    };
+    if includes.len() > MAX_INCLUDES {
+        errors.push(at_main(
+            MAX_INCLUDES,
+            format!("at most {MAX_INCLUDES} files may be included"),
+        ));
+    }
+    for (i, path) in includes.iter().enumerate().take(MAX_INCLUDES) {
+        let name = path.display().to_string();
+        if includes[..i].contains(path) {
+            errors.push(at_main(i, format!("`{name}` is included twice")));
+            continue;
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(at_main(i, format!("cannot read `{name}`: {e}")));
+                continue;
+            }
+        };
+        let fragment = match serde_yaml::from_str::<Option<Fragment>>(&text) {
+            Ok(f) => f.unwrap_or_default(),
+            Err(e) => {
+                errors.push(locate::parse_error(&e, &text, &name));
+                continue;
+            }
+        };
+        let f = routes.origins.files.len();
+        routes.origins.files.push(path.clone());
+        texts.push(text);
+        let dup = |section: &str, key: &str, earlier: &str, origins: &RouteOrigins| {
+            let place = Place {
+                main_file,
+                main_text,
+                texts: &texts,
+                origins,
+            };
+            let here = format!("{section}[{key}]");
+            ConfigError {
+                file: name.clone(),
+                line: locate::line_of(&texts[f], &here),
+                message: format!(
+                    "`{key}` is already defined at {}",
+                    place.of(section, earlier)
+                ),
+                path: here,
+            }
+        };
+        for (k, v) in fragment.domains {
+            let earlier = routes.domains.keys().find(|e| fold(e) == fold(&k)).cloned();
+            match earlier {
+                Some(e) => errors.push(dup("domains", &k, &e, &routes.origins)),
+                None => {
+                    routes.origins.entries.insert(format!("domains[{k}]"), f);
+                    routes.domains.insert(k, v);
+                }
+            }
+        }
+        for (k, v) in fragment.users {
+            if routes.users.contains_key(&k) {
+                errors.push(dup("users", &k, &k, &routes.origins));
+            } else {
+                routes.origins.entries.insert(format!("users[{k}]"), f);
+                routes.users.insert(k, v);
+            }
+        }
+        for (k, v) in fragment.aliases {
+            if routes.aliases.contains_key(&k) {
+                errors.push(dup("aliases", &k, &k, &routes.origins));
+            } else {
+                routes.origins.entries.insert(format!("aliases[{k}]"), f);
+                routes.aliases.insert(k, v);
+            }
+        }
+        for (k, v) in fragment.clusters {
+            if routes.clusters.contains_key(&k) {
+                errors.push(dup("clusters", &k, &k, &routes.origins));
+            } else {
+                routes.origins.entries.insert(format!("clusters[{k}]"), f);
+                routes.clusters.insert(k, v);
+            }
+        }
+        for (local, p) in fragment.patterns.into_iter().enumerate() {
+            let merged = routes.patterns.len();
+            routes
+                .origins
+                .entries
+                .insert(format!("patterns[{merged}]"), f);
+            routes.origins.pattern_local.insert(merged, local);
+            routes.patterns.push(p);
+        }
+    }
+    routes.include = includes;
+    if errors.is_empty() {
+        Ok(texts)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A semantic error at key path `path` (`routes.users[k]…`), located in the fragment the
+/// entry came from; `None` when it is the main file's.
+pub(super) fn relocate(
+    routes: &RoutesConfig,
+    texts: &[String],
+    path: &str,
+    message: &str,
+) -> Option<ConfigError> {
+    let rest = path.strip_prefix("routes.")?;
+    let open = rest.find('[')?;
+    let close = open + rest[open..].find(']')?;
+    let section = &rest[..open];
+    let key = &rest[open + 1..close];
+    let tail = &rest[close + 1..];
+    let entry = format!("{section}[{key}]");
+    let f = *routes.origins.entries.get(&entry)?;
+    let local = match section {
+        "patterns" => {
+            let merged: usize = key.parse().ok()?;
+            format!("patterns[{}]", routes.origins.pattern_local.get(&merged)?)
+        }
+        _ => entry,
+    };
+    let at = format!("{local}{tail}");
+    Some(ConfigError {
+        file: routes.origins.files.get(f)?.display().to_string(),
+        line: texts.get(f).and_then(|t| locate::line_of(t, &at)),
+        path: at,
+        message: message.to_owned(),
+    })
+}
