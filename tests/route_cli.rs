@@ -222,3 +222,20 @@ fn route_names_the_fragment_of_a_rule_and_check_config_reads_fragments() {
         stderr(&out)
     );
 }
+
+#[test]
+fn route_shows_an_unmatched_extension_propagated_to_the_alias_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "p.yaml", "c1, c2", "c3");
+    let out = postern(&["route", "--config", &cfg, "Team+News@example.org"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("Team+News@example.org  normalised=team@example.org  rule=aliases[team@example.org]  alias of 2 address(es)\n  u1+News@corp.example  normalised=u1@corp.example  rule=users[u1@corp.example] -> clusters[cyrus] (rendezvous)  store c"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("  bob+News@corp.example  normalised=bob@corp.example  rule=users[bob@corp.example]  store c3\n"),
+        "{text}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Routing at RCPT over a real socket: alias expansion into the spooled envelope (with
-//! ORCPT), the replies of each refusal, and the extension kept in the queued address.
+//! ORCPT, the unmatched extension propagated to the targets), the replies of each refusal,
+//! and the extension kept in the queued address.
 
 #![allow(
     clippy::unwrap_used,
@@ -60,11 +61,11 @@ async fn aliases_expand_into_the_envelope_with_orcpt_and_refusals_have_their_rep
         got,
         [
             (
-                "alice@corp.example".to_owned(),
+                "alice+x@corp.example".to_owned(),
                 Some("rfc822;Team+x@example.org".to_owned())
             ),
             (
-                "bob@corp.example".to_owned(),
+                "bob+x@corp.example".to_owned(),
                 Some("rfc822;Team+x@example.org".to_owned())
             ),
             // Not an alias: queued as sent, extension and case kept, no ORCPT added.

@@ -342,6 +342,11 @@ pub struct RoutesConfig {
     /// The store for mail that trusted clients send to other domains, and for bounces.
     #[serde(default)]
     pub relay: Option<String>,
+    /// When `team+x@d` expands through the alias `team@d` (the extension matched no entry
+    /// itself), append `+x` to each target's local part (`alice+x@…`) unless the target has
+    /// an extension already: Postfix's `propagate_unmatched_extensions`.
+    #[serde(default = "default_true")]
+    pub propagate_extensions: bool,
     /// Route fragments: YAML files holding `domains`, `users`, `aliases`, `patterns` and
     /// `clusters`, merged into this section (see `config::include`). Relative paths are
     /// taken from the working directory, like `users_file`.
@@ -422,6 +427,9 @@ pub struct DomainRoute {
     pub local_part_case: LocalPartCase,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_alias_depth() -> usize {
     8
 }

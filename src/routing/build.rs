@@ -280,6 +280,7 @@ impl Router {
         let mut router = Self {
             domains,
             alias_depth: routes.alias_depth,
+            propagate_extensions: routes.propagate_extensions,
             delimiters: routes.recipient_delimiter.chars().collect(),
             ..Self::default()
         };

@@ -132,7 +132,19 @@ impl Router {
             .flatten()
             .find_map(|k| self.aliases.get(k).map(|t| (k.to_owned(), t)));
         if let Some((key, targets)) = alias {
-            return self.expand(address, &normalised, &key, targets, depth, chain);
+            // Matched without its extension: the extension goes on to the targets.
+            let extension = match (self.propagate_extensions, &base) {
+                (true, Some(b)) if *b == key => self.extension_of(&local),
+                _ => None,
+            };
+            let targets: Vec<Box<str>> = match extension {
+                Some(ext) => targets
+                    .iter()
+                    .map(|t| self.with_extension(t, ext).into())
+                    .collect(),
+                None => targets.to_vec(),
+            };
+            return self.expand(address, &normalised, &key, &targets, depth, chain);
         }
         let found = self.find(entry, &keys);
         // The catch-all stands in for users the rest of the map does not know.
@@ -216,6 +228,32 @@ impl Router {
         }
         chain.pop();
         e
+    }
+
+    /// The extension of a local part as given, delimiter included (`+x` of `team+x`).
+    fn extension_of<'a>(&self, local: &'a str) -> Option<&'a str> {
+        local
+            .char_indices()
+            .find(|(i, c)| *i > 0 && self.delimiters.contains(c))
+            .map(|(i, _)| &local[i..])
+    }
+
+    /// `target` with `extension` appended to its local part, unless it has one already, is
+    /// quoted, or would not be an address with it (an extension from a quoted local part
+    /// with spaces, a local part over 64 octets): then as written.
+    fn with_extension(&self, target: &str, extension: &str) -> String {
+        match target.rsplit_once('@') {
+            Some((local, domain))
+                if !local.starts_with('"') && self.extension_of(local).is_none() =>
+            {
+                let extended = format!("{local}{extension}@{domain}");
+                match Mailbox::parse(&extended) {
+                    Ok(_) => extended,
+                    Err(_) => target.to_owned(),
+                }
+            }
+            _ => target.to_owned(),
+        }
     }
 
     /// ` (from FILE)` when the rule `key` came from an included file.

@@ -20,7 +20,9 @@
 //! 3. **Aliases** (RCPT only): the exact address, then without its extension. Targets are
 //!    routed again, recursively up to `alias_depth`; a loop or a deeper chain is a map error
 //!    (`451 4.3.0`, logged), never a bounce. A target equal to the alias itself ends there
-//!    (`a@x: [a@x, b@x]` keeps a copy for `a`).
+//!    (`a@x: [a@x, b@x]` keeps a copy for `a`). When the alias matched without the
+//!    extension and `propagate_extensions` is on, the extension (as given) is appended to
+//!    each target's local part that has none: `team+x@` → `alice+x@`, `bob+x@`.
 //! 4. **Users** (pins): the exact address, then without its extension; the pin names a
 //!    store or a cluster.
 //! 5. **Patterns**, in order: regex or wildcard over the normalised address (with its
@@ -139,6 +141,8 @@ pub struct Router {
     users: users::Users,
     aliases: HashMap<Box<str>, Box<[Box<str>]>>,
     alias_depth: usize,
+    /// Append an unmatched extension to alias targets (`routes.propagate_extensions`).
+    propagate_extensions: bool,
     /// Rule key (`users[k]`, `aliases[k]`, `patterns[i]`, `domains[d]`, `clusters[c]`) →
     /// the included file it came from; rules of the main file are not listed.
     sources: HashMap<String, Box<str>>,

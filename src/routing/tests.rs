@@ -159,11 +159,11 @@ fn rcpt_table_aliases() {
             false,
             expand(&["alice@corp.example", "bob@corp.example"]),
         ),
-        // recursive, extension of the alias ignored
+        // recursive; the unmatched extension goes on to the targets
         (
             "team+x@example.org",
             false,
-            expand(&["alice@corp.example", "bob@corp.example"]),
+            expand(&["alice+x@corp.example", "bob+x@corp.example"]),
         ),
         // a target elsewhere is relayed even for an untrusted client
         (
@@ -596,4 +596,80 @@ fn relative_include_paths_are_taken_from_the_working_directory() {
         "  include: [{relative}]\n  domains:\n    example.org: {{ store: local }}\n"
     ));
     assert_eq!(r.resolve(&to("rel@example.org"), false), local("dovecot"));
+}
+
+#[test]
+fn an_unmatched_extension_goes_on_to_the_alias_targets() {
+    let map = "  relay: relay\n  domains:\n    example.org: { store: local }\n    corp.example: { store: cyrus1, authoritative: true }\n  users:\n    alice@corp.example: cyrus2\n    bob@corp.example: cyrus3\n    carol@corp.example: dovecot\n  aliases:\n    team@example.org: [alice@corp.example, bob+fixed@corp.example, someone@elsewhere.example]\n    team+exact@example.org: carol@corp.example\n    group@example.org: team@example.org\n";
+    let r = router(map);
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        // no extension: nothing to propagate
+        (
+            "team@example.org",
+            vec![
+                "alice@corp.example",
+                "bob+fixed@corp.example",
+                "someone@elsewhere.example",
+            ],
+        ),
+        // propagated, except to a target that has an extension of its own
+        (
+            "team+x@example.org",
+            vec![
+                "alice+x@corp.example",
+                "bob+fixed@corp.example",
+                "someone+x@elsewhere.example",
+            ],
+        ),
+        // the extension as the client wrote it
+        (
+            "Team+News@Example.org",
+            vec![
+                "alice+News@corp.example",
+                "bob+fixed@corp.example",
+                "someone+News@elsewhere.example",
+            ],
+        ),
+        // an extension that matched an entry itself is not propagated
+        ("team+exact@example.org", vec!["carol@corp.example"]),
+        // an extension that would not make an address: the targets as written
+        (
+            "\"team+a b\"@example.org",
+            vec![
+                "alice@corp.example",
+                "bob+fixed@corp.example",
+                "someone@elsewhere.example",
+            ],
+        ),
+        // through a chain: group+y -> team+y -> alice+y, ...
+        (
+            "group+y@example.org",
+            vec![
+                "alice+y@corp.example",
+                "bob+fixed@corp.example",
+                "someone+y@elsewhere.example",
+            ],
+        ),
+    ];
+    for (addr, want) in &cases {
+        let want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(r.rcpt(&to(addr), false), RcptRoute::Expand(want), "{addr}");
+    }
+    // The targets with the extension route like their mailbox.
+    let e = r.explain(&to("team+x@example.org"), false);
+    let text = e.to_string();
+    assert!(
+        text.contains("  alice+x@corp.example  normalised=alice@corp.example  rule=users[alice@corp.example]  store cyrus2"),
+        "{text}"
+    );
+    // Switched off: the targets as written.
+    let r = router(&format!("  propagate_extensions: false\n{map}"));
+    assert_eq!(
+        r.rcpt(&to("team+x@example.org"), false),
+        RcptRoute::Expand(vec![
+            "alice@corp.example".into(),
+            "bob+fixed@corp.example".into(),
+            "someone@elsewhere.example".into(),
+        ])
+    );
 }
