@@ -309,7 +309,7 @@ impl StoreConfig {
 }
 
 /// `routes:` — see [`crate::routing`] for what each rule means and their precedence.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
     /// Local domains.
@@ -355,6 +355,27 @@ pub struct RoutesConfig {
     /// Which fragment each merged entry came from (filled by loading, not by YAML).
     #[serde(skip)]
     pub origins: RouteOrigins,
+}
+
+/// The same defaults as an empty `routes:` section (a configuration without one, and
+/// `RoutesConfig { .., ..Default::default() }` in code).
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        Self {
+            domains: BTreeMap::new(),
+            users: BTreeMap::new(),
+            users_file: None,
+            aliases: BTreeMap::new(),
+            alias_depth: default_alias_depth(),
+            patterns: Vec::new(),
+            clusters: BTreeMap::new(),
+            recipient_delimiter: default_recipient_delimiter(),
+            relay: None,
+            propagate_extensions: true,
+            include: Vec::new(),
+            origins: RouteOrigins::default(),
+        }
+    }
 }
 
 /// One alias's targets: one address or a list.

@@ -385,3 +385,15 @@ fn admin_socket_defaults_to_the_spool_and_can_be_set() {
         "{e:?}"
     );
 }
+
+#[test]
+fn no_routes_section_means_the_defaults_of_an_empty_one() {
+    let base = BASE.split("routes:").next().unwrap_or_default().to_owned();
+    let without = Config::parse(&base, "t.yaml").unwrap_or_else(|e| panic!("{e:?}"));
+    let empty = Config::parse(&format!("{base}routes: {{}}\n"), "t.yaml")
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(without.routes, empty.routes);
+    assert_eq!(without.routes, crate::config::RoutesConfig::default());
+    assert_eq!(without.routes.alias_depth, 8);
+    assert!(without.routes.propagate_extensions);
+}
