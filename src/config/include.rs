@@ -8,16 +8,19 @@
 //!
 //! Merge rules: maps are merged; a key defined twice — in two fragments, or in the main
 //! file and a fragment — is an error naming both places (`file:line: key`), never a silent
-//! override (domains are compared case-insensitively); patterns are appended after the main
+//! override (domains are compared case-insensitively, users and aliases as the map
+//! compares them: `Alice@X` is `alice@x` unless the domain preserves case); patterns are appended after the main
 //! file's, in include order. [`RouteOrigins`] remembers which file every merged entry came
 //! from, so later errors and `postern route` name the fragment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{AliasTargets, ConfigError, DomainRoute, PatternRoute, RoutesConfig, locate};
+use super::{
+    AliasTargets, ConfigError, DomainRoute, LocalPartCase, PatternRoute, RoutesConfig, locate,
+};
 
 /// At most this many files may be included.
 pub const MAX_INCLUDES: usize = 256;
@@ -60,6 +63,33 @@ impl RouteOrigins {
 /// A domain as compared for duplicates.
 fn fold(d: &str) -> String {
     d.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// An address as the map compares it: the domain folded, the local part folded unless the
+/// domain preserves case (`preserve`: folded domains that do). A catch-all `@domain` is
+/// its folded domain.
+fn address_key(address: &str, preserve: &HashSet<String>) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = fold(domain);
+            let local = local.trim_matches('"');
+            match preserve.contains(&domain) {
+                true => format!("{local}@{domain}"),
+                false => format!("{}@{domain}", local.to_lowercase()),
+            }
+        }
+        None => address.to_owned(),
+    }
+}
+
+/// The folded domains whose local parts keep their case.
+fn preserving(routes: &RoutesConfig) -> HashSet<String> {
+    routes
+        .domains
+        .iter()
+        .filter(|(_, r)| r.local_part_case == LocalPartCase::Preserve)
+        .map(|(d, _)| fold(d))
+        .collect()
 }
 
 /// Where an entry was defined, for a duplicate's message: `file:line: key`.
@@ -115,6 +145,19 @@ pub(super) fn merge(
             format!("at most {MAX_INCLUDES} files may be included"),
         ));
     }
+    // Users and aliases as the map compares them → the key as written, so `Alice@x` in one
+    // file and `alice@x` in another are the same entry.
+    let mut users: HashMap<String, String> = HashMap::new();
+    let mut aliases: HashMap<String, String> = HashMap::new();
+    if !includes.is_empty() {
+        let preserve = preserving(routes);
+        for k in routes.users.keys() {
+            users.insert(address_key(k, &preserve), k.clone());
+        }
+        for k in routes.aliases.keys() {
+            aliases.insert(address_key(k, &preserve), k.clone());
+        }
+    }
     for (i, path) in includes.iter().enumerate().take(MAX_INCLUDES) {
         let name = path.display().to_string();
         if includes[..i].contains(path) {
@@ -166,19 +209,24 @@ pub(super) fn merge(
                 }
             }
         }
+        let preserve = preserving(routes);
         for (k, v) in fragment.users {
-            if routes.users.contains_key(&k) {
-                errors.push(dup("users", &k, &k, &routes.origins));
+            let normal = address_key(&k, &preserve);
+            if let Some(earlier) = users.get(&normal) {
+                errors.push(dup("users", &k, earlier, &routes.origins));
             } else {
                 routes.origins.entries.insert(format!("users[{k}]"), f);
+                users.insert(normal, k.clone());
                 routes.users.insert(k, v);
             }
         }
         for (k, v) in fragment.aliases {
-            if routes.aliases.contains_key(&k) {
-                errors.push(dup("aliases", &k, &k, &routes.origins));
+            let normal = address_key(&k, &preserve);
+            if let Some(earlier) = aliases.get(&normal) {
+                errors.push(dup("aliases", &k, earlier, &routes.origins));
             } else {
                 routes.origins.entries.insert(format!("aliases[{k}]"), f);
+                aliases.insert(normal, k.clone());
                 routes.aliases.insert(k, v);
             }
         }

@@ -506,7 +506,7 @@ fn a_key_defined_twice_names_both_places() {
     let b = fragment(
         dir.path(),
         "b.yaml",
-        "aliases:\n  team@example.org: x@example.org\nusers:\n\n  x@example.org: lists\n",
+        "aliases:\n  Team@Example.org: x@example.org\nusers:\n\n  x@example.org: lists\n",
     );
     let errors = config(&format!(
         "  include:\n    - {a}\n    - {b}\n  domains:\n    example.org: {{ store: local }}\n  users:\n    alice@example.org: local\n  aliases:\n    team@example.org: alice@example.org\n"
@@ -526,7 +526,7 @@ fn a_key_defined_twice_names_both_places() {
                 "{b}:5: users[x@example.org]: `x@example.org` is already defined at {a}:2: users[x@example.org]"
             ),
             format!(
-                "{b}:2: aliases[team@example.org]: `team@example.org` is already defined at test.yaml:31: routes.aliases[team@example.org]"
+                "{b}:2: aliases[Team@Example.org]: `Team@Example.org` is already defined at test.yaml:31: routes.aliases[team@example.org]"
             ),
         ]
     );
@@ -671,5 +671,26 @@ fn an_unmatched_extension_goes_on_to_the_alias_targets() {
             "bob+fixed@corp.example".into(),
             "someone@elsewhere.example".into(),
         ])
+    );
+}
+
+#[test]
+fn case_variants_are_duplicates_unless_the_domain_preserves_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fragment(
+        dir.path(),
+        "f.yaml",
+        "users:\n  mixed@case.example: dovecot\n  ALICE@example.org: dovecot\n",
+    );
+    let errors = config(&format!(
+        "  include: [{f}]\n  domains:\n    example.org: {{ store: local }}\n    case.example: {{ store: local, local_part_case: preserve }}\n  users:\n    Mixed@case.example: lists\n    alice@Example.ORG: lists\n"
+    ))
+    .unwrap_err();
+    let got: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        got,
+        [format!(
+            "{f}:3: users[ALICE@example.org]: `ALICE@example.org` is already defined at test.yaml:29: routes.users[alice@Example.ORG]"
+        )]
     );
 }
