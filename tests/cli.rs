@@ -100,3 +100,49 @@ fn run_refuses_a_bad_config_without_starting() {
         String::from_utf8_lossy(&out.stderr).contains("/nonexistent/postern.yaml:?: : cannot read")
     );
 }
+
+/// Every example in `config/` is valid, and the cluster example routes as its comments say.
+#[test]
+fn every_example_config_checks_and_the_cluster_example_routes() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = postern(&["check-config", "--config", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "the default and the cluster example");
+    let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/config/cyrus-cluster.yaml");
+    let out = postern(&[
+        "route",
+        "--config",
+        cluster,
+        "alice@corp.example",
+        "zed@corp.example",
+        "x-archive@corp.example",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line for {start}: {text}"))
+            .to_owned()
+    };
+    assert!(
+        line("alice@corp.example").ends_with("store cyrus1"),
+        "{text}"
+    );
+    assert!(line("zed@corp.example").contains("550 5.1.1"), "{text}");
+    assert!(
+        line("x-archive@corp.example").ends_with("store archive"),
+        "{text}"
+    );
+}
