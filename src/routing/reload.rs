@@ -9,7 +9,8 @@
 //! error the running map stays, every problem is logged with file:line:key,
 //! `postern_routes_reload_errors_total` is incremented, and the generation does not move.
 //! The same reload puts the retry keys of `delivery:` (`minimal_backoff`, `maximal_backoff`,
-//! `maximal_lifetime`, `delay_warning`) in force in the scheduler attached with
+//! `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`) in
+//! force in the scheduler attached with
 //! [`LiveRoutes::attach_scheduler`], each change logged as `delivery.key: old -> new, live`;
 //! the next retry time computed uses them (those already scheduled are not rewritten).
 //! Other keys cannot change live: a change to them is logged as needing a restart, by key
@@ -175,7 +176,7 @@ impl LiveRoutes {
             Ok((new, router)) => {
                 let restart = needs_restart(&running.config, &new);
                 if !restart.is_empty() {
-                    tracing::warn!(keys = %restart.join(", "), "configuration changed outside routes:; needs a restart to take effect");
+                    tracing::warn!(keys = %restart.join(", "), "configuration changed in keys that cannot change live; needs a restart to take effect");
                 }
                 let users = router.user_count();
                 self.current.store(Arc::new(router));

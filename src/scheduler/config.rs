@@ -73,6 +73,10 @@ pub struct LiveDelivery {
     pub policy: RetryPolicy,
     /// `delay_warning`.
     pub delay_warning: Option<Duration>,
+    /// `breaker.failures`.
+    pub breaker_failures: u32,
+    /// `breaker.probe_interval`.
+    pub probe_interval: Duration,
 }
 
 /// What a reload changes in `delivery:` ([`SchedulerConfig::diff`]).
@@ -189,6 +193,16 @@ impl SchedulerConfig {
             opt(self.delay_warning),
             opt(new.delay_warning),
         );
+        live(
+            "breaker.failures",
+            self.breaker.failures.to_string(),
+            new.breaker.failures.to_string(),
+        );
+        live(
+            "breaker.probe_interval",
+            self.breaker.probe_interval.to_string(),
+            new.breaker.probe_interval.to_string(),
+        );
         let mut restart = |key: &'static str, changed: bool| {
             if changed {
                 d.restart.push(key);
@@ -208,14 +222,6 @@ impl SchedulerConfig {
             "delivery.per_mailbox_serialization",
             self.per_mailbox_serialization != new.per_mailbox_serialization,
         );
-        restart(
-            "delivery.breaker.failures",
-            self.breaker.failures != new.breaker.failures,
-        );
-        restart(
-            "delivery.breaker.probe_interval",
-            self.breaker.probe_interval != new.breaker.probe_interval,
-        );
         d
     }
 
@@ -225,6 +231,7 @@ impl SchedulerConfig {
         self.maximal_backoff = new.maximal_backoff;
         self.maximal_lifetime = new.maximal_lifetime;
         self.delay_warning = new.delay_warning;
+        self.breaker = new.breaker.clone();
     }
 
     /// The live part, as the scheduler uses it.
@@ -239,6 +246,9 @@ impl SchedulerConfig {
                 maximal_lifetime: self.maximal_lifetime.0,
             },
             delay_warning: self.delay_warning.map(|s| s.0),
+            breaker_failures: self.breaker.failures.max(1),
+            // validate() refuses a zero interval; never probe in a tight loop.
+            probe_interval: self.breaker.probe_interval.0.max(Duration::from_millis(10)),
         }
     }
 
@@ -302,7 +312,7 @@ mod tests {
         let old = SchedulerConfig::default();
         assert_eq!(old.diff(&old), DeliveryDiff::default());
         let new: SchedulerConfig = serde_yaml::from_str(
-            "{maximal_backoff: 600s, maximal_lifetime: 2d, delay_warning: 4h, shards: 3, initial_window: 2, breaker: {failures: 9}}",
+            "{maximal_backoff: 600s, maximal_lifetime: 2d, delay_warning: 4h, shards: 3, initial_window: 2, breaker: {failures: 9}, active_limit: 7}",
         )
         .unwrap();
         let d = old.diff(&new);
@@ -312,14 +322,15 @@ mod tests {
                 "delivery.maximal_backoff: 4000s -> 10m",
                 "delivery.maximal_lifetime: 5d -> 2d",
                 "delivery.delay_warning: none -> 4h",
+                "delivery.breaker.failures: 5 -> 9",
             ]
         );
         assert_eq!(
             d.restart,
             [
                 "delivery.shards",
-                "delivery.initial_window",
-                "delivery.breaker.failures"
+                "delivery.active_limit",
+                "delivery.initial_window"
             ]
         );
         let mut applied = old;

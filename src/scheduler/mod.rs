@@ -292,11 +292,13 @@ impl Scheduler {
     }
 
     /// Puts the live keys of `config` in force (`minimal_backoff`, `maximal_backoff`,
-    /// `maximal_lifetime`, `delay_warning`; see [`SchedulerConfig::diff`]); the others are
-    /// ignored (they need a restart). Call it with a validated configuration. The next
-    /// retry time computed (the next deferral) uses the new values; retry times already
-    /// scheduled, in the timers and in the ledger, are not rewritten, and an attempt
-    /// already running keeps the expiry time it started with.
+    /// `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`;
+    /// see [`SchedulerConfig::diff`]); the others are ignored (they need a restart). Call
+    /// it with a validated configuration. The next retry time computed (the next deferral)
+    /// uses the new values; retry times already scheduled, in the timers and in the
+    /// ledger, are not rewritten, and an attempt already running keeps the expiry time it
+    /// started with. A store's breaker takes the new limits at its next failure or probe
+    /// result (a probe already scheduled keeps its time).
     pub fn update_delivery(&self, config: &SchedulerConfig) {
         self.ctx.live.store(Arc::new(config.live()));
     }

@@ -126,15 +126,12 @@ struct StoreQueue {
 impl StoreQueue {
     fn new(ctx: &Ctx, agent: Agent) -> Self {
         let c = &ctx.config;
+        let live = ctx.live.load();
         Self {
             relay: agent.relay(),
             per_txn: agent.recipients_per_transaction(),
             window: Window::new(c.initial_window, agent.max_connections()),
-            // validate() refuses a zero interval; never probe in a tight loop.
-            breaker: Breaker::new(
-                c.breaker.failures,
-                c.breaker.probe_interval.0.max(Duration::from_millis(10)),
-            ),
+            breaker: Breaker::new(live.breaker_failures, live.probe_interval),
             agent,
             jobs: HashMap::new(),
             ready: VecDeque::new(),
@@ -817,6 +814,9 @@ impl Shard {
         match scope {
             Scope::Store => {
                 st.window.on_failure();
+                let live = ctx.live.load();
+                st.breaker
+                    .set_limits(live.breaker_failures, live.probe_interval);
                 if st.breaker.on_failure(Instant::now(), random, &detail) {
                     counter!(m::BREAKER_TRIPS, "store" => done.store.clone()).increment(1);
                     tracing::warn!(store = %done.store, reason = %detail, "store marked down; deferring its mail and probing");
@@ -972,6 +972,9 @@ impl Shard {
             return;
         };
         let reason = result.as_ref().err().cloned().unwrap_or_default();
+        let live = ctx.live.load();
+        st.breaker
+            .set_limits(live.breaker_failures, live.probe_interval);
         if st
             .breaker
             .probe_result(result.is_ok(), Instant::now(), random, &reason)
