@@ -136,6 +136,9 @@ impl Gateway {
                 clock: Clock::System,
             })
         });
+        if let Some(s) = &scheduler {
+            routes.attach_scheduler(s.clone());
+        }
         let mut bound = Vec::new();
         for l in &config.listeners {
             bound.push(
@@ -227,8 +230,8 @@ impl Gateway {
         Arc::clone(&self.routes)
     }
 
-    /// Reads the configuration file again and swaps in its routing map; on error the
-    /// running map stays. Returns the new generation.
+    /// Reads the configuration file again and swaps in its routing map and its live
+    /// `delivery:` keys; on error the running ones stay. Returns the new generation.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
         self.routes.reload_async().await
     }

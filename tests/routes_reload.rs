@@ -359,3 +359,74 @@ async fn a_changed_route_fragment_is_picked_up_and_a_broken_one_keeps_the_map() 
     assert_eq!(router.load().resolve(&to, false).store(), Some("a"));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_changes_the_retry_settings_live() {
+    let dir = tempfile::tempdir().unwrap();
+    // `paused` defers everything, retried every 1-2 s until the reload.
+    let text = |backoff: &str| {
+        config_text(dir.path(), Some("paused"))
+            .replace(
+                "stores:\n",
+                "stores:\n  - { name: paused, kind: error, reply: \"451 4.3.2 Paused\" }\n",
+            )
+            .replace("  minimal_backoff: 1s\n  maximal_backoff: 2s\n", backoff)
+    };
+    let path = dir.path().join("postern.yaml");
+    std::fs::write(
+        &path,
+        text("  minimal_backoff: 1s\n  maximal_backoff: 2s\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
+    let scheduler = gw.scheduler.clone().unwrap();
+    let mut c = Client::connect(gw.address("smtp").unwrap()).await;
+    c.hello().await;
+    c.send_mail(
+        "s@example.net",
+        &["w@example.org"],
+        "Subject: w\r\n\r\nbody",
+    )
+    .await;
+    c.cmd("QUIT", 221).await;
+    let qid = gw.spool.snapshot()[0].qid;
+    let mut first = None;
+    for _ in 0..100 {
+        first = scheduler.next_attempt(qid).await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = first.expect("deferred");
+    assert!(first <= std::time::SystemTime::now() + Duration::from_secs(3));
+
+    // A new backoff, and a key that needs a restart (logged, not applied).
+    std::fs::write(
+        &path,
+        text("  minimal_backoff: 1h\n  maximal_backoff: 2h\n  shards: 3\n"),
+    )
+    .unwrap();
+    assert_eq!(gw.reload().await.unwrap(), 2);
+    assert_eq!(
+        scheduler.delivery().policy.minimal_backoff,
+        Duration::from_secs(3600)
+    );
+    // The retry already scheduled (within 2 s) happens; the deferral after it uses 1 h.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        // (The timer may be re-set from the ledger, which keeps microseconds.)
+        if let Some(t) = scheduler.next_attempt(qid).await
+            && t > first + Duration::from_millis(100)
+        {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        next > std::time::SystemTime::now() + Duration::from_secs(2800),
+        "the next retry uses the new minimal backoff: {next:?}"
+    );
+    gw.stop().await;
+}

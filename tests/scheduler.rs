@@ -596,3 +596,49 @@ async fn a_transactions_outcomes_are_one_ledger_record_and_finishing_writes_only
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_breaker_threshold_applies_at_the_next_failure() {
+    let mut cfg = config();
+    cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.breaker.failures = 1000;
+    let mut stores = std::collections::HashMap::new();
+    for n in ["a", "b", "c"] {
+        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+    }
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg.clone()).await;
+    h.store("c").set_down(true);
+    let breaker = || async {
+        h.scheduler
+            .stores()
+            .await
+            .into_iter()
+            .find(|s| s.name == "c")
+            .unwrap()
+            .breaker
+    };
+    let q1 = h.queue("s@a.test", &["u1@c.test"]);
+    until("deferred", || {
+        matches!(h.states(q1)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    assert_eq!(
+        breaker().await,
+        postern::scheduler::breaker::BreakerState::Closed,
+        "far from 1000 failures"
+    );
+    cfg.breaker.failures = 1;
+    h.scheduler.update_delivery(&cfg);
+    let q2 = h.queue("s@a.test", &["u2@c.test"]);
+    until("deferred", || {
+        matches!(h.states(q2)[0], RecipientState::Deferred { .. })
+    })
+    .await;
+    assert_ne!(
+        breaker().await,
+        postern::scheduler::breaker::BreakerState::Closed,
+        "the new threshold opened it"
+    );
+    h.stop().await;
+}

@@ -8,13 +8,18 @@
 //! either the old map or the new one, never a mix, and no connection is touched. On any
 //! error the running map stays, every problem is logged with file:line:key,
 //! `postern_routes_reload_errors_total` is incremented, and the generation does not move.
-//! Keys other than `routes:` cannot change live: a change to them is logged as needing a
-//! restart and otherwise ignored; so is a route to a store that was not configured at
-//! start-up (its delivery agent does not exist).
+//! The same reload puts the retry keys of `delivery:` (`minimal_backoff`, `maximal_backoff`,
+//! `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`) in
+//! force in the scheduler attached with
+//! [`LiveRoutes::attach_scheduler`], each change logged as `delivery.key: old -> new, live`;
+//! the next retry time computed uses them (those already scheduled are not rewritten).
+//! Other keys cannot change live: a change to them is logged as needing a restart, by key
+//! (`hostname`, `delivery.shards`, …), and otherwise ignored; a route to a store that was
+//! not configured at start-up (its delivery agent does not exist) fails the reload.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -23,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Router;
 use crate::config::{Config, ConfigError, StoreConfig};
+use crate::scheduler::Scheduler;
 
 /// Reloads that failed (the running map was kept); described in [`crate::metrics`].
 pub const RELOAD_ERRORS: &str = crate::metrics::ROUTES_RELOAD_ERRORS;
@@ -52,6 +58,8 @@ pub struct LiveRoutes {
     current: Arc<ArcSwap<Router>>,
     generation: AtomicU64,
     running: Mutex<Running>,
+    /// Where the live `delivery:` keys go (none while delivery is off).
+    scheduler: OnceLock<Scheduler>,
 }
 
 fn store_names(config: &Config) -> Vec<&str> {
@@ -100,7 +108,14 @@ impl LiveRoutes {
                 stamps: stamps(config),
                 config: config.clone(),
             }),
+            scheduler: OnceLock::new(),
         }
+    }
+
+    /// Reloads from now on also put the live `delivery:` keys in force in `scheduler`
+    /// ([`Scheduler::update_delivery`]). Only the first scheduler attached is kept.
+    pub fn attach_scheduler(&self, scheduler: Scheduler) {
+        let _ = self.scheduler.set(scheduler);
     }
 
     /// The shared handle readers load the current map from.
@@ -128,7 +143,8 @@ impl LiveRoutes {
         running.stamps != stamps(&running.config)
     }
 
-    /// Reads the configuration file again and swaps in its map; blocking (a big users file
+    /// Reads the configuration file again and swaps in its map and its live `delivery:`
+    /// keys; blocking (a big users file
     /// takes a while), so call it from a blocking thread. Returns the new generation.
     pub fn reload(&self) -> Result<u64, ReloadError> {
         let mut running = self.lock();
@@ -160,10 +176,22 @@ impl LiveRoutes {
             Ok((new, router)) => {
                 let restart = needs_restart(&running.config, &new);
                 if !restart.is_empty() {
-                    tracing::warn!(keys = %restart.join(", "), "configuration changed outside routes:; needs a restart to take effect");
+                    tracing::warn!(keys = %restart.join(", "), "configuration changed in keys that cannot change live; needs a restart to take effect");
                 }
                 let users = router.user_count();
                 self.current.store(Arc::new(router));
+                let delivery = running.config.delivery.diff(&new.delivery);
+                if !delivery.live.is_empty() {
+                    if let Some(scheduler) = self.scheduler.get() {
+                        running.config.delivery.apply_live(&new.delivery);
+                        scheduler.update_delivery(&running.config.delivery);
+                        for change in &delivery.live {
+                            tracing::info!("{change}, live");
+                        }
+                    } else {
+                        tracing::info!(keys = %delivery.live.join(", "), "delivery: changed; delivery is off, nothing to apply");
+                    }
+                }
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 running.config.routes = new.routes;
                 running.stamps = stamps(&running.config);
@@ -247,7 +275,8 @@ impl LiveRoutes {
     }
 }
 
-/// The top-level keys other than `routes:` that differ.
+/// The top-level keys other than `routes:` that differ, and the keys of `delivery:` that
+/// differ and cannot change live (`delivery.shards`).
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
     let mut check = |key: &'static str, a: String, b: String| {
@@ -282,11 +311,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         format!("{:?}", old.stores),
         format!("{:?}", new.stores),
     );
-    check(
-        "delivery",
-        format!("{:?}", old.delivery),
-        format!("{:?}", new.delivery),
-    );
+    out.extend(old.delivery.diff(&new.delivery).restart);
     out
 }
 
@@ -303,5 +328,18 @@ mod tests {
         new.routes.relay = None;
         new.stores.clear();
         assert_eq!(needs_restart(&old, &new), ["hostname", "stores"]);
+        let mut new = old.clone();
+        new.delivery.maximal_backoff = crate::config::Span(Duration::from_secs(600));
+        new.delivery.delay_warning = Some(crate::config::Span(Duration::from_secs(3600)));
+        assert!(
+            needs_restart(&old, &new).is_empty(),
+            "the retry keys are live"
+        );
+        new.delivery.shards = Some(7);
+        new.delivery.active_limit = 3;
+        assert_eq!(
+            needs_restart(&old, &new),
+            ["delivery.shards", "delivery.active_limit"]
+        );
     }
 }

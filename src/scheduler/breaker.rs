@@ -73,6 +73,13 @@ impl Breaker {
         }
     }
 
+    /// New limits (a reload): `threshold` counts from the failures already seen; a probe
+    /// already scheduled keeps its time, the next one is `probe_interval` away.
+    pub fn set_limits(&mut self, threshold: u32, probe_interval: Duration) {
+        self.threshold = threshold.max(1);
+        self.probe_interval = probe_interval;
+    }
+
     /// The state.
     pub fn state(&self) -> BreakerState {
         self.state
@@ -176,6 +183,27 @@ mod tests {
             "already open: no second opening"
         );
         assert_eq!(b.probe_at(), Some(now + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_failure_and_probe() {
+        let now = Instant::now();
+        let mut b = breaker();
+        assert!(!b.on_failure(now, 0.5, "refused"));
+        b.set_limits(2, Duration::from_secs(5));
+        assert!(
+            b.on_failure(now, 0.5, "refused"),
+            "opens at the new threshold"
+        );
+        assert_eq!(b.probe_at(), Some(now + Duration::from_secs(5)));
+        b.set_limits(0, Duration::from_secs(60));
+        assert!(
+            b.start_probe(now + Duration::from_secs(5)),
+            "the probe kept its time"
+        );
+        assert!(!b.probe_result(false, now, 0.5, "refused"));
+        assert_eq!(b.probe_at(), Some(now + Duration::from_secs(60)));
+        assert_eq!(b.threshold, 1, "never 0");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::retry::RetryPolicy;
 use crate::config::Span;
 
 /// The `delivery:` section.
@@ -63,6 +64,28 @@ pub struct SchedulerConfig {
     /// The per-store circuit breaker.
     #[serde(default)]
     pub breaker: BreakerConfig,
+}
+
+/// The `delivery:` keys that change live, at a reload ([`crate::scheduler::Scheduler::update_delivery`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveDelivery {
+    /// `minimal_backoff`, `maximal_backoff`, `maximal_lifetime`.
+    pub policy: RetryPolicy,
+    /// `delay_warning`.
+    pub delay_warning: Option<Duration>,
+    /// `breaker.failures`.
+    pub breaker_failures: u32,
+    /// `breaker.probe_interval`.
+    pub probe_interval: Duration,
+}
+
+/// What a reload changes in `delivery:` ([`SchedulerConfig::diff`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryDiff {
+    /// Changed keys that take effect live: `"delivery.maximal_backoff: 4000s -> 600s"`.
+    pub live: Vec<String>,
+    /// Changed keys that need a restart: `"delivery.shards"`.
+    pub restart: Vec<&'static str>,
 }
 
 /// `delivery.breaker:`
@@ -140,6 +163,95 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// What changed from `self` to `new`: the keys that change live, as
+    /// `"delivery.key: old -> new"`, and the keys that need a restart, as `"delivery.key"`.
+    pub fn diff(&self, new: &Self) -> DeliveryDiff {
+        let mut d = DeliveryDiff::default();
+        let mut live = |key: &str, a: String, b: String| {
+            if a != b {
+                d.live.push(format!("delivery.{key}: {a} -> {b}"));
+            }
+        };
+        let opt = |s: Option<Span>| s.map_or_else(|| "none".to_owned(), |s| s.to_string());
+        live(
+            "minimal_backoff",
+            self.minimal_backoff.to_string(),
+            new.minimal_backoff.to_string(),
+        );
+        live(
+            "maximal_backoff",
+            self.maximal_backoff.to_string(),
+            new.maximal_backoff.to_string(),
+        );
+        live(
+            "maximal_lifetime",
+            self.maximal_lifetime.to_string(),
+            new.maximal_lifetime.to_string(),
+        );
+        live(
+            "delay_warning",
+            opt(self.delay_warning),
+            opt(new.delay_warning),
+        );
+        live(
+            "breaker.failures",
+            self.breaker.failures.to_string(),
+            new.breaker.failures.to_string(),
+        );
+        live(
+            "breaker.probe_interval",
+            self.breaker.probe_interval.to_string(),
+            new.breaker.probe_interval.to_string(),
+        );
+        let mut restart = |key: &'static str, changed: bool| {
+            if changed {
+                d.restart.push(key);
+            }
+        };
+        restart("delivery.enabled", self.enabled != new.enabled);
+        restart("delivery.shards", self.shards != new.shards);
+        restart(
+            "delivery.active_limit",
+            self.active_limit != new.active_limit,
+        );
+        restart(
+            "delivery.initial_window",
+            self.initial_window != new.initial_window,
+        );
+        restart(
+            "delivery.per_mailbox_serialization",
+            self.per_mailbox_serialization != new.per_mailbox_serialization,
+        );
+        d
+    }
+
+    /// Copies the keys that change live from `new` (the others stay as they are).
+    pub fn apply_live(&mut self, new: &Self) {
+        self.minimal_backoff = new.minimal_backoff;
+        self.maximal_backoff = new.maximal_backoff;
+        self.maximal_lifetime = new.maximal_lifetime;
+        self.delay_warning = new.delay_warning;
+        self.breaker = new.breaker.clone();
+    }
+
+    /// The live part, as the scheduler uses it.
+    pub fn live(&self) -> LiveDelivery {
+        // validate() refuses a zero backoff; never retry in a tight loop.
+        let minimal_backoff = self.minimal_backoff.0.max(Duration::from_millis(10));
+        LiveDelivery {
+            policy: RetryPolicy {
+                minimal_backoff,
+                // validate() refuses max < min; never let clamp() see it.
+                maximal_backoff: self.maximal_backoff.0.max(minimal_backoff),
+                maximal_lifetime: self.maximal_lifetime.0,
+            },
+            delay_warning: self.delay_warning.map(|s| s.0),
+            breaker_failures: self.breaker.failures.max(1),
+            // validate() refuses a zero interval; never probe in a tight loop.
+            probe_interval: self.breaker.probe_interval.0.max(Duration::from_millis(10)),
+        }
+    }
+
     /// The number of shards to run: the configured number, else the number of cores.
     pub fn shard_count(&self) -> usize {
         self.shards.unwrap_or_else(|| {
@@ -193,6 +305,49 @@ mod tests {
         assert_eq!(c.delay_warning, Some(Span(Duration::from_secs(14_400))));
         assert_eq!(c.breaker.failures, 2);
         assert_eq!(c.breaker.probe_interval.0, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn diff_sorts_live_keys_from_restart_keys() {
+        let old = SchedulerConfig::default();
+        assert_eq!(old.diff(&old), DeliveryDiff::default());
+        let new: SchedulerConfig = serde_yaml::from_str(
+            "{maximal_backoff: 600s, maximal_lifetime: 2d, delay_warning: 4h, shards: 3, initial_window: 2, breaker: {failures: 9}, active_limit: 7}",
+        )
+        .unwrap();
+        let d = old.diff(&new);
+        assert_eq!(
+            d.live,
+            [
+                "delivery.maximal_backoff: 4000s -> 10m",
+                "delivery.maximal_lifetime: 5d -> 2d",
+                "delivery.delay_warning: none -> 4h",
+                "delivery.breaker.failures: 5 -> 9",
+            ]
+        );
+        assert_eq!(
+            d.restart,
+            [
+                "delivery.shards",
+                "delivery.active_limit",
+                "delivery.initial_window"
+            ]
+        );
+        let mut applied = old;
+        applied.apply_live(&new);
+        assert!(
+            applied.diff(&new).live.is_empty(),
+            "the live keys were copied"
+        );
+        assert_eq!(applied.diff(&new).restart, d.restart, "the others were not");
+        assert_eq!(
+            applied.live().policy.maximal_backoff,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            applied.live().delay_warning,
+            Some(Duration::from_secs(14_400))
+        );
     }
 
     #[test]

@@ -87,7 +87,7 @@ use tokio_util::task::TaskTracker;
 
 pub use agent::{Agent, Agents, SpoolBody};
 pub use clock::Clock;
-pub use config::SchedulerConfig;
+pub use config::{DeliveryDiff, LiveDelivery, SchedulerConfig};
 pub use retry::RetryPolicy;
 
 use crate::routing::Router;
@@ -145,8 +145,10 @@ pub(crate) struct Ctx {
     pub(crate) spool: Spool,
     pub(crate) router: Arc<ArcSwap<Router>>,
     pub(crate) agents: Agents,
+    /// `delivery:` as at start-up; its live keys are read from `live` instead.
     pub(crate) config: SchedulerConfig,
-    pub(crate) policy: RetryPolicy,
+    /// The `delivery:` keys that change at a reload ([`Scheduler::update_delivery`]).
+    pub(crate) live: ArcSwap<LiveDelivery>,
     pub(crate) clock: Clock,
     pub(crate) hostname: String,
     pub(crate) shards: Vec<mpsc::UnboundedSender<shard::Event>>,
@@ -162,6 +164,16 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The retry policy in force.
+    pub(crate) fn policy(&self) -> RetryPolicy {
+        self.live.load().policy
+    }
+
+    /// `delay_warning` in force.
+    pub(crate) fn delay_warning(&self) -> Option<Duration> {
+        self.live.load().delay_warning
+    }
+
     fn shard_of(&self, key: impl Hash) -> usize {
         let mut h = std::hash::DefaultHasher::new();
         key.hash(&mut h);
@@ -236,20 +248,13 @@ impl Scheduler {
         } = setup;
         let n = config.shard_count().max(1);
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
-        // validate() refuses a zero backoff; never retry in a tight loop.
-        let minimal_backoff = config.minimal_backoff.0.max(Duration::from_millis(10));
-        let policy = RetryPolicy {
-            minimal_backoff,
-            // validate() refuses max < min; never let clamp() see it.
-            maximal_backoff: config.maximal_backoff.0.max(minimal_backoff),
-            maximal_lifetime: config.maximal_lifetime.0,
-        };
+        let live = ArcSwap::from_pointee(config.live());
         let ctx = Arc::new(Ctx {
             spool,
             router,
             agents,
             config,
-            policy,
+            live,
             clock,
             hostname,
             shards: txs,
@@ -284,6 +289,23 @@ impl Scheduler {
     pub fn submit(&self, qid: QueueId) {
         self.ctx
             .send(self.ctx.home_shard(qid), shard::Event::Submit(qid));
+    }
+
+    /// Puts the live keys of `config` in force (`minimal_backoff`, `maximal_backoff`,
+    /// `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`;
+    /// see [`SchedulerConfig::diff`]); the others are ignored (they need a restart). Call
+    /// it with a validated configuration. The next retry time computed (the next deferral)
+    /// uses the new values; retry times already scheduled, in the timers and in the
+    /// ledger, are not rewritten, and an attempt already running keeps the expiry time it
+    /// started with. A store's breaker takes the new limits at its next failure or probe
+    /// result (a probe already scheduled keeps its time).
+    pub fn update_delivery(&self, config: &SchedulerConfig) {
+        self.ctx.live.store(Arc::new(config.live()));
+    }
+
+    /// The live `delivery:` keys in force.
+    pub fn delivery(&self) -> LiveDelivery {
+        **self.ctx.live.load()
     }
 
     /// Each store's scheduling state, by name (for tools and tests).

@@ -126,15 +126,12 @@ struct StoreQueue {
 impl StoreQueue {
     fn new(ctx: &Ctx, agent: Agent) -> Self {
         let c = &ctx.config;
+        let live = ctx.live.load();
         Self {
             relay: agent.relay(),
             per_txn: agent.recipients_per_transaction(),
             window: Window::new(c.initial_window, agent.max_connections()),
-            // validate() refuses a zero interval; never probe in a tight loop.
-            breaker: Breaker::new(
-                c.breaker.failures,
-                c.breaker.probe_interval.0.max(Duration::from_millis(10)),
-            ),
+            breaker: Breaker::new(live.breaker_failures, live.probe_interval),
             agent,
             jobs: HashMap::new(),
             ready: VecDeque::new(),
@@ -320,7 +317,7 @@ impl Shard {
                 if ok {
                     self.warned.remove(&qid);
                 } else {
-                    let at = self.ctx.clock.now() + self.ctx.policy.minimal_backoff;
+                    let at = self.ctx.clock.now() + self.ctx.policy().minimal_backoff;
                     self.schedule(qid, at);
                 }
                 self.drain_backlog();
@@ -415,7 +412,7 @@ impl Shard {
             Err(SpoolError::NotFound(_)) => return,
             Err(e) => {
                 tracing::warn!(queue_id = %qid, error = %e, "cannot read the message's state; retrying later");
-                self.schedule(qid, ctx.clock.now() + ctx.policy.minimal_backoff);
+                self.schedule(qid, ctx.clock.now() + ctx.policy().minimal_backoff);
                 return;
             }
         };
@@ -432,7 +429,7 @@ impl Shard {
             Err(SpoolError::NotFound(_)) => return,
             Err(e) => {
                 tracing::warn!(queue_id = %qid, error = %e, "cannot read the envelope; retrying later");
-                self.schedule(qid, ctx.clock.now() + ctx.policy.minimal_backoff);
+                self.schedule(qid, ctx.clock.now() + ctx.policy().minimal_backoff);
                 return;
             }
         };
@@ -455,8 +452,8 @@ impl Shard {
             body: SpoolBody::new(ctx.spool.clone(), qid, status.size),
             delivery,
             arrival,
-            retry_at: ctx.policy.next_attempt(arrival, now, self.rng.f64()),
-            expires_at: ctx.policy.expires_at(arrival),
+            retry_at: ctx.policy().next_attempt(arrival, now, self.rng.f64()),
+            expires_at: ctx.policy().expires_at(arrival),
             envelope,
         });
         let router = ctx.router.load();
@@ -576,7 +573,7 @@ impl Shard {
                 // Its last report is still being queued: finish once it is marked.
                 self.schedule(
                     qid,
-                    now + Duration::from_secs(1).min(ctx.policy.minimal_backoff),
+                    now + Duration::from_secs(1).min(ctx.policy().minimal_backoff),
                 );
             }
             Ok(s) if s.recipients.iter().all(RecipientState::is_final) => {
@@ -625,13 +622,13 @@ impl Shard {
                 let at = if a.retry_at > now {
                     a.retry_at
                 } else {
-                    ctx.policy.next_attempt(a.arrival, now, self.rng.f64())
+                    ctx.policy().next_attempt(a.arrival, now, self.rng.f64())
                 };
                 self.schedule(qid, at);
             }
             Err(e) => {
                 tracing::warn!(queue_id = %qid, error = %e, "cannot read the message's state; retrying later");
-                self.schedule(qid, now + ctx.policy.minimal_backoff);
+                self.schedule(qid, now + ctx.policy().minimal_backoff);
             }
         }
     }
@@ -642,12 +639,12 @@ impl Shard {
     // is warned again only if it crossed `delay_warning` within the last backoff interval
     // (so at most one duplicate, never a missed warning within the interval).
     fn maybe_warn(&mut self, qid: QueueId, arrival: SystemTime, now: SystemTime) {
-        let Some(dw) = self.ctx.config.delay_warning else {
+        let Some(dw) = self.ctx.delay_warning() else {
             return;
         };
         let age = now.duration_since(arrival).unwrap_or_default();
-        let window = self.ctx.policy.maximal_backoff.mul_f64(1.25);
-        if age < dw.0 || age > dw.0 + window || !self.warned.insert(qid) {
+        let window = self.ctx.policy().maximal_backoff.mul_f64(1.25);
+        if age < dw || age > dw + window || !self.warned.insert(qid) {
             return;
         }
         let ctx = Arc::clone(&self.ctx);
@@ -817,6 +814,9 @@ impl Shard {
         match scope {
             Scope::Store => {
                 st.window.on_failure();
+                let live = ctx.live.load();
+                st.breaker
+                    .set_limits(live.breaker_failures, live.probe_interval);
                 if st.breaker.on_failure(Instant::now(), random, &detail) {
                     counter!(m::BREAKER_TRIPS, "store" => done.store.clone()).increment(1);
                     tracing::warn!(store = %done.store, reason = %detail, "store marked down; deferring its mail and probing");
@@ -972,6 +972,9 @@ impl Shard {
             return;
         };
         let reason = result.as_ref().err().cloned().unwrap_or_default();
+        let live = ctx.live.load();
+        st.breaker
+            .set_limits(live.breaker_failures, live.probe_interval);
         if st
             .breaker
             .probe_result(result.is_ok(), Instant::now(), random, &reason)
@@ -1151,7 +1154,7 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
         envelope: &envelope,
         recipients: &rcpts,
         now,
-        maximal_lifetime: ctx.policy.maximal_lifetime,
+        maximal_lifetime: ctx.policy().maximal_lifetime,
     };
     let rendered = match ctx.spool.open_body(qid) {
         Ok(mut body) => dsn::render(&report, &mut body, summary.size),
