@@ -216,7 +216,7 @@ impl MailParams {
                 }
                 ("ENVID", Some(v)) => {
                     let id = xtext_decode(v).ok_or(ParamError::BadValue(name))?;
-                    if id.len() > MAX_ENVID {
+                    if xtext_encoded_len(&id) > MAX_ENVID {
                         return Err(ParamError::BadValue(name));
                     }
                     p.envid = Some(id);
@@ -390,6 +390,11 @@ fn parse_orcpt(v: &str) -> Option<Orcpt> {
     if address.is_empty() {
         return None;
     }
+    // The limit holds for the form we send on (`+XX` for every non-ASCII octet), which can be
+    // longer than raw UTF-8 received: refuse what we could not pass on within it.
+    if addr_type.len() + 1 + xtext_encoded_len(&address) > MAX_ORCPT {
+        return None;
+    }
     Some(Orcpt {
         addr_type: addr_type.to_owned(),
         address,
@@ -419,11 +424,21 @@ pub fn xtext_decode(v: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// An octet xtext carries as itself (others become `+XX`).
+fn xtext_plain(b: u8) -> bool {
+    (b'!'..=b'~').contains(&b) && b != b'+' && b != b'='
+}
+
+/// The length of [`xtext_encode`]`(v)`.
+fn xtext_encoded_len(v: &str) -> usize {
+    v.bytes().map(|b| if xtext_plain(b) { 1 } else { 3 }).sum()
+}
+
 /// Encodes xtext: `+`, `=`, controls, space and non-ASCII become `+XX`.
 pub fn xtext_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
+    let mut out = String::with_capacity(xtext_encoded_len(v));
     for b in v.bytes() {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+        if xtext_plain(b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("+{b:02X}"));
@@ -435,6 +450,18 @@ pub fn xtext_encode(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orcpt_limit_holds_for_the_encoded_form() {
+        // 200 two-octet characters: 400 octets raw, 1,200 as xtext.
+        let long = format!("ORCPT=rfc822;{}@x", "\u{25a}".repeat(200));
+        assert_eq!(RcptParams::parse(&long), Err(ParamError::BadValue("ORCPT")));
+        let fits = format!("ORCPT=rfc822;{}@x", "\u{25a}".repeat(80));
+        let p = RcptParams::parse(&fits).unwrap();
+        let printed = p.to_string();
+        assert!(printed.len() <= MAX_ORCPT + " ORCPT=".len(), "{printed}");
+        assert_eq!(RcptParams::parse(printed.trim_start()), Ok(p));
+    }
 
     #[test]
     fn mail_params_table() {
