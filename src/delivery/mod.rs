@@ -60,6 +60,5 @@ pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
 pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
 pub use pipe::{PipeStore, PipeStoreConfig};
-pub use policy::{DiscardStore, ErrorStore};
 pub use pool::StorePool;
 pub use trouble::{Outcome, Scope, Trouble};

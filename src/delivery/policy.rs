@@ -1,11 +1,10 @@
 //! The policy stores: `discard` (accept and drop) and `error` (a fixed reply).
 //!
-//! Neither touches the message. [`DiscardStore`] reports every recipient
-//! [`Outcome::Delivered`] with `250 2.0.0 discarded`; [`ErrorStore`] gives every recipient
-//! its configured reply, [`Outcome::Deferred`] for a 4yz and [`Outcome::Bounced`] for a 5yz
-//! (Postfix's `discard(8)` and `error(8)`). Both have the agents' `deliver` shape, so the
-//! scheduler treats them like any store; [`discard`] and [`refuse`] are the same as plain
-//! functions for a caller that holds only the reply.
+//! Neither touches the message. [`discard`] reports every recipient
+//! [`Outcome::Delivered`] with `250 2.0.0 discarded`; [`refuse`] gives every recipient the
+//! configured reply, [`Outcome::Deferred`] for a 4yz and [`Outcome::Bounced`] for a 5yz
+//! (Postfix's `discard(8)` and `error(8)`). The scheduler's discard and error agents call
+//! them.
 //!
 //! ```yaml
 //! stores:
@@ -21,87 +20,8 @@
 use postern_proto::reply::{EnhancedCode, Reply, ReplyCode, ReplyParser, Severity};
 use serde::Deserializer;
 
-use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::message::{Recipient, Report};
 use super::trouble::Outcome;
-
-/// Accepts every recipient and drops the message.
-#[derive(Clone, Debug)]
-pub struct DiscardStore {
-    name: String,
-}
-
-impl DiscardStore {
-    /// A discard store named `name`.
-    pub fn new(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-        }
-    }
-
-    /// The store's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Every recipient delivered (`250 2.0.0 discarded`); the body is not read.
-    #[allow(clippy::unused_async, reason = "the agents' common shape")]
-    pub async fn deliver<B, F>(
-        &self,
-        _envelope: &Envelope,
-        recipients: &[Recipient],
-        _body: &B,
-        on_outcome: &mut F,
-    ) -> Report
-    where
-        B: MessageBody + ?Sized,
-        F: FnMut(usize, &Outcome),
-    {
-        discard(recipients, on_outcome)
-    }
-}
-
-/// Gives every recipient the same refusal.
-#[derive(Clone, Debug)]
-pub struct ErrorStore {
-    name: String,
-    reply: Reply,
-}
-
-impl ErrorStore {
-    /// An error store named `name` answering `reply` (a 4yz or 5yz; see [`parse_fixed_reply`]).
-    pub fn new(name: &str, reply: Reply) -> Self {
-        Self {
-            name: name.to_owned(),
-            reply,
-        }
-    }
-
-    /// The store's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The configured reply.
-    pub fn reply(&self) -> &Reply {
-        &self.reply
-    }
-
-    /// Every recipient deferred (4yz) or bounced (5yz) with the reply; the body is not read.
-    #[allow(clippy::unused_async, reason = "the agents' common shape")]
-    pub async fn deliver<B, F>(
-        &self,
-        _envelope: &Envelope,
-        recipients: &[Recipient],
-        _body: &B,
-        on_outcome: &mut F,
-    ) -> Report
-    where
-        B: MessageBody + ?Sized,
-        F: FnMut(usize, &Outcome),
-    {
-        refuse(&self.reply, recipients, on_outcome)
-    }
-}
 
 /// Every recipient delivered with `250 2.0.0 discarded`.
 pub fn discard<F: FnMut(usize, &Outcome)>(recipients: &[Recipient], on_outcome: &mut F) -> Report {
@@ -184,7 +104,7 @@ pub fn deserialize_fixed_reply<'de, D: Deserializer<'de>>(d: D) -> Result<Reply,
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
-    use postern_proto::{ForwardPath, Mailbox, RcptParams, ReversePath};
+    use postern_proto::{ForwardPath, Mailbox, RcptParams};
 
     use super::*;
 
@@ -198,17 +118,12 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn discard_delivers_everyone_without_reading() {
-        let store = DiscardStore::new("void");
-        let env = Envelope::new(ReversePath::Null, 3);
+    #[test]
+    fn discard_delivers_everyone_without_reading() {
         let mut seen = Vec::new();
-        let body: &[u8] = b"x\r\n";
-        let report = store
-            .deliver(&env, &rcpts(3), body, &mut |i, o: &Outcome| {
-                seen.push((i, o.clone()));
-            })
-            .await;
+        let report = discard(&rcpts(3), &mut |i, o: &Outcome| {
+            seen.push((i, o.clone()));
+        });
         assert_eq!(report.outcomes, seen);
         assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 4]);
         for (_, o) in &seen {
@@ -220,24 +135,18 @@ mod tests {
         assert!(report.trouble.is_none());
     }
 
-    #[tokio::test]
-    async fn error_store_defers_or_bounces_by_class() {
-        let env = Envelope::new(ReversePath::Null, 3);
-        let body: &[u8] = b"x\r\n";
-        let bounce = ErrorStore::new("x", parse_fixed_reply("550 5.1.6 Moved").unwrap());
-        let report = bounce
-            .deliver(&env, &rcpts(2), body, &mut |_, _: &Outcome| {})
-            .await;
+    #[test]
+    fn error_store_defers_or_bounces_by_class() {
+        let bounce = parse_fixed_reply("550 5.1.6 Moved").unwrap();
+        let report = refuse(&bounce, &rcpts(2), &mut |_, _: &Outcome| {});
         assert!(
             report.outcomes.iter().all(
                 |(_, o)| matches!(o, Outcome::Bounced(r) if r.to_string() == "550 5.1.6 Moved")
             )
         );
-        let defer = ErrorStore::new("y", parse_fixed_reply("451 4.3.2 Paused").unwrap());
+        let defer = parse_fixed_reply("451 4.3.2 Paused").unwrap();
         let mut n = 0;
-        let report = defer
-            .deliver(&env, &rcpts(2), body, &mut |_, _: &Outcome| n += 1)
-            .await;
+        let report = refuse(&defer, &rcpts(2), &mut |_, _: &Outcome| n += 1);
         assert_eq!(n, 2);
         assert!(
             report
@@ -245,7 +154,7 @@ mod tests {
                 .iter()
                 .all(|(_, o)| matches!(o, Outcome::Deferred(r) if r.code().get() == 451))
         );
-        assert_eq!(defer.reply().enhanced(), Some(EnhancedCode::new(4, 3, 2)));
+        assert_eq!(defer.enhanced(), Some(EnhancedCode::new(4, 3, 2)));
     }
 
     #[test]
