@@ -4,53 +4,31 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod delivery_common;
 mod fake_lmtp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use delivery_common::{by_index, envelope, rcpt};
 use fake_lmtp::{FakeStore, Rcpt, Script};
 use postern::config::{ByteSize, Span};
-use postern::delivery::config::{
-    NormalizeRule, StoreAddress, StoreAuthConfig, StoreTlsConfig, TlsMode, TreatAs,
-};
+use postern::delivery::config::{NormalizeRule, StoreAuthConfig, StoreTlsConfig, TlsMode, TreatAs};
 use postern::delivery::pool::PoolOptions;
 use postern::delivery::{
     Envelope, LmtpStore, LmtpStoreConfig, Outcome, Recipient, Report, Scope, StorePool,
 };
-use postern::proto::address::{ForwardPath, Mailbox, ReversePath};
-use postern::proto::params::RcptParams;
 use tokio::sync::Semaphore;
 
 const BODY: &[u8] = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello.\r\n";
 
 fn config(addr: SocketAddr) -> LmtpStoreConfig {
-    let address = StoreAddress::Tcp {
-        host: "127.0.0.1".into(),
-        port: addr.port(),
-    };
-    let mut c = LmtpStoreConfig::new("fake", address);
-    // Bounded even when something goes wrong.
-    let ten = Span(Duration::from_secs(10));
-    c.timeouts.connect = ten;
-    c.timeouts.lhlo = ten;
-    c.timeouts.mail_rcpt = ten;
-    c.timeouts.data = ten;
-    c.timeouts.end_of_data = ten;
-    c
+    delivery_common::store_config("fake", addr.port())
 }
 
 fn store(c: &LmtpStoreConfig) -> Arc<LmtpStore> {
     Arc::new(LmtpStore::from_config(c, "gw.test").unwrap())
-}
-
-fn rcpt(index: usize, address: &str) -> Recipient {
-    Recipient {
-        index,
-        path: ForwardPath::Mailbox(Mailbox::parse(address).unwrap()),
-        params: RcptParams::default(),
-    }
 }
 
 fn rcpts(locals: &[&str]) -> Vec<Recipient> {
@@ -61,35 +39,6 @@ fn rcpts(locals: &[&str]) -> Vec<Recipient> {
         .collect()
 }
 
-fn envelope(body: &[u8]) -> Envelope {
-    let from = ReversePath::Mailbox(Mailbox::parse("sender@example.org").unwrap());
-    Envelope::new(from, body.len() as u64)
-}
-
-/// (kind, code, enhanced) of an outcome, for compact assertions.
-fn show(o: &Outcome) -> String {
-    let kind = match o {
-        Outcome::Delivered(_) => "delivered",
-        Outcome::Deferred(_) => "deferred",
-        Outcome::Bounced(_) => "bounced",
-        Outcome::InDoubt => "in-doubt",
-        Outcome::NotAttempted(_) => "not-attempted",
-    };
-    match o.reply() {
-        Some(r) => match r.enhanced() {
-            Some(e) => format!("{kind} {} {e}", r.code()),
-            None => format!("{kind} {}", r.code()),
-        },
-        None => kind.to_owned(),
-    }
-}
-
-fn by_index(report: &Report, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| show(report.outcome(i).expect("every recipient has an outcome")))
-        .collect()
-}
-
 /// Connects, delivers one transaction, returns the report and the callback's order.
 async fn deliver_once(
     c: &LmtpStoreConfig,
@@ -97,12 +46,7 @@ async fn deliver_once(
     to: &[Recipient],
     body: &[u8],
 ) -> (Report, Vec<usize>) {
-    let mut conn = store(c).connect().await.unwrap();
-    let mut order = Vec::new();
-    let report = conn
-        .deliver(env, to, body, &mut |i, _: &Outcome| order.push(i))
-        .await;
-    (report, order)
+    delivery_common::deliver_once(&store(c), env, to, body).await
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod common;
+mod delivery_common;
 mod fake_lmtp;
 
 use std::io::Write as _;
@@ -17,31 +18,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use delivery_common::{by_index, envelope, rcpt};
 use fake_lmtp::{FakeStore, Rcpt, Script};
-use postern::config::Span;
 use postern::delivery::config::{StoreAddress, StoreAuthConfig, StoreTlsConfig, TlsMode};
 use postern::delivery::{
     Envelope, LmtpStore, Outcome, Recipient, Report, Scope, SmtpStoreConfig, StorePool,
 };
-use postern::proto::address::{ForwardPath, Mailbox, ReversePath};
 use postern::proto::client::Protocol;
-use postern::proto::params::RcptParams;
 
 const BODY: &[u8] = b"Subject: relay\r\nFrom: a@example.org\r\n\r\nHello.\r\n.dot line\r\n";
 
 fn config(port: u16) -> SmtpStoreConfig {
-    let address = StoreAddress::Tcp {
-        host: "127.0.0.1".into(),
-        port,
-    };
-    let mut c = SmtpStoreConfig::new("relay", address);
-    let ten = Span(Duration::from_secs(10));
-    c.timeouts.connect = ten;
-    c.timeouts.lhlo = ten;
-    c.timeouts.mail_rcpt = ten;
-    c.timeouts.data = ten;
-    c.timeouts.end_of_data = ten;
-    c
+    delivery_common::store_config("relay", port)
 }
 
 fn relay(c: &SmtpStoreConfig) -> Arc<LmtpStore> {
@@ -52,39 +40,7 @@ fn rcpts(addresses: &[&str]) -> Vec<Recipient> {
     addresses
         .iter()
         .enumerate()
-        .map(|(index, a)| Recipient {
-            index,
-            path: ForwardPath::Mailbox(Mailbox::parse(a).unwrap()),
-            params: RcptParams::default(),
-        })
-        .collect()
-}
-
-fn envelope(body: &[u8]) -> Envelope {
-    let from = ReversePath::Mailbox(Mailbox::parse("sender@example.org").unwrap());
-    Envelope::new(from, body.len() as u64)
-}
-
-fn show(o: &Outcome) -> String {
-    let kind = match o {
-        Outcome::Delivered(_) => "delivered",
-        Outcome::Deferred(_) => "deferred",
-        Outcome::Bounced(_) => "bounced",
-        Outcome::InDoubt => "in-doubt",
-        Outcome::NotAttempted(_) => "not-attempted",
-    };
-    match o.reply() {
-        Some(r) => match r.enhanced() {
-            Some(e) => format!("{kind} {} {e}", r.code()),
-            None => format!("{kind} {}", r.code()),
-        },
-        None => kind.to_owned(),
-    }
-}
-
-fn by_index(report: &Report, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| show(report.outcome(i).expect("every recipient has an outcome")))
+        .map(|(index, a)| rcpt(index, a))
         .collect()
 }
 
@@ -94,12 +50,7 @@ async fn deliver_once(
     to: &[Recipient],
     body: &[u8],
 ) -> (Report, Vec<usize>) {
-    let mut conn = relay(c).connect().await.unwrap();
-    let mut order = Vec::new();
-    let report = conn
-        .deliver(env, to, body, &mut |i, _: &Outcome| order.push(i))
-        .await;
-    (report, order)
+    delivery_common::deliver_once(&relay(c), env, to, body).await
 }
 
 #[tokio::test]
