@@ -10,11 +10,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod common_stores;
+mod delivery_common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common_stores::{Instance, Kind};
+use delivery_common::by_index;
 use postern::config::{ByteSize, Span};
 use postern::delivery::config::{NormalizeRule, StoreAddress, StoreAuthConfig, TreatAs};
 use postern::delivery::pool::PoolOptions;
@@ -98,29 +100,6 @@ fn envelope(message: &[u8]) -> Envelope {
     let mut e = Envelope::new(from, message.len() as u64);
     e.eight_bit = true;
     e
-}
-
-fn show(o: &Outcome) -> String {
-    let kind = match o {
-        Outcome::Delivered(_) => "delivered",
-        Outcome::Deferred(_) => "deferred",
-        Outcome::Bounced(_) => "bounced",
-        Outcome::InDoubt => "in-doubt",
-        Outcome::NotAttempted(_) => "not-attempted",
-    };
-    match o.reply() {
-        Some(r) => match r.enhanced() {
-            Some(e) => format!("{kind} {} {e}", r.code()),
-            None => format!("{kind} {}", r.code()),
-        },
-        None => kind.to_owned(),
-    }
-}
-
-fn by_index(report: &Report, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| show(report.outcome(i).expect("every recipient has an outcome")))
-        .collect()
 }
 
 /// Delivers one message over a fresh connection; returns the report and the callback order.
