@@ -154,7 +154,7 @@ pub(crate) async fn run(
     }
     // An operator hold that landed after the attempt started (the recipients were waiting
     // for the store's window or a busy mailbox): not delivered, deferred with that reason.
-    if ctx.spool.status(msg.qid).is_ok_and(|s| s.hold) {
+    if ctx.spool.is_held(msg.qid) {
         let reply = local_reply(451, (4, 0, 0), "Held by the operator");
         done.report = not_attempted(&indices, reply, "held by the operator");
         return done;

@@ -618,6 +618,13 @@ impl Spool {
         inner.done(qid, DoneReason::Quarantined, false)
     }
 
+    /// Is the message held? From memory, without copying its recipients' states (checked
+    /// before every transaction). `false` for a message not in the spool.
+    pub fn is_held(&self, qid: QueueId) -> bool {
+        let ix = lock(&self.handle.inner.index);
+        ix.map.get(&qid).is_some_and(|e| e.hold.is_some())
+    }
+
     /// A message's recipients' states, from memory (no disk read; reply texts are left
     /// empty): what the scheduler needs at the start of each attempt.
     pub fn status(&self, qid: QueueId) -> Result<MessageStatus, SpoolError> {

@@ -878,3 +878,16 @@ fn ledger_batch_is_one_append_and_its_reported_flags_survive_a_restart() {
         RecipientState::Deferred { .. }
     ));
 }
+
+#[test]
+fn is_held_follows_hold_and_release() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = reopen(d.path());
+    let q = store(&s, 1, b"x");
+    assert!(!s.is_held(q));
+    s.hold(q).wait().unwrap();
+    assert!(s.is_held(q));
+    assert!(s.status(q).unwrap().hold, "the same answer as status()");
+    s.release(q).wait().unwrap();
+    assert!(!s.is_held(q));
+}
