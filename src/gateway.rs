@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::listener::{Listener, ListenerError};
+use crate::listener::{Listener, ListenerError, Services};
 use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -118,19 +118,18 @@ impl Gateway {
         if config.source.is_some() {
             tokio::spawn(Arc::clone(&routes).watch(ROUTES_POLL, shutdown.clone()));
         }
-        let agents = if config.delivery.enabled {
-            Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
-        } else {
-            None
-        };
-        let scheduler = agents.map(|mut agents| {
-            for (name, agent) in extra_agents.iter() {
-                agents.insert(name, agent.clone());
-            }
+        // The agents exist whether or not the scheduler runs: a listener in `mode: proxy`
+        // relays through them (a pure concentrator may run with delivery off). The
+        // scheduler and the listeners share them: one pool per store.
+        let mut agents = Agents::from_config(&config).map_err(GatewayError::Store)?;
+        for (name, agent) in extra_agents.iter() {
+            agents.insert(name, agent.clone());
+        }
+        let scheduler = config.delivery.enabled.then(|| {
             Scheduler::start(Setup {
                 spool: spool.clone(),
                 router: Arc::clone(&router),
-                agents,
+                agents: agents.clone(),
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
                 clock: Clock::System,
@@ -138,20 +137,26 @@ impl Gateway {
         });
         if let Some(s) = &scheduler {
             routes.attach_scheduler(s.clone());
+        } else {
+            for (_, agent) in agents.iter() {
+                if let crate::scheduler::Agent::Lmtp(pool) = agent {
+                    // The scheduler sweeps them when it runs; without it, this does.
+                    pool.spawn_sweeper(std::time::Duration::from_secs(30));
+                }
+            }
         }
+        let services = Services {
+            hostname: config.hostname.clone(),
+            node_id: config.node_id,
+            spool: spool.clone(),
+            router: Arc::clone(&router),
+            scheduler: scheduler.clone(),
+            agents,
+            shutdown: shutdown.clone(),
+        };
         let mut bound = Vec::new();
         for l in &config.listeners {
-            bound.push(
-                Listener::bind(
-                    l,
-                    &config.hostname,
-                    spool.clone(),
-                    Arc::clone(&router),
-                    scheduler.clone(),
-                    shutdown.clone(),
-                )
-                .await?,
-            );
+            bound.push(Listener::bind(l, services.clone()).await?);
         }
         let listeners = config
             .listeners

@@ -497,6 +497,13 @@ impl Spool {
         })
     }
 
+    /// A fresh queue id that no message holds: for a transaction relayed without being
+    /// stored (`mode: proxy`), so its `Received:` header and log lines carry an id like any
+    /// other.
+    pub fn allocate_id(&self) -> QueueId {
+        self.handle.inner.ids.next()
+    }
+
     /// Is there room for new messages (free space at least `min_free_bytes`)?
     pub fn has_space(&self) -> bool {
         let inner = &self.handle.inner;
