@@ -695,3 +695,40 @@ async fn a_new_breaker_threshold_applies_at_the_next_failure() {
     );
     h.stop().await;
 }
+
+/// Windows are per store: a store whose latency rises has its own window cut, and a fast
+/// store beside it (on whichever shard) keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_shrinks_only_its_own_window() {
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("slow".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("fast".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, config()).await;
+    // The no-load latency of both is learned first.
+    for i in 0..15 {
+        h.queue("", &[&format!("warm{i}@slow.test")]);
+        h.queue("", &[&format!("warm{i}@fast.test")]);
+    }
+    until("warm-up delivered", || {
+        h.store("slow").delivered().len() == 15 && h.store("fast").delivered().len() == 15
+    })
+    .await;
+    let fast_before = window_of(&h, "fast").await;
+    // Now one store answers 100 ms late, and both get more mail.
+    h.store("slow").set_reply_delay(Duration::from_millis(100));
+    for i in 0..40 {
+        h.queue("", &[&format!("late{i}@slow.test")]);
+        h.queue("", &[&format!("more{i}@fast.test")]);
+    }
+    until("all delivered", || {
+        h.store("slow").delivered().len() == 55 && h.store("fast").delivered().len() == 55
+    })
+    .await;
+    let (slow, fast) = (window_of(&h, "slow").await, window_of(&h, "fast").await);
+    assert!(slow < 5, "the slow store's window was cut: {slow}");
+    assert!(
+        fast >= fast_before && fast >= 5,
+        "the fast store's window stayed: {fast_before} -> {fast}"
+    );
+    h.stop().await;
+}

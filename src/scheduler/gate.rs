@@ -109,10 +109,10 @@ impl Gate {
         &self.store
     }
 
-    /// `(window, in flight)` now.
+    /// `(window, in flight)` now; the window as it stands outside baseline probes.
     pub fn status(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.window.limit(), s.in_flight)
+        (s.window.ceiling(), s.in_flight)
     }
 
     /// The window's learned no-load latency.
