@@ -141,7 +141,7 @@ impl Gateway {
             for (_, agent) in agents.iter() {
                 if let crate::scheduler::Agent::Lmtp(pool) = agent {
                     // The scheduler sweeps them when it runs; without it, this does.
-                    pool.spawn_sweeper(std::time::Duration::from_secs(30));
+                    pool.spawn_sweeper(pool.sweep_interval());
                 }
             }
         }

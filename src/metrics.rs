@@ -62,6 +62,8 @@ pub const IN_DOUBT_RETRIES: &str = "postern_in_doubt_retries_total";
 pub const IN_DOUBT_RECOVERED: &str = "postern_in_doubt_recovered_total";
 /// A store's concurrency window, by store.
 pub const WINDOW: &str = "postern_store_window";
+/// A store's learned no-load latency (the window's baseline), by store.
+pub const LATENCY_BASELINE: &str = "postern_store_latency_baseline_seconds";
 /// A store's connections, by store and state (`in_use`, `idle`).
 pub const CONNECTIONS: &str = "postern_store_connections";
 /// A store's breaker: 0 closed, 1 open (down), 2 probing; by store.
@@ -291,6 +293,7 @@ pub const ALL: &[Def] = &[
     def(IN_DOUBT_RETRIES, Counter, Unit::Count, &["store"], "In-doubt recipients retried alone, by store."),
     def(IN_DOUBT_RECOVERED, Counter, Unit::Count, &[], "Recipients in doubt when the spool was recovered."),
     def(WINDOW, Gauge, Unit::Count, &["store"], "Concurrency window (transactions at once), by store."),
+    def(LATENCY_BASELINE, Gauge, Unit::Seconds, &["store"], "No-load store latency the concurrency window steers by (size-independent phases), by store."),
     def(CONNECTIONS, Gauge, Unit::Count, &["store", "state"], "Pooled store connections, by store and state (in_use, idle)."),
     def(BREAKER, Gauge, Unit::Count, &["store"], "Circuit breaker: 0 closed, 1 open, 2 probing; by store."),
     def(BREAKER_TRIPS, Counter, Unit::Count, &["store"], "Times a store was marked down, by store."),

@@ -792,3 +792,47 @@ async fn pool_never_opens_more_than_max_connections() {
     assert_eq!(pool.status().max_size, 1);
     assert!(pool.status().size <= 1);
 }
+
+/// A store that serves one session at a time and leaves the next connection unanswered in
+/// its backlog (Cyrus `maxchild`, Dovecot `process_limit`). The second of two concurrent
+/// transactions has to open a new connection, which is not greeted while the first holds the
+/// only worker; when the first ends, its connection is handed to the second instead of
+/// sitting idle in the pool (where it would keep the worker, and the second would wait for
+/// its greeting until the idle timeout).
+#[tokio::test]
+async fn a_transaction_waiting_for_a_greeting_takes_a_connection_given_back() {
+    let fake = FakeStore::start(Script {
+        max_served: Some(1),
+        ..Script::default()
+    })
+    .await;
+    let mut c = config(fake.addr);
+    c.max_connections = 2;
+    c.idle_timeout = Span(Duration::from_secs(60));
+    let pool = StorePool::new(store(&c));
+    let deliver = |who: &'static str| {
+        let pool = pool.clone();
+        async move {
+            pool.deliver(
+                &envelope(BODY),
+                &rcpts(&[who]),
+                BODY,
+                &mut |_, _: &Outcome| {},
+            )
+            .await
+        }
+    };
+    let both = async { tokio::join!(deliver("first"), deliver("second")) };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .expect("the second transaction waited on an unanswered connect");
+    assert_eq!(by_index(&a, 1), ["delivered 250 2.0.0"]);
+    assert_eq!(by_index(&b, 1), ["delivered 250 2.0.0"]);
+    let served: Vec<_> = fake
+        .sessions()
+        .into_iter()
+        .filter(|s| !s.transactions.is_empty())
+        .collect();
+    assert_eq!(served.len(), 1, "both went over the one served session");
+    assert_eq!(served[0].transactions.len(), 2);
+}

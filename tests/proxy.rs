@@ -372,3 +372,47 @@ async fn a_message_carrying_our_marker_is_refused_in_both_modes() {
     assert_eq!(gw.gateway.spool.len(), 1);
     gw.gateway.stop().await;
 }
+
+/// The store's window (`max_connections: 1`) is held by a slow transaction: a second one
+/// waits `proxy_wait` (500 ms here) for a slot, then gets `451 4.3.2`, and never reaches
+/// the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_window_waits_proxy_wait_then_451_4_3_2() {
+    let store = FakeStore::start(Script {
+        reply_delay: Some(Duration::from_secs(3)),
+        ..Script::default()
+    })
+    .await;
+    let gw = start(store.addr.port(), false, 1).await;
+    let mut first = hello(&gw, "lmtp").await;
+    let slow =
+        tokio::spawn(async move { transaction(&mut first, &["a@store.test"], "slow", 1).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !store.transactions().first().is_some_and(|t| t.complete) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut second = hello(&gw, "lmtp").await;
+    let started = tokio::time::Instant::now();
+    let replies = transaction(&mut second, &["b@store.test"], "fast", 1).await;
+    let waited = started.elapsed();
+    assert_eq!(replies[0].code, 451, "{replies:?}");
+    assert!(replies[0].text().starts_with("4.3.2 "), "{replies:?}");
+    assert!(replies[0].text().contains("busy"), "{replies:?}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(2500),
+        "waited {waited:?}"
+    );
+    let first = slow.await.unwrap();
+    assert_eq!(line(&first[0]), "250 2.0.0 Saved");
+    assert_eq!(
+        store.transactions().len(),
+        1,
+        "the second never reached the store"
+    );
+    assert!(gw.gateway.spool.is_empty());
+    gw.gateway.stop().await;
+}

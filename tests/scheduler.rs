@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fake_store::harness::{BODY, Harness, config, queue, router, until};
+use postern::delivery::WindowConfig;
 use postern::spool::{QueueId, RecipientState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,6 +408,7 @@ async fn window_of(h: &Harness, store: &str) -> usize {
     all.into_iter().find(|s| s.name == store).unwrap().window
 }
 
+/// Postfix's feedback (`window: {latency: false}`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
     let mut cfg = config();
@@ -414,7 +416,11 @@ async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
     cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
     let mut stores = std::collections::HashMap::new();
     stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
-    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    let feedback = WindowConfig {
+        latency: false,
+        ..WindowConfig::default()
+    };
+    let h = Harness::with_window(tempfile::tempdir().unwrap(), stores, cfg, feedback).await;
     assert_eq!(window_of(&h, "a").await, 5, "slow start");
     for i in 0..4 {
         h.store("a")
@@ -453,6 +459,45 @@ async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(w, 3, "one success at window 1, a run of two at window 2");
+    h.stop().await;
+}
+
+/// The latency window (the default): busy replies are a hard signal, a quarter off at most
+/// once per round (one overload event fails several transactions at once), and busy is not
+/// down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_replies_cut_the_latency_window_once_per_round() {
+    let mut cfg = config();
+    cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
+    cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
+    assert_eq!(window_of(&h, "a").await, 5, "slow start");
+    for i in 0..4 {
+        h.store("a")
+            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
+        h.queue("", &[&format!("busy{i}@a.test")]);
+    }
+    until("four busy replies", || {
+        h.store("a").transactions().len() == 4
+    })
+    .await;
+    for _ in 0..200 {
+        if window_of(&h, "a").await < 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give a straggling TxnDone time to land, then check it did not cut again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(window_of(&h, "a").await, 3, "5 × ¾, once for the burst");
+    let st = h.scheduler.stores().await.remove(0);
+    assert_eq!(
+        st.breaker,
+        postern::scheduler::breaker::BreakerState::Closed,
+        "busy is not down"
+    );
     h.stop().await;
 }
 
@@ -647,6 +692,43 @@ async fn a_new_breaker_threshold_applies_at_the_next_failure() {
         breaker().await,
         postern::scheduler::breaker::BreakerState::Closed,
         "the new threshold opened it"
+    );
+    h.stop().await;
+}
+
+/// Windows are per store: a store whose latency rises has its own window cut, and a fast
+/// store beside it (on whichever shard) keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_shrinks_only_its_own_window() {
+    let mut stores = std::collections::HashMap::new();
+    stores.insert("slow".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("fast".to_owned(), fake_store::FakeStore::start().await);
+    let h = Harness::with(tempfile::tempdir().unwrap(), stores, config()).await;
+    // The no-load latency of both is learned first.
+    for i in 0..15 {
+        h.queue("", &[&format!("warm{i}@slow.test")]);
+        h.queue("", &[&format!("warm{i}@fast.test")]);
+    }
+    until("warm-up delivered", || {
+        h.store("slow").delivered().len() == 15 && h.store("fast").delivered().len() == 15
+    })
+    .await;
+    let fast_before = window_of(&h, "fast").await;
+    // Now one store answers 100 ms late, and both get more mail.
+    h.store("slow").set_reply_delay(Duration::from_millis(100));
+    for i in 0..40 {
+        h.queue("", &[&format!("late{i}@slow.test")]);
+        h.queue("", &[&format!("more{i}@fast.test")]);
+    }
+    until("all delivered", || {
+        h.store("slow").delivered().len() == 55 && h.store("fast").delivered().len() == 55
+    })
+    .await;
+    let (slow, fast) = (window_of(&h, "slow").await, window_of(&h, "fast").await);
+    assert!(slow < 5, "the slow store's window was cut: {slow}");
+    assert!(
+        fast >= fast_before && fast >= 5,
+        "the fast store's window stayed: {fast_before} -> {fast}"
     );
     h.stop().await;
 }

@@ -267,6 +267,45 @@ fn lmtp_stores_load_and_validate() {
 }
 
 #[test]
+fn a_stores_window_loads_with_defaults_and_validates() {
+    let yaml = BASE.replace(
+        "routes:\n",
+        "  - name: cyrus1\n    kind: lmtp\n    address: 127.0.0.1:24\n    max_connections: 20\n    window: { min: 2, max: 10, latency_tolerance: 0.3 }\n  - name: dovecot\n    kind: lmtp\n    address: unix:/run/dovecot/lmtp\nroutes:\n",
+    );
+    let c = Config::parse(&yaml, "t").unwrap();
+    let StoreConfig::Lmtp(l) = &c.stores[1] else {
+        panic!("an lmtp store")
+    };
+    assert!(l.window.latency, "latency steering is on by default");
+    assert_eq!(
+        (l.window.min, l.window.max, l.window.initial),
+        (2, Some(10), None)
+    );
+    assert!((l.window.latency_tolerance - 0.3).abs() < 1e-9);
+    let StoreConfig::Lmtp(d) = &c.stores[2] else {
+        panic!("an lmtp store")
+    };
+    assert_eq!(d.window, crate::delivery::WindowConfig::default());
+    for (bad, message) in [
+        ("max: 10", "max: 30"),
+        ("min: 2", "min: 0"),
+        ("latency_tolerance: 0.3", "latency_tolerance: 0"),
+        ("min: 2", "min: 2, initial: 11"),
+    ]
+    .map(|(from, to)| (yaml.replace(from, to), to))
+    {
+        let joined = errors(&bad).join("\n");
+        assert!(joined.contains("stores[1]: window."), "{message}: {joined}");
+    }
+    let typo = yaml.replace("min: 2", "minimum: 2");
+    assert!(
+        errors(&typo)[0].contains("unknown field `minimum`"),
+        "{:?}",
+        errors(&typo)
+    );
+}
+
+#[test]
 fn pipe_and_error_stores_load_and_validate() {
     let yaml = BASE.replace(
         "routes:\n",

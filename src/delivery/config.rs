@@ -59,8 +59,9 @@ pub struct LmtpStoreConfig {
     /// Per-phase timeouts.
     #[serde(default)]
     pub timeouts: LmtpTimeouts,
-    /// A pooled connection unused this long is closed: 60s (Dovecot closes idle LMTP
-    /// sessions after 300 s, Cyrus after 360 s; stay well below).
+    /// A pooled connection unused this long is closed: 2s, like Postfix's
+    /// `lmtp_connection_cache_time_limit`. An idle session holds a store process (Cyrus,
+    /// Dovecot) that another gateway may be waiting for.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Span,
     /// A connection older than this is not reused: 300s.
@@ -75,6 +76,82 @@ pub struct LmtpStoreConfig {
     /// The store's status normalisation table; the first matching rule decides.
     #[serde(default)]
     pub normalize: Vec<NormalizeRule>,
+    /// The concurrency window ([`crate::scheduler::window`]): latency-steered by default.
+    #[serde(default)]
+    pub window: WindowConfig,
+}
+
+/// `window:` of a pooled store: how many transactions run at once, and how that is steered.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Steer by the store's latency (true, the default) or only by refusals and failures
+    /// (false: Postfix's feedback).
+    #[serde(default = "default_true")]
+    pub latency: bool,
+    /// Never fewer transactions at once than this: 1.
+    #[serde(default = "default_window_min")]
+    pub min: usize,
+    /// At start and after the store recovered: `delivery.initial_window` (5).
+    #[serde(default)]
+    pub initial: Option<usize>,
+    /// Never more than this: `max_connections`.
+    #[serde(default)]
+    pub max: Option<usize>,
+    /// How far above its no-load baseline the latency may rise before the window shrinks:
+    /// 0.5 (50 %).
+    #[serde(default = "default_latency_tolerance")]
+    pub latency_tolerance: f64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            latency: true,
+            min: default_window_min(),
+            initial: None,
+            max: None,
+            latency_tolerance: default_latency_tolerance(),
+        }
+    }
+}
+
+impl WindowConfig {
+    /// Checks the keys against each other and the store's `max_connections`.
+    fn validate(&self, max_connections: usize) -> Result<(), String> {
+        let max = self.max.unwrap_or(max_connections);
+        if self.min == 0 {
+            return Err("window.min: must be at least 1".into());
+        }
+        if max < self.min {
+            return Err(format!(
+                "window.max: must be at least window.min ({})",
+                self.min
+            ));
+        }
+        if max > max_connections {
+            return Err(format!(
+                "window.max: at most max_connections ({max_connections}); raise that instead"
+            ));
+        }
+        if let Some(initial) = self.initial
+            && !(self.min..=max).contains(&initial)
+        {
+            return Err(format!(
+                "window.initial: must be between window.min ({}) and window.max ({max})",
+                self.min
+            ));
+        }
+        if !(self.latency_tolerance.is_finite()
+            && self.latency_tolerance > 0.0
+            && self.latency_tolerance <= 10.0)
+        {
+            return Err(
+                "window.latency_tolerance: must be above 0 and at most 10 (0.5 is 50 %)".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One store of kind `smtp`: a fixed next hop (no MX lookups), with the same settings as an
@@ -97,6 +174,7 @@ impl LmtpStoreConfig {
             chunking: true,
             chunk_size: default_chunk_size(),
             normalize: Vec::new(),
+            window: WindowConfig::default(),
         }
     }
 
@@ -142,6 +220,7 @@ impl LmtpStoreConfig {
                 return Err("tls: ca_file and insecure_skip_verify exclude each other".into());
             }
         }
+        self.window.validate(self.max_connections)?;
         for (i, rule) in self.normalize.iter().enumerate() {
             if rule.code.is_some_and(|c| !(400..=599).contains(&c)) {
                 return Err(format!("normalize[{i}].code: must be a 4yz or 5yz code"));
@@ -375,10 +454,16 @@ fn default_recipients_per_transaction() -> usize {
     50
 }
 fn default_idle_timeout() -> Span {
-    Span(Duration::from_secs(60))
+    Span(Duration::from_secs(2))
 }
 fn default_reuse_limit() -> Span {
     Span(Duration::from_secs(300))
+}
+fn default_window_min() -> usize {
+    1
+}
+fn default_latency_tolerance() -> f64 {
+    0.5
 }
 fn default_true() -> bool {
     true

@@ -59,7 +59,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use super::config::{LmtpStoreConfig, StoreAddress, TlsMode};
+use super::config::{LmtpStoreConfig, StoreAddress, TlsMode, WindowConfig};
 use super::message::{Envelope, Recipient, Report};
 use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
 use super::wire::{self, Credentials, Io, TlsSettings, Wire};
@@ -146,6 +146,7 @@ pub struct LmtpStore {
     chunking: bool,
     chunk_size: usize,
     policy: Policy,
+    window: WindowConfig,
 }
 
 impl fmt::Debug for LmtpStore {
@@ -249,7 +250,13 @@ impl LmtpStore {
             // validate() bounds it to 1 GiB.
             chunk_size: usize::try_from(config.chunk_size.0).unwrap_or(1 << 20),
             policy: Policy::new(config.normalize.clone()),
+            window: config.window,
         })
+    }
+
+    /// The `window:` settings.
+    pub fn window(&self) -> WindowConfig {
+        self.window
     }
 
     /// The store's name.
@@ -463,10 +470,12 @@ impl Connection {
         let mut mark = self.last_used;
         let mut mail_rcpt_timed = false;
 
+        // The window's latency sample: the size-independent phases, not the content.
+        let mut latency = Duration::ZERO;
         if let Err(f) = self.wire.flush(t.mail_rcpt).await {
             run.widen(f.trouble(Phase::MailRcpt, t.mail_rcpt));
         } else if bdat {
-            phase_done(&store.name, "mail_rcpt", &mut mark);
+            latency += phase_done(&store.name, "mail_rcpt", &mut mark);
             mail_rcpt_timed = true;
             self.send_bdat(&mut body, &mut run, check_8bit).await;
             phase_done(&store.name, "data", &mut mark);
@@ -479,7 +488,7 @@ impl Connection {
             }
             if run.go_ahead && !data_started {
                 data_started = true;
-                phase_done(&store.name, "mail_rcpt", &mut mark);
+                latency += phase_done(&store.name, "mail_rcpt", &mut mark);
                 mail_rcpt_timed = true;
                 let size = usize::try_from(envelope.size).unwrap_or(DATA_READ);
                 self.send_data(&mut body, &mut run, check_8bit, size).await;
@@ -500,15 +509,18 @@ impl Connection {
             }
         }
         if run.end_sent {
-            phase_done(&store.name, "end_of_data", &mut mark);
+            let wait = phase_done(&store.name, "end_of_data", &mut mark);
+            latency += size_normalised(wait, envelope.size);
         } else if !mail_rcpt_timed {
-            phase_done(&store.name, "mail_rcpt", &mut mark);
+            latency += phase_done(&store.name, "mail_rcpt", &mut mark);
         }
         self.last_used = Instant::now();
         if run.closed || self.wire.proto.is_closed() {
             self.broken = true;
         }
-        run.finish()
+        let mut report = run.finish();
+        report.latency = Some(latency);
+        report
     }
 
     /// RSET, to check that a pooled connection is still alive before reusing it.
@@ -787,11 +799,26 @@ impl Connection {
 
 /// Records the time since `mark` as `phase` of `store` ([`crate::metrics::PHASE_LATENCY`])
 /// and moves `mark` to now.
-fn phase_done(store: &str, phase: &'static str, mark: &mut Instant) {
+fn phase_done(store: &str, phase: &'static str, mark: &mut Instant) -> Duration {
     let now = Instant::now();
+    let took = now.duration_since(*mark);
     metrics::histogram!(crate::metrics::PHASE_LATENCY, "store" => store.to_owned(), "phase" => phase)
-        .record(now.duration_since(*mark).as_secs_f64());
+        .record(took.as_secs_f64());
     *mark = now;
+    took
+}
+
+/// Content up to this size counts whole in the end-of-data latency; above, per this much.
+const LATENCY_UNIT: u64 = 64 << 10;
+
+/// The end-of-data wait as the window's signal counts it: whole up to [`LATENCY_UNIT`] of
+/// content, per [`LATENCY_UNIT`] above (a big message is slow because it is big).
+fn size_normalised(wait: Duration, size: u64) -> Duration {
+    if size <= LATENCY_UNIT {
+        wait
+    } else {
+        wait.mul_f64(LATENCY_UNIT as f64 / size as f64)
+    }
 }
 
 /// The message needs SMTPUTF8: declared, or an address is not ASCII.
@@ -948,6 +975,7 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
         Report {
             outcomes: self.outcomes,
             trouble: self.trouble,
+            latency: None,
         }
     }
 }

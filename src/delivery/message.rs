@@ -63,6 +63,12 @@ pub struct Report {
     pub outcomes: Vec<(usize, Outcome)>,
     /// The widest failure beyond single recipients, if any.
     pub trouble: Option<Trouble>,
+    /// The store's latency for the concurrency window, when the agent measures one: the
+    /// phases whose length does not depend on the message's size (getting a connection —
+    /// for a new one the greeting and LHLO —, the MAIL and RCPT round trips) plus the wait
+    /// for the replies after the end of data, whole up to 64 KiB of content and per 64 KiB
+    /// above. Never the time spent writing the content.
+    pub latency: Option<std::time::Duration>,
 }
 
 impl Report {
@@ -82,6 +88,7 @@ impl Report {
     /// Adds another transaction's report (the same message, more recipients).
     pub fn merge(&mut self, other: Self) {
         self.outcomes.extend(other.outcomes);
+        self.latency = self.latency.max(other.latency);
         if let Some(t) = other.trouble {
             self.trouble = Trouble::widen(self.trouble.take(), t);
         }

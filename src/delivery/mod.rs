@@ -55,7 +55,7 @@ mod tls;
 pub mod trouble;
 mod wire;
 
-pub use config::{LmtpStoreConfig, SmtpStoreConfig};
+pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
 pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
 pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};

@@ -7,19 +7,34 @@
 //! connection left unusable by a delivery (lost, timed out, aborted) is detached from the
 //! pool ([`Object::take`]) and dropped, so its slot is free at once. [`StorePool::sweep`]
 //! closes idle and old connections that sit in the pool; [`StorePool::spawn_sweeper`] runs it
-//! periodically.
+//! periodically (every half `idle_timeout`, so an idle session never holds a store process
+//! much longer than that).
 //!
-//! The pool holds at most the store's `max_connections`. The scheduler bounds its own
-//! concurrency per store (its window, with a semaphore) and may [`resize`](StorePool::resize)
-//! the pool to match; [`StorePool::status`] reports the current size.
+//! **No work waits on a greeting that a sibling could spare.** A store that runs one process
+//! per session (Cyrus `maxchild`, Dovecot `process_limit`) leaves excess connections
+//! unanswered in its listen backlog. A transaction that had to open a new connection waits
+//! for that greeting; if meanwhile another transaction of the same store gives its connection
+//! back ([`StorePool::release`]), that connection is handed straight to the waiting
+//! transaction and the unanswered connect is abandoned (so the store never has more than
+//! `max_connections` sessions of ours, greeted or waiting). Without the hand-over, the
+//! transactions would sit on unanswered connects while the sessions the store does serve
+//! sit idle in the pool. (A connect greeted in the same instant as a hand-over is kept as a
+//! *spare* for the next transaction, or closed by the sweeper after `idle_timeout`.)
+//!
+//! The pool holds at most the store's `max_connections`; the store's concurrency window
+//! ([`crate::scheduler::gate`]) [`resize`](StorePool::resize)s it to the window, so no more
+//! sessions stay open at the store than the window allows. [`StorePool::status`] reports the
+//! current size.
 //!
 //! DIAGNOSTICS: a connection that cannot be opened is a [`Trouble`] of [`Scope::Store`];
 //! [`StorePool::deliver`] then reports every recipient not attempted.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
+use tokio::sync::oneshot;
 
 use super::lmtp::{Connection, LmtpStore};
 use super::message::{Envelope, MessageBody, Recipient, Report};
@@ -44,19 +59,101 @@ impl Default for PoolOptions {
     }
 }
 
+/// Connections between their greeting and their use, and transactions waiting for one.
+#[derive(Debug, Default)]
+struct Handover {
+    /// Transactions whose new connection is not greeted yet: a connection given back goes
+    /// to the first of them.
+    waiting: VecDeque<oneshot::Sender<Connection>>,
+    /// Connections greeted in the instant their transaction was handed another.
+    spares: Vec<Connection>,
+}
+
 /// Creates and recycles connections to one store.
 #[derive(Debug)]
 pub struct Manager {
     store: Arc<LmtpStore>,
     options: PoolOptions,
+    handover: Arc<Mutex<Handover>>,
+}
+
+impl Manager {
+    fn handover(&self) -> MutexGuard<'_, Handover> {
+        lock(&self.handover)
+    }
+
+    /// A greeted spare that is still fresh.
+    fn take_spare(&self) -> Option<Connection> {
+        let mut h = self.handover();
+        while let Some(conn) = h.spares.pop() {
+            if conn.is_usable()
+                && conn.idle() < self.store.idle_timeout()
+                && conn.age() < self.store.reuse_limit()
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+}
+
+/// A spawned task that is aborted when this is dropped; awaiting it awaits the task.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+fn lock(h: &Mutex<Handover>) -> MutexGuard<'_, Handover> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl managed::Manager for Manager {
     type Type = Connection;
     type Error = Trouble;
 
+    /// A spare if there is one; else a new connection, opened in its own task, or a
+    /// connection another transaction gives back before that one is greeted.
     async fn create(&self) -> Result<Connection, Trouble> {
-        self.store.connect().await
+        if let Some(conn) = self.take_spare() {
+            return Ok(conn);
+        }
+        let (give, given) = oneshot::channel();
+        self.handover().waiting.push_back(give);
+        // The connect runs in its own task, ended with this future: a transaction that takes
+        // a connection given back (or gives up) leaves no connect behind, so the store never
+        // sees more than `max_connections` sessions from us, greeted or waiting.
+        let store = Arc::clone(&self.store);
+        let connect = AbortOnDrop(tokio::spawn(async move { store.connect().await }));
+        let mut given = given;
+        tokio::select! {
+            opened = connect => {
+                // Our own connect ended first. A connection handed over in the same instant
+                // is kept as a spare, not dropped.
+                given.close();
+                let mut h = self.handover();
+                h.waiting.retain(|w| !w.is_closed());
+                if let Ok(extra) = given.try_recv() {
+                    h.spares.push(extra);
+                }
+                drop(h);
+                opened.unwrap_or_else(|_| Err(trouble::unusable("the connect task ended")))
+            }
+            Ok(conn) = &mut given => Ok(conn),
+        }
     }
 
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Trouble> {
@@ -96,7 +193,11 @@ impl StorePool {
     /// A pool with explicit options.
     pub fn with_options(store: Arc<LmtpStore>, options: PoolOptions) -> Self {
         let size = store.max_connections();
-        let manager = Manager { store, options };
+        let manager = Manager {
+            store,
+            options,
+            handover: Arc::default(),
+        };
         let pool = managed::Pool::builder(manager)
             .max_size(size)
             .runtime(deadpool::Runtime::Tokio1)
@@ -126,6 +227,31 @@ impl StorePool {
         })
     }
 
+    /// Gives a connection back after a transaction: to a transaction waiting for a greeting
+    /// if there is one (see the module header), else to the pool; an unusable one is
+    /// dropped.
+    pub fn release(&self, conn: PooledConnection) {
+        if !conn.is_usable() {
+            drop(Object::take(conn));
+            return;
+        }
+        let mut h = self.pool.manager().handover();
+        h.waiting.retain(|w| !w.is_closed());
+        if h.waiting.is_empty() {
+            return; // `conn` goes back to the pool as it drops
+        }
+        let mut conn = Object::take(conn);
+        while let Some(give) = h.waiting.pop_front() {
+            match give.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
+        // Everybody stopped waiting in the meantime (a rare race): close it rather than hold
+        // a session the pool does not count.
+        drop(conn);
+    }
+
     /// Size, idle connections and waiters.
     pub fn status(&self) -> Status {
         self.pool.status()
@@ -151,11 +277,28 @@ impl StorePool {
             .pool
             .retain(|conn, _| conn.is_usable() && conn.idle() < idle && conn.age() < reuse)
             .removed;
-        let n = removed.len();
+        let stale: Vec<Connection> = {
+            let mut h = self.pool.manager().handover();
+            h.waiting.retain(|w| !w.is_closed());
+            let (keep, stale) = std::mem::take(&mut h.spares)
+                .into_iter()
+                .partition(|c| c.is_usable() && c.idle() < idle && c.age() < reuse);
+            h.spares = keep;
+            stale
+        };
+        let n = removed.len() + stale.len();
         for mut conn in removed {
             conn.quit().await;
         }
+        for mut conn in stale {
+            conn.quit().await;
+        }
         n
+    }
+
+    /// How often to sweep: half the idle timeout, between 100 ms and 30 s.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.store().idle_timeout() / 2).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
 
     /// Sweeps every `every` until the pool is closed or dropped.
@@ -196,13 +339,14 @@ impl StorePool {
         let per = self.store().recipients_per_transaction().max(1);
         let mut batches = recipients.chunks(per);
         while let Some(batch) = batches.next() {
+            let asked = Instant::now();
             let part = match self.get().await {
                 Ok(mut conn) => match body.open().await {
                     Ok(reader) => {
-                        let part = conn.deliver(envelope, batch, reader, on_outcome).await;
-                        if !conn.is_usable() {
-                            drop(Object::take(conn));
-                        }
+                        let waited = asked.elapsed();
+                        let mut part = conn.deliver(envelope, batch, reader, on_outcome).await;
+                        part.latency = part.latency.map(|l| l + waited);
+                        self.release(conn);
                         part
                     }
                     Err(e) => {
@@ -249,5 +393,9 @@ fn settle<F: FnMut(usize, &Outcome)>(
             (r.index, outcome.clone())
         })
         .collect();
-    Report { outcomes, trouble }
+    Report {
+        outcomes,
+        trouble,
+        latency: None,
+    }
 }

@@ -163,8 +163,14 @@ pub fn timed_out(phase: Phase, limit: Duration) -> Trouble {
 }
 
 /// The connection ended (end of file, an I/O error, or a malformed reply).
+///
+/// A session the store drops during its greeting or LHLO is the store being busy, not
+/// broken: Dovecot drops the sessions over its `process_limit` that way, Cyrus the ones over
+/// `maxchild` when its backlog overflows. That is [`Scope::Connection`]: the window takes it
+/// as a hard signal, the breaker does not count it, and the recipients are tried again as
+/// soon as the window allows, not after a full backoff.
 pub fn lost(phase: Phase, why: &str) -> Trouble {
-    let scope = if phase.is_setup() {
+    let scope = if phase.is_setup() && phase != Phase::Lhlo {
         Scope::Store
     } else {
         Scope::Connection
@@ -520,6 +526,9 @@ mod tests {
         assert_eq!(timed_out(Phase::Lhlo, d).scope, Scope::Store);
         assert_eq!(timed_out(Phase::EndOfData, d).scope, Scope::Connection);
         assert_eq!(lost(Phase::Data, "eof").scope, Scope::Connection);
+        // A session dropped in its greeting or LHLO: the store is busy, not down.
+        assert_eq!(lost(Phase::Lhlo, "closed").scope, Scope::Connection);
+        assert_eq!(lost(Phase::Auth, "closed").scope, Scope::Store);
         assert!(lost(Phase::EndOfData, "eof").detail.contains("in doubt"));
         let narrow = message_refused(&needs_8bitmime());
         let wide = lost(Phase::Data, "eof");

@@ -260,20 +260,43 @@ async fn deliver(
         .collect()
 }
 
-/// One transaction at `store`, inside its concurrency window. The one place the window is
-/// entered and left. Returns the report and, for recipients not attempted, why.
+/// One transaction at `store`, inside its concurrency window (the store's gate, shared with
+/// the scheduler and every other proxy session): the one place the window is entered and
+/// left. No slot within `proxy_wait`: every recipient of the batch is not attempted, the
+/// store "is busy". Returns the report and, for recipients not attempted, why.
 async fn relay(
-    _shared: &Shared,
-    _store: &str,
+    shared: &Shared,
+    store: &str,
     agent: &Agent,
     envelope: &Envelope,
     batch: &[Recipient],
     body: &[u8],
 ) -> (Report, &'static str) {
+    let permit = match shared.agents.gate(store) {
+        Some(gate) => match gate.acquire(shared.config.proxy_wait.0).await {
+            Some(permit) => Some(permit),
+            None => {
+                let report = crate::delivery::policy::settle_all(
+                    batch,
+                    &Outcome::NotAttempted(None),
+                    &mut |_, _| {},
+                );
+                return (report, BUSY);
+            }
+        },
+        // Every configured store has a gate; an agent without one runs unthrottled.
+        None => None,
+    };
     let attempt = agent.deliver(envelope, batch, body, &mut |_, _| {}).await;
+    if let Some(permit) = permit {
+        permit.finish(&attempt.report);
+    }
     let why = not_attempted_why(&attempt.report);
     (attempt.report, why)
 }
+
+/// The words of `451 4.3.2` when the store's window stayed full for `proxy_wait`.
+const BUSY: &str = "is busy (no room in its concurrency window)";
 
 /// Why recipients were not attempted, in words for the client's `451 4.3.2`.
 fn not_attempted_why(report: &Report) -> &'static str {

@@ -205,10 +205,11 @@ impl LiveRoutes {
                 Ok(generation)
             }
             Err(errors) => {
+                // Counted before it is logged: whoever reads the log line sees the count.
+                counter!(RELOAD_ERRORS).increment(1);
                 for e in &errors {
                     tracing::error!(error = %e, "routing map reload failed; keeping the running map");
                 }
-                counter!(RELOAD_ERRORS).increment(1);
                 // Do not retry the same broken files every poll; the next change retries.
                 let mut probe = running.config.clone();
                 if let Ok(text) = std::fs::read_to_string(&path) {

@@ -17,12 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use deadpool::managed::Object;
 use postern_proto::Reply;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::gate::Gate;
+use super::window::{Window, WindowSettings};
 use crate::config::{Config, StoreConfig};
 use crate::delivery::{
     Envelope, MaildirStore, MessageBody, Outcome, PipeStore, Recipient, Report, StorePool, trouble,
@@ -128,10 +129,12 @@ impl Agent {
                 let report = match conn {
                     Ok(mut conn) => match body.open().await {
                         Ok(reader) => {
-                            let r = conn.deliver(envelope, recipients, reader, on_outcome).await;
-                            if !conn.is_usable() {
-                                drop(Object::take(conn));
-                            }
+                            let mut r =
+                                conn.deliver(envelope, recipients, reader, on_outcome).await;
+                            // Waiting for a connection (a new one's greeting) is the store's
+                            // latency too: where a process-per-session store queues us.
+                            r.latency = r.latency.map(|l| l + connect);
+                            pool.release(conn);
                             r
                         }
                         Err(e) => {
@@ -198,10 +201,11 @@ impl Agent {
     }
 }
 
-/// The agents by store name.
+/// The agents by store name, each with its store's [`Gate`] (the concurrency window every
+/// path to the store shares).
 #[derive(Clone, Debug, Default)]
 pub struct Agents {
-    map: HashMap<String, Agent>,
+    map: HashMap<String, (Agent, Arc<Gate>)>,
 }
 
 impl Agents {
@@ -211,9 +215,11 @@ impl Agents {
     }
 
     /// The agents for the configured stores. LMTP stores get a connection pool each (the
-    /// scheduler sweeps it for idle and old connections every 30 s).
+    /// scheduler sweeps it for idle and old connections) and a window from their `window:`
+    /// settings, starting at `delivery.initial_window` unless they say otherwise.
     pub fn from_config(config: &Config) -> Result<Self, crate::delivery::lmtp::StoreError> {
         let mut agents = Self::new();
+        let initial = config.delivery.initial_window;
         for store in &config.stores {
             let agent = match store {
                 StoreConfig::Maildir { name, root } => {
@@ -231,24 +237,56 @@ impl Agents {
                 StoreConfig::Pipe(p) => Agent::Pipe(Arc::new(PipeStore::from_config(p)?)),
                 StoreConfig::Error { reply, .. } => Agent::Error(reply.clone()),
             };
-            agents.insert(store.name(), agent);
+            agents.insert_with(store.name(), agent, initial);
         }
         Ok(agents)
     }
 
-    /// Adds (or replaces) the agent of store `name`.
+    /// Adds (or replaces) the agent of store `name`, with a window at the default initial
+    /// size.
     pub fn insert(&mut self, name: &str, agent: Agent) {
-        self.map.insert(name.to_owned(), agent);
+        let initial = super::SchedulerConfig::default().initial_window;
+        self.insert_with(name, agent, initial);
+    }
+
+    /// Adds (or replaces) the agent of store `name`, its window starting at `initial` unless
+    /// the store's `window.initial` says otherwise.
+    pub fn insert_with(&mut self, name: &str, agent: Agent, initial: usize) {
+        let (settings, pool) = match &agent {
+            Agent::Lmtp(pool) => {
+                let w = pool.store().window();
+                let max = w.max.unwrap_or(agent.max_connections());
+                let settings = WindowSettings {
+                    min: w.min,
+                    initial: w.initial.unwrap_or(initial),
+                    max,
+                    latency: w.latency,
+                    tolerance: w.latency_tolerance,
+                };
+                (settings, Some(pool.clone()))
+            }
+            _ => (
+                WindowSettings::feedback(initial, agent.max_connections()),
+                None,
+            ),
+        };
+        let gate = Gate::new(name, Window::with_settings(settings), pool);
+        self.map.insert(name.to_owned(), (agent, gate));
     }
 
     /// The agent of store `name`.
     pub fn get(&self, name: &str) -> Option<&Agent> {
-        self.map.get(name)
+        self.map.get(name).map(|(a, _)| a)
+    }
+
+    /// The gate of store `name`.
+    pub fn gate(&self, name: &str) -> Option<&Arc<Gate>> {
+        self.map.get(name).map(|(_, g)| g)
     }
 
     /// Every store name and agent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Agent)> {
-        self.map.iter().map(|(n, a)| (n.as_str(), a))
+        self.map.iter().map(|(n, (a, _))| (n.as_str(), a))
     }
 }
 

@@ -66,12 +66,15 @@ pub mod breaker;
 pub mod clock;
 pub mod config;
 pub mod dsn;
+pub mod gate;
 pub mod metrics;
 mod operator;
 pub mod retry;
 mod shard;
 mod transaction;
 pub mod window;
+#[cfg(test)]
+mod window_sim;
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -271,7 +274,7 @@ impl Scheduler {
         for (_, agent) in ctx.agents.iter() {
             if let Agent::Lmtp(pool) = agent {
                 // Closes idle connections past the store's idle timeout; ends with the pool.
-                pool.spawn_sweeper(Duration::from_secs(30));
+                pool.spawn_sweeper(pool.sweep_interval());
             }
         }
         let recovered = ctx.spool.stats().in_doubt_recovered;

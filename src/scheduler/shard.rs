@@ -20,9 +20,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::agent::{Agent, SpoolBody};
 use super::breaker::Breaker;
 use super::dsn::{self, Kind};
+use super::gate::Gate;
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
-use super::window::Window;
 use super::{Ctx, Job, JobRcpt, Message, StoreStatus, local_reply};
 use crate::delivery::{Outcome, Scope};
 use crate::routing::RcptDecision;
@@ -57,6 +57,9 @@ pub(crate) enum Event {
     },
     /// Finishing (DSN and delete) ended.
     Finished { qid: QueueId, ok: bool },
+    /// A store's gate has room again after a transaction of another path (a proxy
+    /// session) ended: dispatch it.
+    Dispatch(String),
     /// Report the stores' state.
     Status(tokio::sync::oneshot::Sender<Vec<StoreStatus>>),
     /// Reporting the final recipients of a message still in the queue ended.
@@ -102,7 +105,8 @@ struct StoreQueue {
     agent: Agent,
     relay: String,
     per_txn: usize,
-    window: Window,
+    /// The store's window, shared with the other paths to the store (proxy sessions).
+    gate: Arc<Gate>,
     breaker: Breaker,
     jobs: HashMap<u64, StoreJob>,
     /// Jobs with a recipient that can start now, round robin. Dispatch costs O(work
@@ -124,13 +128,28 @@ struct StoreQueue {
 }
 
 impl StoreQueue {
-    fn new(ctx: &Ctx, agent: Agent) -> Self {
-        let c = &ctx.config;
+    fn new(ctx: &Arc<Ctx>, shard: usize, name: &str, agent: Agent) -> Self {
         let live = ctx.live.load();
+        let gate = match ctx.agents.gate(name) {
+            Some(gate) => Arc::clone(gate),
+            None => Gate::new(
+                name,
+                super::window::Window::new(ctx.config.initial_window, agent.max_connections()),
+                None,
+            ),
+        };
+        // Another path's transaction freed a slot the dispatcher had wanted.
+        let weak = Arc::downgrade(ctx);
+        let store = name.to_owned();
+        gate.set_waker(move || {
+            if let Some(ctx) = weak.upgrade() {
+                ctx.send(shard, Event::Dispatch(store.clone()));
+            }
+        });
         Self {
             relay: agent.relay(),
             per_txn: agent.recipients_per_transaction(),
-            window: Window::new(c.initial_window, agent.max_connections()),
+            gate,
             breaker: Breaker::new(live.breaker_failures, live.probe_interval),
             agent,
             jobs: HashMap::new(),
@@ -208,7 +227,10 @@ impl Shard {
         let mut stores = HashMap::new();
         for (name, agent) in ctx.agents.iter() {
             if ctx.store_shard(name) == id {
-                stores.insert(name.to_owned(), StoreQueue::new(&ctx, agent.clone()));
+                stores.insert(
+                    name.to_owned(),
+                    StoreQueue::new(&ctx, id, name, agent.clone()),
+                );
             }
         }
         let active_limit = (ctx.config.active_limit / ctx.shards.len().max(1)).max(1);
@@ -280,6 +302,7 @@ impl Shard {
             }
             Event::TxnDone(done) => self.txn_done(*done),
             Event::ProbeDone { store, result } => self.probe_done(&store, result),
+            Event::Dispatch(store) => self.dispatch(&store),
             Event::NextAttempt(qid, tx) => {
                 let now = Instant::now();
                 let at = self
@@ -297,7 +320,7 @@ impl Shard {
                     .iter()
                     .map(|(name, st)| StoreStatus {
                         name: name.clone(),
-                        window: st.window.limit(),
+                        window: st.gate.status().0,
                         in_flight: st.in_flight,
                         breaker: st.breaker.state(),
                         queued: st.queued_rcpts,
@@ -660,8 +683,8 @@ impl Shard {
     fn store(&mut self, name: &str) -> Option<&mut StoreQueue> {
         if !self.stores.contains_key(name) {
             let agent = self.ctx.agents.get(name)?.clone();
-            self.stores
-                .insert(name.to_owned(), StoreQueue::new(&self.ctx, agent));
+            let queue = StoreQueue::new(&self.ctx, self.id, name, agent);
+            self.stores.insert(name.to_owned(), queue);
         }
         self.stores.get_mut(name)
     }
@@ -731,7 +754,12 @@ impl Shard {
             return;
         }
         let serialize = ctx.config.per_mailbox_serialization;
-        while st.in_flight < st.window.limit() {
+        while !st.ready.is_empty() {
+            // A slot under the store's window (shared with proxy sessions); none: the gate
+            // sends Dispatch when one frees.
+            let Some(permit) = st.gate.try_acquire() else {
+                break;
+            };
             let Some(id) = st.ready.pop_front() else {
                 break;
             };
@@ -775,6 +803,7 @@ impl Shard {
                 Arc::clone(&job.msg),
                 id,
                 batch,
+                permit,
             );
             let c = Arc::clone(&ctx);
             ctx.tasks.spawn(async move {
@@ -811,9 +840,9 @@ impl Shard {
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default();
+        // The window learned from the transaction through its permit (the gate).
         match scope {
             Scope::Store => {
-                st.window.on_failure();
                 let live = ctx.live.load();
                 st.breaker
                     .set_limits(live.breaker_failures, live.probe_interval);
@@ -822,13 +851,8 @@ impl Shard {
                     tracing::warn!(store = %done.store, reason = %detail, "store marked down; deferring its mail and probing");
                 }
             }
-            Scope::Connection => st.window.on_failure(),
+            Scope::Connection => {}
             Scope::Recipient | Scope::Message => {
-                if done.busy {
-                    st.window.on_failure();
-                } else {
-                    st.window.on_success();
-                }
                 st.breaker.on_success();
                 // The store takes mail again: what it turned away comes back now.
                 for qid in st.parked.drain() {
@@ -979,7 +1003,7 @@ impl Shard {
             .breaker
             .probe_result(result.is_ok(), Instant::now(), random, &reason)
         {
-            st.window.restart();
+            st.gate.restart();
             let parked: Vec<QueueId> = st.parked.drain().collect();
             tracing::info!(store = %name, parked = parked.len(), "store is back; draining its backlog at slow-start pace");
             for qid in parked {
@@ -996,7 +1020,10 @@ impl Shard {
         for (name, st) in &mut self.stores {
             st.shape.publish(name, now, &self.ctx.spool);
             let store = name.clone();
-            gauge!(m::WINDOW, "store" => store.clone()).set(st.window.limit() as f64);
+            gauge!(m::WINDOW, "store" => store.clone()).set(st.gate.status().0 as f64);
+            // 0 until learned (a store with latency steering off, or no transaction yet).
+            let baseline = st.gate.baseline().map_or(0.0, |b| b.as_secs_f64());
+            gauge!(m::LATENCY_BASELINE, "store" => store.clone()).set(baseline);
             gauge!(m::BREAKER, "store" => store.clone()).set(st.breaker.state().gauge());
             if let Some((in_use, idle)) = st.agent.connections() {
                 gauge!(m::CONNECTIONS, "store" => store.clone(), "state" => "in_use")

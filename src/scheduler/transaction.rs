@@ -8,6 +8,7 @@ use metrics::{counter, histogram};
 use postern_proto::Reply;
 
 use super::agent::{Agent, Attempt};
+use super::gate::Permit;
 use super::metrics::{self as m, outcome};
 use super::{Ctx, JobRcpt, Message, dsn, local_reply};
 use crate::delivery::trouble::Trouble;
@@ -127,7 +128,12 @@ pub(crate) fn settle_locally(
     );
 }
 
-/// Runs one transaction of `batch` (recipients of one message for one store).
+/// Runs one transaction of `batch` (recipients of one message for one store) under the
+/// store's `permit`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one transaction's worth of context"
+)]
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     agent: Agent,
@@ -136,6 +142,7 @@ pub(crate) async fn run(
     msg: Arc<Message>,
     job: u64,
     batch: Vec<JobRcpt>,
+    permit: Permit,
 ) -> TxnDone {
     let started = ctx.clock.now();
     let indices: Vec<usize> = batch.iter().map(|r| r.index).collect();
@@ -211,6 +218,8 @@ pub(crate) async fn run(
     if done.aborted {
         return done;
     }
+    // The store's window learns from what the transaction came to.
+    permit.finish(&attempt.report);
     if msg.body.is_corrupt() {
         tracing::error!(queue_id = %msg.qid, "message body failed its checksum; quarantining");
         drop(
@@ -359,5 +368,6 @@ fn not_attempted(indices: &[usize], reply: Reply, detail: &str) -> Report {
             detail: detail.into(),
             reply: Some(reply),
         }),
+        latency: None,
     }
 }

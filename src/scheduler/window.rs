@@ -1,66 +1,449 @@
 //! A store's concurrency window: how many transactions may run at once.
 //!
-//! Postfix's destination concurrency feedback, in integers: the window starts at
-//! `initial_window` (slow start, capped by the store's `max_connections`); a run of as many
-//! consecutive successes as the window is wide raises it by one (positive feedback of
-//! 1/window per success), up to `max_connections`; a failure — a connection or handshake
-//! failure, or a "busy" reply (`421`, `4.3.2`, `4.7.0`) — lowers it by one, never below one,
-//! and restarts the run. When a store comes back after being down the window restarts at
-//! the initial value, so the backlog drains at slow-start pace, not as a flood.
+//! Two controllers share one type:
+//!
+//! - **Latency** (the default for `kind: lmtp` and `kind: smtp` stores): a delay-based
+//!   controller in the family of TCP Vegas, with the multiplicative decrease of a gradient
+//!   limiter (Netflix's `concurrency-limits`). Vegas was chosen over a loss-based AIMD because
+//!   the stores this gateway feeds rarely refuse: Cyrus (`maxchild`) and Dovecot
+//!   (`process_limit`) queue excess sessions in their listen backlog and only get slower, so
+//!   delay is the first and often the only signal. It is also what lets independent gateways
+//!   converge without talking: they all see the same queue at the store, so they all back
+//!   off together (multiplicative decrease keeps their ratio) and grow by the same one per
+//!   round (additive increase equalises them), which is Chiu and Jain's fairness argument.
+//!   - A *round* is as many finished transactions as the window is wide (at least
+//!     [`MIN_ROUND`]), counting only transactions started after the window last changed:
+//!     about one store round trip, like a Vegas RTT. Its mean latency is smoothed over
+//!     rounds (`short`, EWMA ½).
+//!   - The *baseline* is the no-load latency. It is measured by a *probe* every
+//!     [`PROBE_EVERY`], on the wall clock's ten-second boundaries, so that all gateways
+//!     feeding a store probe at once (their clocks are NTP-synchronised) and the store's
+//!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
+//!     started after the drain have ended, and their mean moves the baseline (EWMA ¼). This
+//!     is how the baseline forgets: a store that became slower or faster is re-learned over
+//!     a few probes, and a baseline first learned under load (a gateway started while the
+//!     store was busy) does not stay inflated — a plain windowed minimum would drift up
+//!     under sustained load and be biased low by jitter. Before the first probe, the lowest
+//!     round stands in.
+//!   - At each round's end, with `ratio = short / baseline`: above `1 + latency_tolerance`
+//!     the window shrinks multiplicatively, by `(1 + tolerance) / ratio` clamped to
+//!     [½, 0.9]; at or below `1 + tolerance / 2` and with the window full during the round,
+//!     it grows by one (doubling until the first time latency rose: slow start); in between,
+//!     with the window full, it creeps by 1/window a round, so gateways whose baselines
+//!     differ a little still even out.
+//!   - When the store was queueing before a probe, every gateway leaves it with the window
+//!     cut to [`PROBE_CUT`] of what it was: a synchronised multiplicative decrease, the
+//!     fairness lever of AIMD, so that gateways whose probes measured slightly different
+//!     baselines still even out.
+//!   - The window is fractional; [`Window::admits`] honours the fraction over time (a
+//!     window of 3.5 runs 3 and 4 in turn), which matters when several gateways share a
+//!     small store with windows of a few transactions each.
+//!   - Hard signals stay hard: a connection refused, a session dropped during LHLO, `421`,
+//!     `4.3.2` or `4.7.0` shrink the window by a quarter, at most once per round (one
+//!     overload event often fails several transactions at once).
+//! - **Postfix feedback** (`window: {latency: false}`, and the local agents): the window
+//!   starts at `initial` (slow start); a run of as many consecutive successes as the window is
+//!   wide raises it by one (1/window per success), up to `max`; a failure lowers it by one and
+//!   restarts the run.
+//!
+//! Both stay within `[min, max]`; when a store comes back after being down the window
+//! restarts at `initial`, so the backlog drains at slow-start pace, not as a flood.
+//!
+//! What a latency sample is (size must not fool the signal): [`crate::delivery::Report`]'s
+//! `latency`, the phases whose length does not depend on the message's size — getting a
+//! connection (for a new one: the store's greeting, which is where a process-per-session
+//! store queues us, and LHLO) and the MAIL/RCPT round trips — plus the wait for the replies
+//! after the end of data, which does grow with size: it counts whole for messages up to
+//! 64 KiB and per 64 KiB above (a 20 MiB message's wait is divided by 320). The time spent
+//! writing the content is never part of it.
+//!
+//! Everything here is pure: time comes in as arguments, so tests drive it with an injected
+//! clock.
+
+use std::time::{Duration, SystemTime};
 
 use postern_proto::Reply;
 
-/// One store's window.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Window {
-    current: usize,
-    initial: usize,
-    max: usize,
-    run: usize,
+/// The fewest transactions that make a round.
+pub const MIN_ROUND: usize = 4;
+/// How often the baseline is measured again (a probe), on wall-clock boundaries.
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// Clean samples a probe takes (transactions started once the store's queue drained).
+pub const PROBE_SAMPLES: usize = 16;
+/// The window leaves a probe at this fraction of what it was.
+pub const PROBE_CUT: f64 = 0.75;
+/// A probe ends after this long even without its samples.
+pub const PROBE_LIMIT: Duration = Duration::from_secs(2);
+
+/// How a window is sized and steered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowSettings {
+    /// Never below this (at least 1).
+    pub min: usize,
+    /// At start and after the store recovered.
+    pub initial: usize,
+    /// Never above this.
+    pub max: usize,
+    /// Steer by latency (true) or by Postfix's success/failure feedback (false).
+    pub latency: bool,
+    /// How far above the baseline latency may rise before the window shrinks (0.5: 50 %).
+    pub tolerance: f64,
 }
 
-impl Window {
-    /// A window at `initial`, at most `max` (both at least 1).
-    pub fn new(initial: usize, max: usize) -> Self {
-        let max = max.max(1);
-        let initial = initial.clamp(1, max);
+impl WindowSettings {
+    /// Postfix feedback between 1 and `max`, starting at `initial`.
+    pub fn feedback(initial: usize, max: usize) -> Self {
         Self {
-            current: initial,
+            min: 1,
             initial,
             max,
-            run: 0,
+            latency: false,
+            tolerance: 0.5,
         }
     }
 
-    /// Transactions allowed at once now.
+    fn clamped(mut self) -> Self {
+        self.max = self.max.max(1);
+        self.min = self.min.clamp(1, self.max);
+        self.initial = self.initial.clamp(self.min, self.max);
+        if !self.tolerance.is_finite() || self.tolerance <= 0.0 {
+            self.tolerance = 0.5;
+        }
+        self
+    }
+}
+
+/// A baseline measurement in progress: the window is at its minimum.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    until: SystemTime,
+    /// Transactions started before this waited behind the queue the probe drains.
+    clean_after: SystemTime,
+    n: usize,
+    sum: f64,
+}
+
+/// The latency controller's state between rounds.
+#[derive(Clone, Debug)]
+struct Latency {
+    /// This round: samples, their sum (seconds), whether the window was full.
+    n: usize,
+    sum: f64,
+    full: bool,
+    /// Smoothed round mean (seconds).
+    short: Option<f64>,
+    /// The no-load latency (seconds).
+    baseline: Option<f64>,
+    /// When the window last changed: earlier transactions do not count for the next round.
+    changed_at: SystemTime,
+    /// A hard signal already cut the window this round.
+    cut_this_round: bool,
+    probe: Option<Probe>,
+    /// The probe period last seen (`PROBE_EVERY` since the epoch); 0: none yet.
+    period: u64,
+    /// No increase has been refused yet: grow by doubling.
+    slow_start: bool,
+    /// A probe has measured the baseline.
+    probed: bool,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            n: 0,
+            sum: 0.0,
+            full: false,
+            short: None,
+            baseline: None,
+            changed_at: SystemTime::UNIX_EPOCH,
+            cut_this_round: false,
+            probe: None,
+            period: 0,
+            slow_start: true,
+            probed: false,
+        }
+    }
+}
+
+/// One store's window.
+#[derive(Clone, Debug)]
+pub struct Window {
+    settings: WindowSettings,
+    /// The window, fractional so that multiplicative steps keep their ratio.
+    current: f64,
+    /// Postfix feedback: consecutive successes.
+    run: usize,
+    latency: Latency,
+    /// Admission credit for the window's fractional part ([`Window::admits`]).
+    credit: f64,
+}
+
+impl PartialEq for Window {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings == other.settings && self.limit() == other.limit()
+    }
+}
+
+impl Window {
+    /// Postfix feedback at `initial`, at most `max` (both at least 1).
+    pub fn new(initial: usize, max: usize) -> Self {
+        Self::with_settings(WindowSettings::feedback(initial, max))
+    }
+
+    /// A window with these settings (clamped: `1 ≤ min ≤ initial ≤ max`).
+    pub fn with_settings(settings: WindowSettings) -> Self {
+        let settings = settings.clamped();
+        Self {
+            current: settings.initial as f64,
+            settings,
+            run: 0,
+            latency: Latency {
+                slow_start: true,
+                ..Latency::default()
+            },
+            credit: 0.0,
+        }
+    }
+
+    /// May one more transaction start, with `in_flight` running? Below [`Window::limit`],
+    /// yes. At it, a latency window's fractional part accrues as credit at each ask, and
+    /// one more is let in per whole unit: a window of 3.5 runs 3 and 4 in turn. Windows of
+    /// a few transactions (several gateways sharing a small store) then get shares in
+    /// proportion to their real width, not to its whole part.
+    pub fn admits(&mut self, in_flight: usize) -> bool {
+        let limit = self.limit();
+        if in_flight < limit {
+            return true;
+        }
+        if in_flight > limit
+            || !self.settings.latency
+            || self.latency.probe.is_some()
+            || limit >= self.settings.max
+        {
+            return false;
+        }
+        self.credit += self.current - self.current.floor();
+        if self.credit >= 1.0 {
+            self.credit -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Transactions allowed at once now (the minimum while a probe measures the baseline).
     pub fn limit(&self) -> usize {
-        self.current
+        if self.latency.probe.is_some() {
+            return self.settings.min;
+        }
+        // Float steps stay within [min, max]; the cast floors.
+        (self.current as usize).clamp(self.settings.min, self.settings.max)
+    }
+
+    /// The window outside probes: what the store gets once a probe ends (the gauge, and the
+    /// size of the store's connection pool, which a probe does not shrink).
+    pub fn ceiling(&self) -> usize {
+        (self.current as usize).clamp(self.settings.min, self.settings.max)
     }
 
     /// The most it can grow to.
     pub fn max(&self) -> usize {
-        self.max
+        self.settings.max
     }
 
-    /// A transaction went through without trouble beyond its recipients.
-    pub fn on_success(&mut self) {
-        self.run += 1;
-        if self.run >= self.current {
-            self.run = 0;
-            self.current = (self.current + 1).min(self.max);
+    /// The settings in force.
+    pub fn settings(&self) -> WindowSettings {
+        self.settings
+    }
+
+    /// The learned no-load latency (latency controller only, once learned).
+    pub fn baseline(&self) -> Option<Duration> {
+        self.latency.baseline.map(Duration::from_secs_f64)
+    }
+
+    /// The window was full (every slot taken) at some point of this round.
+    pub fn on_full(&mut self) {
+        self.latency.full = true;
+    }
+
+    /// A transaction went through without trouble beyond its recipients; `sample` is its
+    /// latency (none: the agent measures none, e.g. maildir), `started` when it took its
+    /// slot, `now` when it ended.
+    pub fn on_success(&mut self, sample: Option<Duration>, started: SystemTime, now: SystemTime) {
+        match sample {
+            Some(s) if self.settings.latency => self.on_sample(s.as_secs_f64(), started, now),
+            _ => self.feedback_success(),
         }
+    }
+
+    fn feedback_success(&mut self) {
+        self.run += 1;
+        if self.run >= self.limit() {
+            self.run = 0;
+            self.current = (self.limit() + 1).min(self.settings.max) as f64;
+        }
+    }
+
+    fn on_sample(&mut self, sample: f64, started: SystemTime, now: SystemTime) {
+        if self.probing(sample, started, now) {
+            return;
+        }
+        // Only transactions started under the window as it is now say how it does (Vegas
+        // judges once per round trip after a change, for the same reason).
+        if started < self.latency.changed_at {
+            return;
+        }
+        let round = self.limit().max(MIN_ROUND);
+        let l = &mut self.latency;
+        l.n += 1;
+        l.sum += sample;
+        if l.n < round {
+            return;
+        }
+        let mean = l.sum / l.n as f64;
+        let full = l.full;
+        l.n = 0;
+        l.sum = 0.0;
+        l.full = false;
+        l.cut_this_round = false;
+        let short = l.short.map_or(mean, |s| 0.5 * s + 0.5 * mean);
+        l.short = Some(short);
+        // Until the first probe, the lowest round seen; from then on only probes set it
+        // (a minimum over noisy rounds would be biased low, and lowest for the gateway with
+        // the smallest window, which would then shrink further: unfair).
+        let base = match l.baseline {
+            Some(b) if l.probed => b,
+            Some(b) => b.min(short),
+            None => short,
+        };
+        l.baseline = Some(base);
+        if base <= 0.0 {
+            return;
+        }
+        let before = self.limit();
+        let ratio = short / base;
+        let tol = self.settings.tolerance;
+        let max = self.settings.max as f64;
+        if ratio > 1.0 + tol {
+            let factor = ((1.0 + tol) / ratio).clamp(0.5, 0.9);
+            self.shrink(factor);
+            // The next round is judged on its own, not on a mean that still remembers the
+            // queue this cut drains.
+            self.latency.short = None;
+            self.latency.slow_start = false;
+        } else if ratio <= 1.0 + tol / 2.0 && full {
+            let grown = if self.latency.slow_start {
+                self.current.floor() * 2.0
+            } else {
+                self.current.floor() + 1.0
+            };
+            self.current = grown.min(max);
+        } else if ratio > 1.0 + tol / 2.0 {
+            self.latency.slow_start = false;
+            if full {
+                // Near the limit: creep by 1/window a round. The gateway with the smallest
+                // window creeps fastest, so gateways whose baselines differ a little still
+                // even out (additive increase, multiplicative decrease) instead of the one
+                // that measured the lowest baseline sliding to the minimum.
+                self.current = (self.current + 1.0 / self.current.max(1.0)).min(max);
+            }
+        }
+        if self.limit() != before {
+            self.latency.changed_at = now;
+        }
+    }
+
+    /// Starts, feeds or ends a probe; true while one runs (the sample is the probe's).
+    ///
+    /// Every [`PROBE_EVERY`], on the wall clock's boundaries so that the gateways feeding a
+    /// store probe together and its queue really drains, the window drops to its minimum
+    /// until [`PROBE_SAMPLES`] transactions started after the drain have ended: their mean
+    /// is the new measurement of the baseline (averaged with the last one). This is how the
+    /// baseline forgets: a store that became slower is re-learned within a probe or two,
+    /// and a baseline learned under load (a gateway that started while the store was busy)
+    /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
+    fn probing(&mut self, sample: f64, started: SystemTime, now: SystemTime) -> bool {
+        let l = &mut self.latency;
+        let period = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+        if l.probe.is_none() && period != l.period {
+            let first = l.period == 0;
+            l.period = period;
+            if !first && l.baseline.is_some() {
+                let drain = Duration::from_secs_f64(2.0 * l.short.unwrap_or(sample).max(sample));
+                l.probe = Some(Probe {
+                    until: now + PROBE_LIMIT,
+                    clean_after: now + drain,
+                    n: 0,
+                    sum: 0.0,
+                });
+            }
+        }
+        let Some(p) = &mut l.probe else {
+            return false;
+        };
+        if started >= p.clean_after {
+            p.n += 1;
+            p.sum += sample;
+        }
+        if p.n >= PROBE_SAMPLES || now >= p.until {
+            if p.n > 0 {
+                let measured = p.sum / p.n as f64;
+                l.baseline = Some(match l.baseline {
+                    Some(b) if l.probed => 0.75 * b + 0.25 * measured,
+                    _ => measured,
+                });
+                l.probed = true;
+            }
+            // Was the store queueing before the probe (latency above the grow band)?
+            let contended = matches!((l.short, l.baseline), (Some(s), Some(b))
+                if s > b * (1.0 + self.settings.tolerance / 2.0));
+            l.probe = None;
+            l.n = 0;
+            l.sum = 0.0;
+            l.full = false;
+            l.short = None;
+            l.changed_at = now;
+            // On a contended store every gateway leaves the probe at the same moment with
+            // the same cut, then grows by the same steps: a synchronised multiplicative
+            // decrease, which evens out shares that small differences in the measured
+            // baselines would otherwise skew. A store with room to spare is not cut.
+            if contended {
+                self.current = (self.current * PROBE_CUT).max(self.settings.min as f64);
+            }
+        }
+        true
+    }
+
+    fn shrink(&mut self, factor: f64) {
+        self.current = (self.current * factor).max(self.settings.min as f64);
     }
 
     /// A connection or handshake failure, or a busy reply.
     pub fn on_failure(&mut self) {
         self.run = 0;
-        self.current = self.current.saturating_sub(1).max(1);
+        if self.settings.latency {
+            self.latency.slow_start = false;
+            if !self.latency.cut_this_round {
+                self.latency.cut_this_round = true;
+                self.shrink(0.75);
+            }
+        } else {
+            self.current = (self.limit().saturating_sub(1)).max(self.settings.min) as f64;
+        }
     }
 
     /// Back to the initial window (after the store recovered).
     pub fn restart(&mut self) {
         self.run = 0;
-        self.current = self.initial;
+        self.current = self.settings.initial as f64;
+        let baseline = self.latency.baseline;
+        self.latency = Latency {
+            baseline,
+            slow_start: true,
+            ..Latency::default()
+        };
     }
 }
 
@@ -85,21 +468,21 @@ mod tests {
         let mut w = Window::new(5, 20);
         assert_eq!(w.limit(), 5);
         for _ in 0..4 {
-            w.on_success();
+            w.on_success(None, SystemTime::now(), SystemTime::now());
         }
         assert_eq!(
             w.limit(),
             5,
             "a run shorter than the window changes nothing"
         );
-        w.on_success();
+        w.on_success(None, SystemTime::now(), SystemTime::now());
         assert_eq!(w.limit(), 6);
         for _ in 0..6 {
-            w.on_success();
+            w.on_success(None, SystemTime::now(), SystemTime::now());
         }
         assert_eq!(w.limit(), 7);
         for _ in 0..1000 {
-            w.on_success();
+            w.on_success(None, SystemTime::now(), SystemTime::now());
         }
         assert_eq!(w.limit(), 20, "capped at max_connections");
     }
@@ -108,21 +491,21 @@ mod tests {
     fn failures_lower_it_and_break_the_run() {
         let mut w = Window::new(5, 20);
         for _ in 0..4 {
-            w.on_success();
+            w.on_success(None, SystemTime::now(), SystemTime::now());
         }
         w.on_failure();
         assert_eq!(w.limit(), 4);
         for _ in 0..3 {
-            w.on_success();
+            w.on_success(None, SystemTime::now(), SystemTime::now());
         }
         assert_eq!(w.limit(), 4, "the run restarted at the failure");
-        w.on_success();
+        w.on_success(None, SystemTime::now(), SystemTime::now());
         assert_eq!(w.limit(), 5);
         for _ in 0..10 {
             w.on_failure();
         }
         assert_eq!(w.limit(), 1, "never below one");
-        w.on_success();
+        w.on_success(None, SystemTime::now(), SystemTime::now());
         assert_eq!(w.limit(), 2);
         w.restart();
         assert_eq!(w.limit(), 5);

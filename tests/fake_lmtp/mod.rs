@@ -83,6 +83,10 @@ pub struct Script {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Greets the session beyond this many concurrent ones with 421.
     pub max_sessions: Option<usize>,
+    /// Serves this many sessions at once; the others wait for their greeting until a served
+    /// one ends (a process-per-session store's listen backlog: Cyrus `maxchild`, Dovecot
+    /// `process_limit`).
+    pub max_served: Option<usize>,
     pub mail_reply: String,
     /// By local part (lower case); others get [`Rcpt::ok`].
     pub rcpts: HashMap<String, Rcpt>,
@@ -116,6 +120,7 @@ impl Default for Script {
             auth_plain: None,
             tls: None,
             max_sessions: None,
+            max_served: None,
             mail_reply: "250 2.1.0 OK".into(),
             rcpts: HashMap::new(),
             drop_after_replies: None,
@@ -201,6 +206,9 @@ impl FakeStore {
         let addr = listener.local_addr().unwrap();
         let sessions = Arc::new(Mutex::new(Vec::new()));
         let active = Arc::new(AtomicUsize::new(0));
+        let served = script
+            .max_served
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         let script = Arc::new(script);
         let uses = Arc::new(Mutex::new(HashMap::new()));
         let record = Arc::clone(&sessions);
@@ -212,13 +220,19 @@ impl FakeStore {
                     all.push(Session::default());
                     all.len() - 1
                 };
-                let (script, record, active, uses) = (
+                let (script, record, active, served, uses) = (
                     Arc::clone(&script),
                     Arc::clone(&record),
                     Arc::clone(&active),
+                    served.clone(),
                     Arc::clone(&uses),
                 );
                 tokio::spawn(async move {
+                    // Held for the whole session: the greeting waits for a free worker.
+                    let _worker = match served {
+                        Some(s) => Some(s.acquire_owned().await.unwrap()),
+                        None => None,
+                    };
                     let n = active.fetch_add(1, Ordering::SeqCst);
                     let mut handler = Handler {
                         script,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use postern::config::{DomainRoute, RoutesConfig, Span};
-use postern::delivery::config::StoreAddress;
+use postern::delivery::config::{StoreAddress, WindowConfig};
 use postern::delivery::{LmtpStore, LmtpStoreConfig, StorePool};
 use postern::routing::Router;
 use postern::scheduler::{Agent, Agents, Clock, Scheduler, SchedulerConfig, Setup};
@@ -43,13 +43,19 @@ pub fn router(routes: &[(&str, &str)]) -> Router {
 }
 
 pub fn lmtp_agent(name: &str, port: u16) -> Agent {
-    let cfg = LmtpStoreConfig::new(
+    lmtp_agent_with(name, port, WindowConfig::default())
+}
+
+/// An LMTP agent whose window has these settings.
+pub fn lmtp_agent_with(name: &str, port: u16, window: WindowConfig) -> Agent {
+    let mut cfg = LmtpStoreConfig::new(
         name,
         StoreAddress::Tcp {
             host: "127.0.0.1".into(),
             port,
         },
     );
+    cfg.window = window;
     Agent::Lmtp(StorePool::new(Arc::new(
         LmtpStore::from_config(&cfg, "gw.test").unwrap(),
     )))
@@ -100,6 +106,16 @@ impl Harness {
         stores: HashMap<String, FakeStore>,
         config: SchedulerConfig,
     ) -> Self {
+        Self::with_window(dir, stores, config, WindowConfig::default()).await
+    }
+
+    /// Every store's window with these settings.
+    pub async fn with_window(
+        dir: tempfile::TempDir,
+        stores: HashMap<String, FakeStore>,
+        config: SchedulerConfig,
+        window: WindowConfig,
+    ) -> Self {
         // After a stop, the last task of the previous scheduler may still be dropping its
         // handle on another worker thread for a moment: wait for the lock (bounded).
         let mut opened = None;
@@ -126,7 +142,7 @@ impl Harness {
         let router = Arc::new(ArcSwap::from_pointee(router(&routes)));
         let mut agents = Agents::new();
         for (n, s) in &stores {
-            agents.insert(n, lmtp_agent(n, s.port()));
+            agents.insert(n, lmtp_agent_with(n, s.port(), window));
         }
         let scheduler = Scheduler::start(Setup {
             spool: spool.clone(),

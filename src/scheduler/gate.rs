@@ -1,0 +1,255 @@
+//! A store's gate: its concurrency [`Window`] and the transactions running under it, shared
+//! by everything that sends to the store — the scheduler's shard that owns the store and the
+//! listeners in `mode: proxy` (cut-through) — so the store sees one controlled window per
+//! gateway, whichever path the mail takes.
+//!
+//! A transaction holds a [`Permit`] from start to end. [`Gate::try_acquire`] never waits (the
+//! scheduler dispatches from its event loop); [`Gate::acquire`] waits up to a bound (a proxy
+//! session). Finishing a permit with the transaction's [`Report`] feeds the window: the
+//! latency sample on success, a hard signal on a refusal, a lost connection or a busy reply.
+//! A permit dropped without [`Permit::finish`] just frees its slot. When the window changes,
+//! the store's connection pool (if it has one) is resized to it, so no more sessions stay
+//! open at the store than the window allows; the gauges follow.
+//!
+//! Locking: one short mutex per store, never held across an await or a call out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use metrics::gauge;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::metrics as m;
+use super::window::{Window, is_busy};
+use crate::delivery::{Report, Scope, StorePool};
+
+/// Called when a slot frees up while someone that does not wait asked to be told.
+type Waker = Box<dyn Fn() + Send + Sync>;
+
+struct State {
+    window: Window,
+    in_flight: usize,
+}
+
+/// One store's gate. Shared (`Arc`).
+pub struct Gate {
+    store: String,
+    state: Mutex<State>,
+    freed: Notify,
+    /// The scheduler tried and found no room: wake it when a slot frees.
+    wanted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+    pool: Option<StorePool>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("Gate")
+            .field("store", &self.store)
+            .field("limit", &s.window.limit())
+            .field("in_flight", &s.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished transaction tells the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// It went through (whatever its recipients' replies): a latency sample if it has one.
+    Success,
+    /// Refused, dropped, timed out, or the store said it is busy.
+    Failure,
+}
+
+impl Signal {
+    /// What a transaction's report says: the store's or the connection's trouble, or a busy
+    /// reply (421, 4.3.2, 4.7.0) anywhere in it, is a failure; anything else a success.
+    pub fn of(report: &Report) -> Self {
+        let busy = report
+            .outcomes
+            .iter()
+            .filter_map(|(_, o)| o.reply())
+            .chain(report.trouble.as_ref().and_then(|t| t.reply.as_ref()))
+            .any(is_busy);
+        match report.scope() {
+            Scope::Store | Scope::Connection => Self::Failure,
+            Scope::Recipient | Scope::Message if busy => Self::Failure,
+            Scope::Recipient | Scope::Message => Self::Success,
+        }
+    }
+}
+
+impl Gate {
+    /// A gate with this window, resizing `pool` (if any) to follow it.
+    pub fn new(store: &str, window: Window, pool: Option<StorePool>) -> Arc<Self> {
+        let gate = Arc::new(Self {
+            store: store.to_owned(),
+            state: Mutex::new(State {
+                window,
+                in_flight: 0,
+            }),
+            freed: Notify::new(),
+            wanted: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            pool,
+        });
+        gate.publish(&gate.lock());
+        gate
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+
+    /// `(window, in flight)` now; the window as it stands outside baseline probes.
+    pub fn status(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.window.ceiling(), s.in_flight)
+    }
+
+    /// The window's learned no-load latency.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.lock().window.baseline()
+    }
+
+    /// Whom to call when a slot frees after a [`try_acquire`](Self::try_acquire) found none
+    /// (the scheduler: "dispatch this store again").
+    pub fn set_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(waker));
+    }
+
+    /// A slot now, or none (and the waker is called when one frees).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut s = self.lock();
+        let in_flight = s.in_flight;
+        if !s.window.admits(in_flight) {
+            s.window.on_full();
+            self.wanted.store(true, Ordering::Release);
+            return None;
+        }
+        s.in_flight += 1;
+        if s.in_flight >= s.window.limit() {
+            s.window.on_full();
+        }
+        Some(Permit {
+            gate: Arc::clone(self),
+            started: SystemTime::now(),
+            done: false,
+        })
+    }
+
+    /// A slot, waiting at most `wait` for one.
+    pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Option<Permit> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut s = self.lock();
+                let in_flight = s.in_flight;
+                if s.window.admits(in_flight) {
+                    s.in_flight += 1;
+                    if s.in_flight >= s.window.limit() {
+                        s.window.on_full();
+                    }
+                    return Some(Permit {
+                        gate: Arc::clone(self),
+                        started: SystemTime::now(),
+                        done: false,
+                    });
+                }
+                s.window.on_full();
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Back to the initial window (the store came back after being down).
+    pub fn restart(&self) {
+        let mut s = self.lock();
+        s.window.restart();
+        self.publish(&s);
+    }
+
+    /// Feeds one finished transaction, which took its slot at `started`, into the window.
+    fn feed(&self, signal: Signal, sample: Option<Duration>, started: SystemTime) {
+        let mut s = self.lock();
+        let before = s.window.ceiling();
+        match signal {
+            Signal::Success => s.window.on_success(sample, started, SystemTime::now()),
+            Signal::Failure => s.window.on_failure(),
+        }
+        if s.window.ceiling() != before {
+            self.publish(&s);
+        }
+    }
+
+    fn release(&self) {
+        {
+            let mut s = self.lock();
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+        self.freed.notify_waiters();
+        if self.wanted.swap(false, Ordering::AcqRel)
+            && let Some(wake) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            wake();
+        }
+    }
+
+    /// Gauges, and the pool sized to the window (idle sessions beyond it are closed).
+    fn publish(&self, s: &State) {
+        let limit = s.window.ceiling();
+        gauge!(m::WINDOW, "store" => self.store.clone()).set(limit as f64);
+        let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
+        gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
+        if let Some(pool) = &self.pool {
+            pool.resize(limit);
+        }
+    }
+}
+
+/// One transaction's slot under a store's window.
+#[derive(Debug)]
+pub struct Permit {
+    gate: Arc<Gate>,
+    started: SystemTime,
+    done: bool,
+}
+
+impl Permit {
+    /// The transaction ended with this report: feed the window and free the slot.
+    pub fn finish(mut self, report: &Report) {
+        self.done = true;
+        let signal = Signal::of(report);
+        self.gate.feed(signal, report.latency, self.started);
+        self.gate.release();
+    }
+
+    /// The transaction ended with this signal and sample (agents without a report of their
+    /// own).
+    pub fn finish_with(mut self, signal: Signal, sample: Option<Duration>) {
+        self.done = true;
+        self.gate.feed(signal, sample, self.started);
+        self.gate.release();
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gate.release();
+        }
+    }
+}
