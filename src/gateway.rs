@@ -8,7 +8,9 @@
 //! (idle ones are told 421), while the scheduler starts no new delivery and waits for the
 //! ones in flight. At the deadline the rest are ended: a message whose 250 was not sent is
 //! not acknowledged, and a delivery cut short leaves its recipients in doubt in the ledger
-//! (retried alone after a restart), so nothing accepted is lost.
+//! (retried alone after a restart), so nothing accepted is lost. The stores' connection
+//! pools, shared by the scheduler and the listeners in `mode: proxy`, close only after both
+//! have drained, so a proxy transaction in flight at the signal is still relayed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -151,7 +153,7 @@ impl Gateway {
             spool: spool.clone(),
             router: Arc::clone(&router),
             scheduler: scheduler.clone(),
-            agents,
+            agents: agents.clone(),
             shutdown: shutdown.clone(),
         };
         let mut bound = Vec::new();
@@ -202,10 +204,17 @@ impl Gateway {
             };
             let deliveries = async {
                 if let Some(scheduler) = scheduler_for_drain {
-                    scheduler.shutdown(drain).await;
+                    scheduler.drain(drain).await;
                 }
             };
             tokio::join!(sessions, deliveries);
+            // The pools are shared by the scheduler and the proxy sessions: closed once both
+            // have drained.
+            for (_, agent) in agents.iter() {
+                if let crate::scheduler::Agent::Lmtp(pool) = agent {
+                    pool.close();
+                }
+            }
             let _ = metrics_task.await;
             let _ = admin_task.await;
             let _ = sampler.await;

@@ -416,3 +416,25 @@ async fn a_full_window_waits_proxy_wait_then_451_4_3_2() {
     assert!(gw.gateway.spool.is_empty());
     gw.gateway.stop().await;
 }
+
+/// SIGTERM while a proxy transaction is in its DATA: the transaction finishes with the
+/// store's reply (the scheduler draining at the same time leaves the shared pool open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_flight_at_shutdown_is_still_relayed() {
+    let store = FakeStore::start(Script::default()).await;
+    let gw = start(store.addr.port(), true, 10).await;
+    let mut c = hello(&gw, "lmtp").await;
+    c.cmd("MAIL FROM:<sender@edge.test>", 250).await;
+    c.cmd("RCPT TO:<a@store.test>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: late\r\n\r\n").await;
+    let token = gw.gateway.shutdown_token();
+    token.cancel();
+    // Let the scheduler drain (it has nothing to do) before the end of data arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(b"x\r\n.\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(line(&r), "250 2.0.0 Saved");
+    assert_eq!(store.transactions().len(), 1);
+    gw.gateway.wait().await;
+}

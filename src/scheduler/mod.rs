@@ -335,9 +335,21 @@ impl Scheduler {
     }
 
     /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,
-    /// then drops the rest (their recipients stay in doubt, retried alone after a restart)
-    /// and ends the shards.
+    /// then drops the rest (their recipients stay in doubt, retried alone after a restart),
+    /// closes the stores' connection pools and ends the shards.
     pub async fn shutdown(&self, deadline: Duration) {
+        self.drain(deadline).await;
+        for (_, agent) in self.ctx.agents.iter() {
+            if let Agent::Lmtp(pool) = agent {
+                pool.close();
+            }
+        }
+    }
+
+    /// [`Scheduler::shutdown`] but the stores' pools stay open: for a caller that shares the
+    /// agents (the gateway: a listener in `mode: proxy` may still be relaying through them
+    /// while its sessions drain) and closes them itself.
+    pub async fn drain(&self, deadline: Duration) {
         self.ctx.stop.cancel();
         self.ctx.tasks.close();
         if tokio::time::timeout(deadline, self.ctx.tasks.wait())
@@ -350,11 +362,6 @@ impl Scheduler {
             );
             self.ctx.abort.cancel();
             self.ctx.tasks.wait().await;
-        }
-        for (_, agent) in self.ctx.agents.iter() {
-            if let Agent::Lmtp(pool) = agent {
-                pool.close();
-            }
         }
         self.ctx.exit.cancel();
         let shards = std::mem::take(&mut *self.shards.lock().unwrap_or_else(|e| e.into_inner()));
