@@ -412,3 +412,70 @@ fn log(
         "relayed"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
+        Reply::new(
+            ReplyCode::new(code).unwrap(),
+            Some(EnhancedCode::new(e.0, e.1, e.2)),
+            text,
+        )
+    }
+
+    #[test]
+    fn the_outcome_decides_the_class_the_store_the_text() {
+        let full = reply(552, (5, 2, 2), "Mailbox full");
+        // A normalisation rule made it temporary: the upstream must retry, not bounce.
+        let r = reply_for("s", &Outcome::Deferred(full.clone()), "");
+        assert_eq!(r.to_string(), "451 4.2.2 Mailbox full");
+        assert_eq!(reply_for("s", &Outcome::Bounced(full.clone()), ""), full);
+        let busy = reply(452, (4, 2, 2), "Over quota");
+        assert_eq!(
+            reply_for("s", &Outcome::Bounced(busy), "").to_string(),
+            "554 5.2.2 Over quota"
+        );
+        assert_eq!(
+            reply_for("s", &Outcome::InDoubt, "").enhanced(),
+            Some(EnhancedCode::new(4, 4, 2))
+        );
+        let r = reply_for("s", &Outcome::NotAttempted(None), "is not reachable");
+        assert_eq!(
+            r.to_string(),
+            "451 4.3.2 Store s is not reachable, try again later"
+        );
+    }
+
+    #[test]
+    fn one_reply_for_alike_outcomes_the_spool_for_mixed_ones() {
+        let ok = |t: &str| {
+            let r = reply(250, (2, 0, 0), t);
+            (Outcome::Delivered(r.clone()), r)
+        };
+        let later = {
+            let r = reply(451, (4, 2, 0), "later");
+            (Outcome::Deferred(r.clone()), r)
+        };
+        let gone = {
+            let r = reply(550, (5, 1, 1), "gone");
+            (Outcome::Bounced(r.clone()), r)
+        };
+        let all = [ok("a"), ok("a"), ok("b"), later, gone];
+        let answer = |unit: &[usize]| match verdict(unit, &all) {
+            Verdict::Answer(r) => Ok(r.to_string()),
+            Verdict::Spool(rest) => Err(rest),
+        };
+        assert_eq!(answer(&[2]), Ok("250 2.0.0 b".into()));
+        assert_eq!(answer(&[0, 1]), Ok("250 2.0.0 a".into()));
+        assert_eq!(
+            answer(&[0, 2]),
+            Ok("250 2.0.0 Ok: delivered to 2 recipients".into())
+        );
+        assert_eq!(answer(&[3]), Ok("451 4.2.0 later".into()));
+        assert_eq!(answer(&[0, 3]), Err(vec![3]));
+        assert_eq!(answer(&[3, 1, 4]), Err(vec![3, 4]));
+        assert_eq!(answer(&[3, 4]), Err(vec![3, 4]), "4yz and 5yz: mixed too");
+    }
+}
