@@ -204,6 +204,16 @@ impl Conversation {
         self.pending_rcpt = None;
     }
 
+    /// The client as the spool records it: `helo [ip]`.
+    fn client(&self) -> String {
+        format!(
+            "{} [{}]",
+            self.helo,
+            self.peer
+                .map_or_else(|| "local".to_owned(), |p| p.to_string())
+        )
+    }
+
     fn proxy(&self) -> bool {
         self.shared.config.mode == ListenerMode::Proxy
     }
@@ -292,12 +302,7 @@ impl Conversation {
             params,
             recipients: self.recipients.clone(),
             received_at: SystemTime::now(),
-            client: format!(
-                "{} [{}]",
-                self.helo,
-                self.peer
-                    .map_or_else(|| "local".to_owned(), |p| p.to_string())
-            ),
+            client: self.client(),
         };
         let writer = if self.proxy() {
             None
@@ -468,12 +473,7 @@ impl Conversation {
             }
             return;
         };
-        let client = format!(
-            "{} [{}]",
-            self.helo,
-            self.peer
-                .map_or_else(|| "local".to_owned(), |p| p.to_string())
-        );
+        let client = self.client();
         let lmtp = self.shared.server_config.protocol == Protocol::Lmtp;
         let replies = proxy::run(
             &self.shared,
