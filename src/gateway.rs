@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerMode, ListenerProtocol};
 use crate::listener::{Listener, ListenerError, Services};
 use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
@@ -158,6 +158,15 @@ impl Gateway {
         };
         let mut bound = Vec::new();
         for l in &config.listeners {
+            if l.mode == ListenerMode::Proxy
+                && l.protocol == ListenerProtocol::Smtp
+                && scheduler.is_none()
+            {
+                tracing::warn!(
+                    listener = %l.name,
+                    "mode: proxy over SMTP with delivery.enabled: false: recipients a store does not take in a mixed transaction are queued and wait until delivery is enabled"
+                );
+            }
             bound.push(Listener::bind(l, services.clone()).await?);
         }
         let listeners = config

@@ -143,18 +143,35 @@ async fn lmtp_upstream_gets_each_recipients_reply_from_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lmtp_alias_expansion_is_one_reply_per_rcpt() {
-    let store = FakeStore::start(Script::default()).await;
+    let store = FakeStore::start(Script::default().rcpt(
+        "bob",
+        Rcpt::new("250 2.1.5 OK", "451 4.2.0 Try later").times(1),
+    ))
+    .await;
     let gw = start(store.addr.port(), false, 10).await;
     let mut c = hello(&gw, "lmtp").await;
+    // alice delivered, bob deferred: the alias's one reply is 250, bob is queued here.
     let replies = transaction(&mut c, &["team@store.test", "carol@store.test"], "x", 2).await;
     assert_eq!(replies[0].code, 250, "{replies:?}");
+    assert!(replies[0].text().contains("queued as"), "{replies:?}");
     assert_eq!(line(&replies[1]), "250 2.0.0 Saved");
     let txns = store.transactions();
     assert_eq!(
         txns[0].rcpts,
         ["alice@store.test", "bob@store.test", "carol@store.test"]
     );
-    assert!(gw.gateway.spool.is_empty());
+    let queued = gw.gateway.spool.snapshot();
+    assert_eq!(queued.len(), 1);
+    let rcpts: Vec<&str> = queued[0]
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["bob@store.test"]);
+    // All delivered: the store's reply, nothing more queued.
+    let replies = transaction(&mut c, &["team@store.test"], "x", 1).await;
+    assert_eq!(line(&replies[0]), "250 2.0.0 Saved");
+    assert_eq!(gw.gateway.spool.len(), 1);
     gw.gateway.stop().await;
 }
 
