@@ -408,6 +408,20 @@ async fn window_of(h: &Harness, store: &str) -> usize {
     all.into_iter().find(|s| s.name == store).unwrap().window
 }
 
+/// Store `a`'s window starts at 5; four messages get `451 4.3.2` from it.
+async fn four_busy_replies(h: &Harness) {
+    assert_eq!(window_of(h, "a").await, 5, "slow start");
+    for i in 0..4 {
+        h.store("a")
+            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
+        h.queue("", &[&format!("busy{i}@a.test")]);
+    }
+    until("four busy replies", || {
+        h.store("a").transactions().len() == 4
+    })
+    .await;
+}
+
 /// Postfix's feedback (`window: {latency: false}`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
@@ -421,16 +435,7 @@ async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
         ..WindowConfig::default()
     };
     let h = Harness::with_window(tempfile::tempdir().unwrap(), stores, cfg, feedback).await;
-    assert_eq!(window_of(&h, "a").await, 5, "slow start");
-    for i in 0..4 {
-        h.store("a")
-            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
-        h.queue("", &[&format!("busy{i}@a.test")]);
-    }
-    until("four busy replies", || {
-        h.store("a").transactions().len() == 4
-    })
-    .await;
+    four_busy_replies(&h).await;
     let mut w = 0;
     for _ in 0..200 {
         w = window_of(&h, "a").await;
@@ -473,16 +478,7 @@ async fn busy_replies_cut_the_latency_window_once_per_round() {
     let mut stores = std::collections::HashMap::new();
     stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
-    assert_eq!(window_of(&h, "a").await, 5, "slow start");
-    for i in 0..4 {
-        h.store("a")
-            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
-        h.queue("", &[&format!("busy{i}@a.test")]);
-    }
-    until("four busy replies", || {
-        h.store("a").transactions().len() == 4
-    })
-    .await;
+    four_busy_replies(&h).await;
     for _ in 0..200 {
         if window_of(&h, "a").await < 5 {
             break;
