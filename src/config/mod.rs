@@ -280,7 +280,7 @@ pub enum ListenerMode {
     #[default]
     Spool,
     /// Cut-through: relay the transaction to each recipient's store and answer with the
-    /// store's own reply (see `listener::proxy`).
+    /// store's own reply (see `listener::cut_through`).
     Proxy,
 }
 

@@ -9,9 +9,9 @@
 //!
 //! A listener runs in one of two modes (`listeners[].mode`): `spool` stores every message
 //! durably before it answers 250 ([`session`]); `proxy` relays each transaction to the
-//! recipients' stores and answers with their replies ([`proxy`]).
+//! recipients' stores and answers with their replies ([`cut_through`]).
 
-mod proxy;
+mod cut_through;
 mod received;
 mod session;
 

@@ -14,7 +14,7 @@
 //! the spool writer's chunk buffer; never the message.
 //!
 //! In `mode: proxy` the message is held in memory instead (bounded by `max_message_size`)
-//! and relayed at the end of data ([`super::proxy`]); its 250s are the stores'.
+//! and relayed at the end of data ([`super::cut_through`]); its 250s are the stores'.
 //!
 //! Both modes refuse a message with more than 50 `Received:` fields, or one that carries
 //! our own `Received:` marker (it was here before), with 554 5.4.6.
@@ -30,7 +30,7 @@ use postern_proto::{ForwardPath, MailParams, Reply, ReversePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
-use super::proxy::{self, Target};
+use super::cut_through::{self, Target};
 use super::received::{HopCounter, Trace, received_header};
 use crate::config::ListenerMode;
 use crate::metrics::{self as m, reason};
@@ -475,9 +475,9 @@ impl Conversation {
         };
         let client = self.client();
         let lmtp = self.shared.server_config.protocol == Protocol::Lmtp;
-        let replies = proxy::run(
+        let replies = cut_through::run(
             &self.shared,
-            proxy::Transaction {
+            cut_through::Transaction {
                 id,
                 from: &from,
                 params: &params,

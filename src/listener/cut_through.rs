@@ -383,7 +383,7 @@ async fn spool_rest(shared: &Shared, t: &Transaction<'_>, rest: &[usize]) -> Rep
     }
 }
 
-/// One line per recipient relayed (target `postern::proxy`), and the delivery counters.
+/// One line per recipient relayed (target `postern::cut_through`), and the delivery counters.
 fn log(
     shared: &Shared,
     id: QueueId,
@@ -401,7 +401,7 @@ fn log(
     };
     counter!(m::DELIVERIES, "store" => store.to_owned(), "outcome" => status).increment(1);
     tracing::info!(
-        target: "postern::proxy",
+        target: "postern::cut_through",
         id = %id,
         listener = %shared.config.name,
         to = %to,
