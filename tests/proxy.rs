@@ -17,9 +17,9 @@ use postern::config::Config;
 use postern::gateway::Gateway;
 
 /// The gateway's YAML: listeners `lmtp` and `smtp` in proxy mode, `spool` in spool mode;
-/// `store.test` at the LMTP store on `port` (`max_connections`), `example.org` in a maildir,
+/// `store.test` at the LMTP store on `port` (with `store_keys`), `example.org` in a maildir,
 /// `team@store.test` an alias of alice and bob.
-fn yaml(dir: &std::path::Path, port: u16, delivery: bool, max_connections: usize) -> String {
+fn yaml(dir: &std::path::Path, port: u16, delivery: bool, store_keys: &str) -> String {
     format!(
         "hostname: mx.test
 node_id: 7
@@ -38,7 +38,7 @@ listeners:
   - {{ name: smtp, address: 127.0.0.1:0, protocol: smtp, mode: proxy, proxy_wait: 500ms }}
   - {{ name: spool, address: 127.0.0.1:0, protocol: smtp }}
 stores:
-  - {{ name: store, kind: lmtp, address: \"127.0.0.1:{port}\", max_connections: {max_connections} }}
+  - {{ name: store, kind: lmtp, address: \"127.0.0.1:{port}\", {store_keys} }}
   - {{ name: local, kind: maildir, root: {mail} }}
 routes:
   domains:
@@ -53,8 +53,17 @@ routes:
 }
 
 async fn start(port: u16, delivery: bool, max_connections: usize) -> TestGateway {
+    start_with(
+        port,
+        delivery,
+        &format!("max_connections: {max_connections}"),
+    )
+    .await
+}
+
+async fn start_with(port: u16, delivery: bool, store_keys: &str) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
-    let text = yaml(dir.path(), port, delivery, max_connections);
+    let text = yaml(dir.path(), port, delivery, store_keys);
     let config = Config::parse(&text, "proxy.yaml").unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     let gateway = Gateway::start(config).await.unwrap();
     TestGateway { gateway, dir }
@@ -454,4 +463,35 @@ async fn a_transaction_in_flight_at_shutdown_is_still_relayed() {
     assert_eq!(line(&r), "250 2.0.0 Saved");
     assert_eq!(store.transactions().len(), 1);
     gw.gateway.wait().await;
+}
+
+/// The store refuses the session (421 at the greeting): `451 4.3.2` for every recipient,
+/// and the transaction's further batches (`recipients_per_transaction: 2`) are not tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_the_session_is_tried_once_per_transaction() {
+    let store = FakeStore::start(Script {
+        max_sessions: Some(0),
+        ..Script::default()
+    })
+    .await;
+    let gw = start_with(store.addr.port(), false, "recipients_per_transaction: 2").await;
+    let mut c = hello(&gw, "lmtp").await;
+    let to = [
+        "a@store.test",
+        "b@store.test",
+        "c@store.test",
+        "d@store.test",
+    ];
+    let replies = transaction(&mut c, &to, "x", 4).await;
+    for r in &replies {
+        assert_eq!(r.code, 451, "{replies:?}");
+        assert!(r.text().starts_with("4.3.2 "), "{replies:?}");
+    }
+    assert_eq!(
+        store.sessions().len(),
+        1,
+        "one session tried, not one per batch"
+    );
+    assert!(gw.gateway.spool.is_empty());
+    gw.gateway.stop().await;
 }

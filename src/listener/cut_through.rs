@@ -235,8 +235,17 @@ async fn deliver(
             }
             continue;
         };
+        // Once the store failed as a whole (unreachable, refused the session, busy), its
+        // further batches are not tried: they get the same answer (as `StorePool::deliver`).
+        let mut down: Option<&'static str> = None;
         for batch in rcpts.chunks(agent.recipients_per_transaction()) {
-            let (report, why) = relay(shared, store, agent, envelope, batch, &t.body).await;
+            let (report, why) = match down {
+                Some(why) => (Report::default(), why),
+                None => relay(shared, store, agent, envelope, batch, &t.body).await,
+            };
+            if down.is_none() && (why == BUSY || report.scope() == Scope::Store) {
+                down = Some(why);
+            }
             let mut outcomes: HashMap<usize, Outcome> = report.outcomes.into_iter().collect();
             for r in batch {
                 // Every recipient handed to an agent gets an outcome; if one did not, it
