@@ -174,16 +174,16 @@ enum Verdict {
 }
 
 fn verdict(unit: &[usize], outcomes: &[(Outcome, Reply)]) -> Verdict {
-    let replies: Vec<&Reply> = unit.iter().map(|&i| &outcomes[i].1).collect();
-    let Some(first) = replies.first() else {
+    let given: Vec<&Reply> = unit.iter().map(|&i| &outcomes[i].1).collect();
+    let Some(first) = given.first() else {
         return Verdict::Answer(replies::local_error());
     };
-    if replies.iter().all(|r| r.severity() == first.severity()) {
-        if replies.len() == 1 || replies.iter().all(|r| r == first) {
+    if given.iter().all(|r| r.severity() == first.severity()) {
+        if given.len() == 1 || given.iter().all(|r| r == first) {
             return Verdict::Answer((*first).clone());
         }
         return Verdict::Answer(match first.severity() {
-            Severity::PositiveCompletion => replies::relayed(replies.len()),
+            Severity::PositiveCompletion => replies::relayed(given.len()),
             _ => (*first).clone(),
         });
     }
