@@ -25,7 +25,9 @@
 //!     store was busy) does not stay inflated — a plain windowed minimum would drift up
 //!     under sustained load and be biased low by jitter. Before the first probe, the lowest
 //!     round stands in.
-//!   - At each round's end, with `ratio = short / baseline`: above `1 + latency_tolerance`
+//!   - At each round's end, with `ratio = short / baseline` (1 while `short` is less than
+//!     [`NOISE_FLOOR`] above the baseline: on a store that answers in a fraction of a
+//!     millisecond, scheduling noise is not a queue): above `1 + latency_tolerance`
 //!     the window shrinks multiplicatively, by `(1 + tolerance) / ratio` clamped to
 //!     [½, 0.9]; at or below `1 + tolerance / 2` and with the window full during the round,
 //!     it grows by one (doubling until the first time latency rose: slow start); in between,
@@ -66,6 +68,10 @@ use postern_proto::Reply;
 
 /// The fewest transactions that make a round.
 pub const MIN_ROUND: usize = 4;
+/// Latency rises smaller than this (seconds) are noise, not queueing: a store on the same
+/// host answers in well under a millisecond, and one busy CPU moves that by more than the
+/// tolerance.
+pub const NOISE_FLOOR: f64 = 0.002;
 /// How often the baseline is measured again (a probe), on wall-clock boundaries.
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// Clean samples a probe takes (transactions started once the store's queue drained).
@@ -321,7 +327,13 @@ impl Window {
             return;
         }
         let before = self.limit();
-        let ratio = short / base;
+        // A rise of less than NOISE_FLOOR is scheduling noise on a fast local store, not a
+        // queue: the ratio is taken against at least that much more than the baseline.
+        let ratio = if short - base < NOISE_FLOOR {
+            1.0
+        } else {
+            short / base
+        };
         let tol = self.settings.tolerance;
         let max = self.settings.max as f64;
         if ratio > 1.0 + tol {
