@@ -74,6 +74,8 @@ pub const MIN_ROUND: usize = 4;
 pub const NOISE_FLOOR: f64 = 0.002;
 /// How often the baseline is measured again (a probe), on wall-clock boundaries.
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// The boundaries the first probe waits for (whole seconds, for every gateway alike).
+pub const FIRST_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Clean samples a probe takes (transactions started once the store's queue drained).
 pub const PROBE_SAMPLES: usize = 16;
 /// The window leaves a probe at this fraction of what it was.
@@ -376,9 +378,16 @@ impl Window {
     /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
     fn probing(&mut self, sample: f64, started: SystemTime, now: SystemTime) -> bool {
         let l = &mut self.latency;
+        // Until the first probe, on whole seconds: a gateway (or several) started against a
+        // busy store learns its real baseline within a second or two, not ten.
+        let every = if l.probed {
+            PROBE_EVERY
+        } else {
+            FIRST_PROBE_EVERY
+        };
         let period = now
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+            .map_or(0, |d| d.as_secs() / every.as_secs());
         if l.probe.is_none() && period != l.period {
             let first = l.period == 0;
             l.period = period;
@@ -406,7 +415,13 @@ impl Window {
                     Some(b) if l.probed => 0.75 * b + 0.25 * measured,
                     _ => measured,
                 });
-                l.probed = true;
+                if !l.probed {
+                    // From now on, the ten-second boundaries, counted from this one.
+                    l.probed = true;
+                    l.period = now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+                }
             }
             // Was the store queueing before the probe (latency above the grow band)?
             let contended = matches!((l.short, l.baseline), (Some(s), Some(b))
