@@ -92,8 +92,9 @@ fn ready_after_bind_watchdog_at_half_the_interval_reload_and_stopping() {
             }
         }
     });
-    // WatchdogSec=1s: a ping every 500 ms.
-    let interval = Duration::from_secs(1);
+    // WatchdogSec=2s: a ping every second (each after the scheduler answered within
+    // 500 ms; loose enough for a loaded CI machine running the whole suite).
+    let interval = Duration::from_secs(2);
     let child = Command::new(env!("CARGO_BIN_EXE_postern"))
         .args(["run", "--config"])
         .arg(&config)
@@ -143,7 +144,7 @@ fn ready_after_bind_watchdog_at_half_the_interval_reload_and_stopping() {
     drop(stream);
 
     // Watchdog pings, at half the interval: never a gap systemd would act on.
-    let watch_until = Instant::now() + Duration::from_millis(2600);
+    let watch_until = Instant::now() + Duration::from_millis(4500);
     while let Some(left) = watch_until.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(note) => {
@@ -153,7 +154,7 @@ fn ready_after_bind_watchdog_at_half_the_interval_reload_and_stopping() {
             Err(_) => break,
         }
     }
-    assert!(pings.len() >= 4, "{} pings in 2.6 s", pings.len());
+    assert!(pings.len() >= 4, "{} pings in 4.5 s", pings.len());
     let mut last = ready.at;
     for &at in &pings {
         assert!(
