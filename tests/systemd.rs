@@ -355,6 +355,8 @@ fn the_unit_keeps_its_hardening_and_matches_the_package_config() {
         ("User", "postern"),
         ("Group", "postern"),
         ("KillMode", "mixed"),
+        ("Restart", "on-failure"),
+        ("RestartPreventExitStatus", "2"),
         ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
         ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
         ("NoNewPrivileges", "yes"),
