@@ -220,20 +220,24 @@ fn ready_after_bind_watchdog_at_half_the_interval_reload_and_stopping() {
     assert!(!log.iter().any(|l| l.contains("cannot notify")), "{log:#?}");
 }
 
-/// Without `NOTIFY_SOCKET` nothing is sent and nothing complains (running by hand).
-#[test]
-fn without_a_service_manager_nothing_is_sent() {
+/// Runs the daemon with `NOTIFY_SOCKET` as given (or unset) and a 200 ms watchdog for
+/// about a second of pings, stops it with SIGTERM; its exit code and log.
+fn run_briefly(notify_socket: Option<&Path>) -> (Option<i32>, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    let child = Command::new(env!("CARGO_BIN_EXE_postern"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_postern"));
+    command
         .args(["run", "--config"])
         .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
         .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
         .env("POSTERN_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    match notify_socket {
+        Some(path) => command.env("NOTIFY_SOCKET", path),
+        None => command.env_remove("NOTIFY_SOCKET"),
+    };
+    let child = command.spawn().unwrap();
     let mut daemon = Killed(child);
     let stderr = daemon.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -246,14 +250,33 @@ fn without_a_service_manager_nothing_is_sent() {
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1000));
     signal(&daemon.0, rustix::process::Signal::TERM);
     seen.extend(lines.map_while(Result::ok));
     let status = daemon.0.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{seen:#?}");
+    (status.code(), seen)
+}
+
+/// Without `NOTIFY_SOCKET` nothing is sent and nothing complains (running by hand).
+#[test]
+fn without_a_service_manager_nothing_is_sent() {
+    let (code, log) = run_briefly(None);
+    assert_eq!(code, Some(0), "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("cannot notify")), "{log:#?}");
+}
+
+/// A notification socket that is gone is logged once (not at every watchdog tick) and
+/// changes nothing else: the gateway runs and stops as usual.
+#[test]
+fn a_missing_notification_socket_is_logged_once_and_mail_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, log) = run_briefly(Some(&dir.path().join("gone.sock")));
+    assert_eq!(code, Some(0), "{log:#?}");
+    let complaints = log.iter().filter(|l| l.contains("cannot notify")).count();
+    assert_eq!(complaints, 1, "{log:#?}");
     assert!(
-        !seen.iter().any(|l| l.contains("cannot notify")),
-        "{seen:#?}"
+        log.iter().any(|l| l.contains("systemd watchdog enabled")),
+        "{log:#?}"
     );
 }
 
