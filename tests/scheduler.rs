@@ -732,3 +732,16 @@ async fn a_slow_store_shrinks_only_its_own_window() {
     );
     h.stop().await;
 }
+
+/// The systemd watchdog's probe: every shard answers while the scheduler runs, and the
+/// probe says so when the shards have exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_is_answered_by_every_shard_while_running_and_not_after_shutdown() {
+    let h = Harness::new(&["a"]).await;
+    let scheduler = h.scheduler.clone();
+    let answered = tokio::time::timeout(Duration::from_secs(5), scheduler.ping()).await;
+    assert_eq!(answered, Ok(true));
+    h.stop().await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), scheduler.ping()).await;
+    assert_eq!(answered, Ok(false), "the shards have exited");
+}

@@ -325,6 +325,24 @@ impl Scheduler {
         out
     }
 
+    /// Asks every shard to answer and waits for all of them: `true` once each has, `false`
+    /// if a shard has exited. The systemd watchdog's proof that the scheduler's event loops
+    /// run (a ping waits behind the events already queued to the shard).
+    pub async fn ping(&self) -> bool {
+        let mut answers = Vec::with_capacity(self.ctx.shards.len());
+        for shard in 0..self.ctx.shards.len() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.ctx.send(shard, shard::Event::Ping(tx));
+            answers.push(rx);
+        }
+        for rx in answers {
+            if rx.await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// When a waiting (deferred) message is to be attempted next; `None` if it is not
     /// waiting (being attempted, done, or unknown).
     pub async fn next_attempt(&self, qid: QueueId) -> Option<SystemTime> {
