@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`config`] | `kind: lmtp` and `kind: smtp` settings (address, TLS, AUTH, timeouts, normalisation) |
 //! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
+//! | [`downgrade`] | the body for a store without 8BITMIME: 8-bit parts as quoted-printable |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
 //! | [`pipe`] | `kind: pipe`: a command with the message on stdin (like Postfix's pipe(8)) |
@@ -44,6 +45,7 @@
 //! SEE ALSO: RFC 2033 (LMTP), Postfix `lmtp(8)`, `smtp/smtp_trouble.c`.
 
 pub mod config;
+pub mod downgrade;
 pub mod lmtp;
 pub mod maildir;
 pub mod message;
