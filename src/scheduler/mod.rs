@@ -227,6 +227,9 @@ pub(crate) struct JobRcpt {
     pub(crate) in_doubt: bool,
     /// Transactions tried in this attempt.
     pub(crate) tries: u8,
+    /// In doubt: delivery attempts started since its last normal end, as the ledger counts
+    /// them (the in-doubt mark carries the count); 0 otherwise.
+    pub(crate) attempts: u32,
 }
 
 /// A message's recipients for one store (Postfix's queue entry).
@@ -376,7 +379,7 @@ async fn load_queue(ctx: Arc<Ctx>) {
     for m in messages {
         let home = ctx.home_shard(m.qid);
         match (m.queue, m.next_attempt) {
-            (crate::spool::QueueState::Hold, _) => {}
+            (crate::spool::QueueState::Hold | crate::spool::QueueState::Quarantine, _) => {}
             (crate::spool::QueueState::Deferred, Some(at)) if at > ctx.clock.now() => {
                 later_n += 1;
                 ctx.send(home, shard::Event::Schedule(m.qid, at));

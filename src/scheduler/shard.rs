@@ -504,6 +504,11 @@ impl Shard {
                 mailbox: mailbox_key(&r.address),
                 in_doubt,
                 tries: 0,
+                attempts: if in_doubt {
+                    status.attempts.get(index).copied().unwrap_or(0)
+                } else {
+                    0
+                },
             };
             let Ok(path) = ForwardPath::parse(&text) else {
                 let reply = local_reply(550, (5, 1, 3), "Bad recipient address syntax");
@@ -1222,6 +1227,7 @@ mod tests {
             mailbox: mailbox.into(),
             in_doubt,
             tries: 0,
+            attempts: 0,
         }
     }
 
