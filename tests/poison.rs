@@ -65,7 +65,13 @@ fn attempts_the_gateway_did_not_survive_count_and_quarantine_the_message() {
     for kill in 1..=2 {
         let d = Daemon::start(&config);
         if kill == 1 {
-            let reply = send_one(&d.addr, "s@example.net", "poison@example.org", "poison", "x");
+            let reply = send_one(
+                &d.addr,
+                "s@example.net",
+                "poison@example.org",
+                "poison",
+                "x",
+            );
             qid = reply.rsplit(' ').next().unwrap().trim().to_owned();
         }
         eventually(Duration::from_secs(20), "the final dot", || {
@@ -92,9 +98,11 @@ fn attempts_the_gateway_did_not_survive_count_and_quarantine_the_message() {
     // The operator releases it: tried again at once (its count starts from zero).
     let out = queue(&config, &["release", &qid]);
     assert!(out.status.success(), "{}", stderr(&out));
-    eventually(Duration::from_secs(20), "a new attempt after release", || {
-        (complete(&fake) >= 3).then_some(())
-    });
+    eventually(
+        Duration::from_secs(20),
+        "a new attempt after release",
+        || (complete(&fake) >= 3).then_some(()),
+    );
     assert!(list(&config, &["--queue", "quarantine"]).is_empty());
     drop(d);
 }
@@ -115,6 +123,10 @@ fn connections_lost_after_the_dot_quarantine_without_any_crash() {
     eventually(Duration::from_secs(30), "the quarantine", || {
         (list(&config, &["--queue", "quarantine"]).len() == 1).then_some(())
     });
-    assert_eq!(complete(&fake), 3, "exactly poison_attempts attempts reached the store");
+    assert_eq!(
+        complete(&fake),
+        3,
+        "exactly poison_attempts attempts reached the store"
+    );
     assert_eq!(d.log_lines(&["message quarantined", &qid]).len(), 1);
 }

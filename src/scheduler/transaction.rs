@@ -253,6 +253,26 @@ pub(crate) async fn run(
             tracing::warn!(queue_id = %msg.qid, error = %e, "ledger update not yet durable");
         }
     }
+    // A recipient already in doubt that this transaction did not reach (nothing sent past
+    // MAIL/RCPT/DATA: a store down or busy) was not tried abnormally: its count goes back.
+    let untried: Vec<(usize, u32)> = done
+        .batch
+        .iter_mut()
+        .filter(|r| {
+            r.in_doubt
+                && matches!(
+                    attempt.report.outcome(r.index),
+                    Some(Outcome::NotAttempted(_))
+                )
+        })
+        .map(|r| {
+            r.attempts = r.attempts.saturating_sub(1);
+            (r.index, r.attempts)
+        })
+        .collect();
+    if !untried.is_empty() {
+        drop(ctx.spool.mark_in_doubt_counted(msg.qid, &untried));
+    }
     if done.aborted {
         return done;
     }
