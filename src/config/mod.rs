@@ -352,6 +352,11 @@ pub struct RoutesConfig {
     /// taken from the working directory, like `users_file`.
     #[serde(default)]
     pub include: Vec<PathBuf>,
+    /// A queued recipient the map no longer routes (a reload removed its domain or user)
+    /// is deferred `451 4.3.0` for this long after it was first found unroutable, then
+    /// bounced: 1d. A message from `<>` is not held back.
+    #[serde(default = "default_unroutable_grace")]
+    pub unroutable_grace: Span,
     /// Which fragment each merged entry came from (filled by loading, not by YAML).
     #[serde(skip)]
     pub origins: RouteOrigins,
@@ -373,6 +378,7 @@ impl Default for RoutesConfig {
             relay: None,
             propagate_extensions: true,
             include: Vec::new(),
+            unroutable_grace: default_unroutable_grace(),
             origins: RouteOrigins::default(),
         }
     }
@@ -453,6 +459,9 @@ fn default_true() -> bool {
 }
 fn default_alias_depth() -> usize {
     8
+}
+fn default_unroutable_grace() -> Span {
+    Span(Duration::from_secs(86_400))
 }
 fn default_recipient_delimiter() -> String {
     "+".into()

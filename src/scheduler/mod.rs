@@ -72,6 +72,7 @@ mod operator;
 pub mod retry;
 mod shard;
 mod transaction;
+mod unroutable;
 pub mod window;
 #[cfg(test)]
 mod window_sim;
@@ -307,6 +308,19 @@ impl Scheduler {
     /// result (a probe already scheduled keeps its time).
     pub fn update_delivery(&self, config: &SchedulerConfig) {
         self.ctx.live.store(Arc::new(config.live()));
+    }
+
+    /// The addresses of every queued recipient not yet delivered or bounced (reads the
+    /// envelopes from disk: for a reload's count of recipients that lose their route).
+    pub fn open_recipients(&self) -> Vec<String> {
+        self.ctx
+            .spool
+            .snapshot()
+            .into_iter()
+            .flat_map(|m| m.recipients)
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.address)
+            .collect()
     }
 
     /// The live `delivery:` keys in force.

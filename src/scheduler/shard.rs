@@ -23,6 +23,7 @@ use super::dsn::{self, Kind};
 use super::gate::Gate;
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
+use super::unroutable::Unroutable;
 use super::{Ctx, Job, JobRcpt, Message, StoreStatus, local_reply};
 use crate::delivery::{Outcome, Scope};
 use crate::routing::RcptDecision;
@@ -220,6 +221,8 @@ pub(crate) struct Shard {
     active_limit: usize,
     /// Messages whose final recipients are being reported while others are still open.
     reporting: HashSet<QueueId>,
+    /// Queued recipients that lost their route, and since when.
+    unroutable: Unroutable,
 }
 
 impl Shard {
@@ -239,6 +242,7 @@ impl Shard {
             backlog: VecDeque::new(),
             backlogged: HashSet::new(),
             reporting: HashSet::new(),
+            unroutable: Unroutable::default(),
             id,
             ctx,
             rx,
@@ -523,18 +527,33 @@ impl Shard {
                 continue;
             };
             rcpt.path = path;
+            let lost = |this: &mut Self, bounce| {
+                Err(this.unroutable.decide(
+                    qid,
+                    index,
+                    msg.envelope.sender.is_empty(),
+                    bounce,
+                    router.unroutable_grace(),
+                    now,
+                ))
+            };
             let refusal = match router.resolve(&rcpt.path, true) {
-                RcptDecision::Local { store } | RcptDecision::Relay { store } => Ok(store),
-                RcptDecision::UnknownUser => Err(Outcome::Bounced(local_reply(
-                    550,
-                    (5, 1, 1),
-                    "Recipient address rejected: unknown user",
-                ))),
-                RcptDecision::RelayDenied => Err(Outcome::Bounced(local_reply(
-                    554,
-                    (5, 7, 1),
-                    "Recipient address rejected: no route to this domain",
-                ))),
+                RcptDecision::Local { store } | RcptDecision::Relay { store } => {
+                    self.unroutable.routed(qid, index);
+                    Ok(store)
+                }
+                RcptDecision::UnknownUser => lost(
+                    self,
+                    local_reply(550, (5, 1, 1), "Recipient address rejected: unknown user"),
+                ),
+                RcptDecision::RelayDenied => lost(
+                    self,
+                    local_reply(
+                        554,
+                        (5, 7, 1),
+                        "Recipient address rejected: no route to this domain",
+                    ),
+                ),
                 // The map did not load: retry later, never bounce for our own trouble.
                 RcptDecision::Unavailable => Err(Outcome::Deferred(local_reply(
                     451,
