@@ -133,6 +133,7 @@ impl Gateway {
                 agents,
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
+                double_bounce: config.double_bounce.clone(),
                 clock: Clock::System,
             })
         });

@@ -35,6 +35,10 @@ pub struct Config {
     /// Our name: in the greeting, EHLO and Received: headers.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// Where a DSN that cannot be delivered goes, once (Postfix's 2bounce): default
+    /// `postmaster@` + `hostname`. If that fails too, the DSN is kept in the hold queue.
+    #[serde(default)]
+    pub double_bounce: Option<String>,
     /// Unique per gateway (0–65535); part of every queue id, so ids never collide when
     /// several gateways feed one store.
     #[serde(default = "default_node_id")]
@@ -592,6 +596,11 @@ impl Config {
                 "hostname".into(),
                 format!("`{}` is not a host name", self.hostname),
             );
+        }
+        if let Some(a) = &self.double_bounce {
+            if postern_proto::Mailbox::parse(a).is_err() {
+                bad("double_bounce".into(), format!("`{a}` is not an address"));
+            }
         }
         if self.listeners.is_empty() {
             bad("listeners".into(), "at least one listener is needed".into());

@@ -119,9 +119,11 @@ pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<D
 
 /// Whether recipient `rcpt`'s final `state` owes the sender a DSN, as [`owed`] decides
 /// for [`Kind::Final`]. `true` for anything else (the caller then reports it the slow way).
+/// For mail from `<>` a bounce owes no DSN but a double bounce (`double_bounce`), so it is
+/// `true` for a bounced recipient there too.
 pub fn owes_final(envelope: &Envelope, rcpt: usize, state: &RecipientState) -> bool {
     if envelope.sender.is_empty() {
-        return false;
+        return matches!(state, RecipientState::Bounced { .. });
     }
     let Some(r) = envelope.recipients.get(rcpt) else {
         return true;

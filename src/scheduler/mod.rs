@@ -65,6 +65,7 @@ pub mod agent;
 pub mod breaker;
 pub mod clock;
 pub mod config;
+mod double_bounce;
 pub mod dsn;
 pub mod gate;
 pub mod metrics;
@@ -139,6 +140,9 @@ pub struct Setup {
     pub config: SchedulerConfig,
     /// Our host name (DSNs).
     pub hostname: String,
+    /// `double_bounce`: where an undeliverable DSN goes once (default `postmaster@`
+    /// `hostname`).
+    pub double_bounce: Option<String>,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -155,6 +159,8 @@ pub(crate) struct Ctx {
     pub(crate) live: ArcSwap<LiveDelivery>,
     pub(crate) clock: Clock,
     pub(crate) hostname: String,
+    /// Where an undeliverable DSN goes, once.
+    pub(crate) double_bounce: String,
     pub(crate) shards: Vec<mpsc::UnboundedSender<shard::Event>>,
     /// Cancelled at shutdown: no new transaction starts.
     pub(crate) stop: CancellationToken,
@@ -251,8 +257,10 @@ impl Scheduler {
             agents,
             config,
             hostname,
+            double_bounce,
             clock,
         } = setup;
+        let double_bounce = double_bounce.unwrap_or_else(|| format!("postmaster@{hostname}"));
         let n = config.shard_count().max(1);
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let live = ArcSwap::from_pointee(config.live());
@@ -264,6 +272,7 @@ impl Scheduler {
             live,
             clock,
             hostname,
+            double_bounce,
             shards: txs,
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),

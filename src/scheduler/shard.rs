@@ -1194,6 +1194,14 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
             }
         })
         .collect();
+    if kind == Kind::Final && envelope.sender.is_empty() {
+        let failed: Vec<(usize, &RecipientState)> = covered
+            .iter()
+            .filter_map(|&i| states.get(i).map(|s| (i, s)))
+            .collect();
+        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)?;
+        return Ok((copy, covered));
+    }
     let rcpts = dsn::owed(&envelope, &states, kind);
     if rcpts.is_empty() {
         return Ok((None, covered));

@@ -156,6 +156,7 @@ impl Harness {
             agents,
             config,
             hostname: "gw.test".into(),
+            double_bounce: None,
             clock: Clock::System,
         });
         Self {
