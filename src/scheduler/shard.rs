@@ -484,6 +484,7 @@ impl Shard {
             envelope,
         });
         let router = ctx.router.load();
+        let delivered_to = super::loops::delivered_to(&ctx.spool, qid);
         let mut groups: Vec<(String, Vec<JobRcpt>)> = Vec::new();
         for (index, (r, state)) in msg
             .envelope
@@ -527,6 +528,22 @@ impl Shard {
                 continue;
             };
             rcpt.path = path;
+            if super::loops::is_loop(&delivered_to, &r.address) {
+                let reply = local_reply(
+                    554,
+                    (5, 4, 6),
+                    "Mail forwarding loop: the message already has a Delivered-To header for this recipient",
+                );
+                transaction::settle_locally(
+                    &ctx,
+                    &msg,
+                    "none",
+                    "none",
+                    &rcpt,
+                    &Outcome::Bounced(reply),
+                );
+                continue;
+            }
             let lost = |this: &mut Self, bounce| {
                 Err(this.unroutable.decide(
                     qid,
