@@ -364,6 +364,9 @@ fn strip_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// A `Content-Type`: type, subtype (lowercased) and parameters (names lowercased).
+type ContentType = (String, String, Vec<(String, String)>);
+
 /// A header block as fields: each field's octet range in the block and its unfolded value.
 struct Fields {
     /// (name lowercased, start, end, value unfolded)
@@ -403,7 +406,7 @@ impl Fields {
 
     /// `Content-Type`: the type and subtype lowercased, and the parameters (names
     /// lowercased, values unquoted).
-    fn content_type(&self) -> Option<(String, String, Vec<(String, String)>)> {
+    fn content_type(&self) -> Option<ContentType> {
         let value = strip_comments(self.get("content-type")?);
         let mut parts = split_params(&value).into_iter();
         let kind = parts.next()?;

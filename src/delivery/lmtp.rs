@@ -685,7 +685,7 @@ impl Connection {
                 }
             };
             let chunk = &input[..n];
-            if let Some(reply) = guard.check(&chunk, body) {
+            if let Some(reply) = guard.check(chunk, body) {
                 let why = trouble::message_refused(&reply);
                 return self.abort(run, Outcome::Bounced(reply), why);
             }
