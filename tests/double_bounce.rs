@@ -95,3 +95,38 @@ fn a_double_bounce_that_fails_too_is_kept_on_hold() {
     assert_eq!(list(&config, &[]).len(), 1);
     assert!(delivered_subjects(&dir.path().join("mail")).is_empty());
 }
+
+#[test]
+fn our_own_bounce_to_a_sender_we_cannot_route_goes_to_the_double_bounce_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "admin@example.org");
+    let d = Daemon::start(&config);
+    // The sender's domain is routed nowhere (no relay): the bounce for dead.test cannot be
+    // routed, and is not held back by routes.unroutable_grace (it is from <>).
+    send_one(
+        &d.addr,
+        "someone@nowhere.test",
+        "x@dead.test",
+        "original",
+        "x",
+    );
+    let got = eventually(Duration::from_secs(20), "the double bounce", || {
+        delivered_subjects(&dir.path().join("mail")).pop()
+    });
+    assert!(got.contains("Undelivered"), "the DSN itself: {got}");
+    let admin = dir.path().join("mail/example.org/admin/Maildir/new");
+    let dsn = std::fs::read_dir(&admin)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(dsn).unwrap();
+    assert!(
+        text.contains("Final-Recipient: rfc822; x@dead.test"),
+        "{text}"
+    );
+    eventually(Duration::from_secs(10), "an empty queue", || {
+        list(&config, &[]).is_empty().then_some(())
+    });
+}
