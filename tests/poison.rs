@@ -33,6 +33,28 @@ fn config(dir: &Path, port: u16, poison: u32) -> PathBuf {
     path
 }
 
+/// `postern_quarantined_messages` as the daemon's /metrics shows it.
+fn quarantined_gauge(d: &Daemon) -> f64 {
+    use std::io::{Read, Write};
+    let line = d
+        .log_lines(&["\"message\":\"metrics\""])
+        .pop()
+        .expect("the metrics address is logged");
+    let start = line.find("\"address\":\"").unwrap() + 11;
+    let address = &line[start..start + line[start..].find('"').unwrap()];
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("postern_quarantined_messages "))
+        .unwrap_or_else(|| panic!("postern_quarantined_messages not exported:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn list(config: &Path, args: &[&str]) -> Vec<Value> {
     let mut a = vec!["list", "--json"];
     a.extend_from_slice(args);
@@ -94,6 +116,7 @@ fn attempts_the_gateway_did_not_survive_count_and_quarantine_the_message() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(complete(&fake), 2);
     assert!(list(&config, &["--state", "active"]).is_empty());
+    assert_eq!(quarantined_gauge(&d), 1.0);
 
     // The operator releases it: tried again at once (its count starts from zero).
     let out = queue(&config, &["release", &qid]);
@@ -104,6 +127,7 @@ fn attempts_the_gateway_did_not_survive_count_and_quarantine_the_message() {
         || (complete(&fake) >= 3).then_some(()),
     );
     assert!(list(&config, &["--queue", "quarantine"]).is_empty());
+    assert_eq!(quarantined_gauge(&d), 0.0, "set at the release");
     drop(d);
 }
 
