@@ -1,7 +1,8 @@
 //! Poison-message quarantine with the real binary (issue 13 part 3): a message whose
 //! deliveries keep ending abnormally is moved to the quarantine queue after
 //! `delivery.poison_attempts` attempts, counting attempts the gateway itself did not survive
-//! (killed with SIGKILL while the store held the message past its final dot); the operator
+//! (killed with SIGKILL while the store held the message past its final dot) and a `pipe`
+//! command killed on the message; the operator
 //! sees it with `postern queue list --queue quarantine` and puts it back with `release`.
 
 #![allow(
@@ -153,4 +154,39 @@ fn connections_lost_after_the_dot_quarantine_without_any_crash() {
         "exactly poison_attempts attempts reached the store"
     );
     assert_eq!(d.log_lines(&["message quarantined", &qid]).len(), 1);
+}
+
+#[test]
+fn a_delivery_command_killed_on_the_message_quarantines_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("runs");
+    let script = dir.path().join("crash.sh");
+    // Counts its runs, then dies of SIGKILL (a filter that crashes on this message).
+    std::fs::write(&script, "echo run >> \"$1\"\ncat > /dev/null\nkill -9 $$\n").unwrap();
+    let path = dir.path().join("postern.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "hostname: mx.test\nnode_id: 6\ndrain_timeout: 1s\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: filter\n    kind: pipe\n    argv: [/bin/sh, {script}, {count}]\nroutes:\n  domains:\n    example.org: {{ store: filter }}\ndelivery:\n  minimal_backoff: 1s\n  maximal_backoff: 1s\n  poison_attempts: 3\n",
+            spool = dir.path().join("spool").display(),
+            script = script.display(),
+            count = count.display(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&path);
+    let qid = send_one(
+        &d.addr,
+        "s@example.net",
+        "u@example.org",
+        "crashes the filter",
+        "x",
+    );
+    eventually(Duration::from_secs(30), "the quarantine", || {
+        (list(&path, &["--queue", "quarantine"]).len() == 1).then_some(())
+    });
+    let runs = std::fs::read_to_string(&count).unwrap().lines().count();
+    assert_eq!(runs, 3, "poison_attempts runs of the command");
+    let line = d.log_lines(&["message quarantined", &qid]).pop().unwrap();
+    assert!(line.contains("3 delivery attempts"), "{line}");
 }

@@ -24,7 +24,8 @@
 //! - Every recipient handed to a delivery gets exactly one [`Outcome`], reported through the
 //!   caller's callback as soon as it is known (the ledger is written reply by reply).
 //! - A recipient is [`Outcome::InDoubt`] only if the end of data was sent and its reply never
-//!   came: a retry may duplicate it, nothing else can be.
+//!   came (for `kind: pipe`: the command ran and died of a signal): a retry may duplicate
+//!   it, nothing else can be.
 //! - Delivery results are data ([`Report`]), never errors.
 //!
 //! # How the scheduler calls it
