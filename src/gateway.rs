@@ -134,6 +134,7 @@ impl Gateway {
                 agents: agents.clone(),
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
+                double_bounce: config.double_bounce.clone(),
                 clock: Clock::System,
             })
         });

@@ -106,6 +106,8 @@ pub const SPOOL_BYTES: &str = "postern_spool_bytes";
 pub const SPOOL_FREE_BYTES: &str = "postern_spool_free_bytes";
 /// Messages in the spool.
 pub const SPOOL_MESSAGES: &str = "postern_spool_messages";
+/// Messages in the poison quarantine (`postern queue list --state quarantine`).
+pub const QUARANTINED: &str = "postern_quarantined_messages";
 
 // ---- routing --------------------------------------------------------------------------------
 
@@ -311,6 +313,7 @@ pub const ALL: &[Def] = &[
     def(SPOOL_BYTES, Gauge, Unit::Bytes, &[], "Bytes of the spool's files on disk."),
     def(SPOOL_FREE_BYTES, Gauge, Unit::Bytes, &[], "Free space for unprivileged users on the spool's filesystem."),
     def(SPOOL_MESSAGES, Gauge, Unit::Count, &[], "Messages in the spool."),
+    def(QUARANTINED, Gauge, Unit::Count, &[], "Messages in the poison quarantine (delivery attempts kept ending abnormally; an operator releases or deletes them)."),
     def(ROUTES_GENERATION, Gauge, Unit::Count, &[], "Routing map generation: 1 at start, one more per successful reload."),
     def(ROUTES_RELOAD_ERRORS, Counter, Unit::Count, &[], "Routing map reloads that failed (the previous map stays)."),
 ];
@@ -437,6 +440,7 @@ pub fn sample_spool(dir: &Path, spool: &Spool) {
         Err(e) => tracing::debug!(error = %e, "statvfs of the spool failed"),
     }
     gauge!(SPOOL_MESSAGES).set(spool.len() as f64);
+    gauge!(QUARANTINED).set(spool.quarantined() as f64);
 }
 
 /// Bytes of the regular files in `dir` and one level of subdirectories (the spool keeps its

@@ -267,32 +267,6 @@ async fn size_limit_bounces_before_sending() {
 }
 
 #[tokio::test]
-async fn eight_bit_needs_8bitmime() {
-    let script = Script {
-        eight_bit_mime: false,
-        ..Script::default()
-    };
-    let fake = FakeStore::start(script).await;
-    let body = "Subject: caf\u{e9}\r\n\r\nd\u{e9}j\u{e0} vu\r\n".as_bytes();
-    let to = rcpts(&["a"]);
-
-    // Declared (or flagged by the receiver): refused before sending.
-    let mut env = envelope(body);
-    env.eight_bit = true;
-    let (report, _) = deliver_once(&config(fake.addr), &env, &to, body).await;
-    assert_eq!(by_index(&report, 1), ["bounced 554 5.6.3"]);
-    assert_eq!(fake.sessions()[0].count("MAIL"), 0);
-
-    // Not declared: found while streaming, the transaction is abandoned before its end.
-    let (report, _) = deliver_once(&config(fake.addr), &envelope(body), &to, body).await;
-    assert_eq!(by_index(&report, 1), ["bounced 554 5.6.3"]);
-    assert_eq!(report.scope(), Scope::Message);
-    let txns = fake.transactions();
-    assert_eq!(txns.len(), 1);
-    assert!(!txns[0].complete, "no final dot was sent");
-}
-
-#[tokio::test]
 async fn eight_bit_is_declared_when_offered() {
     let fake = FakeStore::start(Script::default()).await;
     let body = "Subject: caf\u{e9}\r\n\r\nx\r\n".as_bytes();

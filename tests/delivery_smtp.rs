@@ -141,23 +141,28 @@ async fn helo_when_ehlo_is_refused_and_nothing_is_assumed() {
         .deliver(&envelope(BODY), &to, BODY, &mut |_, _: &Outcome| {})
         .await;
     assert_eq!(by_index(&report, 1), ["delivered 250 2.0.0"]);
-    // 8-bit content and no 8BITMIME after HELO: bounced before anything is sent.
-    let eight = "Subject: caf\u{e9}\r\n\r\n\u{e9}t\u{e9}\r\n".as_bytes();
+    // No 8BITMIME after HELO: an 8-bit MIME part goes as quoted-printable (RFC 6152 §3).
+    let eight = "Subject: accents\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\u{e9}t\u{e9}\r\n";
+    let eight = eight.as_bytes();
     let mut env = envelope(eight);
     env.eight_bit = true;
     let report = conn
         .deliver(&env, &to, eight, &mut |_, _: &Outcome| {})
         .await;
-    assert_eq!(by_index(&report, 1), ["bounced 554 5.6.3"]);
+    assert_eq!(by_index(&report, 1), ["delivered 250 2.0.0"]);
     let s = &fake.sessions()[0];
     assert_eq!(&s.commands[..2], ["EHLO gw.test", "HELO gw.test"]);
     assert_eq!(
-        s.transactions[0].mail, "MAIL FROM:<sender@example.org>",
+        s.transactions[1].mail, "MAIL FROM:<sender@example.org>",
         "no ESMTP parameters after HELO"
     );
-    assert_eq!(s.count("DATA"), 1);
+    assert_eq!(
+        s.transactions[1].content,
+        b"Subject: accents\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9t=C3=A9\r\n"
+    );
+    assert_eq!(s.count("DATA"), 2);
     assert_eq!(s.count("BDAT"), 0);
-    assert_eq!(s.transactions.len(), 1);
+    assert_eq!(s.transactions.len(), 2);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 mod common_stores;
 mod delivery_common;
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -323,4 +324,39 @@ async fn dovecot_bdat_chunks_mixed_transaction() {
     assert_delivered(&dovecot, "bob", "dovecot-bdat-big", &body_part(600));
     assert_delivered(&dovecot, "bob", "dovecot-bdat-small", &body_part(0));
     assert_eq!(inbox_count(&dovecot, "quota"), 0);
+}
+
+/// Issue 13 part 5 against the real stores. Both offer 8BITMIME (so the quoted-printable
+/// path cannot be driven against them; `tests/delivery_downgrade.rs` proves it with the fake
+/// store), and 8-bit mail goes unchanged. A store without SMTPUTF8 takes a message that only
+/// declared it (ASCII addresses and headers) instead of bouncing it 5.6.7.
+#[tokio::test]
+async fn real_stores_8bitmime_and_a_declared_smtputf8() {
+    for kind in [Kind::Cyrus, Kind::Dovecot] {
+        let Some(instance) = Instance::start(kind, &[], &[("alice", None)]) else {
+            return;
+        };
+        let mut c = unix(&instance);
+        c.chunking = false;
+        let mut conn = store(&c).connect().await.unwrap();
+        let caps = conn.capabilities().clone();
+        let _ = writeln!(
+            std::io::stderr(),
+            "{kind:?}: 8BITMIME={} SMTPUTF8={}",
+            caps.eight_bit_mime,
+            caps.smtputf8
+        );
+        assert!(caps.eight_bit_mime, "{kind:?} offers 8BITMIME");
+        let subject = format!("{kind:?}-declared-utf8").to_lowercase();
+        let m = message(&subject, 2);
+        let mut env = envelope(&m);
+        env.params.smtputf8 = true;
+        let report = conn
+            .deliver(&env, &rcpts(&["alice"]), &m[..], &mut |_, _: &Outcome| {})
+            .await;
+        conn.quit().await;
+        let line = by_index(&report, 1);
+        assert!(line[0].starts_with("delivered 250"), "{kind:?}: {line:?}");
+        assert_delivered(&instance, "alice", &subject, &body_part(2));
+    }
 }

@@ -112,6 +112,7 @@ async fn deferred_until_the_lifetime_then_bounced_with_a_delay_warning_first() {
         agents,
         config,
         hostname: "gw.test".into(),
+        double_bounce: None,
         clock,
     });
     let env = Envelope {
@@ -285,6 +286,7 @@ async fn new_retry_settings_apply_from_the_next_deferral() {
         agents,
         config: config.clone(),
         hostname: "gw.test".into(),
+        double_bounce: None,
         clock,
     });
     let env = Envelope {

@@ -437,3 +437,35 @@ pub fn proxy_header(input: &[u8]) {
         Err(_) => {}
     }
 }
+
+/// Octets that matter to the MIME downgrade: line endings, boundaries, header syntax.
+pub const MIME_ALPHABET: &[u8] = b"\r\n-=: \t;\"bxCT\xe9\x80";
+
+/// Fuzz target `downgrade`: the 8-bit to quoted-printable converter. The output does not
+/// depend on the cuts, inspection mode changes nothing, and conversion never adds an 8-bit
+/// octet.
+pub fn downgrade(input: &[u8]) {
+    use crate::downgrade::Downgrade;
+    let (flags, sizes, data) = header(input);
+    let data = if flags & 1 == 1 {
+        into_alphabet(data, MIME_ALPHABET)
+    } else {
+        data.to_vec()
+    };
+    let run = |convert: bool, pieces: &[&[u8]]| {
+        let mut d = Downgrade::new(convert);
+        let mut out = Vec::new();
+        for piece in pieces {
+            d.feed(piece, &mut out);
+        }
+        d.finish(&mut out);
+        (out, d.eight_bit_headers())
+    };
+    let whole = run(true, &[&data]);
+    assert_eq!(whole, run(true, &chunks(&data, sizes)));
+    let inspected = run(false, &chunks(&data, sizes));
+    assert_eq!(inspected.0, data);
+    assert_eq!(inspected.1, whole.1);
+    let high = |v: &[u8]| v.iter().filter(|&&b| b > 127).count();
+    assert!(high(&whole.0) <= high(&data));
+}

@@ -17,6 +17,7 @@
 //! | [`reply`] | replies, enhanced status codes, severity; parse and format | 5321 §4.2, 2034, 3463 |
 //! | [`replies`] | every reply text postern itself sends | |
 //! | [`data`] | DATA dot-stuffing codec (smuggling-proof) and BDAT chunks | 5321 §4.5.2, 3030 |
+//! | [`downgrade`] | 8-bit MIME parts to quoted-printable for a store without 8BITMIME | 6152 §3, 2045, 2046 |
 //! | [`server`] | the server session state machine (SMTP and LMTP) | 5321, 2033, 2920, 3207 |
 //! | [`client`] | the client state machine for delivery agents (LMTP and SMTP) | 2033 §4.2 §5, 2920, 3030, 3207, 4954 |
 //!
@@ -34,6 +35,7 @@ pub mod address;
 pub mod client;
 pub mod command;
 pub mod data;
+pub mod downgrade;
 pub mod line;
 pub mod params;
 pub mod proxy;

@@ -109,6 +109,11 @@ fn fuzz_data() {
 }
 
 #[test]
+fn fuzz_downgrade() {
+    run("downgrade", fuzzing::downgrade);
+}
+
+#[test]
 fn fuzz_line() {
     run("line", fuzzing::line_framing);
 }

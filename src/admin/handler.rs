@@ -173,10 +173,11 @@ impl Backend {
 
     /// Why `action` does not apply to `m`, if it does not.
     fn ineligible(&self, action: Action, m: &MessageView) -> Option<String> {
-        let held = m.queue_name == "hold";
+        let held = m.queue_name == "hold" || m.queue_name == "quarantine";
         let reason = match action {
+            Action::Hold if m.queue_name == "quarantine" => "quarantined",
             Action::Hold if held => "already on hold",
-            Action::Release if !held => "not on hold",
+            Action::Release if !held => "not on hold or quarantined",
             Action::Flush | Action::Requeue if held => "on hold (release it instead)",
             Action::Flush | Action::Requeue if self.scheduler.is_none() => {
                 "delivery is disabled (delivery.enabled: false)"

@@ -27,6 +27,7 @@ pub fn queue_name(q: QueueState) -> &'static str {
         QueueState::Active => "active",
         QueueState::Deferred => "deferred",
         QueueState::Hold => "hold",
+        QueueState::Quarantine => "quarantine",
         QueueState::Finished => "finished",
     }
 }

@@ -35,6 +35,10 @@ pub struct Config {
     /// Our name: in the greeting, EHLO and Received: headers.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// Where a DSN that cannot be delivered goes, once (Postfix's 2bounce): default
+    /// `postmaster@` + `hostname`. If that fails too, the DSN is kept in the hold queue.
+    #[serde(default)]
+    pub double_bounce: Option<String>,
     /// Unique per gateway (0–65535); part of every queue id, so ids never collide when
     /// several gateways feed one store.
     #[serde(default = "default_node_id")]
@@ -371,6 +375,11 @@ pub struct RoutesConfig {
     /// taken from the working directory, like `users_file`.
     #[serde(default)]
     pub include: Vec<PathBuf>,
+    /// A queued recipient the map no longer routes (a reload removed its domain or user)
+    /// is deferred `451 4.3.0` for this long after it was first found unroutable, then
+    /// bounced: 1d. A message from `<>` is not held back.
+    #[serde(default = "default_unroutable_grace")]
+    pub unroutable_grace: Span,
     /// Which fragment each merged entry came from (filled by loading, not by YAML).
     #[serde(skip)]
     pub origins: RouteOrigins,
@@ -392,6 +401,7 @@ impl Default for RoutesConfig {
             relay: None,
             propagate_extensions: true,
             include: Vec::new(),
+            unroutable_grace: default_unroutable_grace(),
             origins: RouteOrigins::default(),
         }
     }
@@ -472,6 +482,9 @@ fn default_true() -> bool {
 }
 fn default_alias_depth() -> usize {
     8
+}
+fn default_unroutable_grace() -> Span {
+    Span(Duration::from_secs(86_400))
 }
 fn default_recipient_delimiter() -> String {
     "+".into()
@@ -605,6 +618,11 @@ impl Config {
                 "hostname".into(),
                 format!("`{}` is not a host name", self.hostname),
             );
+        }
+        if let Some(a) = &self.double_bounce {
+            if postern_proto::Mailbox::parse(a).is_err() {
+                bad("double_bounce".into(), format!("`{a}` is not an address"));
+            }
         }
         if self.listeners.is_empty() {
             bad("listeners".into(), "at least one listener is needed".into());

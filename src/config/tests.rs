@@ -458,3 +458,21 @@ fn no_routes_section_means_the_defaults_of_an_empty_one() {
     assert_eq!(without.routes.alias_depth, 8);
     assert!(without.routes.propagate_extensions);
 }
+
+#[test]
+fn edge_keys_default_and_validate() {
+    let c = Config::parse(BASE, "test.yaml").unwrap();
+    assert_eq!(c.double_bounce, None);
+    assert_eq!(c.delivery.poison_attempts, 5);
+    assert_eq!(c.routes.unroutable_grace, Span(Duration::from_secs(86_400)));
+    let yaml = format!(
+        "double_bounce: admin@example.org\ndelivery:\n  poison_attempts: 0\n{}  unroutable_grace: 2h\n",
+        BASE
+    );
+    let c = Config::parse(&yaml, "test.yaml").unwrap();
+    assert_eq!(c.double_bounce.as_deref(), Some("admin@example.org"));
+    assert_eq!(c.delivery.poison_attempts, 0);
+    assert_eq!(c.routes.unroutable_grace, Span(Duration::from_secs(7200)));
+    let e = errors(&format!("double_bounce: not an address\n{BASE}"));
+    assert!(e.iter().any(|l| l.contains("double_bounce")), "{e:?}");
+}

@@ -12,12 +12,14 @@
 //! # What is checked before anything is sent
 //!
 //! - SIZE: a message larger than the store's limit bounces `552 5.3.4`.
-//! - SMTPUTF8: a message that needs it (declared, or a non-ASCII address) and a store without
-//!   it bounces `554 5.6.7`.
-//! - 8BITMIME: 8-bit content (declared `BODY=8BITMIME`, or flagged in the [`Envelope`]) and a
-//!   store without it bounces `554 5.6.3`; no conversion is attempted. Undeclared 8-bit octets
-//!   met while streaming to such a store abort the transaction before its end (nothing is
-//!   delivered) with the same bounce.
+//! - SMTPUTF8: a message with a non-ASCII address and a store without it bounces `554 5.6.7`.
+//!   A message that only declared SMTPUTF8 goes without it; 8-bit headers met while streaming
+//!   then abort the transaction before its end with the same bounce.
+//! - 8BITMIME: a store without it gets the body through [`super::downgrade`]: 8-bit MIME
+//!   parts (declared `8bit`/`binary`) are converted to quoted-printable (RFC 6152 §3, as
+//!   Postfix does). 8-bit octets that survive the conversion (8-bit headers, 8-bit content in
+//!   a part declared 7-bit) abort the transaction before its end (nothing is delivered) with
+//!   `554 5.6.3`. SIZE= still declares the spooled size (an estimate, RFC 1870).
 //!
 //! ESMTP parameters the store did not advertise are left out (SIZE=, BODY=, SMTPUTF8, the DSN
 //! parameters).
@@ -60,6 +62,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::config::{LmtpStoreConfig, StoreAddress, TlsMode, WindowConfig};
+use super::downgrade::{Downgrading, Guard};
 use super::message::{Envelope, Recipient, Report};
 use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
 use super::wire::{self, Credentials, Io, TlsSettings, Wire};
@@ -426,7 +429,7 @@ impl Connection {
         &mut self,
         envelope: &Envelope,
         recipients: &[Recipient],
-        mut body: R,
+        body: R,
         on_outcome: &mut F,
     ) -> Report
     where
@@ -451,7 +454,11 @@ impl Connection {
         }
         let (params, rcpts) = self.parameters(envelope, recipients);
         let bdat = store.chunking && self.caps.chunking;
-        let check_8bit = !self.caps.eight_bit_mime;
+        let guard = Guard {
+            eight_bit: !self.caps.eight_bit_mime,
+            utf8_headers: envelope.params.smtputf8 && !self.caps.smtputf8,
+        };
+        let mut body = Downgrading::new(body, guard);
         let proto = &mut self.wire.proto;
         let started = if bdat {
             proto.start_transaction_bdat(envelope.from.clone(), params, rcpts)
@@ -477,7 +484,7 @@ impl Connection {
         } else if bdat {
             latency += phase_done(&store.name, "mail_rcpt", &mut mark);
             mail_rcpt_timed = true;
-            self.send_bdat(&mut body, &mut run, check_8bit).await;
+            self.send_bdat(&mut body, &mut run, guard).await;
             phase_done(&store.name, "data", &mut mark);
         }
         let mut data_started = false;
@@ -491,7 +498,7 @@ impl Connection {
                 latency += phase_done(&store.name, "mail_rcpt", &mut mark);
                 mail_rcpt_timed = true;
                 let size = usize::try_from(envelope.size).unwrap_or(DATA_READ);
-                self.send_data(&mut body, &mut run, check_8bit, size).await;
+                self.send_data(&mut body, &mut run, guard, size).await;
                 phase_done(&store.name, "data", &mut mark);
                 continue;
             }
@@ -570,7 +577,7 @@ impl Connection {
                 return Some(trouble::size_exceeded(envelope.size, limit));
             }
         }
-        if needs_smtputf8(envelope, recipients) && !caps.smtputf8 {
+        if non_ascii_address(envelope, recipients) && !caps.smtputf8 {
             return Some(trouble::needs_smtputf8());
         }
         match envelope.params.body {
@@ -580,10 +587,6 @@ impl Connection {
                 return Some(trouble::needs_binarymime());
             }
             _ => {}
-        }
-        let eight_bit = envelope.eight_bit || envelope.params.body == Some(Body::EightBitMime);
-        if eight_bit && !caps.eight_bit_mime {
-            return Some(trouble::needs_8bitmime());
         }
         None
     }
@@ -608,7 +611,8 @@ impl Connection {
         let params = MailParams {
             size: caps.size.is_some().then_some(envelope.size),
             body,
-            smtputf8: caps.smtputf8 && needs_smtputf8(envelope, recipients),
+            smtputf8: caps.smtputf8
+                && (envelope.params.smtputf8 || non_ascii_address(envelope, recipients)),
             ret: envelope.params.ret.filter(|_| caps.dsn),
             envid: envelope.params.envid.clone().filter(|_| caps.dsn),
             // XXX: REQUIRETLS (RFC 8689) and AUTH= are not passed to stores: no store we
@@ -656,9 +660,9 @@ impl Connection {
     /// to size the buffers (a wrong value costs only extra reads).
     async fn send_data<R, F>(
         &mut self,
-        body: &mut R,
+        body: &mut Downgrading<R>,
         run: &mut Run<'_, F>,
-        check_8bit: bool,
+        guard: Guard,
         size: usize,
     ) where
         R: AsyncRead + Unpin,
@@ -681,8 +685,7 @@ impl Connection {
                 }
             };
             let chunk = &input[..n];
-            if check_8bit && !chunk.is_ascii() {
-                let reply = trouble::needs_8bitmime();
+            if let Some(reply) = guard.check(chunk, body) {
                 let why = trouble::message_refused(&reply);
                 return self.abort(run, Outcome::Bounced(reply), why);
             }
@@ -710,8 +713,12 @@ impl Connection {
     /// The body in BDAT chunks of `chunk_size`; the last one is `BDAT n LAST`. With
     /// PIPELINING the chunks follow MAIL and RCPT without waiting; without it each waits for
     /// the previous reply.
-    async fn send_bdat<R, F>(&mut self, body: &mut R, run: &mut Run<'_, F>, check_8bit: bool)
-    where
+    async fn send_bdat<R, F>(
+        &mut self,
+        body: &mut Downgrading<R>,
+        run: &mut Run<'_, F>,
+        guard: Guard,
+    ) where
         R: AsyncRead + Unpin,
         F: FnMut(usize, &Outcome),
     {
@@ -736,8 +743,7 @@ impl Connection {
                 }
                 next.is_empty()
             };
-            if check_8bit && !chunk.is_ascii() {
-                let reply = trouble::needs_8bitmime();
+            if let Some(reply) = guard.check(&chunk, body) {
                 let why = trouble::message_refused(&reply);
                 return self.abort(run, Outcome::Bounced(reply), why);
             }
@@ -821,10 +827,11 @@ fn size_normalised(wait: Duration, size: u64) -> Duration {
     }
 }
 
-/// The message needs SMTPUTF8: declared, or an address is not ASCII.
-fn needs_smtputf8(envelope: &Envelope, recipients: &[Recipient]) -> bool {
-    envelope.params.smtputf8
-        || envelope.from.mailbox().is_some_and(|m| !m.is_ascii())
+/// An address of the message is not ASCII: it cannot go without SMTPUTF8 (a declared
+/// SMTPUTF8 alone is no reason to refuse: with ASCII addresses and headers the message does
+/// not need it, and 8-bit headers are caught while streaming).
+fn non_ascii_address(envelope: &Envelope, recipients: &[Recipient]) -> bool {
+    envelope.from.mailbox().is_some_and(|m| !m.is_ascii())
         || recipients
             .iter()
             .any(|r| r.path.mailbox().is_some_and(|m| !m.is_ascii()))

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`config`] | `kind: lmtp` and `kind: smtp` settings (address, TLS, AUTH, timeouts, normalisation) |
 //! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
+//! | [`downgrade`] | the body for a store without 8BITMIME: 8-bit parts as quoted-printable |
 //! | [`lmtp`] | one connection: connect, STARTTLS, AUTH, transactions with DATA or BDAT |
 //! | [`maildir`] | the built-in maildir store (like Postfix's virtual(8)) |
 //! | [`pipe`] | `kind: pipe`: a command with the message on stdin (like Postfix's pipe(8)) |
@@ -23,7 +24,8 @@
 //! - Every recipient handed to a delivery gets exactly one [`Outcome`], reported through the
 //!   caller's callback as soon as it is known (the ledger is written reply by reply).
 //! - A recipient is [`Outcome::InDoubt`] only if the end of data was sent and its reply never
-//!   came: a retry may duplicate it, nothing else can be.
+//!   came (for `kind: pipe`: the command ran and died of a signal): a retry may duplicate
+//!   it, nothing else can be.
 //! - Delivery results are data ([`Report`]), never errors.
 //!
 //! # How the scheduler calls it
@@ -44,6 +46,7 @@
 //! SEE ALSO: RFC 2033 (LMTP), Postfix `lmtp(8)`, `smtp/smtp_trouble.c`.
 
 pub mod config;
+pub mod downgrade;
 pub mod lmtp;
 pub mod maildir;
 pub mod message;

@@ -40,7 +40,7 @@
 //! | exit ≠ 0, first output line `D.S.N text` | that status: 4.x.x deferred, 5.x.x bounced |
 //! | exit 64–78 (sysexits) | Postfix's `sys_exits` table: 75 `EX_TEMPFAIL` and 71 `EX_OSERR` defer `4.3.0`; 67 `EX_NOUSER` bounces `5.1.1`, 68 `5.1.2`, 73 `5.2.0`, 65 `5.6.0`, 76 `5.5.0`, 77 `5.7.0`, 78 `5.3.5`, the others `5.3.0` |
 //! | other exit status | bounced `5.3.0` |
-//! | killed by a signal | deferred `4.3.0` |
+//! | killed by a signal | in doubt (it ran, and may have delivered before it died): retried alone, and counted toward `delivery.poison_attempts` (a message that keeps killing its command is quarantined) |
 //! | time limit | killed (whole process group), deferred `4.3.0` |
 //! | cannot start | every recipient not attempted, [`Scope::Store`] (a configuration problem) |
 //!
@@ -640,7 +640,8 @@ fn exit_outcome(
             format!("Command died with signal {signal}: \"{program}\""),
             output,
         );
-        return Outcome::Deferred(local((4, 3, 0), &text));
+        tracing::warn!(reason = %text, "delivery command killed; its recipients are in doubt");
+        return Outcome::InDoubt;
     }
     let code = status.code().unwrap_or(-1);
     if code == 0 {
@@ -1043,7 +1044,7 @@ mod tests {
         }
         // Killed by SIGKILL (raw status 9).
         let o = exit_outcome(ExitStatus::from_raw(9), &out, None, "/bin/x");
-        assert!(matches!(&o, Outcome::Deferred(r) if r.text().contains("signal 9")));
+        assert_eq!(o, Outcome::InDoubt, "it may have delivered before it died");
         // "D.S.N text" on the first output line wins over the exit status.
         let mut said = Captured::new(100);
         said.push(b"4.2.2 mailbox full\nmore\n");

@@ -19,7 +19,8 @@
 //!
 //! - EHLO after the greeting (and after STARTTLS), HELO when EHLO gets a 5yz. After HELO
 //!   nothing is advertised: no PIPELINING, no CHUNKING, no SIZE, and no 8BITMIME, so 8-bit
-//!   content bounces `5.6.3` (no conversion is attempted).
+//!   MIME parts go as quoted-printable ([`super::downgrade`]); 8-bit octets that cannot be
+//!   converted bounce `5.6.3`.
 //! - One reply after the final dot (or `BDAT LAST`) settles every recipient accepted at RCPT;
 //!   a connection lost before it leaves all of them [`InDoubt`](super::Outcome::InDoubt).
 //!

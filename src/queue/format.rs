@@ -31,6 +31,7 @@ fn mark(queue: &str) -> char {
     match queue {
         "active" => '*',
         "hold" => '!',
+        "quarantine" => '#',
         _ => ' ',
     }
 }
@@ -39,7 +40,7 @@ fn sender(s: &str) -> &str {
     if s.is_empty() { "<>" } else { s }
 }
 
-/// Like `postqueue -p`: a header, each message (queue id with `*` active or `!` held, size,
+/// Like `postqueue -p`: a header, each message (queue id with `*` active, `!` held or `#` quarantined, size,
 /// arrival, sender), each recipient with its state, store and last reply, then a total.
 pub fn list(messages: &[MessageView]) -> String {
     if messages.is_empty() {

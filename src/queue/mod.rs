@@ -49,8 +49,8 @@ pub struct SelectArgs {
     /// Messages with an open recipient routed to this store.
     #[arg(long)]
     pub store: Option<String>,
-    /// Messages in this queue.
-    #[arg(long, value_enum)]
+    /// Messages in this queue (`--queue` is the same).
+    #[arg(long, value_enum, alias = "queue")]
     pub state: Option<QueueName>,
     /// Sender: substring, or a glob with `*`/`?` (case-insensitive).
     #[arg(long)]
@@ -75,6 +75,9 @@ pub enum QueueName {
     Deferred,
     /// On hold.
     Hold,
+    /// Poison quarantine (`delivery.poison_attempts` abnormal attempts); `release` puts a
+    /// message back.
+    Quarantine,
     /// Every recipient done; about to leave.
     Finished,
 }
@@ -93,6 +96,7 @@ impl SelectArgs {
                     QueueName::Active => "active",
                     QueueName::Deferred => "deferred",
                     QueueName::Hold => "hold",
+                    QueueName::Quarantine => "quarantine",
                     QueueName::Finished => "finished",
                 }
                 .to_owned()

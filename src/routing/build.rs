@@ -281,6 +281,7 @@ impl Router {
             domains,
             alias_depth: routes.alias_depth,
             propagate_extensions: routes.propagate_extensions,
+            unroutable_grace: routes.unroutable_grace.0,
             delimiters: routes.recipient_delimiter.chars().collect(),
             ..Self::default()
         };

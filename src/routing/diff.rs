@@ -92,6 +92,36 @@ pub fn diff<'a>(
     out
 }
 
+/// How many of `queued` `old` routes to a store and `new` refuses (unknown user, or a
+/// domain it does not route): the recipients a reload leaves without a route (deferred
+/// `4.3.0` for `routes.unroutable_grace`, then bounced).
+pub fn lost_routes<'a>(
+    old: &Router,
+    new: &Router,
+    queued: impl IntoIterator<Item = &'a str>,
+) -> usize {
+    let routed = |r: &Router, a: &str| {
+        let text = if a.eq_ignore_ascii_case("postmaster") {
+            "<Postmaster>".to_owned()
+        } else {
+            format!("<{a}>")
+        };
+        ForwardPath::parse(&text).map(|p| r.resolve(&p, true)).ok()
+    };
+    queued
+        .into_iter()
+        .filter(|a| {
+            matches!(
+                routed(old, a),
+                Some(RcptDecision::Local { .. } | RcptDecision::Relay { .. })
+            ) && matches!(
+                routed(new, a),
+                Some(RcptDecision::UnknownUser | RcptDecision::RelayDenied)
+            )
+        })
+        .count()
+}
+
 impl fmt::Display for RouteDiff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "users moving: {} of {}", self.moves.len(), self.users)?;

@@ -152,6 +152,8 @@ pub struct Router {
     postmaster: Option<Target>,
     /// Why the map is unavailable: every lookup answers [`RcptDecision::Unavailable`].
     unavailable: Option<String>,
+    /// `routes.unroutable_grace`.
+    unroutable_grace: std::time::Duration,
 }
 
 /// A recipient's lookup keys: one string `local@domain`, normalised, extension kept.
@@ -239,6 +241,12 @@ impl Router {
             unavailable: Some(reason),
             ..Self::default()
         }
+    }
+
+    /// `routes.unroutable_grace`: how long a queued recipient this map does not route is
+    /// deferred before it bounces (zero for a map built without a configuration).
+    pub fn unroutable_grace(&self) -> std::time::Duration {
+        self.unroutable_grace
     }
 
     /// Why the map is unavailable, if it is.

@@ -179,6 +179,13 @@ impl LiveRoutes {
                     tracing::warn!(keys = %restart.join(", "), "configuration changed in keys that cannot change live; needs a restart to take effect");
                 }
                 let users = router.user_count();
+                // Queued recipients the new map leaves without a route (deferred, not
+                // bounced, for routes.unroutable_grace): counted only when delivering.
+                let lost_route = self.scheduler.get().map(|s| {
+                    let old = self.current.load();
+                    let queued = s.open_recipients();
+                    super::diff::lost_routes(&old, &router, queued.iter().map(String::as_str))
+                });
                 self.current.store(Arc::new(router));
                 let delivery = running.config.delivery.diff(&new.delivery);
                 if !delivery.live.is_empty() {
@@ -196,9 +203,18 @@ impl LiveRoutes {
                 running.config.routes = new.routes;
                 running.stamps = stamps(&running.config);
                 gauge!(GENERATION).set(generation as f64);
+                if let Some(n) = lost_route.filter(|&n| n > 0) {
+                    tracing::warn!(
+                        generation,
+                        lost_route = n,
+                        grace = %running.config.routes.unroutable_grace,
+                        "queued recipients lost their route in this reload; deferred 4.3.0 until routes.unroutable_grace, then bounced"
+                    );
+                }
                 tracing::info!(
                     generation,
                     users,
+                    lost_route = lost_route.unwrap_or(0),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "routing map reloaded"
                 );

@@ -12,6 +12,7 @@
 //!   initial_window: 5            # per-store slow-start concurrency
 //!   per_mailbox_serialization: true
 //!   breaker: { failures: 5, probe_interval: 30s }
+//!   poison_attempts: 5           # abnormal attempts in a row, then quarantine (0: never)
 //! ```
 //!
 //! Every key has a default; unknown keys are refused. [`SchedulerConfig::validate`] checks
@@ -64,6 +65,12 @@ pub struct SchedulerConfig {
     /// The per-store circuit breaker.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// A recipient whose delivery attempts ended abnormally this many times in a row (left
+    /// in doubt: the connection lost after the final dot, the store or the gateway killed
+    /// during the attempt) quarantines its message instead of being tried again: 5. `0`
+    /// never quarantines.
+    #[serde(default = "default_poison_attempts")]
+    pub poison_attempts: u32,
 }
 
 /// The `delivery:` keys that change live, at a reload ([`crate::scheduler::Scheduler::update_delivery`]).
@@ -77,6 +84,8 @@ pub struct LiveDelivery {
     pub breaker_failures: u32,
     /// `breaker.probe_interval`.
     pub probe_interval: Duration,
+    /// `poison_attempts`.
+    pub poison_attempts: u32,
 }
 
 /// What a reload changes in `delivery:` ([`SchedulerConfig::diff`]).
@@ -114,6 +123,7 @@ impl Default for SchedulerConfig {
             initial_window: default_initial_window(),
             per_mailbox_serialization: true,
             breaker: BreakerConfig::default(),
+            poison_attempts: default_poison_attempts(),
         }
     }
 }
@@ -203,6 +213,11 @@ impl SchedulerConfig {
             self.breaker.probe_interval.to_string(),
             new.breaker.probe_interval.to_string(),
         );
+        live(
+            "poison_attempts",
+            self.poison_attempts.to_string(),
+            new.poison_attempts.to_string(),
+        );
         let mut restart = |key: &'static str, changed: bool| {
             if changed {
                 d.restart.push(key);
@@ -232,6 +247,7 @@ impl SchedulerConfig {
         self.maximal_lifetime = new.maximal_lifetime;
         self.delay_warning = new.delay_warning;
         self.breaker = new.breaker.clone();
+        self.poison_attempts = new.poison_attempts;
     }
 
     /// The live part, as the scheduler uses it.
@@ -249,6 +265,7 @@ impl SchedulerConfig {
             breaker_failures: self.breaker.failures.max(1),
             // validate() refuses a zero interval; never probe in a tight loop.
             probe_interval: self.breaker.probe_interval.0.max(Duration::from_millis(10)),
+            poison_attempts: self.poison_attempts,
         }
     }
 
@@ -279,6 +296,9 @@ fn default_true() -> bool {
     true
 }
 fn default_failures() -> u32 {
+    5
+}
+fn default_poison_attempts() -> u32 {
     5
 }
 fn default_probe_interval() -> Span {

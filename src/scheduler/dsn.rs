@@ -119,9 +119,11 @@ pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<D
 
 /// Whether recipient `rcpt`'s final `state` owes the sender a DSN, as [`owed`] decides
 /// for [`Kind::Final`]. `true` for anything else (the caller then reports it the slow way).
+/// For mail from `<>` a bounce owes no DSN but a double bounce (`double_bounce`), so it is
+/// `true` for a bounced recipient there too.
 pub fn owes_final(envelope: &Envelope, rcpt: usize, state: &RecipientState) -> bool {
     if envelope.sender.is_empty() {
-        return false;
+        return matches!(state, RecipientState::Bounced { .. });
     }
     let Some(r) = envelope.recipients.get(rcpt) else {
         return true;
@@ -502,7 +504,9 @@ mod tests {
                 env.sender = sender.into();
                 for state in [delivered(), bounced("550 5.1.1 no")] {
                     let states = [state.clone(), RecipientState::Pending];
-                    let want = !owed(&env, &states, Kind::Final).is_empty();
+                    // From <>: no DSN, but a bounce owes a double bounce.
+                    let want = !owed(&env, &states, Kind::Final).is_empty()
+                        || (sender.is_empty() && state.is_final() && state != delivered());
                     assert_eq!(
                         owes_final(&env, 0, &state),
                         want,

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::metrics as m;
-use super::window::{Window, is_busy};
+use super::window::{PROBE_LIMIT, Window, is_busy};
 use crate::delivery::{Report, Scope, StorePool};
 
 /// Called when a slot frees up while someone that does not wait asked to be told.
@@ -183,15 +183,37 @@ impl Gate {
     }
 
     /// Feeds one finished transaction, which took its slot at `started`, into the window.
-    fn feed(&self, signal: Signal, sample: Option<Duration>, started: SystemTime) {
+    fn feed(self: &Arc<Self>, signal: Signal, sample: Option<Duration>, started: SystemTime) {
         let mut s = self.lock();
         let before = s.window.ceiling();
+        let was_probing = s.window.is_probing();
         match signal {
             Signal::Success => s.window.on_success(sample, started, SystemTime::now()),
             Signal::Failure => s.window.on_failure(),
         }
         if s.window.ceiling() != before {
             self.publish(&s);
+        }
+        if !was_probing && s.window.is_probing() {
+            // A probe ends on its samples or at its time limit, whichever first; the limit
+            // must not wait for a sample that a slot held by a long transaction withholds.
+            let gate = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(PROBE_LIMIT + Duration::from_millis(10)).await;
+                gate.end_overdue_probe();
+            });
+        }
+    }
+
+    /// Ends an overdue probe and lets whoever waits for a slot try again.
+    fn end_overdue_probe(&self) {
+        let ended = self.lock().window.end_overdue_probe(SystemTime::now());
+        if ended {
+            self.freed.notify_waiters();
+            self.wanted.store(false, Ordering::Release);
+            if let Some(wake) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+                wake();
+            }
         }
     }
 

@@ -65,13 +65,16 @@ pub mod agent;
 pub mod breaker;
 pub mod clock;
 pub mod config;
+mod double_bounce;
 pub mod dsn;
 pub mod gate;
+mod loops;
 pub mod metrics;
 mod operator;
 pub mod retry;
 mod shard;
 mod transaction;
+mod unroutable;
 pub mod window;
 #[cfg(test)]
 mod window_sim;
@@ -138,6 +141,9 @@ pub struct Setup {
     pub config: SchedulerConfig,
     /// Our host name (DSNs).
     pub hostname: String,
+    /// `double_bounce`: where an undeliverable DSN goes once (default `postmaster@`
+    /// `hostname`).
+    pub double_bounce: Option<String>,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -154,6 +160,8 @@ pub(crate) struct Ctx {
     pub(crate) live: ArcSwap<LiveDelivery>,
     pub(crate) clock: Clock,
     pub(crate) hostname: String,
+    /// Where an undeliverable DSN goes, once.
+    pub(crate) double_bounce: String,
     pub(crate) shards: Vec<mpsc::UnboundedSender<shard::Event>>,
     /// Cancelled at shutdown: no new transaction starts.
     pub(crate) stop: CancellationToken,
@@ -227,6 +235,9 @@ pub(crate) struct JobRcpt {
     pub(crate) in_doubt: bool,
     /// Transactions tried in this attempt.
     pub(crate) tries: u8,
+    /// In doubt: delivery attempts started since its last normal end, as the ledger counts
+    /// them (the in-doubt mark carries the count); 0 otherwise.
+    pub(crate) attempts: u32,
 }
 
 /// A message's recipients for one store (Postfix's queue entry).
@@ -247,8 +258,10 @@ impl Scheduler {
             agents,
             config,
             hostname,
+            double_bounce,
             clock,
         } = setup;
+        let double_bounce = double_bounce.unwrap_or_else(|| format!("postmaster@{hostname}"));
         let n = config.shard_count().max(1);
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let live = ArcSwap::from_pointee(config.live());
@@ -260,6 +273,7 @@ impl Scheduler {
             live,
             clock,
             hostname,
+            double_bounce,
             shards: txs,
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -304,6 +318,19 @@ impl Scheduler {
     /// result (a probe already scheduled keeps its time).
     pub fn update_delivery(&self, config: &SchedulerConfig) {
         self.ctx.live.store(Arc::new(config.live()));
+    }
+
+    /// The addresses of every queued recipient not yet delivered or bounced (reads the
+    /// envelopes from disk: for a reload's count of recipients that lose their route).
+    pub fn open_recipients(&self) -> Vec<String> {
+        self.ctx
+            .spool
+            .snapshot()
+            .into_iter()
+            .flat_map(|m| m.recipients)
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.address)
+            .collect()
     }
 
     /// The live `delivery:` keys in force.
@@ -401,7 +428,7 @@ async fn load_queue(ctx: Arc<Ctx>) {
     for m in messages {
         let home = ctx.home_shard(m.qid);
         match (m.queue, m.next_attempt) {
-            (crate::spool::QueueState::Hold, _) => {}
+            (crate::spool::QueueState::Hold | crate::spool::QueueState::Quarantine, _) => {}
             (crate::spool::QueueState::Deferred, Some(at)) if at > ctx.clock.now() => {
                 later_n += 1;
                 ctx.send(home, shard::Event::Schedule(m.qid, at));

@@ -22,13 +22,21 @@ impl Scheduler {
     /// Releases `qid` (durable) and makes it due now.
     pub async fn release(&self, qid: QueueId) -> Result<(), SpoolError> {
         self.ctx.spool.release(qid).await?;
+        self.count_quarantined();
         self.submit(qid);
         Ok(())
     }
 
     /// Removes `qid` from the spool without a bounce (durable when this returns `Ok`).
     pub async fn delete(&self, qid: QueueId) -> Result<(), SpoolError> {
-        self.ctx.spool.delete(qid).await
+        self.ctx.spool.delete(qid).await?;
+        self.count_quarantined();
+        Ok(())
+    }
+
+    /// `postern_quarantined_messages` now (it is also sampled every few seconds).
+    fn count_quarantined(&self) {
+        metrics::gauge!(crate::metrics::QUARANTINED).set(self.ctx.spool.quarantined() as f64);
     }
 
     /// Makes `qid` due now (a no-op for a held message, or one being attempted).

@@ -23,6 +23,7 @@ use super::dsn::{self, Kind};
 use super::gate::Gate;
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
+use super::unroutable::Unroutable;
 use super::{Ctx, Job, JobRcpt, Message, StoreStatus, local_reply};
 use crate::delivery::{Outcome, Scope};
 use crate::routing::RcptDecision;
@@ -222,6 +223,8 @@ pub(crate) struct Shard {
     active_limit: usize,
     /// Messages whose final recipients are being reported while others are still open.
     reporting: HashSet<QueueId>,
+    /// Queued recipients that lost their route, and since when.
+    unroutable: Unroutable,
 }
 
 impl Shard {
@@ -241,6 +244,7 @@ impl Shard {
             backlog: VecDeque::new(),
             backlogged: HashSet::new(),
             reporting: HashSet::new(),
+            unroutable: Unroutable::default(),
             id,
             ctx,
             rx,
@@ -485,6 +489,7 @@ impl Shard {
             envelope,
         });
         let router = ctx.router.load();
+        let delivered_to = super::loops::delivered_to(&ctx.spool, qid);
         let mut groups: Vec<(String, Vec<JobRcpt>)> = Vec::new();
         for (index, (r, state)) in msg
             .envelope
@@ -509,6 +514,11 @@ impl Shard {
                 mailbox: mailbox_key(&r.address),
                 in_doubt,
                 tries: 0,
+                attempts: if in_doubt {
+                    status.attempts.get(index).copied().unwrap_or(0)
+                } else {
+                    0
+                },
             };
             let Ok(path) = ForwardPath::parse(&text) else {
                 let reply = local_reply(550, (5, 1, 3), "Bad recipient address syntax");
@@ -523,18 +533,49 @@ impl Shard {
                 continue;
             };
             rcpt.path = path;
-            let refusal = match router.resolve(&rcpt.path, true) {
-                RcptDecision::Local { store } | RcptDecision::Relay { store } => Ok(store),
-                RcptDecision::UnknownUser => Err(Outcome::Bounced(local_reply(
-                    550,
-                    (5, 1, 1),
-                    "Recipient address rejected: unknown user",
-                ))),
-                RcptDecision::RelayDenied => Err(Outcome::Bounced(local_reply(
+            if super::loops::is_loop(&delivered_to, &r.address) {
+                let reply = local_reply(
                     554,
-                    (5, 7, 1),
-                    "Recipient address rejected: no route to this domain",
-                ))),
+                    (5, 4, 6),
+                    "Mail forwarding loop: the message already has a Delivered-To header for this recipient",
+                );
+                transaction::settle_locally(
+                    &ctx,
+                    &msg,
+                    "none",
+                    "none",
+                    &rcpt,
+                    &Outcome::Bounced(reply),
+                );
+                continue;
+            }
+            let lost = |this: &mut Self, bounce| {
+                Err(this.unroutable.decide(
+                    qid,
+                    index,
+                    msg.envelope.sender.is_empty(),
+                    bounce,
+                    router.unroutable_grace(),
+                    now,
+                ))
+            };
+            let refusal = match router.resolve(&rcpt.path, true) {
+                RcptDecision::Local { store } | RcptDecision::Relay { store } => {
+                    self.unroutable.routed(qid, index);
+                    Ok(store)
+                }
+                RcptDecision::UnknownUser => lost(
+                    self,
+                    local_reply(550, (5, 1, 1), "Recipient address rejected: unknown user"),
+                ),
+                RcptDecision::RelayDenied => lost(
+                    self,
+                    local_reply(
+                        554,
+                        (5, 7, 1),
+                        "Recipient address rejected: no route to this domain",
+                    ),
+                ),
                 // The map did not load: retry later, never bounce for our own trouble.
                 RcptDecision::Unavailable => Err(Outcome::Deferred(local_reply(
                     451,
@@ -1175,6 +1216,14 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
             }
         })
         .collect();
+    if kind == Kind::Final && envelope.sender.is_empty() {
+        let failed: Vec<(usize, &RecipientState)> = covered
+            .iter()
+            .filter_map(|&i| states.get(i).map(|s| (i, s)))
+            .collect();
+        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)?;
+        return Ok((copy, covered));
+    }
     let rcpts = dsn::owed(&envelope, &states, kind);
     if rcpts.is_empty() {
         return Ok((None, covered));
@@ -1227,6 +1276,7 @@ mod tests {
             mailbox: mailbox.into(),
             in_doubt,
             tries: 0,
+            attempts: 0,
         }
     }
 

@@ -166,8 +166,46 @@ pub(crate) async fn run(
         done.report = not_attempted(&indices, reply, "held by the operator");
         return done;
     }
-    // The contract with the spool: durably in doubt before the final dot can be sent.
-    if let Err(e) = ctx.spool.mark_in_doubt(msg.qid, &indices).await {
+    // Poison messages: a recipient whose last `poison_attempts` attempts all ended
+    // abnormally (still in doubt: no reply was recorded) quarantines the message.
+    let poison = ctx.live.load().poison_attempts;
+    if let Some(worst) = done
+        .batch
+        .iter()
+        .filter(|r| r.in_doubt)
+        .max_by_key(|r| r.attempts)
+        .filter(|r| poison > 0 && r.attempts >= poison)
+    {
+        let reason = format!(
+            "{} delivery attempts to {} ended abnormally (connection lost after the end of data, or the store or gateway stopped during the attempt)",
+            worst.attempts, worst.path
+        );
+        if let Err(e) = ctx.spool.quarantine_poison(msg.qid, &reason).await {
+            tracing::warn!(queue_id = %msg.qid, error = %e, "cannot quarantine the message; not delivering");
+        }
+        metrics::gauge!(crate::metrics::QUARANTINED).set(ctx.spool.quarantined() as f64);
+        let reply = local_reply(
+            451,
+            (4, 0, 0),
+            "Quarantined: delivery attempts kept ending abnormally",
+        );
+        done.report = not_attempted(&indices, reply, "quarantined");
+        return done;
+    }
+    // The contract with the spool: durably in doubt before the final dot can be sent. The
+    // same records count the attempt, so a crash during it is counted too.
+    let counted: Vec<(usize, u32)> = done
+        .batch
+        .iter()
+        .map(|r| {
+            let before = if r.in_doubt { r.attempts } else { 0 };
+            (r.index, before.saturating_add(1))
+        })
+        .collect();
+    for (r, (_, n)) in done.batch.iter_mut().zip(&counted) {
+        r.attempts = *n;
+    }
+    if let Err(e) = ctx.spool.mark_in_doubt_counted(msg.qid, &counted).await {
         tracing::warn!(queue_id = %msg.qid, error = %e, "cannot mark recipients in doubt; not delivering");
         let reply = local_reply(451, (4, 3, 0), &format!("Spool error before delivery: {e}"));
         done.report = not_attempted(&indices, reply, "spool error before delivery");
@@ -214,6 +252,26 @@ pub(crate) async fn run(
             // The spool keeps the new states in memory and retries the record.
             tracing::warn!(queue_id = %msg.qid, error = %e, "ledger update not yet durable");
         }
+    }
+    // A recipient already in doubt that this transaction did not reach (nothing sent past
+    // MAIL/RCPT/DATA: a store down or busy) was not tried abnormally: its count goes back.
+    let untried: Vec<(usize, u32)> = done
+        .batch
+        .iter_mut()
+        .filter(|r| {
+            r.in_doubt
+                && matches!(
+                    attempt.report.outcome(r.index),
+                    Some(Outcome::NotAttempted(_))
+                )
+        })
+        .map(|r| {
+            r.attempts = r.attempts.saturating_sub(1);
+            (r.index, r.attempts)
+        })
+        .collect();
+    if !untried.is_empty() {
+        drop(ctx.spool.mark_in_doubt_counted(msg.qid, &untried));
     }
     if done.aborted {
         return done;

@@ -146,6 +146,8 @@ struct Latency {
     changed_at: SystemTime,
     /// A hard signal already cut the window this round.
     cut_this_round: bool,
+    /// Failures since the last round ended on failures.
+    failures: usize,
     probe: Option<Probe>,
     /// The probe period last seen (`PROBE_EVERY` since the epoch); 0: none yet.
     period: u64,
@@ -165,6 +167,7 @@ impl Default for Latency {
             baseline: None,
             changed_at: SystemTime::UNIX_EPOCH,
             cut_this_round: false,
+            failures: 0,
             probe: None,
             period: 0,
             slow_start: true,
@@ -409,38 +412,62 @@ impl Window {
             p.sum += sample;
         }
         if p.n >= PROBE_SAMPLES || now >= p.until {
-            if p.n > 0 {
-                let measured = p.sum / p.n as f64;
-                l.baseline = Some(match l.baseline {
-                    Some(b) if l.probed => 0.75 * b + 0.25 * measured,
-                    _ => measured,
-                });
-                if !l.probed {
-                    // From now on, the ten-second boundaries, counted from this one.
-                    l.probed = true;
-                    l.period = now
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
-                }
-            }
-            // Was the store queueing before the probe (latency above the grow band)?
-            let contended = matches!((l.short, l.baseline), (Some(s), Some(b))
-                if s > b * (1.0 + self.settings.tolerance / 2.0));
-            l.probe = None;
-            l.n = 0;
-            l.sum = 0.0;
-            l.full = false;
-            l.short = None;
-            l.changed_at = now;
-            // On a contended store every gateway leaves the probe at the same moment with
-            // the same cut, then grows by the same steps: a synchronised multiplicative
-            // decrease, which evens out shares that small differences in the measured
-            // baselines would otherwise skew. A store with room to spare is not cut.
-            if contended {
-                self.current = (self.current * PROBE_CUT).max(self.settings.min as f64);
-            }
+            self.finish_probe(now);
         }
         true
+    }
+
+    /// A probe is running (the window is at its minimum).
+    pub fn is_probing(&self) -> bool {
+        self.latency.probe.is_some()
+    }
+
+    /// Ends a probe that has run past [`PROBE_LIMIT`] without its samples (the transactions
+    /// in flight when it began may hold every slot for longer). True if one ended.
+    pub fn end_overdue_probe(&mut self, now: SystemTime) -> bool {
+        match self.latency.probe {
+            Some(p) if now >= p.until => {
+                self.finish_probe(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn finish_probe(&mut self, now: SystemTime) {
+        let l = &mut self.latency;
+        let Some(p) = l.probe.take() else {
+            return;
+        };
+        if p.n > 0 {
+            let measured = p.sum / p.n as f64;
+            l.baseline = Some(match l.baseline {
+                Some(b) if l.probed => 0.75 * b + 0.25 * measured,
+                _ => measured,
+            });
+            if !l.probed {
+                // From now on, the ten-second boundaries, counted from this one.
+                l.probed = true;
+                l.period = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+            }
+        }
+        // Was the store queueing before the probe (latency above the grow band)?
+        let contended = matches!((l.short, l.baseline), (Some(s), Some(b))
+            if s > b * (1.0 + self.settings.tolerance / 2.0));
+        l.n = 0;
+        l.sum = 0.0;
+        l.full = false;
+        l.short = None;
+        l.changed_at = now;
+        // On a contended store every gateway leaves the probe at the same moment with the
+        // same cut, then grows by the same steps: a synchronised multiplicative decrease,
+        // which evens out shares that small differences in the measured baselines would
+        // otherwise skew. A store with room to spare is not cut.
+        if contended {
+            self.current = (self.current * PROBE_CUT).max(self.settings.min as f64);
+        }
     }
 
     fn shrink(&mut self, factor: f64) {
@@ -451,9 +478,18 @@ impl Window {
     pub fn on_failure(&mut self) {
         self.run = 0;
         if self.settings.latency {
-            self.latency.slow_start = false;
-            if !self.latency.cut_this_round {
-                self.latency.cut_this_round = true;
+            let round = self.limit().max(MIN_ROUND);
+            let l = &mut self.latency;
+            l.slow_start = false;
+            let cut = !l.cut_this_round;
+            l.cut_this_round = true;
+            // Failures make rounds too: a store that only refuses is cut again each round.
+            l.failures += 1;
+            if l.failures >= round {
+                l.failures = 0;
+                l.cut_this_round = false;
+            }
+            if cut {
                 self.shrink(0.75);
             }
         } else {
@@ -535,6 +571,33 @@ mod tests {
         w.on_success(None, SystemTime::now(), SystemTime::now());
         assert_eq!(w.limit(), 2);
         w.restart();
+        assert_eq!(w.limit(), 5);
+    }
+
+    #[test]
+    fn a_probe_without_samples_ends_at_its_time_limit() {
+        let mut w = Window::with_settings(WindowSettings {
+            min: 1,
+            initial: 5,
+            max: 20,
+            latency: true,
+            tolerance: 0.5,
+        });
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // A round in the first second learns a baseline; the next second's sample starts
+        // the first probe.
+        for i in 0..5 {
+            w.on_success(Some(Duration::from_millis(20)), ms(i), ms(100 + i));
+        }
+        w.on_success(Some(Duration::from_millis(20)), ms(1000), ms(1020));
+        assert!(w.is_probing());
+        assert_eq!(w.limit(), 1, "a probe runs at the minimum");
+        assert_eq!(w.ceiling(), 5, "and keeps the window for after");
+        // No sample comes (the one slot is held by a long transaction).
+        assert!(!w.end_overdue_probe(ms(1020) + PROBE_LIMIT / 2));
+        assert!(w.end_overdue_probe(ms(1020) + PROBE_LIMIT));
+        assert!(!w.is_probing());
         assert_eq!(w.limit(), 5);
     }
 

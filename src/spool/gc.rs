@@ -184,11 +184,12 @@ fn copy_message(inner: &Inner, qid: QueueId, seg: u32) -> Result<Option<u64>, Sp
             })
             .unwrap_or_default();
         let at = buf.len();
-        record::encode_ledger_flagged(
+        // From the compact state, so an in-doubt recipient keeps its attempt count.
+        record::encode_ledger_parts(
             &mut buf,
             qid,
             i as u32,
-            &s.state.expand(reply),
+            (s.state.tag, s.state.until, &reply),
             s.state.reported,
         );
         ledgers.push((i, at as u32, (buf.len() - at) as u32, s.state));
@@ -197,7 +198,10 @@ fn copy_message(inner: &Inner, qid: QueueId, seg: u32) -> Result<Option<u64>, Sp
     let copy_hold = e
         .hold
         .is_some_and(|(l, _)| l.seg == seg || content.is_some());
-    if copy_hold {
+    let poison = e.poison;
+    if copy_hold && poison {
+        record::encode_quarantine(&mut buf, qid);
+    } else if copy_hold {
         record::encode_hold(&mut buf, qid, true);
     }
     if buf.is_empty() {
@@ -232,7 +236,7 @@ fn copy_message(inner: &Inner, qid: QueueId, seg: u32) -> Result<Option<u64>, Sp
     }
     if copy_hold {
         let hold_len = (buf.len() - hold_at) as u32;
-        ix.set_hold(qid, Some((at(hold_at as u32), hold_len)));
+        ix.set_hold(qid, Some((at(hold_at as u32), hold_len)), poison);
     }
     Ok(Some(a.lsn))
 }

@@ -44,6 +44,8 @@ pub(crate) struct Entry {
     pub(crate) body_len: u64,
     pub(crate) body_crc: u32,
     pub(crate) hold: Option<(Loc, u32)>,
+    /// The hold is a poison quarantine (its Hold record is flagged).
+    pub(crate) poison: bool,
     pub(crate) rcpts: Box<[Slot]>,
 }
 
@@ -63,6 +65,7 @@ impl Entry {
             body_len,
             body_crc,
             hold: None,
+            poison: false,
             rcpts: vec![
                 Slot {
                     state: CompactState::PENDING,
@@ -187,10 +190,11 @@ impl Index {
     }
 
     /// Sets or clears the hold record.
-    pub(crate) fn set_hold(&mut self, qid: QueueId, rec: Option<(Loc, u32)>) {
+    pub(crate) fn set_hold(&mut self, qid: QueueId, rec: Option<(Loc, u32)>, poison: bool) {
         let Some(e) = self.map.get_mut(&qid) else {
             return;
         };
+        e.poison = poison && rec.is_some();
         let old = std::mem::replace(&mut e.hold, rec);
         if let Some((l, n)) = old {
             self.unpin(l.seg, u64::from(n));

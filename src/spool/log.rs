@@ -575,6 +575,11 @@ impl Durable {
         }
     }
 
+    /// The operation failed before anything was appended (the result is already known).
+    pub(crate) fn failed_at_once(&self) -> bool {
+        matches!(&self.inner, DurableInner::Ready(Some(Err(_))))
+    }
+
     /// Blocks the calling thread until the operation is durable (or failed). Not for
     /// async code: `.await` the `Durable` there.
     pub fn wait(self) -> Result<(), SpoolError> {

@@ -240,6 +240,9 @@ pub enum QueueState {
     Deferred,
     /// Held by the operator.
     Hold,
+    /// Poison quarantine: its delivery attempts kept ending abnormally
+    /// (`delivery.poison_attempts`); held until an operator releases it.
+    Quarantine,
     /// Every recipient is final; waiting for [`Spool::finish`].
     Finished,
 }
@@ -277,8 +280,11 @@ pub struct MessageSummary {
 /// A message's state as the index holds it ([`Spool::status`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageStatus {
-    /// Held by the operator: the scheduler leaves it alone.
+    /// Held by the operator (or quarantined): the scheduler leaves it alone.
     pub hold: bool,
+    /// For each recipient in doubt: delivery attempts started since its last normal end
+    /// (the in-doubt mark counts them); 0 for the others.
+    pub attempts: Vec<u32>,
     /// Body size in bytes.
     pub size: u64,
     /// Each recipient's state in envelope order; reply texts are empty.
@@ -544,7 +550,7 @@ impl Spool {
     pub fn ledger(&self, qid: QueueId, rcpt: usize, state: RecipientState) -> Durable {
         self.handle
             .inner
-            .ledger_ops(qid, vec![(rcpt, state, false)])
+            .ledger_ops(qid, vec![(rcpt, state, false)], &[])
     }
 
     /// Records several recipients' new states in one append (one `pwrite`, one place in
@@ -560,7 +566,7 @@ impl Spool {
                 "ledger_batch: only a delivered or bounced recipient can be reported",
             )));
         }
-        self.handle.inner.ledger_ops(qid, ops)
+        self.handle.inner.ledger_ops(qid, ops, &[])
     }
 
     /// Marks recipients in doubt, in one record batch: call (and await) before sending
@@ -570,7 +576,45 @@ impl Spool {
             .iter()
             .map(|&r| (r, RecipientState::InDoubt, false))
             .collect();
-        self.handle.inner.ledger_ops(qid, ops)
+        self.handle.inner.ledger_ops(qid, ops, &[])
+    }
+
+    /// Marks recipients in doubt as [`Spool::mark_in_doubt`] does, each with its attempt
+    /// count (delivery attempts started since its last normal end, this one included),
+    /// carried by the same record: a crash during the attempt leaves it counted.
+    pub fn mark_in_doubt_counted(&self, qid: QueueId, rcpts: &[(usize, u32)]) -> Durable {
+        let ops = rcpts
+            .iter()
+            .map(|&(r, _)| (r, RecipientState::InDoubt, false))
+            .collect();
+        let counts: Vec<u32> = rcpts.iter().map(|&(_, n)| n).collect();
+        self.handle.inner.ledger_ops(qid, ops, &counts)
+    }
+
+    /// Moves a message to the quarantine queue (a Hold record flagged poison): the
+    /// scheduler leaves it alone, it is neither retried nor expired nor bounced until an
+    /// operator releases it ([`Spool::release`]) or deletes it. `reason` is logged.
+    pub fn quarantine_poison(&self, qid: QueueId, reason: &str) -> Durable {
+        let durable = self.handle.inner.set_hold_as(qid, true, true);
+        tracing::warn!(queue_id = %qid, reason, "message quarantined");
+        durable
+    }
+
+    /// Is the message quarantined? From memory.
+    pub fn is_quarantined(&self, qid: QueueId) -> bool {
+        let ix = lock(&self.handle.inner.index);
+        ix.map
+            .get(&qid)
+            .is_some_and(|e| e.hold.is_some() && e.poison)
+    }
+
+    /// Messages in the quarantine queue. From memory.
+    pub fn quarantined(&self) -> usize {
+        let ix = lock(&self.handle.inner.index);
+        ix.map
+            .values()
+            .filter(|e| e.hold.is_some() && e.poison)
+            .count()
     }
 
     /// Records that the DSN owed for these recipients' final states is queued (one durable
@@ -626,9 +670,34 @@ impl Spool {
         self.handle.inner.set_hold(qid, true)
     }
 
-    /// Releases a held message.
+    /// Releases a held or quarantined message. The attempt counts of its in-doubt
+    /// recipients start again from zero (written before the Release record, so a crash in
+    /// between leaves it held with its counts reset, never released with the old counts).
     pub fn release(&self, qid: QueueId) -> Durable {
-        self.handle.inner.set_hold(qid, false)
+        let inner = &self.handle.inner;
+        let reset: Vec<usize> = {
+            let ix = lock(&inner.index);
+            ix.map.get(&qid).map_or_else(Vec::new, |e| {
+                e.rcpts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.state.is_in_doubt() && s.state.until > 0)
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+        };
+        if !reset.is_empty() {
+            let ops = reset
+                .iter()
+                .map(|&r| (r, RecipientState::InDoubt, false))
+                .collect();
+            let zeros = vec![0; reset.len()];
+            let reset = inner.ledger_ops(qid, ops, &zeros);
+            if reset.failed_at_once() {
+                return reset;
+            }
+        }
+        inner.set_hold(qid, false)
     }
 
     /// Removes a message whatever its recipients' states (operator action).
@@ -669,6 +738,17 @@ impl Spool {
         let e = ix.map.get(&qid).ok_or(SpoolError::NotFound(qid))?;
         Ok(MessageStatus {
             hold: e.hold.is_some(),
+            attempts: e
+                .rcpts
+                .iter()
+                .map(|s| {
+                    if s.state.is_in_doubt() {
+                        u32::try_from(s.state.until).unwrap_or(u32::MAX)
+                    } else {
+                        0
+                    }
+                })
+                .collect(),
             size: e.body_len,
             recipients: e.rcpts.iter().map(|s| s.state.shape()).collect(),
             reported: e.rcpts.iter().map(|s| s.state.reported).collect(),
@@ -899,7 +979,13 @@ impl Inner {
         }
     }
 
-    fn ledger_ops(&self, qid: QueueId, ops: Vec<(usize, RecipientState, bool)>) -> Durable {
+    /// `attempts`: per op, the attempt count of an in-doubt state (empty: none).
+    fn ledger_ops(
+        &self,
+        qid: QueueId,
+        ops: Vec<(usize, RecipientState, bool)>,
+        attempts: &[u32],
+    ) -> Durable {
         let mut ix = lock(&self.index);
         let Some(e) = ix.map.get(&qid) else {
             return Durable::ready(Err(SpoolError::NotFound(qid)));
@@ -907,7 +993,8 @@ impl Inner {
         let mut current: Vec<_> = e.rcpts.iter().map(|s| s.state.shape()).collect();
         let mut buf = Vec::new();
         let mut recs = Vec::with_capacity(ops.len());
-        for (rcpt, state, reported) in &ops {
+        let mut compact = Vec::with_capacity(ops.len());
+        for (i, (rcpt, state, reported)) in ops.iter().enumerate() {
             let Some(cur) = current.get_mut(*rcpt) else {
                 return Durable::ready(Err(SpoolError::NoSuchRecipient { qid, rcpt: *rcpt }));
             };
@@ -915,26 +1002,33 @@ impl Inner {
                 return Durable::ready(Err(t.into()));
             }
             *cur = state.clone();
+            let mut c = ledger::CompactState {
+                reported: *reported,
+                ..ledger::CompactState::of(state)
+            };
+            if c.is_in_doubt() {
+                c.until = u64::from(attempts.get(i).copied().unwrap_or(0));
+            }
+            let (_, _, reply) = state.parts();
             let at = buf.len();
-            record::encode_ledger_flagged(&mut buf, qid, *rcpt as u32, state, *reported);
+            record::encode_ledger_parts(
+                &mut buf,
+                qid,
+                *rcpt as u32,
+                (c.tag, c.until, reply),
+                c.reported,
+            );
             recs.push((*rcpt as u32, at as u32, (buf.len() - at) as u32));
+            compact.push(c);
         }
         match self.log.append(&buf, Reg::Ledger(qid, recs.clone())) {
             Ok(a) => {
-                for ((rcpt, at, n), (_, state, reported)) in recs.iter().zip(&ops) {
+                for ((rcpt, at, n), c) in recs.iter().zip(&compact) {
                     let loc = Loc {
                         seg: a.loc.seg,
                         off: a.loc.off + at,
                     };
-                    ix.set_ledger(
-                        qid,
-                        *rcpt as usize,
-                        ledger::CompactState {
-                            reported: *reported,
-                            ..ledger::CompactState::of(state)
-                        },
-                        Some((loc, *n)),
-                    );
+                    ix.set_ledger(qid, *rcpt as usize, *c, Some((loc, *n)));
                 }
                 drop(ix);
                 self.log.faults.hit("ledger.after_append");
@@ -944,12 +1038,8 @@ impl Inner {
                 // The in-memory state moves on (so nothing is delivered twice from memory);
                 // the durable state stays the previous one until the retry lands.
                 let mut retry = lock(&self.retry);
-                for ((rcpt, at, n), (_, state, reported)) in recs.iter().zip(&ops) {
-                    let state = ledger::CompactState {
-                        reported: *reported,
-                        ..ledger::CompactState::of(state)
-                    };
-                    ix.set_ledger(qid, *rcpt as usize, state, None);
+                for ((rcpt, at, n), c) in recs.iter().zip(&compact) {
+                    ix.set_ledger(qid, *rcpt as usize, *c, None);
                     if let Some(slot) = ix
                         .map
                         .get_mut(&qid)
@@ -1036,6 +1126,12 @@ impl Inner {
     }
 
     fn set_hold(&self, qid: QueueId, hold: bool) -> Durable {
+        self.set_hold_as(qid, hold, false)
+    }
+
+    /// A Hold (`poison`: flagged as a quarantine) or Release record. Holding a message
+    /// already held changes nothing (an operator's hold stays one, a quarantine too).
+    fn set_hold_as(&self, qid: QueueId, hold: bool, poison: bool) -> Durable {
         let mut ix = lock(&self.index);
         let Some(e) = ix.map.get(&qid) else {
             return Durable::ready(Err(SpoolError::NotFound(qid)));
@@ -1044,11 +1140,15 @@ impl Inner {
             return Durable::ready(Ok(()));
         }
         let mut rec = Vec::new();
-        record::encode_hold(&mut rec, qid, hold);
+        if hold && poison {
+            record::encode_quarantine(&mut rec, qid);
+        } else {
+            record::encode_hold(&mut rec, qid, hold);
+        }
         match self.log.append(&rec, Reg::None) {
             Ok(a) => {
-                ix.set_hold(qid, hold.then_some((a.loc, rec.len() as u32)));
-                tracing::info!(%qid, hold, "hold state changed");
+                ix.set_hold(qid, hold.then_some((a.loc, rec.len() as u32)), poison);
+                tracing::info!(%qid, hold, poison, "hold state changed");
                 Durable::wait_for(&self.log.syncer, a.lsn)
             }
             Err(e) => Durable::ready(Err(e)),
@@ -1384,7 +1484,9 @@ fn summarize(
                 reported: s.state.reported,
             });
         }
-        let queue = if e.hold.is_some() {
+        let queue = if e.hold.is_some() && e.poison {
+            QueueState::Quarantine
+        } else if e.hold.is_some() {
             QueueState::Hold
         } else if active {
             QueueState::Active
@@ -1455,3 +1557,5 @@ impl Space {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_poison;

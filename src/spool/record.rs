@@ -70,6 +70,9 @@ pub const MAX_PAYLOAD: u32 = 16 << 20;
 pub const FLAG_MOVED: u8 = 1;
 /// Ledger flag: the DSN this final state owes (if any) is queued; none is due for it again.
 pub const FLAG_REPORTED: u8 = 1;
+/// Hold flag: the hold is a poison-message quarantine (the scheduler put it there after
+/// `delivery.poison_attempts` abnormal attempts), not an operator's hold.
+pub const FLAG_POISON: u8 = 1;
 const ENVELOPE_VERSION: u8 = 1;
 
 /// Record kinds.
@@ -300,6 +303,10 @@ pub enum Record {
         state: RecipientState,
         /// The DSN this final state owes is queued (flag [`FLAG_REPORTED`]).
         reported: bool,
+        /// For an in-doubt state: delivery attempts started since the recipient's last
+        /// normal end, this one included (kept in the `until` field, unused by in-doubt
+        /// records; 0 in records written before attempts were counted).
+        attempts: u32,
     },
     /// The message left the queue.
     Done {
@@ -308,10 +315,12 @@ pub enum Record {
         /// Why.
         reason: DoneReason,
     },
-    /// Operator hold.
+    /// Operator hold, or poison quarantine.
     Hold {
         /// The message.
         qid: QueueId,
+        /// A quarantine (flag [`FLAG_POISON`]).
+        poison: bool,
     },
     /// Operator release.
     Release {
@@ -328,7 +337,7 @@ impl Record {
             | Self::Commit { qid, .. }
             | Self::Ledger { qid, .. }
             | Self::Done { qid, .. }
-            | Self::Hold { qid }
+            | Self::Hold { qid, .. }
             | Self::Release { qid } => *qid,
         }
     }
@@ -361,6 +370,11 @@ impl Record {
                     state: RecipientState::from_parts(tag, until, reply)
                         .ok_or(FormatError::BadValue("ledger state"))?,
                     reported: h.flags & FLAG_REPORTED != 0,
+                    attempts: if tag == 1 {
+                        u32::try_from(until).unwrap_or(u32::MAX)
+                    } else {
+                        0
+                    },
                 }
             }
             Kind::Done => Self::Done {
@@ -373,7 +387,10 @@ impl Record {
                     _ => return Err(FormatError::BadValue("done reason")),
                 },
             },
-            Kind::Hold => Self::Hold { qid },
+            Kind::Hold => Self::Hold {
+                qid,
+                poison: h.flags & FLAG_POISON != 0,
+            },
             Kind::Release => Self::Release { qid },
         };
         if !r.0.is_empty() {
@@ -452,11 +469,23 @@ pub fn encode_ledger_flagged(
     state: &RecipientState,
     reported: bool,
 ) {
+    let (tag, until, reply) = state.parts();
+    encode_ledger_parts(out, qid, rcpt, (tag, until, reply), reported);
+}
+
+/// Appends a Ledger record from its parts (tag, `until` field, reply): for an in-doubt
+/// state, `until` carries the attempt count ([`Record::Ledger`]'s `attempts`).
+pub fn encode_ledger_parts(
+    out: &mut Vec<u8>,
+    qid: QueueId,
+    rcpt: u32,
+    (tag, until, reply): (u8, u64, &str),
+    reported: bool,
+) {
     let flags = if reported { FLAG_REPORTED } else { 0 };
     frame(out, Kind::Ledger, flags, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(&rcpt.to_le_bytes());
-        let (tag, until, reply) = state.parts();
         o.push(tag);
         o.extend_from_slice(&until.to_le_bytes());
         put_str(o, reply);
@@ -475,6 +504,13 @@ pub fn encode_done(out: &mut Vec<u8>, qid: QueueId, reason: DoneReason) {
 pub fn encode_hold(out: &mut Vec<u8>, qid: QueueId, hold: bool) {
     let kind = if hold { Kind::Hold } else { Kind::Release };
     frame(out, kind, 0, |o| o.extend_from_slice(&qid.to_bytes()));
+}
+
+/// Appends a Hold record flagged [`FLAG_POISON`]: the message is quarantined.
+pub fn encode_quarantine(out: &mut Vec<u8>, qid: QueueId) {
+    frame(out, Kind::Hold, FLAG_POISON, |o| {
+        o.extend_from_slice(&qid.to_bytes());
+    });
 }
 
 /// Microseconds since the epoch (0 before it).
@@ -838,9 +874,35 @@ mod tests {
                     rcpt: 1,
                     state,
                     reported: false,
+                    attempts: 0,
                 },
             );
         }
+    }
+
+    #[test]
+    fn in_doubt_attempts_and_quarantine_round_trip() {
+        let mut b = Vec::new();
+        encode_ledger_parts(&mut b, qid(), 2, (1, 4, ""), false);
+        round_trip(
+            &b,
+            &Record::Ledger {
+                qid: qid(),
+                rcpt: 2,
+                state: RecipientState::InDoubt,
+                reported: false,
+                attempts: 4,
+            },
+        );
+        let mut b = Vec::new();
+        encode_quarantine(&mut b, qid());
+        round_trip(
+            &b,
+            &Record::Hold {
+                qid: qid(),
+                poison: true,
+            },
+        );
     }
 
     #[test]
@@ -860,7 +922,13 @@ mod tests {
         );
         let rest = &b[h1.total_len() as usize..];
         let (h2, r2) = parse_full(rest).unwrap();
-        assert_eq!(r2, Record::Hold { qid: qid() });
+        assert_eq!(
+            r2,
+            Record::Hold {
+                qid: qid(),
+                poison: false
+            }
+        );
         let (_, r3) = parse_full(&rest[h2.total_len() as usize..]).unwrap();
         assert_eq!(r3, Record::Release { qid: qid() });
     }

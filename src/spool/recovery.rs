@@ -147,6 +147,7 @@ impl Builder {
                 rcpt,
                 state,
                 reported,
+                attempts,
                 ..
             } => {
                 if let Some(slot) = self
@@ -155,10 +156,14 @@ impl Builder {
                     .get_mut(&qid)
                     .and_then(|e| e.rcpts.get_mut(rcpt as usize))
                 {
-                    slot.state = CompactState {
+                    let mut compact = CompactState {
                         reported,
                         ..CompactState::of(&state)
                     };
+                    if compact.is_in_doubt() {
+                        compact.until = u64::from(attempts);
+                    }
+                    slot.state = compact;
                     slot.ledger = Some((loc, total));
                 }
             }
@@ -168,14 +173,16 @@ impl Builder {
                 self.quarantine.remove(&qid);
                 self.suspects.remove(&qid);
             }
-            Record::Hold { .. } => {
+            Record::Hold { poison, .. } => {
                 if let Some(e) = self.index.map.get_mut(&qid) {
                     e.hold = Some((loc, total));
+                    e.poison = poison;
                 }
             }
             Record::Release { .. } => {
                 if let Some(e) = self.index.map.get_mut(&qid) {
                     e.hold = None;
+                    e.poison = false;
                 }
             }
         }

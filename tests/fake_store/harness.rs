@@ -24,6 +24,11 @@ use super::FakeStore;
 pub const BODY: &str = "From: s@a.test\r\nSubject: test\r\n\r\nHello.\r\n";
 
 pub fn router(routes: &[(&str, &str)]) -> Router {
+    router_with_grace(routes, RoutesConfig::default().unroutable_grace.0)
+}
+
+/// [`router`] with this `routes.unroutable_grace`.
+pub fn router_with_grace(routes: &[(&str, &str)], grace: std::time::Duration) -> Router {
     let domains: BTreeMap<String, DomainRoute> = routes
         .iter()
         .map(|(d, s)| {
@@ -38,6 +43,7 @@ pub fn router(routes: &[(&str, &str)]) -> Router {
         .collect();
     Router::new(&RoutesConfig {
         domains,
+        unroutable_grace: postern::config::Span(grace),
         ..RoutesConfig::default()
     })
 }
@@ -150,6 +156,7 @@ impl Harness {
             agents,
             config,
             hostname: "gw.test".into(),
+            double_bounce: None,
             clock: Clock::System,
         });
         Self {
