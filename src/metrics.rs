@@ -28,7 +28,8 @@ use crate::spool::Spool;
 
 /// Open connections, by listener.
 pub const CONNECTIONS_CURRENT: &str = "postern_connections_current";
-/// Connections handled, by listener and outcome (`accepted`, `refused_limit`, `refused_per_ip`).
+/// Connections handled, by listener and outcome (`accepted`, `refused_limit`, `refused_per_ip`,
+/// `refused_proxy`: an untrusted peer or a bad PROXY header).
 pub const CONNECTIONS_TOTAL: &str = "postern_connections_total";
 /// Messages accepted (250 after they were durable), by listener.
 pub const MESSAGES_ACCEPTED: &str = "postern_messages_accepted_total";
@@ -139,7 +140,12 @@ pub mod reason {
 }
 
 /// The `outcome` words of [`CONNECTIONS_TOTAL`].
-pub const CONNECTION_OUTCOMES: [&str; 3] = ["accepted", "refused_limit", "refused_per_ip"];
+pub const CONNECTION_OUTCOMES: [&str; 4] = [
+    "accepted",
+    "refused_limit",
+    "refused_per_ip",
+    "refused_proxy",
+];
 
 /// The `state` words of [`QUEUE_MESSAGES`].
 pub const QUEUE_STATES: [&str; 3] = ["active", "waiting", "backlog"];
@@ -280,7 +286,7 @@ use Kind::{Counter, Gauge};
 #[rustfmt::skip]
 pub const ALL: &[Def] = &[
     def(CONNECTIONS_CURRENT, Gauge, Unit::Count, &["listener"], "Open client connections, by listener."),
-    def(CONNECTIONS_TOTAL, Counter, Unit::Count, &["listener", "outcome"], "Client connections by listener and outcome (accepted, refused_limit, refused_per_ip)."),
+    def(CONNECTIONS_TOTAL, Counter, Unit::Count, &["listener", "outcome"], "Client connections by listener and outcome (accepted, refused_limit, refused_per_ip, refused_proxy)."),
     def(MESSAGES_ACCEPTED, Counter, Unit::Count, &["listener"], "Messages answered 250 after they were durable, by listener."),
     def(MESSAGES_REJECTED, Counter, Unit::Count, &["listener", "reason"], "Messages refused, by listener and reason."),
     def(RECIPIENTS_ACCEPTED, Counter, Unit::Count, &["listener"], "Recipients accepted at RCPT, by listener."),

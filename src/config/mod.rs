@@ -274,6 +274,28 @@ pub struct ListenerConfig {
     /// window before its recipients get `451 4.3.2`.
     #[serde(default = "default_proxy_wait")]
     pub proxy_wait: Span,
+    /// A load balancer in front (HAProxy's PROXY protocol, v1 or v2): connections from these
+    /// networks must start with a header carrying the client's address, which then drives
+    /// relay control, limits, logs and the Received line. None (the default): a `PROXY`
+    /// line is just an unknown command.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// `listeners[].proxy_protocol:`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// The load balancers' addresses. A connection from anywhere else is closed without a
+    /// banner. (Unix-socket peers are local and trusted.)
+    pub trusted_networks: Vec<IpNet>,
+    /// How long the header may take to arrive: 5s.
+    #[serde(default = "default_proxy_header_timeout")]
+    pub timeout: Span,
+}
+
+fn default_proxy_header_timeout() -> Span {
+    Span(std::time::Duration::from_secs(5))
 }
 
 /// `mode:` of a listener.
@@ -658,6 +680,17 @@ impl Config {
             }
             if l.max_errors == 0 {
                 bad(at("max_errors"), "must be at least 1".into());
+            }
+            if let Some(pp) = &l.proxy_protocol {
+                if pp.trusted_networks.is_empty() && matches!(l.address, ListenAddress::Tcp(_)) {
+                    bad(
+                        at("proxy_protocol.trusted_networks"),
+                        "name the load balancers' networks (no one else may send a header)".into(),
+                    );
+                }
+                if pp.timeout.0.is_zero() {
+                    bad(at("proxy_protocol.timeout"), "must be above zero".into());
+                }
             }
             if let Some(tls) = &l.tls {
                 for (key, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {

@@ -12,6 +12,7 @@
 //! recipients' stores and answers with their replies ([`cut_through`]).
 
 mod cut_through;
+mod proxy_protocol;
 mod received;
 mod session;
 
@@ -30,6 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use proxy_protocol::Rewind;
 pub use received::{HopCounter, MAX_HOPS, own_marker, rfc5322_date};
 use session::{Conversation, Ending};
 
@@ -237,61 +239,98 @@ impl Listener {
         tracing::info!(listener = %name, "stopped accepting");
     }
 
-    /// Applies the connection limits, then spawns the session.
-    fn admit<S>(&self, mut stream: S, peer: Option<IpAddr>, tracker: &TaskTracker)
+    /// Applies the connection limits, then spawns the session. Behind a load balancer
+    /// (`proxy_protocol`), the peer must be a trusted one and the per-address limit applies
+    /// to the client its header names, once read.
+    fn admit<S>(&self, stream: S, peer: Option<IpAddr>, tracker: &TaskTracker)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let name = self.shared.config.name.clone();
-        let refuse = |outcome: &'static str| {
-            counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => outcome)
-                .increment(1);
-        };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            refuse("refused_limit");
+            refused(&name, "refused_limit");
             tracker.spawn(refuse_connection(stream));
             return;
         };
-        let ip_slot = match peer {
-            Some(ip) => match IpSlot::take(&self.shared, ip) {
-                Some(slot) => Some(slot),
-                None => {
-                    refuse("refused_per_ip");
-                    tracker.spawn(refuse_connection(stream));
-                    return;
-                }
-            },
-            None => None,
-        };
-        counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => "accepted")
-            .increment(1);
         let shared = self.shared.clone();
+        let Some(pp) = shared.config.proxy_protocol.clone() else {
+            let Some(ip_slot) = IpSlot::for_peer(&shared, peer) else {
+                refused(&name, "refused_per_ip");
+                tracker.spawn(refuse_connection(stream));
+                return;
+            };
+            tracker.spawn(converse(shared, stream, peer, permit, ip_slot));
+            return;
+        };
+        if let Some(ip) = peer
+            && !pp.trusted_networks.iter().any(|n| n.contains(&ip))
+        {
+            // Not our load balancer: it may not speak for anyone. No banner.
+            refused(&name, "refused_proxy");
+            tracing::warn!(listener = %name, peer = %ip, "connection from outside proxy_protocol.trusted_networks; closed");
+            drop(stream);
+            return;
+        }
         tracker.spawn(async move {
-            let _permit: OwnedSemaphorePermit = permit;
-            let _ip_slot = ip_slot;
-            gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).increment(1.0);
-            let started = Instant::now();
-            let mut conversation = Conversation::new(shared.clone(), peer);
-            if let Ending::StartTls = conversation.run(&mut stream).await {
-                if let Some(acceptor) = shared.tls.clone() {
-                    if let Some(mut tls) = session::handshake(
-                        &acceptor,
-                        stream,
-                        shared.config.timeouts.tls_handshake.0,
-                    )
-                    .await
-                    {
-                        conversation.tls_info = Some(crate::tls::describe(tls.get_ref().1));
-                        conversation.session.tls_established();
-                        let _ = conversation.run(&mut tls).await;
+            let mut stream = stream;
+            let (client, rest) =
+                match proxy_protocol::read_header(&mut stream, peer, pp.timeout.0).await {
+                    Ok(read) => read,
+                    Err(e) => {
+                        refused(&shared.config.name, "refused_proxy");
+                        let from = peer.map_or_else(|| "local".to_owned(), |p| p.to_string());
+                        tracing::warn!(listener = %shared.config.name, peer = %from, reason = %e, "PROXY protocol header refused; closed without a banner");
+                        return;
                     }
-                }
-            }
-            gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).decrement(1.0);
-            histogram!(m::SESSION_DURATION, "listener" => name)
-                .record(started.elapsed().as_secs_f64());
+                };
+            let stream = Rewind::new(rest, stream);
+            let Some(ip_slot) = IpSlot::for_peer(&shared, client) else {
+                refused(&shared.config.name, "refused_per_ip");
+                refuse_connection(stream).await;
+                return;
+            };
+            converse(shared, stream, client, permit, ip_slot).await;
         });
     }
+}
+
+/// Counts a connection refused for `outcome`.
+fn refused(listener: &str, outcome: &'static str) {
+    counter!(m::CONNECTIONS_TOTAL, "listener" => listener.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// One session over `stream` for the client at `peer`, STARTTLS included.
+async fn converse<S>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    peer: Option<IpAddr>,
+    permit: OwnedSemaphorePermit,
+    ip_slot: Option<IpSlot>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _permit = permit;
+    let _ip_slot = ip_slot;
+    let name = shared.config.name.clone();
+    counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => "accepted")
+        .increment(1);
+    gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).increment(1.0);
+    let started = Instant::now();
+    let mut conversation = Conversation::new(shared.clone(), peer);
+    if let Ending::StartTls = conversation.run(&mut stream).await {
+        if let Some(acceptor) = shared.tls.clone() {
+            if let Some(mut tls) =
+                session::handshake(&acceptor, stream, shared.config.timeouts.tls_handshake.0).await
+            {
+                conversation.tls_info = Some(crate::tls::describe(tls.get_ref().1));
+                conversation.session.tls_established();
+                let _ = conversation.run(&mut tls).await;
+            }
+        }
+    }
+    gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).decrement(1.0);
+    histogram!(m::SESSION_DURATION, "listener" => name).record(started.elapsed().as_secs_f64());
 }
 
 /// A connection we will not serve: one 421 line, then close.
@@ -316,6 +355,15 @@ struct IpSlot {
 }
 
 impl IpSlot {
+    /// The peer's share, if it has an address: `Some(None)` for a unix-socket peer, `None`
+    /// when the address has used up its allowance.
+    fn for_peer(shared: &Arc<Shared>, peer: Option<IpAddr>) -> Option<Option<Self>> {
+        match peer {
+            Some(ip) => Self::take(shared, ip).map(Some),
+            None => Some(None),
+        }
+    }
+
     fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
         let mut map = shared
             .per_ip

@@ -147,7 +147,20 @@ impl Conversation {
                     self.abort_message();
                     return Ending::Closed;
                 }
-                Ok(Ok(n)) => self.session.handle_input(&buf[..n]),
+                Ok(Ok(n)) => {
+                    if self.shared.config.proxy_protocol.is_some()
+                        && self.message.is_none()
+                        && super::proxy_protocol::starts_with_header(&buf[..n])
+                    {
+                        // A second header, inside the session: a broken chain of balancers,
+                        // or someone trying to speak for another client. This connection
+                        // only is closed.
+                        tracing::warn!(listener = %self.listener(), client = %self.log_client(), "a PROXY protocol header inside the session; closed");
+                        self.abort_message();
+                        return Ending::Closed;
+                    }
+                    self.session.handle_input(&buf[..n]);
+                }
                 Err(_) => self.session.timeout(),
             }
         }
@@ -202,6 +215,16 @@ impl Conversation {
         self.targets.clear();
         self.accepted = 0;
         self.pending_rcpt = None;
+    }
+
+    /// The client as logs name it, Postfix's way: `helo[ip]`.
+    fn log_client(&self) -> String {
+        format!(
+            "{}[{}]",
+            self.helo,
+            self.peer
+                .map_or_else(|| "local".to_owned(), |p| p.to_string())
+        )
     }
 
     /// The client as the spool records it: `helo [ip]`.
@@ -437,7 +460,7 @@ impl Conversation {
                             from = %self.sender.as_ref().map(|(f, _)| f.to_string()).unwrap_or_default(),
                             nrcpt = self.recipients.len(),
                             size = msg.octets,
-                            client = %self.helo,
+                            client = %self.log_client(),
                             "accepted"
                         );
                         replies::queued(&queue_id)
