@@ -45,6 +45,9 @@ SCENARIOS = {
               what="fake store (queue); gateway 1 killed -9 mid-run and restarted"),
     "e": dict(store="fake", mode="queue", service_ms=50.0, capacity_at="10:10", messages=1500,
               what="fake store (queue), S=50 ms, W doubles 10 s after the first delivery"),
+    "f": dict(store="dovecot", concentrator=True,
+              what="Dovecot, lmtp process_limit W, behind a concentrator (mode: proxy) that "
+                   "the 3 gateways deliver to"),
 }
 
 PROCS = []       # every Popen started here, stopped at exit
@@ -160,7 +163,7 @@ class FakeStore:
 
 
 # the postern Received: header names the gateway and the recipient
-POSTERN_RECEIVED = re.compile(rb"\sby (\S+) \(postern\)[^;]*?\sfor <([^>]+)>", re.S)
+POSTERN_RECEIVED = re.compile(rb"\sby (\S+) \(postern(?: node \d+)?\)[^;]*?\sfor <([^>]+)>", re.S)
 MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(\S+)")
 
 
@@ -217,7 +220,10 @@ class RealStore:
                 continue  # renamed new/ -> cur/ meanwhile
             ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
             head = head[:min(ends, default=len(head))]  # Dovecot stores LF, Cyrus CRLF
-            m = POSTERN_RECEIVED.search(head)
+            # The last of our Received fields is the first hop: the edge gateway (a
+            # concentrator in front of the store adds its own above it).
+            found = list(POSTERN_RECEIVED.finditer(head))
+            m = found[-1] if found else None
             mid = MESSAGE_ID.search(head)
             out.append((t, m.group(1).decode() if m else "?", mid.group(1).decode() if mid else "-",
                         m.group(2).decode() if m else "?"))
@@ -375,6 +381,63 @@ stores:
         return sum(mval(m, name, **labels) for m in self.finals + [self.last])
 
 
+class Concentrator(Gateway):
+    """A postern beside the store: an LMTP listener on a unix socket in `mode: proxy`
+    (cut-through), relaying every transaction to the store through one window. The edge
+    gateways deliver to it instead of to the store."""
+
+    def __init__(self, wd, binary, store_addr, max_connections, store_extra):
+        self.name = "conc"
+        self.binary = binary
+        self.dir = os.path.join(wd, "conc")
+        os.makedirs(os.path.join(self.dir, "spool"))
+        self.smtp_port = None
+        self.metrics_port = free_port()
+        self.sock = os.path.join(self.dir, "lmtp.sock")
+        self.cfg = os.path.join(self.dir, "postern.yaml")
+        extra = "".join("    %s\n" % line for line in store_extra.splitlines()) if store_extra else ""
+        with open(self.cfg, "w") as f:
+            f.write("""hostname: conc
+node_id: 99
+spool:
+  path: %(dir)s/spool
+metrics:
+  address: 127.0.0.1:%(mport)d
+listeners:
+  - name: lmtp
+    address: unix:%(sock)s
+    protocol: lmtp
+    mode: proxy
+stores:
+  - name: store
+    kind: lmtp
+    address: %(store)s
+    max_connections: %(maxc)d
+%(extra)sroutes:
+  domains:
+    %(domain)s: { store: store }
+""" % dict(dir=self.dir, mport=self.metrics_port, sock=self.sock, store=store_addr,
+           maxc=max_connections, extra=extra, domain=DOMAIN))
+        r = subprocess.run([binary, "check-config", "--config", self.cfg], capture_output=True,
+                           text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError("%s check-config: %s" % (binary, (r.stdout + r.stderr).strip()))
+        self.proc = None
+        self.last = None
+        self.finals = []
+
+    def greets(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(self.sock)
+                ok = s.recv(512).startswith(b"220")
+                s.sendall(b"QUIT\r\n")
+                return ok and scrape(self.metrics_port) is not None
+        except OSError:
+            return False
+
+
 class MetricsPoller(threading.Thread):
     """Each gateway's /metrics every 0.5 s: window and pooled connections (the
     binary may refresh these gauges less often: today's every 5 s)."""
@@ -519,12 +582,18 @@ class AckingSender:
 # one phase: gateways, load, wait for the drain
 
 def run_phase(wd, store, binary, args, names, max_connections, messages, store_extra,
-              kill_at=None, ack_rate=None):
+              kill_at=None, ack_rate=None, concentrator=False):
     """Start gateways `names`, load each with `messages`, wait until every one
     has delivered everything (or --timeout), stop them. Returns what happened.
     kill_at: the first gateway, loaded by an AckingSender at ack_rate, is
     killed -9 that many seconds after the load starts, and restarted."""
-    gws = [Gateway(wd, n, i + 1, binary, store.address, max_connections, store_extra)
+    conc = None
+    target = store.address
+    if concentrator:
+        conc = Concentrator(wd, binary, store.address, max_connections, store_extra)
+        conc.start()
+        target = "unix:" + conc.sock
+    gws = [Gateway(wd, n, i + 1, binary, target, max_connections, store_extra)
            for i, n in enumerate(names)]
     for g in gws:
         g.start()
@@ -567,6 +636,9 @@ def run_phase(wd, store, binary, args, names, max_connections, messages, store_e
         g.final_scrape()
     t_stop = time.time()  # deliveries after this (gateways shutting down) do not count
     stop(*[g.proc for g in gws])
+    if conc is not None:
+        conc.final_scrape()
+        stop(conc.proc)
     conns.halt.set()
     poller.halt.set()
     conns.join()
@@ -732,7 +804,8 @@ def run_once(name, scn, binary, args, store_extra):
         phase = run_phase(wd, store, binary, args, ["gw%d" % (i + 1) for i in range(args.gateways)],
                           args.max_connections, messages, store_extra,
                           kill_at=args.kill_at if scn.get("kill") else None,
-                          ack_rate=capacity / args.gateways if scn.get("kill") else None)
+                          ack_rate=capacity / args.gateways if scn.get("kill") else None,
+                          concentrator=bool(scn.get("concentrator")))
         deliveries = store.finish()
         f = figures(phase, deliveries, store, capacity, scn, args.gateways)
         if cap:
@@ -839,7 +912,7 @@ def main():
     ap = argparse.ArgumentParser(description="reverse-mode benchmark (see README.md)")
     ap.add_argument("--scenario", action="append", help="a,a2,b,c,d,e (repeatable) [a,a2,b,c]")
     ap.add_argument("--binary", action="append", metavar="NAME=PATH",
-                    help="postern binary (repeatable: run side by side) [before=/work/before/postern]")
+                    help="postern binary (repeatable: run side by side) [postern=target/release/postern]")
     ap.add_argument("--messages", type=int, help="messages per gateway [1000; c: 400, e: 1500]")
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario and binary; medians")
     ap.add_argument("--gateways", type=int, default=3)
@@ -866,7 +939,7 @@ def main():
     for s in scenarios:
         if s not in SCENARIOS:
             ap.error("unknown scenario %s" % s)
-    binaries = [tuple(b.split("=", 1)) for b in (args.binary or ["before=/work/before/postern"])]
+    binaries = [tuple(b.split("=", 1)) for b in (args.binary or ["postern=target/release/postern"])]
     for b, path in binaries:
         if not os.access(path, os.X_OK):
             ap.error("not an executable: %s" % path)
