@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::edge::Edge;
 use crate::listener::{Listener, ListenerError};
 use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
@@ -118,19 +119,19 @@ impl Gateway {
         if config.source.is_some() {
             tokio::spawn(Arc::clone(&routes).watch(ROUTES_POLL, shutdown.clone()));
         }
-        let agents = if config.delivery.enabled {
-            Some(Agents::from_config(&config).map_err(GatewayError::Store)?)
-        } else {
-            None
-        };
-        let scheduler = agents.map(|mut agents| {
-            for (name, agent) in extra_agents.iter() {
-                agents.insert(name, agent.clone());
-            }
+        // The agents exist whether or not the scheduler runs: the listeners' edge checks
+        // (recipient verification, backpressure) use their pools, windows and loads. The
+        // scheduler and the listeners share them: one pool and one window per store.
+        let mut agents = Agents::from_config(&config).map_err(GatewayError::Store)?;
+        for (name, agent) in extra_agents.iter() {
+            agents.insert(name, agent.clone());
+        }
+        let edge = Arc::new(Edge::new(&agents, &config.verify_cache));
+        let scheduler = config.delivery.enabled.then(|| {
             Scheduler::start(Setup {
                 spool: spool.clone(),
                 router: Arc::clone(&router),
-                agents,
+                agents: agents.clone(),
                 config: config.delivery.clone(),
                 hostname: config.hostname.clone(),
                 clock: Clock::System,
@@ -138,6 +139,13 @@ impl Gateway {
         });
         if let Some(s) = &scheduler {
             routes.attach_scheduler(s.clone());
+        } else {
+            for (_, agent) in agents.iter() {
+                if let crate::scheduler::Agent::Lmtp(pool) = agent {
+                    // The scheduler sweeps them when it runs; without it, this does.
+                    pool.spawn_sweeper(pool.sweep_interval());
+                }
+            }
         }
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -148,6 +156,7 @@ impl Gateway {
                     spool.clone(),
                     Arc::clone(&router),
                     scheduler.clone(),
+                    Some(Arc::clone(&edge)),
                     shutdown.clone(),
                 )
                 .await?,

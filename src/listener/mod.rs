@@ -29,6 +29,7 @@ pub use received::{HopCounter, MAX_HOPS, rfc5322_date};
 use session::{Conversation, Ending};
 
 use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
+use crate::edge::Edge;
 use crate::metrics as m;
 use crate::routing::Router;
 use crate::scheduler::Scheduler;
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<ArcSwap<Router>>,
     /// Told about each committed message (none: accept and queue only).
     pub(crate) scheduler: Option<Scheduler>,
+    /// Backpressure and recipient verification at RCPT (none: routing only).
+    pub(crate) edge: Option<Arc<Edge>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) shutdown: CancellationToken,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -92,6 +95,7 @@ impl Listener {
         spool: Spool,
         router: Arc<ArcSwap<Router>>,
         scheduler: Option<Scheduler>,
+        edge: Option<Arc<Edge>>,
         shutdown: CancellationToken,
     ) -> Result<Self, ListenerError> {
         let bind_err = |source| ListenerError::Bind {
@@ -144,6 +148,7 @@ impl Listener {
             spool,
             router,
             scheduler,
+            edge,
             tls,
             shutdown,
             per_ip: Mutex::new(HashMap::new()),
