@@ -265,7 +265,10 @@ mod tests {
         };
         drop(flight);
         assert!(rx.borrow_and_update().is_none());
-        assert!(rx.has_changed().is_err(), "the sender is gone: waiters wake");
+        assert!(
+            rx.has_changed().is_err(),
+            "the sender is gone: waiters wake"
+        );
         assert!(matches!(
             cache.lookup("k", Instant::now()),
             Lookup::Lead(..)

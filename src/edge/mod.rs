@@ -38,6 +38,7 @@ use postern_proto::{ForwardPath, Reply, replies};
 pub use backpressure::{Condition, Sample, StoreLoad};
 pub use cache::{Lookup, Verdict, VerifyCache};
 pub use config::{BackpressureConfig, EdgeSettings, TempfailAction, VerifyCacheConfig};
+pub use verify::ask_directly;
 
 use crate::delivery::StorePool;
 use crate::metrics as m;

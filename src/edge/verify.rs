@@ -85,3 +85,44 @@ async fn query(
         }
     }
 }
+
+/// `postern route ADDRESS --verify`: asks store `store` of `config` directly (a fresh
+/// connection, no pool, no window: the gateway need not run) about `rcpt`; one line for
+/// the operator: `valid (250 2.1.5 Ok)`, `invalid (550 5.1.1 …)`, `tempfail (…)`.
+pub async fn ask_directly(
+    config: &crate::config::Config,
+    store: &str,
+    rcpt: &ForwardPath,
+) -> String {
+    use crate::config::StoreConfig;
+    use crate::delivery::LmtpStore;
+    let built = config.stores.iter().find_map(|s| match s {
+        StoreConfig::Lmtp(l) if l.name == store => {
+            Some(LmtpStore::from_config(l, &config.hostname).map(|s| (s, l.verify_timeout.0)))
+        }
+        StoreConfig::Smtp(l) if l.name == store => {
+            Some(LmtpStore::from_smtp_config(l, &config.hostname).map(|s| (s, l.verify_timeout.0)))
+        }
+        _ => None,
+    });
+    let (lmtp, limit) = match built {
+        None => return format!("not asked: store {store} is not an LMTP or SMTP store"),
+        Some(Err(e)) => return format!("not asked: {e}"),
+        Some(Ok(s)) => s,
+    };
+    let lmtp = Arc::new(lmtp);
+    let asked = tokio::time::timeout(limit, async {
+        let mut conn = lmtp.connect().await?;
+        let answer = conn.verify(rcpt, limit).await;
+        conn.quit().await;
+        answer
+    })
+    .await;
+    match asked {
+        Err(_) => format!("tempfail (no answer within {}s)", limit.as_secs_f64()),
+        Ok(Err(t)) => format!("tempfail ({t})"),
+        Ok(Ok(reply)) if reply.is_positive() => format!("valid ({reply})"),
+        Ok(Ok(reply)) if reply.is_permanent() => format!("invalid ({reply})"),
+        Ok(Ok(reply)) => format!("tempfail ({reply})"),
+    }
+}

@@ -1,0 +1,185 @@
+//! Recipient verification at RCPT against a scripted LMTP store (tests/fake_lmtp): the
+//! store's 550 becomes the edge's 550 5.1.1, a known recipient 250, a down store 450 4.1.1
+//! (or an accept when configured), answers are cached, and a burst of concurrent RCPTs for
+//! one address makes one store query.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+mod fake_lmtp;
+
+use common::{Client, TestGateway};
+use fake_lmtp::{FakeStore, Rcpt, Script};
+use postern::config::Config;
+use postern::gateway::Gateway;
+
+/// A gateway whose `example.org` goes to the LMTP store at `store` (verifying), with
+/// `store_extra` under the store and `top_extra` at the top level.
+async fn gateway(store: &str, store_extra: &str, top_extra: &str) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 5s\ndelivery:\n  enabled: false\n{top_extra}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n    max_connections: 3000\n    max_connections_per_ip: 3000\nstores:\n  - name: cyrus1\n    kind: lmtp\n    address: {store}\n    verify_recipients: true\n{store_extra}  - name: other\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: cyrus1 }}\n    other.example: {{ store: other }}\n",
+        spool = dir.path().join("spool").display(),
+    );
+    let config = Config::parse(&text, "test.yaml").unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+    let gateway = Gateway::start(config).await.unwrap();
+    TestGateway { gateway, dir }
+}
+
+fn script() -> Script {
+    Script {
+        // Replies at once (a pipelining fake holds them until DATA, which never comes).
+        pipelining: false,
+        ..Script::default()
+    }
+    .rcpt(
+        "nosuch",
+        Rcpt::new("550 5.1.1 <nosuch@example.org> User unknown", ""),
+    )
+    .rcpt("busy", Rcpt::new("451 4.3.0 Mailbox locked", ""))
+}
+
+/// RCPT queries of the fake for `local`.
+fn queries(store: &FakeStore, local: &str) -> usize {
+    store
+        .sessions()
+        .iter()
+        .flat_map(|s| s.commands.clone())
+        .filter(|c| {
+            c.to_ascii_lowercase()
+                .starts_with(&format!("rcpt to:<{local}@"))
+        })
+        .count()
+}
+
+async fn session(gw: &TestGateway) -> Client {
+    let mut c = gw.connect("smtp").await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<sender@remote.example>", 250).await;
+    c
+}
+
+#[tokio::test]
+async fn unknown_is_550_known_is_250_and_nothing_is_delivered() {
+    let store = FakeStore::start(script()).await;
+    let gw = gateway(&store.addr.to_string(), "", "").await;
+    let mut c = session(&gw).await;
+    let r = c.cmd("RCPT TO:<nosuch@example.org>", 550).await;
+    assert_eq!(
+        r.text(),
+        "5.1.1 Recipient address rejected: <nosuch@example.org> User unknown"
+    );
+    c.cmd("RCPT TO:<alice@example.org>", 250).await;
+    // A store that is not verifying is not asked.
+    c.cmd("RCPT TO:<bob@other.example>", 250).await;
+    // The store saw MAIL FROM:<>, RCPT, RSET: never DATA.
+    let commands: Vec<String> = store
+        .sessions()
+        .iter()
+        .flat_map(|s| s.commands.clone())
+        .collect();
+    assert!(commands.iter().any(|c| c == "MAIL FROM:<>"), "{commands:?}");
+    assert!(commands.iter().any(|c| c == "RSET"), "{commands:?}");
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.starts_with("DATA") || c.starts_with("BDAT"))
+    );
+    assert_eq!(queries(&store, "bob"), 0);
+    gw.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_cached_answer_makes_no_second_query() {
+    let store = FakeStore::start(script()).await;
+    let gw = gateway(&store.addr.to_string(), "", "").await;
+    for _ in 0..3 {
+        let mut c = session(&gw).await;
+        c.cmd("RCPT TO:<nosuch@example.org>", 550).await;
+        c.cmd("RCPT TO:<alice@example.org>", 250).await;
+        // The domain's case does not make another key.
+        c.cmd("RCPT TO:<alice@EXAMPLE.org>", 250).await;
+    }
+    assert_eq!(queries(&store, "nosuch"), 1);
+    assert_eq!(queries(&store, "alice"), 1);
+    gw.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_temporary_answer_is_450_and_not_cached() {
+    let store = FakeStore::start(script()).await;
+    let gw = gateway(&store.addr.to_string(), "", "").await;
+    for _ in 0..2 {
+        let mut c = session(&gw).await;
+        let r = c.cmd("RCPT TO:<busy@example.org>", 450).await;
+        assert!(r.text().starts_with("4.1.1 "), "{r:?}");
+    }
+    assert_eq!(queries(&store, "busy"), 2);
+    gw.gateway.stop().await;
+}
+
+/// An address nobody listens on.
+async fn dead_address() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+#[tokio::test]
+async fn a_down_store_is_450_never_5xx_or_accepted_when_configured() {
+    let dead = dead_address().await;
+    let gw = gateway(&dead, "", "").await;
+    let mut c = session(&gw).await;
+    let r = c.cmd("RCPT TO:<anyone@example.org>", 450).await;
+    assert!(r.text().starts_with("4.1.1 "), "{r:?}");
+    gw.gateway.stop().await;
+
+    let gw = gateway(&dead, "    verify_tempfail_action: accept\n", "").await;
+    let mut c = session(&gw).await;
+    c.cmd("RCPT TO:<anyone@example.org>", 250).await;
+    gw.gateway.stop().await;
+}
+
+/// 1,000 sessions send RCPT for one unknown address at the same moment. The cache keeps
+/// nothing (`max_entries: 0`), so only the single flight can spare the store: one query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_1000_rcpts_for_one_unknown_address_makes_one_query() {
+    postern::gateway::raise_fd_limit(8192);
+    let slow = Script {
+        // Holds its replies until DATA (never sent) for 2 s: the query is slow.
+        pipelining: true,
+        ..script()
+    };
+    let store = FakeStore::start(slow).await;
+    let gw = gateway(
+        &store.addr.to_string(),
+        "",
+        "verify_cache: { max_entries: 0 }",
+    )
+    .await;
+    const N: usize = 1000;
+    // The sessions are opened one after the other (no accept backlog overflow), then every
+    // RCPT is written before any reply is read: they reach the gateway within milliseconds,
+    // while the one query is held for 2 s by the store.
+    let burst = async {
+        let mut clients = Vec::with_capacity(N);
+        for _ in 0..N {
+            clients.push(session(&gw).await);
+        }
+        for c in &mut clients {
+            c.line("RCPT TO:<nosuch@example.org>").await;
+        }
+        let mut codes = Vec::with_capacity(N);
+        for c in &mut clients {
+            codes.push(c.reply().await.code);
+        }
+        codes
+    };
+    let codes = tokio::time::timeout(std::time::Duration::from_secs(60), burst)
+        .await
+        .expect("the burst is answered within 60 s");
+    assert!(codes.iter().all(|&c| c == 550), "{codes:?}");
+    assert_eq!(queries(&store, "nosuch"), 1);
+    gw.gateway.stop().await;
+}
