@@ -183,3 +183,112 @@ async fn a_burst_of_1000_rcpts_for_one_unknown_address_makes_one_query() {
     assert_eq!(queries(&store, "nosuch"), 1);
     gw.gateway.stop().await;
 }
+
+/// One RCPT's round trip (it must be accepted).
+async fn rcpt_time(c: &mut Client, to: &str) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    c.line(&format!("RCPT TO:<{to}>")).await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250, "{r:?}");
+    t.elapsed()
+}
+
+fn median_us(mut v: Vec<std::time::Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64() * 1e6
+}
+
+/// Figures, not assertions: `cargo test --release --test edge_verify -- --ignored
+/// --nocapture`. RCPT latency (one session, median) to a store that does not verify, and
+/// with verification cold (a store query each) and hot (cached); verified RCPTs per second
+/// with a warm cache (8 sessions, pipelined in batches of 100); and the cache lookup alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn bench_rcpt_latency_cold_and_hot() {
+    use std::time::{Duration, Instant};
+    const N: usize = 450;
+    let store = FakeStore::start(script()).await;
+    let gw = gateway(&store.addr.to_string(), "", "").await;
+    let mut c = session(&gw).await;
+    let (mut plain, mut cold, mut hot) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..N {
+        cold.push(rcpt_time(&mut c, &format!("u{i}@example.org")).await);
+    }
+    c.cmd("RSET", 250).await;
+    c.cmd("MAIL FROM:<sender@remote.example>", 250).await;
+    // Interleaved, so that both see the same machine: a store that does not verify, and
+    // the verifying store's cached answers.
+    for i in 0..N {
+        plain.push(rcpt_time(&mut c, &format!("u{i}@other.example")).await);
+        hot.push(rcpt_time(&mut c, &format!("u{i}@example.org")).await);
+    }
+    let (p, co, h) = (median_us(plain), median_us(cold), median_us(hot));
+    println!(
+        "RCPT latency, median of {N}: no verification {p:.1} µs, verification cold {co:.1} µs, hot (cached) {h:.1} µs, hot - none {:.1} µs",
+        h - p
+    );
+
+    // Throughput with a warm cache: 8 sessions, 100 pipelined RCPTs then RSET, for 2 s.
+    let addr = gw.addr("smtp");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            c.hello().await;
+            let mut done = 0usize;
+            while Instant::now() < deadline {
+                c.cmd("MAIL FROM:<sender@remote.example>", 250).await;
+                let mut batch = String::new();
+                for i in 0..100 {
+                    batch.push_str(&format!("RCPT TO:<u{}@example.org>\r\n", (done + i) % N));
+                }
+                c.send(batch.as_bytes()).await;
+                for _ in 0..100 {
+                    assert_eq!(c.reply().await.code, 250);
+                }
+                c.cmd("RSET", 250).await;
+                done += 100;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    println!(
+        "verified RCPTs per second, warm cache, 8 sessions: {:.0}",
+        total as f64 / 2.0
+    );
+
+    // The cache alone: a hit.
+    let cache = postern::edge::VerifyCache::new(1_000_000);
+    for i in 0..100_000 {
+        if let postern::edge::Lookup::Lead(f, _) =
+            cache.lookup(&format!("s\0u{i}@example.org"), Instant::now())
+        {
+            f.finish(
+                postern::edge::Verdict::Valid,
+                Some(Duration::from_secs(3600)),
+            );
+        }
+    }
+    let keys: Vec<String> = (0..100_000)
+        .map(|i| format!("s\0u{i}@example.org"))
+        .collect();
+    let t = Instant::now();
+    for k in &keys {
+        assert!(matches!(
+            cache.lookup(k, Instant::now()),
+            postern::edge::Lookup::Hit(_)
+        ));
+    }
+    println!(
+        "cache hit (lookup alone, 100,000 entries): {:.2} µs",
+        t.elapsed().as_secs_f64() * 1e6 / keys.len() as f64
+    );
+    assert_eq!(queries(&store, "u0"), 1);
+    gw.gateway.stop().await;
+}
