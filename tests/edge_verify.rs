@@ -292,3 +292,40 @@ async fn bench_rcpt_latency_cold_and_hot() {
     assert_eq!(queries(&store, "u0"), 1);
     gw.gateway.stop().await;
 }
+
+/// `postern route ADDRESS --verify` asks the store directly, without a running gateway.
+#[tokio::test]
+async fn route_verify_shows_the_stores_answer() {
+    let store = FakeStore::start(script()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postern.yaml");
+    let text = format!(
+        "listeners:\n  - {{ name: smtp, address: 127.0.0.1:0, protocol: smtp }}\nspool:\n  path: {spool}\nstores:\n  - name: cyrus1\n    kind: lmtp\n    address: {addr}\nroutes:\n  domains:\n    example.org: {{ store: cyrus1 }}\n",
+        spool = dir.path().join("spool").display(),
+        addr = store.addr,
+    );
+    std::fs::write(&path, text).unwrap();
+    let args = postern::routing::cli::RouteArgs {
+        addresses: vec!["nosuch@example.org".into(), "alice@example.org".into()],
+        config: Some(path),
+        trusted: false,
+        verify: true,
+        diff: None,
+    };
+    // The command runs its own runtime: on a blocking thread, while this one serves the fake.
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        postern::routing::cli::run(&args, &mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("verify nosuch@example.org at store cyrus1: invalid (550 5.1.1 <nosuch@example.org> User unknown)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("verify alice@example.org at store cyrus1: valid (250 "),
+        "{out}"
+    );
+}
