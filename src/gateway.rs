@@ -8,7 +8,9 @@
 //! (idle ones are told 421), while the scheduler starts no new delivery and waits for the
 //! ones in flight. At the deadline the rest are ended: a message whose 250 was not sent is
 //! not acknowledged, and a delivery cut short leaves its recipients in doubt in the ledger
-//! (retried alone after a restart), so nothing accepted is lost.
+//! (retried alone after a restart), so nothing accepted is lost. The stores' connection
+//! pools, shared by the scheduler and the listeners in `mode: proxy`, close only after both
+//! have drained, so a proxy transaction in flight at the signal is still relayed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +19,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerMode, ListenerProtocol};
 use crate::edge::Edge;
-use crate::listener::{Listener, ListenerError};
+use crate::listener::{Listener, ListenerError, Services};
 use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -119,9 +121,10 @@ impl Gateway {
         if config.source.is_some() {
             tokio::spawn(Arc::clone(&routes).watch(ROUTES_POLL, shutdown.clone()));
         }
-        // The agents exist whether or not the scheduler runs: the listeners' edge checks
-        // (recipient verification, backpressure) use their pools, windows and loads. The
-        // scheduler and the listeners share them: one pool and one window per store.
+        // The agents exist whether or not the scheduler runs: a listener in `mode: proxy`
+        // relays through them (a pure concentrator may run with delivery off), and the edge
+        // checks (recipient verification, backpressure) use their pools, windows and loads.
+        // The scheduler and the listeners share them: one pool and one window per store.
         let mut agents = Agents::from_config(&config).map_err(GatewayError::Store)?;
         for (name, agent) in extra_agents.iter() {
             agents.insert(name, agent.clone());
@@ -147,20 +150,28 @@ impl Gateway {
                 }
             }
         }
+        let services = Services {
+            hostname: config.hostname.clone(),
+            node_id: config.node_id,
+            spool: spool.clone(),
+            router: Arc::clone(&router),
+            scheduler: scheduler.clone(),
+            agents: agents.clone(),
+            edge: Some(Arc::clone(&edge)),
+            shutdown: shutdown.clone(),
+        };
         let mut bound = Vec::new();
         for l in &config.listeners {
-            bound.push(
-                Listener::bind(
-                    l,
-                    &config.hostname,
-                    spool.clone(),
-                    Arc::clone(&router),
-                    scheduler.clone(),
-                    Some(Arc::clone(&edge)),
-                    shutdown.clone(),
-                )
-                .await?,
-            );
+            if l.mode == ListenerMode::Proxy
+                && l.protocol == ListenerProtocol::Smtp
+                && scheduler.is_none()
+            {
+                tracing::warn!(
+                    listener = %l.name,
+                    "mode: proxy over SMTP with delivery.enabled: false: recipients a store does not take in a mixed transaction are queued and wait until delivery is enabled"
+                );
+            }
+            bound.push(Listener::bind(l, services.clone()).await?);
         }
         let listeners = config
             .listeners
@@ -206,10 +217,17 @@ impl Gateway {
             };
             let deliveries = async {
                 if let Some(scheduler) = scheduler_for_drain {
-                    scheduler.shutdown(drain).await;
+                    scheduler.drain(drain).await;
                 }
             };
             tokio::join!(sessions, deliveries);
+            // The pools are shared by the scheduler and the proxy sessions: closed once both
+            // have drained.
+            for (_, agent) in agents.iter() {
+                if let crate::scheduler::Agent::Lmtp(pool) = agent {
+                    pool.close();
+                }
+            }
             let _ = metrics_task.await;
             let _ = admin_task.await;
             let _ = sampler.await;

@@ -20,6 +20,7 @@
 //! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
 //! | [`shape`] | queue shape: qshape's message-age buckets |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
+//! | [`systemd`] | `sd_notify`: READY, RELOADING, STOPPING and the watchdog under a `Type=notify` unit |
 //! | [`tls`] | rustls server configuration for STARTTLS |
 //!
 //! # Data flow
@@ -44,6 +45,7 @@ pub mod routing;
 pub mod scheduler;
 pub mod shape;
 pub mod spool;
+pub mod systemd;
 pub mod tls;
 
 pub use postern_proto as proto;

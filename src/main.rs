@@ -192,18 +192,30 @@ fn run(config: Option<PathBuf>) -> ExitCode {
                 None
             }
         };
+        let drain = config.drain_timeout.0;
         let gateway = match Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
+                postern::systemd::status(&format!("cannot start: {e}"));
                 return ExitCode::FAILURE;
             }
         };
         let token = gateway.shutdown_token();
         tokio::spawn(gateway.routes().on_sighup(token.clone()));
+        // Everything is bound and the spool recovered: tell systemd (Type=notify).
+        postern::systemd::ready(&ready_status(&gateway));
+        if let Some(every) = postern::systemd::watchdog_interval() {
+            tokio::spawn(postern::systemd::watchdog(
+                every,
+                gateway.scheduler.clone(),
+                token.clone(),
+            ));
+        }
         tokio::spawn(async move {
             wait_for_signal(term.as_mut()).await;
             tracing::info!("shutting down: no new connections, draining sessions");
+            postern::systemd::stopping(drain);
             token.cancel();
             wait_for_signal(term.as_mut()).await;
             tracing::warn!("second signal: exiting now (nothing acknowledged is lost)");
@@ -213,6 +225,21 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// The `STATUS=` line sent with `READY=1`: what is being served.
+fn ready_status(gateway: &Gateway) -> String {
+    let listeners: Vec<String> = gateway
+        .listeners
+        .iter()
+        .map(|(name, address)| format!("{name} {address}"))
+        .collect();
+    format!(
+        "accepting mail: {}; admin socket {}; metrics {}",
+        listeners.join(", "),
+        gateway.admin_socket.display(),
+        gateway.metrics_address
+    )
 }
 
 /// SIGTERM (when it can be caught) or ctrl-c.

@@ -146,3 +146,33 @@ fn every_example_config_checks_and_the_cluster_example_routes() {
         "{text}"
     );
 }
+
+/// `postern run` on a world-writable spool directory stops before binding anything, with
+/// an error naming the directory and the fix.
+#[test]
+fn run_refuses_a_world_writable_spool() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let spool = d.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = d.path().join("postern.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool:\n  path: {}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: sink\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: sink }}\n",
+            spool.display()
+        ),
+    )
+    .unwrap();
+    let out = postern(&["run", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("world-writable"), "{err}");
+    assert!(
+        err.contains(&format!("chmod o-w {}", spool.display())),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "nothing was bound: {err}");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+}

@@ -782,9 +782,12 @@ async fn pool_never_opens_more_than_max_connections() {
     while let Some(report) = tasks.join_next().await {
         assert_eq!(by_index(&report.unwrap(), 1), ["delivered 250 2.0.0"]);
     }
+    // Never more than two at once: the store refuses a third with 421, and none was. (Over
+    // time there may be more than two: a connect overtaken by a connection given back is
+    // closed as soon as it is greeted.)
     let sessions = fake.sessions();
-    assert!(sessions.len() <= 2, "{} sessions", sessions.len());
-    assert!(sessions.iter().all(|s| !s.refused));
+    assert!(sessions.iter().all(|s| !s.refused), "{sessions:?}");
+    assert!(sessions.len() <= 4, "{} sessions", sessions.len());
     assert_eq!(fake.transactions().len(), 6);
 
     // The scheduler's window can shrink the pool.

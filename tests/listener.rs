@@ -71,7 +71,7 @@ async fn accepts_and_stores_durably_with_received_header() {
     assert_eq!(env.params.envid.as_deref(), Some("abc"));
     assert!(
         body.starts_with(
-            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (postern) with ESMTP id "
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (postern node 7) with ESMTP id "
         ),
         "{body}"
     );

@@ -417,3 +417,23 @@ pub fn server_session(input: &[u8]) {
         assert!(session.buffered() <= crate::line::COMMAND_LINE_MAX + part.len());
     }
 }
+
+/// PROXY protocol headers: never a panic; a header's length is within the input and the
+/// bound; every shorter cut of a header asks for more; a header parses the same alone.
+pub fn proxy_header(input: &[u8]) {
+    use crate::proxy::{MAX_HEADER, Parsed, parse};
+    match parse(input) {
+        Ok(Parsed::Header { header, consumed }) => {
+            assert!(consumed <= input.len() && consumed <= MAX_HEADER);
+            for cut in 0..consumed {
+                assert_eq!(parse(&input[..cut]), Ok(Parsed::Incomplete), "cut at {cut}");
+            }
+            assert_eq!(
+                parse(&input[..consumed]),
+                Ok(Parsed::Header { header, consumed })
+            );
+        }
+        Ok(Parsed::Incomplete) => assert!(input.len() < MAX_HEADER),
+        Err(_) => {}
+    }
+}

@@ -13,6 +13,7 @@
 //! | [`command`] | command verbs and their arguments | 5321 §4.1, 2033, 1869, 3030, 3207, 4954 |
 //! | [`address`] | mailboxes, paths, domains, address literals | 5321 §4.1.2, 6531 |
 //! | [`params`] | typed ESMTP MAIL/RCPT parameters | 1870, 6152, 3030, 6531, 3461, 8689, 4954 |
+//! | [`proxy`] | PROXY protocol v1/v2 headers from a trusted load balancer | HAProxy `proxy-protocol.txt` |
 //! | [`reply`] | replies, enhanced status codes, severity; parse and format | 5321 §4.2, 2034, 3463 |
 //! | [`replies`] | every reply text postern itself sends | |
 //! | [`data`] | DATA dot-stuffing codec (smuggling-proof) and BDAT chunks | 5321 §4.5.2, 3030 |
@@ -35,6 +36,7 @@ pub mod command;
 pub mod data;
 pub mod line;
 pub mod params;
+pub mod proxy;
 pub mod replies;
 pub mod reply;
 pub mod server;

@@ -288,6 +288,47 @@ pub fn mail_loop() -> Reply {
     reply(554, (5, 4, 6), "Too many hops, mail loop detected")
 }
 
+/// 554 for a message that carries this gateway's own `Received:` marker: it came back.
+pub fn mail_returned() -> Reply {
+    reply(
+        554,
+        (5, 4, 6),
+        "Mail loop detected: this message has passed through this gateway already",
+    )
+}
+
+/// 250 for a cut-through transaction that every recipient's store accepted (more than one
+/// recipient, so no single store reply stands for them all).
+pub fn relayed(recipients: usize) -> Reply {
+    reply(
+        250,
+        (2, 0, 0),
+        &format!("Ok: delivered to {recipients} recipients"),
+    )
+}
+
+/// 451 for a cut-through recipient whose store could not take it now (`why`: not reachable,
+/// busy, did not answer in time). Nothing was delivered: try again later.
+pub fn store_unavailable(store: &str, why: &str) -> Reply {
+    reply(
+        451,
+        (4, 3, 2),
+        &format!("Store {store} {why}, try again later"),
+    )
+}
+
+/// 451 for a cut-through recipient whose store went silent after the message was sent: it
+/// may have been delivered, so a retry may deliver it twice (never lose it).
+pub fn store_in_doubt(store: &str) -> Reply {
+    reply(
+        451,
+        (4, 4, 2),
+        &format!(
+            "Connection to store {store} lost after the message was sent; it may have been delivered, try again later"
+        ),
+    )
+}
+
 impl ReplyCode {
     /// 220
     pub const SERVICE_READY: Self = Self::from_table(220);
@@ -345,6 +386,10 @@ mod tests {
             local_error(),
             insufficient_storage(),
             mail_loop(),
+            mail_returned(),
+            relayed(2),
+            store_unavailable("s", "is busy"),
+            store_in_doubt("s"),
         ];
         for r in all {
             let e = r.enhanced().unwrap();

@@ -122,3 +122,8 @@ fn fuzz_server() {
 fn fuzz_client() {
     run("client", postern_proto::client::fuzz::client_replies);
 }
+
+#[test]
+fn fuzz_proxy() {
+    run("proxy", fuzzing::proxy_header);
+}

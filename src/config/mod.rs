@@ -266,6 +266,25 @@ pub struct ListenerConfig {
     /// Bare CR/LF in content.
     #[serde(default = "default_bare")]
     pub bare_line_endings: BareLineEndings,
+    /// Store and forward (`spool`, the default) or cut-through to the store (`proxy`).
+    #[serde(default)]
+    pub mode: ListenerMode,
+    /// `mode: proxy`: how long a transaction waits for room in the store's concurrency
+    /// window before its recipients get `451 4.3.2`.
+    #[serde(default = "default_proxy_wait")]
+    pub proxy_wait: Span,
+}
+
+/// `mode:` of a listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Write the message to the spool, answer 250 once it is durable; the scheduler delivers.
+    #[default]
+    Spool,
+    /// Cut-through: relay the transaction to each recipient's store and answer with the
+    /// store's own reply (see `listener::cut_through`).
+    Proxy,
 }
 
 /// One entry of `stores:`, by `kind:`.
@@ -507,6 +526,9 @@ fn default_max_errors() -> u32 {
 }
 fn default_bare() -> BareLineEndings {
     BareLineEndings::Normalize
+}
+fn default_proxy_wait() -> Span {
+    Span(Duration::from_secs(2))
 }
 
 /// A configuration error, located.

@@ -63,7 +63,29 @@ fn defaults_and_units() {
     assert_eq!(l.trusted_networks.len(), 2);
     assert_eq!(l.max_recipients, 1000);
     assert_eq!(l.bare_line_endings, BareLineEndings::Normalize);
+    assert_eq!(l.mode, ListenerMode::Spool, "store and forward unless told");
+    assert_eq!(l.proxy_wait, Span(Duration::from_secs(2)));
     assert_eq!(c.node_id, 1);
+}
+
+#[test]
+fn proxy_mode_and_its_wait() {
+    let yaml = BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    mode: proxy\n    proxy_wait: 750ms\n",
+    );
+    let c = Config::parse(&yaml, "t").unwrap();
+    assert_eq!(c.listeners[0].mode, ListenerMode::Proxy);
+    assert_eq!(c.listeners[0].proxy_wait, Span(Duration::from_millis(750)));
+    let e = errors(&BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    mode: cut\n",
+    ));
+    assert!(
+        e[0].starts_with("test.yaml:5: listeners[0].mode: unknown variant `cut`"),
+        "{}",
+        e[0]
+    );
 }
 
 #[test]

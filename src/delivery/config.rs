@@ -11,8 +11,8 @@
 //!     tls: { mode: required, ca_file: /etc/postern/store-ca.pem }
 //!     auth: { username: admin, password_file: /etc/postern/cyrus1.pass }
 //!     timeouts: { connect: 30s, lhlo: 5m, mail_rcpt: 5m, data: 2m, end_of_data: 10m }
-//!     idle_timeout: 60s
-//!     reuse_limit: 300s
+//!     idle_timeout: 2s
+//!     reuse_limit: 2s
 //!     normalize:
 //!       - { code: 552, enhanced: "5.2.2", treat_as: temporary, max_age: 2d }
 //!       - { code: 550, treat_as: temporary, until: "2026-05-01T06:00:00Z" }
@@ -64,7 +64,10 @@ pub struct LmtpStoreConfig {
     /// Dovecot) that another gateway may be waiting for.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Span,
-    /// A connection older than this is not reused: 300s.
+    /// A connection older than this is not reused: 2s. A store that runs one process per
+    /// session (Cyrus, Dovecot) then passes its processes round the gateways that share it,
+    /// instead of leaving them with the first to connect; reconnecting costs a greeting and
+    /// an LHLO every two seconds per session.
     #[serde(default = "default_reuse_limit")]
     pub reuse_limit: Span,
     /// Use BDAT when the store offers CHUNKING: true.
@@ -490,7 +493,7 @@ fn default_idle_timeout() -> Span {
     Span(Duration::from_secs(2))
 }
 fn default_reuse_limit() -> Span {
-    Span(Duration::from_secs(300))
+    Span(Duration::from_secs(2))
 }
 fn default_window_min() -> usize {
     1
@@ -590,7 +593,7 @@ normalize:
         assert_eq!(c.address, StoreAddress::Unix("/run/dovecot/lmtp".into()));
         assert_eq!(c.recipients_per_transaction, 50);
         assert_eq!(c.max_connections, 10);
-        assert_eq!(c.reuse_limit.0, Duration::from_secs(300));
+        assert_eq!(c.reuse_limit.0, Duration::from_secs(2));
         assert_eq!(c.timeouts.data.0, Duration::from_secs(120));
         assert_eq!(c.timeouts.end_of_data.0, Duration::from_secs(600));
         assert!(c.chunking && c.tls.is_none() && c.normalize.is_empty());

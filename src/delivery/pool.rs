@@ -14,12 +14,17 @@
 //! per session (Cyrus `maxchild`, Dovecot `process_limit`) leaves excess connections
 //! unanswered in its listen backlog. A transaction that had to open a new connection waits
 //! for that greeting; if meanwhile another transaction of the same store gives its connection
-//! back ([`StorePool::release`]), that connection is handed straight to the waiting
-//! transaction and the unanswered connect is abandoned (so the store never has more than
-//! `max_connections` sessions of ours, greeted or waiting). Without the hand-over, the
-//! transactions would sit on unanswered connects while the sessions the store does serve
-//! sit idle in the pool. (A connect greeted in the same instant as a hand-over is kept as a
-//! *spare* for the next transaction, or closed by the sweeper after `idle_timeout`.)
+//! back ([`StorePool::release`]), that connection goes straight to the transaction that has
+//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once, and
+//! each hands its connection to whoever waits first (or, when nobody does any more, closes
+//! it at once: we never hold more sessions than the pool counts), so only a couple of our
+//! sessions ever wait in a store's backlog. Without this, the transactions would sit on unanswered connects while the
+//! sessions the store does serve sit idle in the pool.
+//!
+//! **Sessions are handed back.** A connection older than `reuse_limit` (2 s by default) is
+//! closed when its transaction ends, not reused: on a store that runs one process per
+//! session, that process then serves the next session in its backlog — another gateway's,
+//! in turn — instead of staying with whichever gateway connected first.
 //!
 //! The pool holds at most the store's `max_connections`; the store's concurrency window
 //! ([`crate::scheduler::gate`]) [`resize`](StorePool::resize)s it to the window, so no more
@@ -59,14 +64,34 @@ impl Default for PoolOptions {
     }
 }
 
-/// Connections between their greeting and their use, and transactions waiting for one.
+/// Connects under way at once, per store: enough to open a pool quickly, few enough that a
+/// store which queues sessions in its listen backlog (Cyrus `maxchild`, Dovecot
+/// `process_limit`) holds only a couple of ours there.
+const MAX_CONNECTING: usize = 2;
+
+/// Transactions waiting for a connection, and the connects under way for them.
 #[derive(Debug, Default)]
 struct Handover {
-    /// Transactions whose new connection is not greeted yet: a connection given back goes
-    /// to the first of them.
-    waiting: VecDeque<oneshot::Sender<Connection>>,
-    /// Connections greeted in the instant their transaction was handed another.
-    spares: Vec<Connection>,
+    /// First come, first served: a new connection, a connect's failure, or a connection
+    /// another transaction gives back.
+    waiting: VecDeque<oneshot::Sender<Result<Connection, Trouble>>>,
+    /// Connects under way. One whose transaction took a connection given back goes on and
+    /// serves the next transaction to wait (or is closed once greeted if none does).
+    connecting: usize,
+}
+
+impl Handover {
+    /// Starts a connect if fewer than [`MAX_CONNECTING`], and fewer than the transactions
+    /// waiting, are under way: the store never sees more sessions from us than the pool
+    /// counts, but for a connect overtaken by a connection given back, for the moment until
+    /// it serves the next transaction or is closed.
+    fn connect_if_needed(&mut self, store: &Arc<LmtpStore>, me: &Arc<Mutex<Self>>) {
+        self.waiting.retain(|w| !w.is_closed());
+        if self.connecting < MAX_CONNECTING.min(self.waiting.len()) {
+            self.connecting += 1;
+            spawn_connect(Arc::clone(store), Arc::clone(me));
+        }
+    }
 }
 
 /// Creates and recycles connections to one store.
@@ -81,79 +106,57 @@ impl Manager {
     fn handover(&self) -> MutexGuard<'_, Handover> {
         lock(&self.handover)
     }
-
-    /// A greeted spare that is still fresh.
-    fn take_spare(&self) -> Option<Connection> {
-        let mut h = self.handover();
-        while let Some(conn) = h.spares.pop() {
-            if conn.is_usable()
-                && conn.idle() < self.store.idle_timeout()
-                && conn.age() < self.store.reuse_limit()
-            {
-                return Some(conn);
-            }
-        }
-        None
-    }
-}
-
-/// A spawned task that is aborted when this is dropped; awaiting it awaits the task.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
 }
 
 fn lock(h: &Mutex<Handover>) -> MutexGuard<'_, Handover> {
     h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Opens a connection in its own task and gives the result to the first transaction still
+/// waiting (one that nobody waits for any more is closed at once); starts the next connect
+/// while transactions are left waiting.
+fn spawn_connect(store: Arc<LmtpStore>, handover: Arc<Mutex<Handover>>) {
+    tokio::spawn(async move {
+        let result = store.connect().await;
+        let unwanted = {
+            let mut h = lock(&handover);
+            h.connecting = h.connecting.saturating_sub(1);
+            let mut result = result;
+            let unwanted = loop {
+                let Some(give) = h.waiting.pop_front() else {
+                    break result.ok();
+                };
+                match give.send(result) {
+                    Ok(()) => break None,
+                    Err(back) => result = back,
+                }
+            };
+            h.connect_if_needed(&store, &handover);
+            unwanted
+        };
+        // Nobody waits for it any more: hand it back to the store at once.
+        if let Some(mut conn) = unwanted {
+            conn.quit().await;
+        }
+    });
+}
+
 impl managed::Manager for Manager {
     type Type = Connection;
     type Error = Trouble;
 
-    /// A spare if there is one; else a new connection, opened in its own task, or a
-    /// connection another transaction gives back before that one is greeted.
+    /// The first connection to come: one given back by another transaction, or a new one (a
+    /// connect is started unless [`MAX_CONNECTING`] are under way already).
     async fn create(&self) -> Result<Connection, Trouble> {
-        if let Some(conn) = self.take_spare() {
-            return Ok(conn);
-        }
         let (give, given) = oneshot::channel();
-        self.handover().waiting.push_back(give);
-        // The connect runs in its own task, ended with this future: a transaction that takes
-        // a connection given back (or gives up) leaves no connect behind, so the store never
-        // sees more than `max_connections` sessions from us, greeted or waiting.
-        let store = Arc::clone(&self.store);
-        let connect = AbortOnDrop(tokio::spawn(async move { store.connect().await }));
-        let mut given = given;
-        tokio::select! {
-            opened = connect => {
-                // Our own connect ended first. A connection handed over in the same instant
-                // is kept as a spare, not dropped.
-                given.close();
-                let mut h = self.handover();
-                h.waiting.retain(|w| !w.is_closed());
-                if let Ok(extra) = given.try_recv() {
-                    h.spares.push(extra);
-                }
-                drop(h);
-                opened.unwrap_or_else(|_| Err(trouble::unusable("the connect task ended")))
-            }
-            Ok(conn) = &mut given => Ok(conn),
+        {
+            let mut h = self.handover();
+            h.waiting.push_back(give);
+            h.connect_if_needed(&self.store, &self.handover);
         }
+        given
+            .await
+            .unwrap_or_else(|_| Err(trouble::unusable("the connect task ended")))
     }
 
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Trouble> {
@@ -235,12 +238,19 @@ impl StorePool {
             drop(Object::take(conn));
             return;
         }
+        if conn.age() >= self.store().reuse_limit() {
+            // Handed back to the store: on a store that runs one process per session, the
+            // process goes to the next session waiting for it (another gateway's, in turn).
+            let mut conn = Object::take(conn);
+            tokio::spawn(async move { conn.quit().await });
+            return;
+        }
         let mut h = self.pool.manager().handover();
         h.waiting.retain(|w| !w.is_closed());
         if h.waiting.is_empty() {
             return; // `conn` goes back to the pool as it drops
         }
-        let mut conn = Object::take(conn);
+        let mut conn = Ok(Object::take(conn));
         while let Some(give) = h.waiting.pop_front() {
             match give.send(conn) {
                 Ok(()) => return,
@@ -277,20 +287,13 @@ impl StorePool {
             .pool
             .retain(|conn, _| conn.is_usable() && conn.idle() < idle && conn.age() < reuse)
             .removed;
-        let stale: Vec<Connection> = {
-            let mut h = self.pool.manager().handover();
-            h.waiting.retain(|w| !w.is_closed());
-            let (keep, stale) = std::mem::take(&mut h.spares)
-                .into_iter()
-                .partition(|c| c.is_usable() && c.idle() < idle && c.age() < reuse);
-            h.spares = keep;
-            stale
-        };
-        let n = removed.len() + stale.len();
+        self.pool
+            .manager()
+            .handover()
+            .waiting
+            .retain(|w| !w.is_closed());
+        let n = removed.len();
         for mut conn in removed {
-            conn.quit().await;
-        }
-        for mut conn in stale {
             conn.quit().await;
         }
         n

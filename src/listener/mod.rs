@@ -6,7 +6,12 @@
 //! answered `421 4.7.0` and closed at once, holding no session state. Sessions are tracked so
 //! that shutdown can wait for them to finish their transaction (up to the drain deadline).
 //! Accept errors (EMFILE and the like) back off briefly instead of spinning.
+//!
+//! A listener runs in one of two modes (`listeners[].mode`): `spool` stores every message
+//! durably before it answers 250 ([`session`]); `proxy` relays each transaction to the
+//! recipients' stores and answers with their replies ([`cut_through`]).
 
+mod cut_through;
 mod received;
 mod session;
 
@@ -25,26 +30,52 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use received::{HopCounter, MAX_HOPS, rfc5322_date};
+pub use received::{HopCounter, MAX_HOPS, own_marker, rfc5322_date};
 use session::{Conversation, Ending};
 
 use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
 use crate::edge::Edge;
 use crate::metrics as m;
 use crate::routing::Router;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Agents, Scheduler};
 use crate::spool::Spool;
+
+/// What the gateway gives every listener.
+#[derive(Clone, Debug)]
+pub struct Services {
+    /// Our host name (greeting, `Received:`).
+    pub hostname: String,
+    /// Our `node_id` (`Received:`, the loop check).
+    pub node_id: u16,
+    /// The spool.
+    pub spool: Spool,
+    /// The routing map in force (swapped whole by a reload).
+    pub router: Arc<ArcSwap<Router>>,
+    /// Told about each committed message (none: accept and queue only).
+    pub scheduler: Option<Scheduler>,
+    /// The stores' delivery agents, shared with the scheduler (its pools and windows):
+    /// `mode: proxy` relays through them. They exist with `delivery.enabled: false` too.
+    pub agents: Agents,
+    /// Backpressure and recipient verification at RCPT (none: routing only).
+    pub edge: Option<Arc<Edge>>,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+}
 
 /// What every session of one listener shares.
 pub(crate) struct Shared {
     pub(crate) config: ListenerConfig,
     pub(crate) server_config: ServerConfig,
     pub(crate) hostname: String,
+    pub(crate) node_id: u16,
+    /// `by HOST (postern node N)`: found in a `Received:` field, the message is back.
+    pub(crate) marker: String,
     pub(crate) spool: Spool,
     /// The routing map in force (swapped whole by a reload).
     pub(crate) router: Arc<ArcSwap<Router>>,
     /// Told about each committed message (none: accept and queue only).
     pub(crate) scheduler: Option<Scheduler>,
+    pub(crate) agents: Agents,
     /// Backpressure and recipient verification at RCPT (none: routing only).
     pub(crate) edge: Option<Arc<Edge>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
@@ -89,15 +120,17 @@ pub enum ListenerError {
 
 impl Listener {
     /// Binds the listener's address.
-    pub async fn bind(
-        config: &ListenerConfig,
-        hostname: &str,
-        spool: Spool,
-        router: Arc<ArcSwap<Router>>,
-        scheduler: Option<Scheduler>,
-        edge: Option<Arc<Edge>>,
-        shutdown: CancellationToken,
-    ) -> Result<Self, ListenerError> {
+    pub async fn bind(config: &ListenerConfig, services: Services) -> Result<Self, ListenerError> {
+        let Services {
+            hostname,
+            node_id,
+            spool,
+            router,
+            scheduler,
+            agents,
+            edge,
+            shutdown,
+        } = services;
         let bind_err = |source| ListenerError::Bind {
             name: config.name.clone(),
             address: config.address.to_string(),
@@ -131,7 +164,7 @@ impl Listener {
             ListenerProtocol::Smtp => Protocol::Smtp,
             ListenerProtocol::Lmtp => Protocol::Lmtp,
         };
-        let mut server_config = ServerConfig::new(protocol, hostname);
+        let mut server_config = ServerConfig::new(protocol, &hostname);
         server_config.max_message_size = config.max_message_size.0;
         server_config.max_recipients = config.max_recipients;
         server_config.max_errors = config.max_errors;
@@ -144,10 +177,13 @@ impl Listener {
         let shared = Arc::new(Shared {
             config: config.clone(),
             server_config,
-            hostname: hostname.to_owned(),
+            marker: own_marker(&hostname, node_id),
+            hostname,
+            node_id,
             spool,
             router,
             scheduler,
+            agents,
             edge,
             tls,
             shutdown,

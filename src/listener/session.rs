@@ -12,6 +12,12 @@
 //! 451 4.3.0 (452 4.3.1 when full) and leaves nothing behind; any I/O error or timeout closes
 //! this connection only. Memory per connection: the read buffer, the session's line buffer,
 //! the spool writer's chunk buffer; never the message.
+//!
+//! In `mode: proxy` the message is held in memory instead (bounded by `max_message_size`)
+//! and relayed at the end of data ([`super::cut_through`]); its 250s are the stores'.
+//!
+//! Both modes refuse a message with more than 50 `Received:` fields, or one that carries
+//! our own `Received:` marker (it was here before), with 554 5.4.6.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,11 +30,13 @@ use postern_proto::{ForwardPath, MailParams, Reply, ReversePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
+use super::cut_through::{self, Target};
 use super::received::{HopCounter, Trace, received_header};
+use crate::config::ListenerMode;
 use crate::edge::Refusal;
 use crate::metrics::{self as m, reason};
 use crate::routing::{RcptDecision, RcptRoute};
-use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, SpoolError};
+use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, QueueId, SpoolError};
 
 /// How a conversation ended.
 pub(crate) enum Ending {
@@ -48,6 +56,10 @@ pub(crate) struct Conversation {
     pub(crate) tls_info: Option<String>,
     sender: Option<(ReversePath, MailParams)>,
     recipients: Vec<EnvelopeRecipient>,
+    /// `mode: proxy`: where each of `recipients` goes.
+    targets: Vec<Target>,
+    /// RCPTs accepted in this transaction.
+    accepted: usize,
     pending_rcpt: Option<EnvelopeRecipient>,
     message: Option<Message>,
     out: Vec<u8>,
@@ -56,7 +68,11 @@ pub(crate) struct Conversation {
 
 /// The message being received.
 struct Message {
+    /// Its queue id (in spool mode the spool's; in proxy mode one allocated for the logs).
+    id: QueueId,
     writer: Option<MessageWriter>,
+    /// `mode: proxy`: our `Received:` header and the content, in memory.
+    buffer: Option<Vec<u8>>,
     failed: Option<SpoolError>,
     hops: HopCounter,
     octets: u64,
@@ -82,6 +98,8 @@ impl Conversation {
             tls_info: None,
             sender: None,
             recipients: Vec::new(),
+            targets: Vec::new(),
+            accepted: 0,
             pending_rcpt: None,
             message: None,
             out: Vec::with_capacity(512),
@@ -182,7 +200,23 @@ impl Conversation {
         self.abort_message();
         self.sender = None;
         self.recipients.clear();
+        self.targets.clear();
+        self.accepted = 0;
         self.pending_rcpt = None;
+    }
+
+    /// The client as the spool records it: `helo [ip]`.
+    fn client(&self) -> String {
+        format!(
+            "{} [{}]",
+            self.helo,
+            self.peer
+                .map_or_else(|| "local".to_owned(), |p| p.to_string())
+        )
+    }
+
+    fn proxy(&self) -> bool {
+        self.shared.config.mode == ListenerMode::Proxy
     }
 
     fn mail(&mut self, from: ReversePath, params: MailParams) {
@@ -209,8 +243,12 @@ impl Conversation {
             ForwardPath::Postmaster => "Postmaster".to_owned(),
             ForwardPath::Mailbox(mb) => mb.to_string(),
         };
+        let (proxy, rcpt_no) = (self.proxy(), self.accepted);
         let refusal = match route {
-            RcptRoute::Accept(_) => {
+            RcptRoute::Accept(decision) => {
+                if proxy {
+                    self.targets.push(Target::accepted(rcpt_no, to, &decision));
+                }
                 self.recipients.push(EnvelopeRecipient { address, params });
                 None
             }
@@ -225,6 +263,11 @@ impl Conversation {
                         address,
                     });
                 for target in targets {
+                    if proxy {
+                        let router = self.shared.router.load();
+                        self.targets
+                            .push(Target::expanded(rcpt_no, &target, &router));
+                    }
                     let mut p = params.clone();
                     p.orcpt = Some(orcpt.clone());
                     self.recipients.push(EnvelopeRecipient {
@@ -249,6 +292,7 @@ impl Conversation {
                 let _ = self.session.respond(reply);
             }
             None => {
+                self.accepted += 1;
                 counter!(m::RECIPIENTS_ACCEPTED, "listener" => listener).increment(1);
                 let _ = self.session.accept();
             }
@@ -295,23 +339,25 @@ impl Conversation {
             params,
             recipients: self.recipients.clone(),
             received_at: SystemTime::now(),
-            client: format!(
-                "{} [{}]",
-                self.helo,
-                self.peer
-                    .map_or_else(|| "local".to_owned(), |p| p.to_string())
-            ),
+            client: self.client(),
         };
-        let mut writer = match self.shared.spool.begin(envelope) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(listener = %self.shared.config.name, error = %e, "spool refused a new message");
-                counter!(m::MESSAGES_REJECTED, "listener" => self.listener(), "reason" => reason::SPOOL).increment(1);
-                let _ = self.session.respond(e.reply());
-                return;
+        let writer = if self.proxy() {
+            None
+        } else {
+            match self.shared.spool.begin(envelope) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(listener = %self.shared.config.name, error = %e, "spool refused a new message");
+                    counter!(m::MESSAGES_REJECTED, "listener" => self.listener(), "reason" => reason::SPOOL).increment(1);
+                    let _ = self.session.respond(e.reply());
+                    return;
+                }
             }
         };
-        let queue_id = writer.queue_id().to_string();
+        let id = writer
+            .as_ref()
+            .map_or_else(|| self.shared.spool.allocate_id(), MessageWriter::queue_id);
+        let queue_id = id.to_string();
         let with = match (self.shared.server_config.protocol, self.tls_info.is_some()) {
             (Protocol::Lmtp, false) => "LMTP",
             (Protocol::Lmtp, true) => "LMTPS",
@@ -326,17 +372,27 @@ impl Conversation {
             helo: &self.helo,
             peer: self.peer,
             hostname: &self.shared.hostname,
+            node_id: self.shared.node_id,
             with,
             queue_id: &queue_id,
             recipient,
             tls: self.tls_info.as_deref(),
             now: SystemTime::now(),
         });
-        let failed = writer.write(header.as_bytes()).err();
+        let (mut writer, mut buffer) = (writer, None);
+        let failed = match writer.as_mut() {
+            Some(w) => w.write(header.as_bytes()).err(),
+            None => {
+                buffer = Some(header.into_bytes());
+                None
+            }
+        };
         self.message = Some(Message {
-            writer: Some(writer),
+            id,
+            writer,
+            buffer,
             failed,
-            hops: HopCounter::default(),
+            hops: HopCounter::with_marker(&self.shared.marker),
             octets: 0,
         });
         let _ = self.session.accept();
@@ -350,6 +406,10 @@ impl Conversation {
         msg.hops.feed(bytes);
         if msg.failed.is_some() {
             return;
+        }
+        if let Some(buffer) = msg.buffer.as_mut() {
+            // Bounded: the session refuses content over max_message_size (DataAborted).
+            buffer.extend_from_slice(bytes);
         }
         if let Some(writer) = msg.writer.as_mut() {
             if let Err(e) = writer.write(bytes) {
@@ -370,7 +430,12 @@ impl Conversation {
         counter!(m::RECEIVED_BYTES, "listener" => listener.clone()).increment(msg.octets);
         let refusal = if msg.hops.is_loop() {
             counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::POLICY).increment(1);
-            Some(replies::mail_loop())
+            if msg.hops.seen_own_marker() {
+                tracing::warn!(id = %msg.id, listener = %listener, "mail loop: our own Received: marker is in the message; refused");
+                Some(replies::mail_returned())
+            } else {
+                Some(replies::mail_loop())
+            }
         } else if let Some(e) = msg.failed.take() {
             tracing::warn!(listener = %listener, error = %e, "spool write failed; message refused");
             counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::SPOOL).increment(1);
@@ -378,6 +443,10 @@ impl Conversation {
         } else {
             None
         };
+        if let (None, Some(body)) = (&refusal, msg.buffer.take()) {
+            self.relay(msg.id, msg.octets, body).await;
+            return;
+        }
         let writer = msg.writer.take();
         let reply = match (refusal, writer) {
             (Some(r), writer) => {
@@ -421,8 +490,68 @@ impl Conversation {
         for _ in 0..n {
             let _ = self.session.respond(reply.clone());
         }
+        self.end_transaction();
+    }
+
+    fn end_transaction(&mut self) {
         self.sender = None;
         self.recipients.clear();
+        self.targets.clear();
+        self.accepted = 0;
+    }
+
+    /// `mode: proxy`: relays the message to the stores and answers with their replies.
+    async fn relay(&mut self, id: QueueId, octets: u64, body: Vec<u8>) {
+        let listener = self.listener();
+        let n = self.session.expected_replies();
+        let Some((from, params)) = self.sender.clone() else {
+            for _ in 0..n {
+                let _ = self.session.respond(replies::local_error());
+            }
+            return;
+        };
+        let client = self.client();
+        let lmtp = self.shared.server_config.protocol == Protocol::Lmtp;
+        let replies = cut_through::run(
+            &self.shared,
+            cut_through::Transaction {
+                id,
+                from: &from,
+                params: &params,
+                recipients: &self.recipients,
+                targets: &self.targets,
+                body,
+                client,
+                lmtp,
+            },
+        )
+        .await;
+        let positive = replies.iter().filter(|r| r.is_positive()).count();
+        if positive > 0 {
+            counter!(m::MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(1);
+        }
+        tracing::info!(
+            id = %id,
+            listener = %listener,
+            from = %from,
+            nrcpt = self.recipients.len(),
+            size = octets,
+            client = %self.helo,
+            accepted = positive,
+            "relayed"
+        );
+        if replies.len() != n {
+            // The session's count and ours disagree: never guess a 250.
+            tracing::warn!(id = %id, expected = n, got = replies.len(), "reply count mismatch");
+            for _ in 0..n {
+                let _ = self.session.respond(replies::local_error());
+            }
+        } else {
+            for reply in replies {
+                let _ = self.session.respond(reply);
+            }
+        }
+        self.end_transaction();
     }
 
     fn abort_message(&mut self) {

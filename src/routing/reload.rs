@@ -271,7 +271,24 @@ impl LiveRoutes {
                 got = hup.recv() => if got.is_none() { return },
             }
             tracing::info!("SIGHUP: reloading the routing map");
-            let _ = self.reload_async().await;
+            // Under systemd (`ExecReload=` sends this SIGHUP) the reload is bracketed by
+            // RELOADING=1 and READY=1, whatever its outcome: a refused configuration leaves
+            // the running one in force, so the service is ready either way.
+            crate::systemd::reloading();
+            let outcome = match self.reload_async().await {
+                Ok(generation) => format!("reloaded: routes generation {generation}"),
+                Err(ReloadError::NoFile) => {
+                    "reload: nothing to reload (embedded default configuration)".to_owned()
+                }
+                Err(ReloadError::Invalid(errors)) => format!(
+                    "reload refused ({} error(s), see the log): the running configuration stays",
+                    errors.len()
+                ),
+            };
+            if stop.is_cancelled() {
+                return;
+            }
+            crate::systemd::reloaded(&outcome);
         }
     }
 }

@@ -109,15 +109,17 @@ impl Agent {
         }
     }
 
-    /// Runs one transaction for `recipients`.
-    pub async fn deliver<F>(
+    /// Runs one transaction for `recipients`. `body`: a [`SpoolBody`] from the scheduler, the
+    /// session's buffer from a listener in `mode: proxy`.
+    pub async fn deliver<B, F>(
         &self,
         envelope: &Envelope,
         recipients: &[Recipient],
-        body: &SpoolBody,
+        body: &B,
         on_outcome: &mut F,
     ) -> Attempt
     where
+        B: MessageBody + ?Sized,
         F: FnMut(usize, &Outcome),
     {
         let started = Instant::now();

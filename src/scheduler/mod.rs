@@ -325,6 +325,24 @@ impl Scheduler {
         out
     }
 
+    /// Asks every shard to answer and waits for all of them: `true` once each has, `false`
+    /// if a shard has exited. The systemd watchdog's proof that the scheduler's event loops
+    /// run (a ping waits behind the events already queued to the shard).
+    pub async fn ping(&self) -> bool {
+        let mut answers = Vec::with_capacity(self.ctx.shards.len());
+        for shard in 0..self.ctx.shards.len() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.ctx.send(shard, shard::Event::Ping(tx));
+            answers.push(rx);
+        }
+        for rx in answers {
+            if rx.await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// When a waiting (deferred) message is to be attempted next; `None` if it is not
     /// waiting (being attempted, done, or unknown).
     pub async fn next_attempt(&self, qid: QueueId) -> Option<SystemTime> {
@@ -335,9 +353,21 @@ impl Scheduler {
     }
 
     /// Stops starting deliveries, waits up to `deadline` for the transactions in flight,
-    /// then drops the rest (their recipients stay in doubt, retried alone after a restart)
-    /// and ends the shards.
+    /// then drops the rest (their recipients stay in doubt, retried alone after a restart),
+    /// closes the stores' connection pools and ends the shards.
     pub async fn shutdown(&self, deadline: Duration) {
+        self.drain(deadline).await;
+        for (_, agent) in self.ctx.agents.iter() {
+            if let Agent::Lmtp(pool) = agent {
+                pool.close();
+            }
+        }
+    }
+
+    /// [`Scheduler::shutdown`] but the stores' pools stay open: for a caller that shares the
+    /// agents (the gateway: a listener in `mode: proxy` may still be relaying through them
+    /// while its sessions drain) and closes them itself.
+    pub async fn drain(&self, deadline: Duration) {
         self.ctx.stop.cancel();
         self.ctx.tasks.close();
         if tokio::time::timeout(deadline, self.ctx.tasks.wait())
@@ -350,11 +380,6 @@ impl Scheduler {
             );
             self.ctx.abort.cancel();
             self.ctx.tasks.wait().await;
-        }
-        for (_, agent) in self.ctx.agents.iter() {
-            if let Agent::Lmtp(pool) = agent {
-                pool.close();
-            }
         }
         self.ctx.exit.cancel();
         let shards = std::mem::take(&mut *self.shards.lock().unwrap_or_else(|e| e.into_inner()));

@@ -69,6 +69,8 @@ pub(crate) enum Event {
     Reported(QueueId),
     /// When is this waiting message attempted next?
     NextAttempt(QueueId, tokio::sync::oneshot::Sender<Option<SystemTime>>),
+    /// Answer at once: the shard's event loop runs (the systemd watchdog asks).
+    Ping(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A message whose attempt is running, homed here.
@@ -322,6 +324,9 @@ impl Shard {
             }
             Event::Reported(qid) => {
                 self.reporting.remove(&qid);
+            }
+            Event::Ping(tx) => {
+                let _ = tx.send(());
             }
             Event::Status(tx) => {
                 let v = self

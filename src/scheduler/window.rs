@@ -25,7 +25,9 @@
 //!     store was busy) does not stay inflated — a plain windowed minimum would drift up
 //!     under sustained load and be biased low by jitter. Before the first probe, the lowest
 //!     round stands in.
-//!   - At each round's end, with `ratio = short / baseline`: above `1 + latency_tolerance`
+//!   - At each round's end, with `ratio = short / baseline` (1 while `short` is less than
+//!     [`NOISE_FLOOR`] above the baseline: on a store that answers in a fraction of a
+//!     millisecond, scheduling noise is not a queue): above `1 + latency_tolerance`
 //!     the window shrinks multiplicatively, by `(1 + tolerance) / ratio` clamped to
 //!     [½, 0.9]; at or below `1 + tolerance / 2` and with the window full during the round,
 //!     it grows by one (doubling until the first time latency rose: slow start); in between,
@@ -66,8 +68,14 @@ use postern_proto::Reply;
 
 /// The fewest transactions that make a round.
 pub const MIN_ROUND: usize = 4;
+/// Latency rises smaller than this (seconds) are noise, not queueing: a store on the same
+/// host answers in well under a millisecond, and one busy CPU moves that by more than the
+/// tolerance.
+pub const NOISE_FLOOR: f64 = 0.002;
 /// How often the baseline is measured again (a probe), on wall-clock boundaries.
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// The boundaries the first probe waits for (whole seconds, for every gateway alike).
+pub const FIRST_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Clean samples a probe takes (transactions started once the store's queue drained).
 pub const PROBE_SAMPLES: usize = 16;
 /// The window leaves a probe at this fraction of what it was.
@@ -321,7 +329,13 @@ impl Window {
             return;
         }
         let before = self.limit();
-        let ratio = short / base;
+        // A rise of less than NOISE_FLOOR is scheduling noise on a fast local store, not a
+        // queue: the ratio is taken against at least that much more than the baseline.
+        let ratio = if short - base < NOISE_FLOOR {
+            1.0
+        } else {
+            short / base
+        };
         let tol = self.settings.tolerance;
         let max = self.settings.max as f64;
         if ratio > 1.0 + tol {
@@ -364,9 +378,16 @@ impl Window {
     /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
     fn probing(&mut self, sample: f64, started: SystemTime, now: SystemTime) -> bool {
         let l = &mut self.latency;
+        // Until the first probe, on whole seconds: a gateway (or several) started against a
+        // busy store learns its real baseline within a second or two, not ten.
+        let every = if l.probed {
+            PROBE_EVERY
+        } else {
+            FIRST_PROBE_EVERY
+        };
         let period = now
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+            .map_or(0, |d| d.as_secs() / every.as_secs());
         if l.probe.is_none() && period != l.period {
             let first = l.period == 0;
             l.period = period;
@@ -394,7 +415,13 @@ impl Window {
                     Some(b) if l.probed => 0.75 * b + 0.25 * measured,
                     _ => measured,
                 });
-                l.probed = true;
+                if !l.probed {
+                    // From now on, the ten-second boundaries, counted from this one.
+                    l.probed = true;
+                    l.period = now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
+                }
             }
             // Was the store queueing before the probe (latency above the grow band)?
             let contended = matches!((l.short, l.baseline), (Some(s), Some(b))

@@ -138,6 +138,19 @@ pub enum SpoolError {
     /// Another process holds the spool's lock.
     #[error("spool {0} is locked by another process (is a gateway running on it?)")]
     Locked(PathBuf),
+    /// The spool directory is world-writable: any local user could plant, replace or
+    /// remove queue files (forged mail, lost mail). Refused at [`Spool::open`].
+    #[error(
+        "spool directory {} is world-writable (mode {mode:04o}): any local user could forge or remove queued mail; fix it with `chmod o-w {}` (the package's spool is postern:postern 0750)",
+        path.display(),
+        path.display()
+    )]
+    WorldWritable {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// No such message in the spool.
     #[error("no message {0} in the spool")]
     NotFound(QueueId),
@@ -347,14 +360,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Refuses a world-writable spool directory (sticky bit or not: anyone could still create
+/// a segment file the recovery scan would read as queued mail).
+fn check_not_world_writable(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o002 != 0 {
+        return Err(SpoolError::WorldWritable {
+            path: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovers it, and starts the committer
     /// and garbage-collector threads. Fails with [`SpoolError::Locked`] if another process
-    /// has it open.
+    /// has it open, and with [`SpoolError::WorldWritable`] if `dir` is world-writable
+    /// (checked before anything in it is read or written).
     pub fn open(dir: &Path, opts: SpoolOptions) -> Result<(Self, RecoveryReport), SpoolError> {
         if opts.segment_size > 1 << 30 || opts.segment_size < 4096 {
             return Err(SpoolError::Invalid("segment_size must be in 4 KiB..=1 GiB"));
         }
+        std::fs::create_dir_all(dir)?;
+        check_not_world_writable(dir)?;
         std::fs::create_dir_all(dir.join("corrupt"))?;
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
@@ -495,6 +525,13 @@ impl Spool {
             pins: Vec::new(),
             failed: None,
         })
+    }
+
+    /// A fresh queue id that no message holds: for a transaction relayed without being
+    /// stored (`mode: proxy`), so its `Received:` header and log lines carry an id like any
+    /// other.
+    pub fn allocate_id(&self) -> QueueId {
+        self.handle.inner.ids.next()
     }
 
     /// Is there room for new messages (free space at least `min_free_bytes`)?

@@ -617,6 +617,37 @@ fn begin_refuses_below_the_free_space_floor() {
 }
 
 #[test]
+fn a_world_writable_spool_directory_is_refused_before_anything_is_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("spool");
+    std::fs::create_dir(&dir).unwrap();
+    for mode in [0o777, 0o1777, 0o703] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = Spool::open(&dir, opts()).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(&e, SpoolError::WorldWritable { path, mode: m } if *path == dir && *m == mode),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("chmod o-w {}", dir.display())),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing created"
+        );
+    }
+    // The fix the message names works; group-writable alone is the operator's choice.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let (s, _) = Spool::open(&dir, opts()).unwrap();
+    drop(s);
+}
+
+#[test]
 fn a_second_open_is_refused_but_read_only_works() {
     let d = tempfile::tempdir().unwrap();
     let (s, _) = reopen(d.path());

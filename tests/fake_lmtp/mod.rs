@@ -5,8 +5,8 @@
 //! (250/451/550/552, multi-line replies); it can advertise or withhold PIPELINING, CHUNKING,
 //! SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH PLAIN; drop the connection after `k` post-dot
 //! replies, stall (never answer) after `k`, hold each post-dot reply until the test releases
-//! it (to prove that outcomes are reported one by one), and greet with 421 beyond `N`
-//! sessions. It records what it received: every command line, each transaction's recipients,
+//! it (to prove that outcomes are reported one by one), delay the post-dot replies, script a
+//! recipient for its first `n` transactions only, and greet with 421 beyond `N` sessions. It records what it received: every command line, each transaction's recipients,
 //! the DATA octets as on the wire and unstuffed, BDAT chunk sizes, and whether MAIL, RCPT and
 //! DATA/BDAT arrived before the first of their replies was written (pipelining).
 //!
@@ -44,6 +44,8 @@ pub struct Rcpt {
     pub rcpt: String,
     /// The reply after the end of data (only if RCPT was accepted).
     pub result: String,
+    /// Only for this many transactions (across sessions); then [`Rcpt::ok`].
+    pub times: Option<usize>,
 }
 
 impl Rcpt {
@@ -51,7 +53,14 @@ impl Rcpt {
         Self {
             rcpt: rcpt.into(),
             result: result.into(),
+            times: None,
         }
+    }
+
+    /// This script for the first `n` transactions naming the recipient, then OK.
+    pub fn times(mut self, n: usize) -> Self {
+        self.times = Some(n);
+        self
     }
     pub fn ok() -> Self {
         Self::new("250 2.1.5 OK", "250 2.0.0 Saved")
@@ -95,6 +104,8 @@ pub struct Script {
     pub ehlo_refused: bool,
     /// SMTP: the reply after the end of data, for the whole message.
     pub data_reply: String,
+    /// Wait this long after the end of data before the first reply (a slow store).
+    pub reply_delay: Option<Duration>,
 }
 
 impl Default for Script {
@@ -119,6 +130,7 @@ impl Default for Script {
             smtp: false,
             ehlo_refused: false,
             data_reply: "250 2.0.0 Ok: queued as FAKE1".into(),
+            reply_delay: None,
         }
     }
 }
@@ -198,6 +210,7 @@ impl FakeStore {
             .max_served
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         let script = Arc::new(script);
+        let uses = Arc::new(Mutex::new(HashMap::new()));
         let record = Arc::clone(&sessions);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -207,11 +220,12 @@ impl FakeStore {
                     all.push(Session::default());
                     all.len() - 1
                 };
-                let (script, record, active, served) = (
+                let (script, record, active, served, uses) = (
                     Arc::clone(&script),
                     Arc::clone(&record),
                     Arc::clone(&active),
                     served.clone(),
+                    Arc::clone(&uses),
                 );
                 tokio::spawn(async move {
                     // Held for the whole session: the greeting waits for a free worker.
@@ -220,7 +234,12 @@ impl FakeStore {
                         None => None,
                     };
                     let n = active.fetch_add(1, Ordering::SeqCst);
-                    let mut handler = Handler { script, record, id };
+                    let mut handler = Handler {
+                        script,
+                        record,
+                        id,
+                        uses,
+                    };
                     if handler.script.max_sessions.is_some_and(|max| n >= max) {
                         handler.update(|s| s.refused = true);
                         let mut stream = stream;
@@ -259,6 +278,8 @@ struct Handler {
     script: Arc<Script>,
     record: Arc<Mutex<Vec<Session>>>,
     id: usize,
+    /// Transactions that named each scripted local part so far (for [`Rcpt::times`]).
+    uses: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 type Stream = BufReader<Box<dyn Io>>;
@@ -375,12 +396,20 @@ impl Handler {
                         .map(|(a, _)| a.to_owned())
                         .unwrap_or_default();
                     let local = addr.split('@').next().unwrap_or("").to_lowercase();
-                    let script = self
+                    let mut script = self
                         .script
                         .rcpts
                         .get(&local)
                         .cloned()
                         .unwrap_or_else(Rcpt::ok);
+                    if let Some(n) = script.times {
+                        let mut uses = self.uses.lock().unwrap();
+                        let used = uses.entry(local.clone()).or_insert(0);
+                        *used += 1;
+                        if *used > n {
+                            script = Rcpt::ok();
+                        }
+                    }
                     self.txn(|t| t.rcpts.push(addr.clone()));
                     if in_txn && script.rcpt.starts_with('2') {
                         accepted.push(script.result.clone());
@@ -458,6 +487,9 @@ impl Handler {
         accepted: &[String],
     ) -> std::io::Result<bool> {
         flush(io, out).await?;
+        if let Some(delay) = self.script.reply_delay {
+            tokio::time::sleep(delay).await;
+        }
         let one = [self.script.data_reply.clone()];
         let replies = if self.script.smtp { &one[..] } else { accepted };
         for (i, reply) in replies.iter().enumerate() {

@@ -31,6 +31,9 @@
 #                           (meant to drop a 2nd delivery of the same
 #                           Message-ID to a mailbox; in our test a plain INBOX
 #                           re-delivery was stored twice anyway).  Default 0.
+#   CYRUS_LMTP_MAXCHILD=N   maxchild of the lmtp and lmtpunix services (each:
+#                           at most N lmtpd, more connections wait in the
+#                           listen backlog).  Default 50.
 #   CYRUS_ADMIN, CYRUS_ADMIN_PASSWORD (default admin / adminpass)
 #   CYRUS_IMAPD             path of imapd (default: /usr/lib/cyrus/bin/imapd
 #                           if present, else /usr/local/lib/cyrus-imapd/imapd
@@ -94,6 +97,7 @@ cmd_start() {
   local lmtp_cmd="lmtpd -a" tcp_auth=0
   if [ "${CYRUS_LMTP_TCP_AUTH:-0}" = 1 ]; then lmtp_cmd="lmtpd"; tcp_auth=1; fi
   local autocreate="${CYRUS_AUTOCREATE:-0}" permq="${CYRUS_OVERQUOTA_PERM:-0}"
+  local lmtp_maxchild="${CYRUS_LMTP_MAXCHILD:-50}"
   local sock="$DIR/lmtp.sock"
   # sun_path is limited to 107 bytes
   [ "${#sock}" -lt 100 ] || die "socket path too long (${#sock} bytes): $sock"
@@ -138,8 +142,8 @@ START {
 }
 SERVICES {
   imap      cmd="$imapd -C $DIR/etc/imapd.conf" listen="127.0.0.1:$imap_port" prefork=0 maxchild=50
-  lmtp      cmd="$lmtp_cmd -C $DIR/etc/imapd.conf" listen="127.0.0.1:$lmtp_port" prefork=0 maxchild=50
-  lmtpunix  cmd="lmtpd -C $DIR/etc/imapd.conf" listen="$sock" prefork=0 maxchild=50
+  lmtp      cmd="$lmtp_cmd -C $DIR/etc/imapd.conf" listen="127.0.0.1:$lmtp_port" prefork=0 maxchild=$lmtp_maxchild
+  lmtpunix  cmd="lmtpd -C $DIR/etc/imapd.conf" listen="$sock" prefork=0 maxchild=$lmtp_maxchild
 }
 EVENTS {
   checkpoint cmd="ctl_cyrusdb -c -C $DIR/etc/imapd.conf" period=30

@@ -27,6 +27,11 @@
 #   DOVECOT_RCPT_CHECK_QUOTA=1 check quota at RCPT TO (lmtp_rcpt_check_quota)
 #                              instead of only after DATA.
 #   DOVECOT_QUOTA_TEMPFAIL=1   over quota = 452 4.2.2 instead of 552 5.2.2.
+#   DOVECOT_LMTP_PROCESS_LIMIT=N  at most N lmtp processes (one session each:
+#                              client_limit 1); beyond that the master closes
+#                              new connections before any greeting ("process_limit
+#                              (N) reached, client connections are being
+#                              dropped").  Default: Dovecot's (100).
 #   DOVECOT_START_TIMEOUT      seconds to wait for the banners (default 30)
 #
 # Privileges: started by root, the master stays root, login processes run as
@@ -97,6 +102,11 @@ cmd_start() {
     internal_user="$mail_user"; internal_group="$mail_group"; login_user="$mail_user"
     chroot_line="chroot ="             # chroot needs root
     first_uid="$(id -u)"
+  fi
+
+  local lmtp_limit=""
+  if [ -n "${DOVECOT_LMTP_PROCESS_LIMIT:-}" ]; then
+    lmtp_limit="process_limit = $DOVECOT_LMTP_PROCESS_LIMIT"
   fi
 
   local userdb
@@ -186,6 +196,7 @@ service imap-login {
   }
 }
 service lmtp {
+  $lmtp_limit
   inet_listener lmtp {
     address = 127.0.0.1
     port = $lmtp_port
