@@ -130,3 +130,45 @@ async fn a_store_down_longer_than_max_oldest_is_refused() {
     c.cmd("RCPT TO:<someone@b.example>", 250).await;
     gw.gateway.stop().await;
 }
+
+/// A verifying store whose breaker is open is not asked at RCPT: the recipient gets the
+/// tempfail action at once (here: accept), and the store sees no new session.
+#[tokio::test]
+async fn a_down_store_is_not_asked_to_verify() {
+    let store = FakeStore::start().await;
+    store.set_down(true);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 2s\ndelivery:\n  minimal_backoff: 1h\n  breaker: {{ failures: 1, probe_interval: 1h }}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: a\n    kind: lmtp\n    address: {addr}\n    verify_recipients: true\n    verify_tempfail_action: accept\nroutes:\n  domains:\n    a.example: {{ store: a }}\n",
+        spool = dir.path().join("spool").display(),
+        addr = store.addr,
+    );
+    let config = Config::parse(&text, "test.yaml").unwrap();
+    let gw = TestGateway {
+        gateway: Gateway::start(config).await.unwrap(),
+        dir,
+    };
+    let mut c = session(&gw).await;
+    c.cmd("RCPT TO:<one@a.example>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+    // The delivery fails at the greeting and opens the breaker; the shard publishes it.
+    let scheduler = gw.gateway.scheduler.clone().unwrap();
+    let start = Instant::now();
+    while scheduler.stores().await[0].breaker == postern::scheduler::breaker::BreakerState::Closed {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the breaker opens"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = store.sessions();
+    for i in 0..5 {
+        let mut c = session(&gw).await;
+        c.cmd(&format!("RCPT TO:<new{i}@a.example>"), 250).await;
+    }
+    assert_eq!(store.sessions(), before, "no session opened to verify");
+    gw.gateway.stop().await;
+}

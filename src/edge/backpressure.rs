@@ -13,7 +13,7 @@
 //! never refused. The global disk guard (`452 4.3.1` at MAIL below `spool.min_free`) is
 //! separate and stays the last line.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::gauge;
@@ -75,6 +75,8 @@ pub struct StoreLoad {
     queued: AtomicU64,
     /// Seconds: the oldest queued recipient's age, or how long the breaker has been open.
     age: AtomicU64,
+    /// The breaker is open (whatever the limits): verification does not ask the store.
+    down: AtomicBool,
 }
 
 impl StoreLoad {
@@ -86,7 +88,13 @@ impl StoreLoad {
             condition: AtomicU8::new(0),
             queued: AtomicU64::new(0),
             age: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         }
+    }
+
+    /// The store's breaker was open at the shard's last look.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 
     /// The limits.
@@ -102,6 +110,8 @@ impl StoreLoad {
     /// The shard's latest measurement. Logs and sets the gauge when the store enters or
     /// leaves backpressure (or changes why).
     pub fn update(&self, sample: Sample) {
+        self.down
+            .store(sample.down_for.is_some(), Ordering::Relaxed);
         if self.limits.is_empty() {
             return;
         }
@@ -229,9 +239,12 @@ mod tests {
     }
 
     #[test]
-    fn no_limits_never_refuse() {
+    fn no_limits_never_refuse_but_a_down_store_is_known() {
         let l = load(None, None);
         l.update(sample(1_000_000, 1_000_000, Some(1_000_000)));
         assert_eq!(l.refusal(), None);
+        assert!(l.is_down());
+        l.update(sample(0, 0, None));
+        assert!(!l.is_down());
     }
 }

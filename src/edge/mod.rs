@@ -12,7 +12,8 @@
 //!   recipients are not affected.
 //! - S verifies: a cached answer if fresh; else one query to S for all the concurrent
 //!   lookups of that address (single flight). S's 5yz becomes `550 5.1.1` with S's text;
-//!   a 4yz, a timeout, no window slot or S down becomes `450 4.1.1`, or an accept with
+//!   a 4yz, a timeout, no window slot or S down (its breaker open: not asked at all)
+//!   becomes `450 4.1.1`, or an accept with
 //!   `verify_tempfail_action: accept`; never a 5xx for that. Known and unknown answers are
 //!   cached (`positive`, `negative`); temporary failures are not.
 //!
@@ -131,8 +132,14 @@ impl Edge {
     /// Verifies `rcpt` with `store` (a no-op for a store that does not verify): `None` to
     /// accept, or the refusal.
     pub async fn verify(&self, store: &str, rcpt: &ForwardPath) -> Option<Refusal> {
-        let v = self.stores.get(store)?.verify.as_ref()?;
-        let verdict = self.verdict(store, v, rcpt).await;
+        let s = self.stores.get(store)?;
+        let v = s.verify.as_ref()?;
+        // A store whose breaker is open is not asked: its answer would be a connect
+        // failure after a wait, and every RCPT would pay it.
+        let verdict = match &s.load {
+            Some(load) if load.is_down() => Verdict::Unavailable("the store is down".into()),
+            _ => self.verdict(store, v, rcpt).await,
+        };
         match verdict {
             Verdict::Valid => None,
             Verdict::Invalid(reply) => Some(Refusal {

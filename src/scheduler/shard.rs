@@ -1043,16 +1043,22 @@ impl Shard {
             let Some(load) = self.ctx.agents.load(name) else {
                 continue;
             };
-            if load.limits().is_empty() {
-                continue;
-            }
             st.down_since = match (st.breaker.is_closed(), st.down_since) {
                 (true, _) => None,
                 (false, Some(t)) => Some(t),
                 (false, None) => Some(now),
             };
-            let (queued, oldest) = st.shape.load();
             let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
+            if load.limits().is_empty() {
+                // Only whether it is down (verification does not ask a down store).
+                let down_for = st.down_since.map(age);
+                load.update(crate::edge::Sample {
+                    down_for,
+                    ..Default::default()
+                });
+                continue;
+            }
+            let (queued, oldest) = st.shape.load();
             load.update(crate::edge::Sample {
                 queued: queued as u64,
                 oldest: oldest.map(age).unwrap_or_default(),
