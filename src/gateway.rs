@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenerMode, ListenerProtocol};
+use crate::edge::Edge;
 use crate::listener::{Listener, ListenerError, Services};
 use crate::routing::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
@@ -121,12 +122,14 @@ impl Gateway {
             tokio::spawn(Arc::clone(&routes).watch(ROUTES_POLL, shutdown.clone()));
         }
         // The agents exist whether or not the scheduler runs: a listener in `mode: proxy`
-        // relays through them (a pure concentrator may run with delivery off). The
-        // scheduler and the listeners share them: one pool per store.
+        // relays through them (a pure concentrator may run with delivery off), and the edge
+        // checks (recipient verification, backpressure) use their pools, windows and loads.
+        // The scheduler and the listeners share them: one pool and one window per store.
         let mut agents = Agents::from_config(&config).map_err(GatewayError::Store)?;
         for (name, agent) in extra_agents.iter() {
             agents.insert(name, agent.clone());
         }
+        let edge = Arc::new(Edge::new(&agents, &config.verify_cache));
         let scheduler = config.delivery.enabled.then(|| {
             Scheduler::start(Setup {
                 spool: spool.clone(),
@@ -155,6 +158,7 @@ impl Gateway {
             router: Arc::clone(&router),
             scheduler: scheduler.clone(),
             agents: agents.clone(),
+            edge: Some(Arc::clone(&edge)),
             shutdown: shutdown.clone(),
         };
         let mut bound = Vec::new();

@@ -36,6 +36,7 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod delivery;
+pub mod edge;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;

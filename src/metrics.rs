@@ -93,6 +93,17 @@ pub const PHASE_LATENCY: &str = "postern_lmtp_phase_seconds";
 /// DSNs queued, by kind (`failure`, `success`, `delay`).
 pub const DSNS: &str = "postern_dsn_total";
 
+// ---- edge (recipient verification, backpressure) -------------------------------------------
+
+/// Recipient verifications asked of a store at RCPT, by store and result (`valid`,
+/// `invalid`, `tempfail`).
+pub const VERIFICATIONS: &str = "postern_recipient_verifications_total";
+/// Verification cache lookups, by store and outcome (`hit`: a fresh answer; `miss`: a store
+/// query started; `joined`: waited for a query already running).
+pub const VERIFY_CACHE: &str = "postern_verify_cache_lookups_total";
+/// 1 while a store's recipients get 451 4.3.2 at RCPT (backpressure), by store.
+pub const STORE_BACKPRESSURE: &str = "postern_store_backpressure";
+
 // ---- spool ----------------------------------------------------------------------------------
 
 /// Group-commit sync latency: fdatasync of a batch's segment files (and the directory).
@@ -135,8 +146,21 @@ pub mod reason {
     pub const ROUTING: &str = "routing";
     /// The reasons a message is refused for.
     pub const MESSAGE: [&str; 4] = [SIZE, TLS, POLICY, SPOOL];
+    /// The recipient's store does not know it (verification at RCPT): 550 5.1.1.
+    pub const UNVERIFIED: &str = "unverified";
+    /// The recipient's store could not be asked (verification at RCPT): 450 4.1.1.
+    pub const UNVERIFIED_TEMPFAIL: &str = "unverified_tempfail";
+    /// The recipient's store is backlogged: 451 4.3.2.
+    pub const BACKPRESSURE: &str = "backpressure";
     /// The reasons a recipient is refused for.
-    pub const RECIPIENT: [&str; 3] = [RELAY, UNKNOWN_USER, ROUTING];
+    pub const RECIPIENT: [&str; 6] = [
+        RELAY,
+        UNKNOWN_USER,
+        ROUTING,
+        UNVERIFIED,
+        UNVERIFIED_TEMPFAIL,
+        BACKPRESSURE,
+    ];
 }
 
 /// The `outcome` words of [`CONNECTIONS_TOTAL`].
@@ -294,6 +318,9 @@ pub const ALL: &[Def] = &[
     def(RECEIVED_BYTES, Counter, Unit::Bytes, &["listener"], "Message octets received, by listener."),
     hist(SESSION_DURATION, Unit::Seconds, &["listener"], "Client session duration, by listener.", SECONDS_BUCKETS),
     hist(ACCEPT_LATENCY, Unit::Seconds, &["listener"], "End of data to 250 (durable store), by listener.", SECONDS_BUCKETS),
+    def(VERIFICATIONS, Counter, Unit::Count, &["store", "result"], "Recipient verifications asked of a store at RCPT, by store and result (valid, invalid, tempfail)."),
+    def(VERIFY_CACHE, Counter, Unit::Count, &["store", "outcome"], "Recipient verification cache lookups, by store and outcome (hit, miss, joined)."),
+    def(STORE_BACKPRESSURE, Gauge, Unit::Count, &["store"], "1 while the store's recipients get 451 4.3.2 at RCPT (backpressure), by store."),
     def(BUILD_INFO, Gauge, Unit::Count, &["version"], "Build information; the value is 1."),
     def(DELIVERIES, Counter, Unit::Count, &["store", "outcome"], "Recipient delivery attempts, by store and outcome (sent, deferred, bounced, in_doubt)."),
     def(DEFERRALS, Counter, Unit::Count, &["store", "class"], "Deferred recipient attempts, by store and reply class (4.0 to 4.7)."),
@@ -421,7 +448,8 @@ pub fn watch(
         }
         counter!(IN_DOUBT, "store" => store.clone()).increment(0);
         counter!(IN_DOUBT_RETRIES, "store" => store.clone()).increment(0);
-        counter!(BREAKER_TRIPS, "store" => store).increment(0);
+        counter!(BREAKER_TRIPS, "store" => store.clone()).increment(0);
+        gauge!(STORE_BACKPRESSURE, "store" => store).set(0.0);
     }
     let dir = config.spool.path.clone();
     tokio::spawn(async move {

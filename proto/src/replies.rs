@@ -231,6 +231,43 @@ pub fn unknown_user() -> Reply {
     reply(550, (5, 1, 1), "Recipient address rejected: User unknown")
 }
 
+/// 550 for a recipient its store does not know (recipient verification at RCPT): the
+/// store's own text after our prefix, printable ASCII only and at most 200 octets of it.
+pub fn recipient_unverified(store_text: &str) -> Reply {
+    let text: String = store_text
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(200)
+        .collect();
+    let text = text.trim();
+    let text = if text.is_empty() {
+        "User unknown"
+    } else {
+        text
+    };
+    reply(
+        550,
+        (5, 1, 1),
+        &format!("Recipient address rejected: {text}"),
+    )
+}
+
+/// 450 when the recipient's store could not say whether it knows the recipient (a 4yz, a
+/// timeout, the store busy or down): never a 5xx for that.
+pub fn recipient_unverified_tempfail() -> Reply {
+    reply(
+        450,
+        (4, 1, 1),
+        "Recipient address rejected: unverified address, try again later",
+    )
+}
+
+/// 451 for a recipient whose store is backlogged (per-store backpressure); `text` names
+/// the condition ("Store cyrus1 is backlogged: 5000 recipients queued").
+pub fn store_backlogged(text: &str) -> Reply {
+    reply(451, (4, 3, 2), text)
+}
+
 /// 554 for mail to a domain that is not ours from an untrusted client.
 pub fn relay_denied() -> Reply {
     reply(554, (5, 7, 1), "Relay access denied")

@@ -1064,3 +1064,42 @@ fn fuzz_entry_replays_a_full_session() {
     input.extend_from_slice(b"250 2.1.5 Success\r\n");
     fuzz::client_replies(&input);
 }
+
+#[test]
+fn verify_asks_mail_rcpt_rset_and_sends_no_content() {
+    let mut s = Session::after(Protocol::Lmtp, CYRUS_HELLO);
+    let to = ForwardPath::Mailbox(Mailbox::parse("nosuchuser@example.org").unwrap());
+    s.conn.verify(ReversePath::Null, to.clone()).unwrap();
+    assert_eq!(s.conn.noop(), Err(ClientError::NotReady));
+    s.run(
+        "
+        C: MAIL FROM:<>
+        C: RCPT TO:<nosuchuser@example.org>
+        C: RSET
+        S: 250 2.1.0 ok
+        E: Mail 250 2.1.0
+        S: 550 5.1.1 User unknown
+        E: Rcpt 0: 550 5.1.1
+        S: 250 2.0.0 ok
+        E: Rset 250 2.0.0
+        ",
+    );
+    assert!(s.conn.is_idle());
+    // Without PIPELINING: one command at a time, the same three.
+    let mut s = Session::after(Protocol::Lmtp, PLAIN_HELLO);
+    s.conn.verify(ReversePath::Null, to).unwrap();
+    s.run(
+        "
+        C: MAIL FROM:<>
+        S: 250 2.1.0 ok
+        E: Mail 250 2.1.0
+        C: RCPT TO:<nosuchuser@example.org>
+        S: 250 2.1.5 ok
+        E: Rcpt 0: 250 2.1.5
+        C: RSET
+        S: 250 2.0.0 ok
+        E: Rset 250 2.0.0
+        ",
+    );
+    assert!(s.conn.is_idle());
+}

@@ -70,6 +70,9 @@ pub struct Config {
     /// The local admin socket for `postern queue …`.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The recipient verification cache, shared by every store ([`crate::edge`]).
+    #[serde(default)]
+    pub verify_cache: crate::edge::VerifyCacheConfig,
 }
 
 /// `admin:`

@@ -460,7 +460,7 @@ fn no_routes_section_means_the_defaults_of_an_empty_one() {
 }
 
 #[test]
-fn edge_keys_default_and_validate() {
+fn poison_unroutable_and_double_bounce_keys_default_and_validate() {
     let c = Config::parse(BASE, "test.yaml").unwrap();
     assert_eq!(c.double_bounce, None);
     assert_eq!(c.delivery.poison_attempts, 5);
@@ -475,4 +475,77 @@ fn edge_keys_default_and_validate() {
     assert_eq!(c.routes.unroutable_grace, Span(Duration::from_secs(7200)));
     let e = errors(&format!("double_bounce: not an address\n{BASE}"));
     assert!(e.iter().any(|l| l.contains("double_bounce")), "{e:?}");
+}
+
+#[test]
+fn edge_keys_load_with_defaults_and_validate() {
+    let yaml = BASE.replace(
+        "routes:\n",
+        "  - name: cyrus1\n    kind: lmtp\n    address: 127.0.0.1:24\n    verify_recipients: true\n    verify_tempfail_action: accept\n    backpressure: { max_queued: 5000, max_oldest: 30m }\n  - name: dovecot\n    kind: lmtp\n    address: unix:/run/dovecot/lmtp\nroutes:\n",
+    );
+    let c = Config::parse(&yaml, "t").unwrap();
+    assert_eq!(c.verify_cache, crate::edge::VerifyCacheConfig::default());
+    assert_eq!(
+        (
+            c.verify_cache.positive.0,
+            c.verify_cache.negative.0,
+            c.verify_cache.max_entries
+        ),
+        (
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+            1_000_000
+        )
+    );
+    let StoreConfig::Lmtp(l) = &c.stores[1] else {
+        panic!("an lmtp store")
+    };
+    let edge = l.edge();
+    let verify = edge.verify.unwrap();
+    assert_eq!(verify.timeout, Duration::from_secs(5));
+    assert_eq!(verify.tempfail, crate::edge::TempfailAction::Accept);
+    assert_eq!(edge.backpressure.max_queued, Some(5000));
+    assert_eq!(
+        edge.backpressure.max_oldest.map(|s| s.0),
+        Some(Duration::from_secs(1800))
+    );
+    let StoreConfig::Lmtp(d) = &c.stores[2] else {
+        panic!("an lmtp store")
+    };
+    assert_eq!(
+        d.edge(),
+        crate::edge::EdgeSettings::default(),
+        "off by default"
+    );
+
+    for (from, to, key) in [
+        (
+            "max_queued: 5000",
+            "max_queued: 0",
+            "stores[1]: backpressure.max_queued",
+        ),
+        (
+            "max_oldest: 30m",
+            "max_oldest: 0s",
+            "stores[1]: backpressure.max_oldest",
+        ),
+        (
+            "verify_recipients: true",
+            "verify_timeout: 0s",
+            "stores[1]: verify_timeout",
+        ),
+    ] {
+        let joined = errors(&yaml.replace(from, to)).join("\n");
+        assert!(joined.contains(key), "{to}: {joined}");
+    }
+    let typo = yaml.replace("accept", "bounce");
+    assert!(
+        errors(&typo)[0].contains("unknown variant `bounce`, expected `tempfail` or `accept`"),
+        "{:?}",
+        errors(&typo)
+    );
+    let cache = format!("verify_cache: {{ positive: 2h, max_entries: 10 }}\n{yaml}");
+    let c = Config::parse(&cache, "t").unwrap();
+    assert_eq!(c.verify_cache.positive.0, Duration::from_secs(7200));
+    assert_eq!(c.verify_cache.max_entries, 10);
 }

@@ -82,6 +82,18 @@ pub struct LmtpStoreConfig {
     /// The concurrency window ([`crate::scheduler::window`]): latency-steered by default.
     #[serde(default)]
     pub window: WindowConfig,
+    /// Ask the store at RCPT time whether it knows the recipient ([`crate::edge`]): false.
+    #[serde(default)]
+    pub verify_recipients: bool,
+    /// The longest a verification may take (a window slot, a connection, the replies): 5s.
+    #[serde(default = "crate::edge::config::default_verify_timeout")]
+    pub verify_timeout: Span,
+    /// What RCPT gets when the store cannot answer: `tempfail` (450 4.1.1) or `accept`.
+    #[serde(default)]
+    pub verify_tempfail_action: crate::edge::TempfailAction,
+    /// Refuse this store's recipients with 451 4.3.2 while it is backlogged: none.
+    #[serde(default)]
+    pub backpressure: crate::edge::BackpressureConfig,
 }
 
 /// `window:` of a pooled store: how many transactions run at once, and how that is steered.
@@ -162,6 +174,19 @@ impl WindowConfig {
 pub type SmtpStoreConfig = LmtpStoreConfig;
 
 impl LmtpStoreConfig {
+    /// The edge settings (verification, backpressure) as the agent keeps them.
+    pub fn edge(&self) -> crate::edge::EdgeSettings {
+        crate::edge::EdgeSettings {
+            verify: self
+                .verify_recipients
+                .then_some(crate::edge::config::VerifySettings {
+                    timeout: self.verify_timeout.0,
+                    tempfail: self.verify_tempfail_action,
+                }),
+            backpressure: self.backpressure,
+        }
+    }
+
     /// A store at `address` with every default.
     pub fn new(name: &str, address: StoreAddress) -> Self {
         Self {
@@ -178,6 +203,10 @@ impl LmtpStoreConfig {
             chunk_size: default_chunk_size(),
             normalize: Vec::new(),
             window: WindowConfig::default(),
+            verify_recipients: false,
+            verify_timeout: crate::edge::config::default_verify_timeout(),
+            verify_tempfail_action: crate::edge::TempfailAction::Tempfail,
+            backpressure: crate::edge::BackpressureConfig::default(),
         }
     }
 
@@ -224,6 +253,10 @@ impl LmtpStoreConfig {
             }
         }
         self.window.validate(self.max_connections)?;
+        self.backpressure.validate()?;
+        if self.verify_timeout.0.is_zero() {
+            return Err("verify_timeout: must be above 0".into());
+        }
         for (i, rule) in self.normalize.iter().enumerate() {
             if rule.code.is_some_and(|c| !(400..=599).contains(&c)) {
                 return Err(format!("normalize[{i}].code: must be a 4yz or 5yz code"));

@@ -150,6 +150,7 @@ pub struct LmtpStore {
     chunk_size: usize,
     policy: Policy,
     window: WindowConfig,
+    edge: crate::edge::EdgeSettings,
 }
 
 impl fmt::Debug for LmtpStore {
@@ -254,12 +255,18 @@ impl LmtpStore {
             chunk_size: usize::try_from(config.chunk_size.0).unwrap_or(1 << 20),
             policy: Policy::new(config.normalize.clone()),
             window: config.window,
+            edge: config.edge(),
         })
     }
 
     /// The `window:` settings.
     pub fn window(&self) -> WindowConfig {
         self.window
+    }
+
+    /// Recipient verification and backpressure settings ([`crate::edge`]).
+    pub fn edge(&self) -> crate::edge::EdgeSettings {
+        self.edge
     }
 
     /// The store's name.
@@ -550,6 +557,75 @@ impl Connection {
             Err(_) => self.broken = true,
         }
         result.map(|_| ())
+    }
+
+    /// Asks the store whether it would take mail for `rcpt`, without sending any: `MAIL
+    /// FROM:<>`, `RCPT TO:<rcpt>`, `RSET` (pipelined when offered), each reply awaited at
+    /// most `limit`. `Ok` is the store's reply to RCPT, whatever it says; `Err` when MAIL was
+    /// refused or the connection failed (then it is marked unusable). After `Ok` the
+    /// connection is idle again, outside any transaction, and can go back to its pool.
+    pub async fn verify(
+        &mut self,
+        rcpt: &ForwardPath,
+        limit: Duration,
+    ) -> Result<postern_proto::Reply, Trouble> {
+        if !self.is_usable() {
+            return Err(trouble::unusable("closed, or a command is outstanding"));
+        }
+        if let Err(e) = self
+            .wire
+            .proto
+            .verify(postern_proto::ReversePath::Null, rcpt.clone())
+        {
+            self.broken = true;
+            return Err(trouble::unusable(&e.to_string()));
+        }
+        self.last_used = Instant::now();
+        let (mut mail, mut answer) = (None, None);
+        let result = 'conversation: loop {
+            while let Some(event) = self.wire.proto.poll_event() {
+                match event {
+                    ClientEvent::MailReply(reply) => mail = Some(reply),
+                    ClientEvent::RcptReply { reply, .. } => answer = Some(reply),
+                    ClientEvent::RsetReply(reply) => {
+                        if !reply.is_positive() {
+                            self.broken = true;
+                        }
+                        break 'conversation Ok(());
+                    }
+                    ClientEvent::UnexpectedReply(reply) => {
+                        break 'conversation Err(trouble::unexpected(&reply));
+                    }
+                    ClientEvent::ProtocolError(e) => {
+                        break 'conversation Err(trouble::protocol_error(&e));
+                    }
+                    ClientEvent::Closed => {
+                        break 'conversation Err(trouble::lost(Phase::MailRcpt, "closed"));
+                    }
+                    _ => {}
+                }
+            }
+            let step = match self.wire.flush(limit).await {
+                Ok(()) => self.wire.read(limit).await,
+                Err(f) => Err(f),
+            };
+            if let Err(f) = step {
+                break Err(f.trouble(Phase::MailRcpt, limit));
+            }
+        };
+        self.last_used = Instant::now();
+        if let Err(t) = result {
+            self.broken = true;
+            return Err(t);
+        }
+        match (mail, answer) {
+            (Some(m), _) if !m.is_positive() => Err(trouble::refused(Phase::MailRcpt, &m)),
+            (_, Some(reply)) => Ok(reply),
+            _ => {
+                self.broken = true;
+                Err(trouble::lost(Phase::MailRcpt, "no reply to RCPT"))
+            }
+        }
     }
 
     /// Ends the session politely: QUIT and its reply (waiting at most a few seconds), then

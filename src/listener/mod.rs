@@ -36,6 +36,7 @@ pub use received::{HopCounter, MAX_HOPS, own_marker, rfc5322_date};
 use session::{Conversation, Ending};
 
 use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
+use crate::edge::Edge;
 use crate::metrics as m;
 use crate::routing::Router;
 use crate::scheduler::{Agents, Scheduler};
@@ -57,6 +58,8 @@ pub struct Services {
     /// The stores' delivery agents, shared with the scheduler (its pools and windows):
     /// `mode: proxy` relays through them. They exist with `delivery.enabled: false` too.
     pub agents: Agents,
+    /// Backpressure and recipient verification at RCPT (none: routing only).
+    pub edge: Option<Arc<Edge>>,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
 }
@@ -75,6 +78,8 @@ pub(crate) struct Shared {
     /// Told about each committed message (none: accept and queue only).
     pub(crate) scheduler: Option<Scheduler>,
     pub(crate) agents: Agents,
+    /// Backpressure and recipient verification at RCPT (none: routing only).
+    pub(crate) edge: Option<Arc<Edge>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) shutdown: CancellationToken,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -125,6 +130,7 @@ impl Listener {
             router,
             scheduler,
             agents,
+            edge,
             shutdown,
         } = services;
         let bind_err = |source| ListenerError::Bind {
@@ -180,6 +186,7 @@ impl Listener {
             router,
             scheduler,
             agents,
+            edge,
             tls,
             shutdown,
             per_ip: Mutex::new(HashMap::new()),

@@ -33,6 +33,7 @@ use super::Shared;
 use super::cut_through::{self, Target};
 use super::received::{HopCounter, Trace, received_header};
 use crate::config::ListenerMode;
+use crate::edge::Refusal;
 use crate::metrics::{self as m, reason};
 use crate::routing::{RcptDecision, RcptRoute};
 use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, QueueId, SpoolError};
@@ -178,7 +179,7 @@ impl Conversation {
                 }
                 ServerEvent::Hello { domain, .. } => self.helo = domain,
                 ServerEvent::Mail { from, params } => self.mail(from, params),
-                ServerEvent::Rcpt { to, params } => self.rcpt(to, params),
+                ServerEvent::Rcpt { to, params } => self.rcpt(to, params).await,
                 ServerEvent::DataStart => self.data_start(),
                 ServerEvent::Data(bytes) => self.data(&bytes),
                 ServerEvent::DataEnd => self.data_end().await,
@@ -252,9 +253,15 @@ impl Conversation {
         let _ = self.session.accept();
     }
 
-    fn rcpt(&mut self, to: ForwardPath, params: postern_proto::RcptParams) {
+    async fn rcpt(&mut self, to: ForwardPath, params: postern_proto::RcptParams) {
         let listener = self.listener();
         let route = self.shared.router.load().rcpt(&to, self.trusted);
+        if let Some(refusal) = self.edge_check(&to, &route).await {
+            counter!(m::RECIPIENTS_REJECTED, "listener" => listener, "reason" => refusal.reason)
+                .increment(1);
+            let _ = self.session.respond(refusal.reply);
+            return;
+        }
         let address = match &to {
             ForwardPath::Postmaster => "Postmaster".to_owned(),
             ForwardPath::Mailbox(mb) => mb.to_string(),
@@ -312,6 +319,36 @@ impl Conversation {
                 counter!(m::RECIPIENTS_ACCEPTED, "listener" => listener).increment(1);
                 let _ = self.session.accept();
             }
+        }
+    }
+
+    /// The edge's checks of an accepted route ([`crate::edge`]): each store the recipient
+    /// (or its alias targets) goes to must not be in backpressure, and a store that verifies
+    /// must know the recipient as given.
+    async fn edge_check(&self, to: &ForwardPath, route: &RcptRoute) -> Option<Refusal> {
+        let edge = self.shared.edge.as_ref()?;
+        match route {
+            RcptRoute::Accept(decision) => {
+                let store = decision.store()?;
+                if let Some(r) = edge.backpressure(store) {
+                    return Some(r);
+                }
+                match decision {
+                    RcptDecision::Local { store } if edge.verifies(store) => {
+                        edge.verify(store, to).await
+                    }
+                    _ => None,
+                }
+            }
+            RcptRoute::Expand(targets) => {
+                let router = self.shared.router.load();
+                targets.iter().find_map(|t| {
+                    let path = ForwardPath::parse(&format!("<{t}>")).ok()?;
+                    let decision = router.resolve(&path, true);
+                    edge.backpressure(decision.store()?)
+                })
+            }
+            RcptRoute::Refuse(_) => None,
         }
     }
 

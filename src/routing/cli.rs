@@ -28,6 +28,11 @@ pub struct RouteArgs {
     /// Route as for a client in `trusted_networks` (may relay).
     #[arg(long)]
     pub trusted: bool,
+    /// Also ask each address's store (LMTP or SMTP) whether it knows the recipient, as
+    /// recipient verification does at RCPT (the store must be running; the gateway need
+    /// not be).
+    #[arg(long)]
+    pub verify: bool,
     /// Compare this configuration's map with the one in use instead.
     #[arg(long, value_name = "NEW.yaml")]
     pub diff: Option<PathBuf>,
@@ -88,7 +93,43 @@ pub fn run(args: &RouteArgs, out: &mut String) -> Result<(), RouteCliError> {
         };
         let path = ForwardPath::parse(&text)
             .map_err(|e| RouteCliError::Address(a.clone(), e.to_string()))?;
-        out.push_str(&router.explain(&path, args.trusted).to_string());
+        let explanation = router.explain(&path, args.trusted);
+        out.push_str(&explanation.to_string());
+        if args.verify {
+            verify(&current, &explanation, out);
+        }
     }
     Ok(())
+}
+
+/// `--verify`: each leaf of the explanation routed to a store, asked of that store.
+fn verify(config: &Config, explanation: &super::Explanation, out: &mut String) {
+    let mut asks: Vec<(String, String)> = Vec::new();
+    explanation.leaves(&mut |leaf| {
+        if let Some(store) = leaf.decision.as_ref().and_then(|d| d.store()) {
+            asks.push((leaf.address.clone(), store.to_owned()));
+        }
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.push_str(&format!("  verify: not asked ({e})\n"));
+            return;
+        }
+    };
+    for (address, store) in asks {
+        let text = if address.starts_with('<') {
+            address.clone()
+        } else {
+            format!("<{address}>")
+        };
+        let line = match ForwardPath::parse(&text) {
+            Ok(path) => runtime.block_on(crate::edge::ask_directly(config, &store, &path)),
+            Err(e) => format!("not asked: {e}"),
+        };
+        out.push_str(&format!("  verify {address} at store {store}: {line}\n"));
+    }
 }

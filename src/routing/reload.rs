@@ -345,6 +345,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         format!("{:?}", old.stores),
         format!("{:?}", new.stores),
     );
+    check(
+        "verify_cache",
+        format!("{:?}", old.verify_cache),
+        format!("{:?}", new.verify_cache),
+    );
     out.extend(old.delivery.diff(&new.delivery).restart);
     out
 }

@@ -28,6 +28,7 @@ use crate::config::{Config, StoreConfig};
 use crate::delivery::{
     Envelope, MaildirStore, MessageBody, Outcome, PipeStore, Recipient, Report, StorePool, trouble,
 };
+use crate::edge::StoreLoad;
 use crate::spool::{QueueId, Spool};
 
 /// Bodies up to this size are read in one go when a transaction opens them.
@@ -202,10 +203,11 @@ impl Agent {
 }
 
 /// The agents by store name, each with its store's [`Gate`] (the concurrency window every
-/// path to the store shares).
+/// path to the store shares) and its [`StoreLoad`] (what the store's shard publishes for
+/// the listeners' backpressure check).
 #[derive(Clone, Debug, Default)]
 pub struct Agents {
-    map: HashMap<String, (Agent, Arc<Gate>)>,
+    map: HashMap<String, (Agent, Arc<Gate>, Arc<StoreLoad>)>,
 }
 
 impl Agents {
@@ -252,6 +254,11 @@ impl Agents {
     /// Adds (or replaces) the agent of store `name`, its window starting at `initial` unless
     /// the store's `window.initial` says otherwise.
     pub fn insert_with(&mut self, name: &str, agent: Agent, initial: usize) {
+        let limits = match &agent {
+            Agent::Lmtp(pool) => pool.store().edge().backpressure,
+            _ => crate::edge::BackpressureConfig::default(),
+        };
+        let load = Arc::new(StoreLoad::new(name, limits));
         let (settings, pool) = match &agent {
             Agent::Lmtp(pool) => {
                 let w = pool.store().window();
@@ -271,22 +278,27 @@ impl Agents {
             ),
         };
         let gate = Gate::new(name, Window::with_settings(settings), pool);
-        self.map.insert(name.to_owned(), (agent, gate));
+        self.map.insert(name.to_owned(), (agent, gate, load));
     }
 
     /// The agent of store `name`.
     pub fn get(&self, name: &str) -> Option<&Agent> {
-        self.map.get(name).map(|(a, _)| a)
+        self.map.get(name).map(|(a, _, _)| a)
     }
 
     /// The gate of store `name`.
     pub fn gate(&self, name: &str) -> Option<&Arc<Gate>> {
-        self.map.get(name).map(|(_, g)| g)
+        self.map.get(name).map(|(_, g, _)| g)
+    }
+
+    /// The load (backpressure state) of store `name`.
+    pub fn load(&self, name: &str) -> Option<&Arc<StoreLoad>> {
+        self.map.get(name).map(|(_, _, l)| l)
     }
 
     /// Every store name and agent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Agent)> {
-        self.map.iter().map(|(n, (a, _))| (n.as_str(), a))
+        self.map.iter().map(|(n, (a, _, _))| (n.as_str(), a))
     }
 }
 

@@ -20,6 +20,8 @@ use crate::spool::{QueueId, Spool, SpoolError};
 #[derive(Debug, Default)]
 pub(crate) struct ShapeTracker {
     messages: HashMap<QueueId, (SystemTime, Vec<usize>)>,
+    /// Recipients in `messages` (the store's open recipients, for backpressure).
+    open: usize,
 }
 
 impl ShapeTracker {
@@ -37,8 +39,28 @@ impl ShapeTracker {
         for i in indexes {
             if !known.contains(&i) {
                 known.push(i);
+                self.open += 1;
             }
         }
+    }
+
+    /// A recipient became final (delivered or bounced): it is no longer open.
+    pub(crate) fn settled(&mut self, qid: QueueId, index: usize) {
+        let Some((_, known)) = self.messages.get_mut(&qid) else {
+            return;
+        };
+        let before = known.len();
+        known.retain(|&i| i != index);
+        self.open -= before - known.len();
+        if known.is_empty() {
+            self.messages.remove(&qid);
+        }
+    }
+
+    /// Open recipients, and the arrival of the oldest of their messages.
+    pub(crate) fn load(&self) -> (usize, Option<SystemTime>) {
+        let oldest = self.messages.values().map(|(t, _)| *t).min();
+        (self.open, oldest)
     }
 
     /// Forgets messages that are gone or whose recipients for this store are all final, then
@@ -46,12 +68,15 @@ impl ShapeTracker {
     pub(crate) fn publish(&mut self, store: &str, now: SystemTime, spool: &Spool) {
         self.messages
             .retain(|qid, (_, indexes)| match spool.status(*qid) {
-                Ok(s) => indexes
-                    .iter()
-                    .any(|&i| s.recipients.get(i).is_some_and(|r| !r.is_final())),
+                Ok(s) => {
+                    // Final recipients leave (missed settlements: expiry, operator actions).
+                    indexes.retain(|&i| s.recipients.get(i).is_some_and(|r| !r.is_final()));
+                    !indexes.is_empty()
+                }
                 Err(SpoolError::NotFound(_)) => false,
                 Err(_) => true,
             });
+        self.open = self.messages.values().map(|(_, v)| v.len()).sum();
         let counts = shape::histogram(
             self.messages
                 .values()

@@ -36,6 +36,9 @@ const MAX_TRIES: u8 = 2;
 /// How often the per-store gauges are refreshed.
 const METRICS_EVERY: Duration = Duration::from_secs(5);
 
+/// How often each store's load is published for the listeners' backpressure check.
+const LOAD_EVERY: Duration = Duration::from_secs(1);
+
 /// What a shard is told.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -128,6 +131,8 @@ struct StoreQueue {
     shape: m::ShapeTracker,
     /// Jobs popped off `ready` by the dispatcher ([`StoreStatus::examined`]).
     examined: u64,
+    /// Since when the breaker has been open (seen at a load tick; backpressure).
+    down_since: Option<SystemTime>,
 }
 
 impl StoreQueue {
@@ -165,6 +170,7 @@ impl StoreQueue {
             inflight_rcpts: 0,
             shape: m::ShapeTracker::default(),
             examined: 0,
+            down_since: None,
         }
     }
 
@@ -262,6 +268,8 @@ impl Shard {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(METRICS_EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut load_tick = tokio::time::interval(LOAD_EVERY);
+        load_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let exit = self.ctx.exit.clone();
         loop {
             let wake = self.next_wake();
@@ -280,6 +288,7 @@ impl Shard {
                 },
                 () = timer => self.on_timers(),
                 _ = tick.tick() => self.publish_metrics(),
+                _ = load_tick.tick() => self.publish_loads(),
             }
         }
     }
@@ -916,9 +925,11 @@ impl Shard {
         job.in_flight = job.in_flight.saturating_sub(done.batch.len());
         let msg = Arc::clone(&job.msg);
         let mut later: Vec<(JobRcpt, Outcome)> = Vec::new();
+        let mut finals: Vec<usize> = Vec::new();
         for mut r in done.batch.iter().cloned() {
             match done.outcome(r.index) {
-                Some(Outcome::Delivered(_) | Outcome::Bounced(_) | Outcome::Deferred(_)) => {}
+                Some(Outcome::Delivered(_) | Outcome::Bounced(_)) => finals.push(r.index),
+                Some(Outcome::Deferred(_)) => {}
                 Some(Outcome::InDoubt) => {
                     r.in_doubt = true;
                     r.tries += 1;
@@ -947,6 +958,9 @@ impl Shard {
                     }
                 }
             }
+        }
+        for index in finals {
+            st.shape.settled(msg.qid, index);
         }
         st.make_ready(done.job);
         for (r, outcome) in &later {
@@ -1058,6 +1072,39 @@ impl Shard {
             self.dispatch(name);
         } else {
             tracing::debug!(store = %name, reason = %reason, "probe failed; store still down");
+        }
+    }
+
+    /// Each store's load for the listeners' backpressure check ([`crate::edge`]): its open
+    /// recipients (queued, in flight, deferred or parked: the queue shape), the oldest's
+    /// age, and how long its breaker has been open.
+    fn publish_loads(&mut self) {
+        let now = self.ctx.clock.now();
+        for (name, st) in &mut self.stores {
+            let Some(load) = self.ctx.agents.load(name) else {
+                continue;
+            };
+            st.down_since = match (st.breaker.is_closed(), st.down_since) {
+                (true, _) => None,
+                (false, Some(t)) => Some(t),
+                (false, None) => Some(now),
+            };
+            let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
+            if load.limits().is_empty() {
+                // Only whether it is down (verification does not ask a down store).
+                let down_for = st.down_since.map(age);
+                load.update(crate::edge::Sample {
+                    down_for,
+                    ..Default::default()
+                });
+                continue;
+            }
+            let (queued, oldest) = st.shape.load();
+            load.update(crate::edge::Sample {
+                queued: queued as u64,
+                oldest: oldest.map(age).unwrap_or_default(),
+                down_for: st.down_since.map(age),
+            });
         }
     }
 

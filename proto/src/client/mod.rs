@@ -6,7 +6,7 @@
 //!
 //! - `handle_input` / `connection_lost` take what the socket produced;
 //! - mutators (`start_transaction`, `data_sent`, `bdat_chunk`, `start_tls`, `auth_plain`,
-//!   `rset`, `noop`, `quit`) queue commands, or return a [`ClientError`] and write nothing;
+//!   `rset`, `noop`, `verify`, `quit`) queue commands, or return a [`ClientError`] and write nothing;
 //! - `poll_transmit` hands out the bytes to write, `poll_event` the [`ClientEvent`]s.
 //!
 //! Timeouts are the caller's; the message body is the caller's too (it writes the dot-stuffed
@@ -344,6 +344,21 @@ impl ClientConnection {
         Ok(())
     }
 
+    /// Queues a recipient check outside any transaction: `MAIL FROM:<from>`, `RCPT TO:<to>`
+    /// and `RSET` (one flush with PIPELINING, else one at a time). No content is ever sent,
+    /// so nothing can be delivered. [`ClientEvent::MailReply`], then
+    /// [`ClientEvent::RcptReply`] (index 0; only meaningful if MAIL was accepted), then
+    /// [`ClientEvent::RsetReply`] follow; after the RSET reply the connection is idle again.
+    /// This is what Postfix's `reject_unverified_recipient` probe asks, without its DATA.
+    pub fn verify(&mut self, from: ReversePath, to: ForwardPath) -> Result<(), ClientError> {
+        self.check_idle()?;
+        self.push(format!("MAIL FROM:{from}\r\n"), Expect::VerifyMail);
+        self.push(format!("RCPT TO:{to}\r\n"), Expect::VerifyRcpt);
+        self.push("RSET\r\n".to_owned(), Expect::Rset { auto: false });
+        self.release();
+        Ok(())
+    }
+
     /// Queues NOOP; [`ClientEvent::NoopReply`] follows (a liveness check for pooled
     /// connections).
     pub fn noop(&mut self) -> Result<(), ClientError> {
@@ -503,6 +518,12 @@ impl ClientConnection {
             | Expect::Bdat
             | Expect::BdatLast
             | Expect::EndOfData => self.on_transaction_reply(expect, reply),
+            Expect::VerifyMail => self.events.push_back(ClientEvent::MailReply(reply)),
+            Expect::VerifyRcpt => {
+                let index = 0;
+                self.events
+                    .push_back(ClientEvent::RcptReply { index, reply });
+            }
             Expect::Rset { auto: true } => self.end_transaction(),
             Expect::Rset { auto: false } => self.events.push_back(ClientEvent::RsetReply(reply)),
             Expect::Noop => self.events.push_back(ClientEvent::NoopReply(reply)),
@@ -655,6 +676,10 @@ enum Expect {
     BdatLast,
     /// One reply per accepted recipient (LMTP) or one reply (SMTP).
     EndOfData,
+    /// MAIL of a recipient check ([`ClientConnection::verify`]), outside any transaction.
+    VerifyMail,
+    /// RCPT of a recipient check.
+    VerifyRcpt,
     /// `auto`: sent by the machine to close a failed transaction.
     Rset {
         auto: bool,
