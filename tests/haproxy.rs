@@ -510,11 +510,19 @@ async fn three_gateways_behind_haproxy_lose_nothing_when_one_is_killed() {
     let cfg = gateway_yaml(1, dir.path(), &moved, &addrs[0], store.addr);
     let restarted_at = Instant::now();
     let gw1 = Daemon::start(&cfg);
+    // The README's step 4: `postern queue list` (through the admin socket) until empty.
     daemon::eventually(
         Duration::from_secs(30),
         "gw1's moved spool to drain",
-        || (queued(&moved) == 0).then_some(()),
+        || {
+            let out = daemon::queue(&cfg, &["list"]);
+            assert!(out.status.success(), "{}", daemon::stderr(&out));
+            daemon::stdout(&out)
+                .contains("Mail queue is empty")
+                .then_some(())
+        },
     );
+    assert_eq!(queued(&moved), 0);
     let drain_time = restarted_at.elapsed();
     daemon::eventually(Duration::from_secs(10), "haproxy to take gw1 back", || {
         haproxy.up_after("gw1", restarted_at).then_some(())
