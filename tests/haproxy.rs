@@ -293,6 +293,8 @@ struct Load {
     acked: HashMap<String, Instant>,
     /// When each failed session had been opened.
     failed_opened: Vec<Instant>,
+    /// Of those, how many failed before the greeting and EHLO (connect or banner).
+    failed_at_open: usize,
 }
 
 /// A worker: sends its share of the messages in sessions of `PER_SESSION`, retrying a failed
@@ -321,7 +323,10 @@ async fn worker(
         }
         let opened = Instant::now();
         let ok = async {
-            let mut s = Session::open(front, CLIENT).await?;
+            let Some(mut s) = Session::open(front, CLIENT).await else {
+                load.lock().unwrap().failed_at_open += 1;
+                return None;
+            };
             for _ in 0..PER_SESSION {
                 let Some(id) = pending.last().cloned() else {
                     break;
@@ -569,11 +574,12 @@ async fn three_gateways_behind_haproxy_lose_nothing_when_one_is_killed() {
     assert!(after_down >= PER_SESSION, "no session after the DOWN");
     eprintln!(
         "{MESSAGES} messages (+1) in {load_time:?}; gw1 killed after {acked_at_kill} acks, DOWN {:?} later; \
-         {} sessions failed and were retried (all opened before the DOWN); {after_down} messages acked after the DOWN; \
+         {} sessions failed ({} before the banner) and were retried (all opened before the DOWN); {after_down} messages acked after the DOWN; \
          per gateway {per_gateway:?}; gw1 left {left_on_gw1} queued ({in_doubt} in doubt), drained in {drain_time:?} \
          from the moved spool; {duplicates} second copies at the store",
         down - killed,
         load.failed_opened.len(),
+        load.failed_at_open,
     );
     drop(gw1);
     drop(haproxy);
