@@ -581,6 +581,15 @@ async fn three_gateways_behind_haproxy_lose_nothing_when_one_is_killed() {
         load.failed_opened.len(),
         load.failed_at_open,
     );
+    // Over the whole run, no gateway logged HAProxy's address as a client's.
+    for d in gateways.iter().flatten().chain([&gw1]) {
+        let balancer = d.log_lines(&["\"accepted\"", "[127.0.0.1]"]);
+        assert!(
+            balancer.is_empty(),
+            "HAProxy's address logged: {balancer:?}"
+        );
+        assert!(!d.log_lines(&["\"accepted\"", "[127.0.0.2]"]).is_empty() || d.addr == addrs[0]);
+    }
     drop(gw1);
     drop(haproxy);
 }
