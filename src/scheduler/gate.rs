@@ -199,15 +199,25 @@ impl Gate {
             // must not wait for a sample that a slot held by a long transaction withholds.
             let gate = Arc::clone(self);
             tokio::spawn(async move {
-                tokio::time::sleep(PROBE_LIMIT + Duration::from_millis(10)).await;
-                gate.end_overdue_probe();
+                // A probe lasts at most its drain and PROBE_LIMIT (2 × PROBE_LIMIT in all).
+                for _ in 0..3 {
+                    tokio::time::sleep(PROBE_LIMIT).await;
+                    if gate.end_overdue_probe() {
+                        break;
+                    }
+                }
             });
         }
     }
 
-    /// Ends an overdue probe and lets whoever waits for a slot try again.
-    fn end_overdue_probe(&self) {
-        let ended = self.lock().window.end_overdue_probe(SystemTime::now());
+    /// Ends an overdue probe and lets whoever waits for a slot try again. True when no probe
+    /// runs any more.
+    fn end_overdue_probe(&self) -> bool {
+        let (ended, running) = {
+            let mut s = self.lock();
+            let ended = s.window.end_overdue_probe(SystemTime::now());
+            (ended, s.window.is_probing())
+        };
         if ended {
             self.freed.notify_waiters();
             self.wanted.store(false, Ordering::Release);
@@ -215,6 +225,7 @@ impl Gate {
                 wake();
             }
         }
+        !running
     }
 
     fn release(&self) {

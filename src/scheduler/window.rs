@@ -217,10 +217,13 @@ impl Window {
     }
 
     /// May one more transaction start, with `in_flight` running? Below [`Window::limit`],
-    /// yes. At it, a latency window's fractional part accrues as credit at each ask, and
-    /// one more is let in per whole unit: a window of 3.5 runs 3 and 4 in turn. Windows of
-    /// a few transactions (several gateways sharing a small store) then get shares in
-    /// proportion to their real width, not to its whole part.
+    /// yes. At it, once per whole unit of credit: each finished transaction of a latency
+    /// window adds its fractional part divided by its whole part (about one round trip's
+    /// worth of completions makes `fraction` of one extra transaction), so over time a
+    /// window of 3.5 runs 3.5 at once on average. Windows of a few transactions (several
+    /// gateways sharing a small store) then get shares in proportion to their real width,
+    /// not to its whole part. (Credit per completion, not per ask: how often a dispatcher
+    /// asks depends on its intake, not on the store.)
     pub fn admits(&mut self, in_flight: usize) -> bool {
         let limit = self.limit();
         if in_flight < limit {
@@ -233,7 +236,6 @@ impl Window {
         {
             return false;
         }
-        self.credit += self.current - self.current.floor();
         if self.credit >= 1.0 {
             self.credit -= 1.0;
             true
@@ -281,9 +283,18 @@ impl Window {
     /// latency (none: the agent measures none, e.g. maildir), `started` when it took its
     /// slot, `now` when it ended.
     pub fn on_success(&mut self, sample: Option<Duration>, started: SystemTime, now: SystemTime) {
+        self.accrue_credit();
         match sample {
             Some(s) if self.settings.latency => self.on_sample(s.as_secs_f64(), started, now),
             _ => self.feedback_success(),
+        }
+    }
+
+    /// A finished transaction's share of the fractional window ([`Window::admits`]).
+    fn accrue_credit(&mut self) {
+        if self.settings.latency {
+            let whole = self.current.floor().max(1.0);
+            self.credit = (self.credit + (self.current - whole).max(0.0) / whole).min(1.0);
         }
     }
 
@@ -395,9 +406,13 @@ impl Window {
             let first = l.period == 0;
             l.period = period;
             if !first && l.baseline.is_some() {
-                let drain = Duration::from_secs_f64(2.0 * l.short.unwrap_or(sample).max(sample));
+                // The queue drains within about two round trips once every gateway is at its
+                // minimum; the samples then have PROBE_LIMIT to come (a store that queued
+                // for seconds must still get its probe measured, or it would never be).
+                let drain = Duration::from_secs_f64(2.0 * l.short.unwrap_or(sample).max(sample))
+                    .min(PROBE_LIMIT);
                 l.probe = Some(Probe {
-                    until: now + PROBE_LIMIT,
+                    until: now + drain + PROBE_LIMIT,
                     clean_after: now + drain,
                     n: 0,
                     sum: 0.0,
@@ -596,7 +611,8 @@ mod tests {
         assert_eq!(w.ceiling(), 5, "and keeps the window for after");
         // No sample comes (the one slot is held by a long transaction).
         assert!(!w.end_overdue_probe(ms(1020) + PROBE_LIMIT / 2));
-        assert!(w.end_overdue_probe(ms(1020) + PROBE_LIMIT));
+        // Its drain (two round trips) and PROBE_LIMIT after it began.
+        assert!(w.end_overdue_probe(ms(1020) + PROBE_LIMIT + Duration::from_millis(40)));
         assert!(!w.is_probing());
         assert_eq!(w.limit(), 5);
     }

@@ -251,8 +251,9 @@ fn a_jittery_store_neither_collapses_nor_oscillates() {
             settled >= 5,
             "seed {seed}: settled at {settled}, below the store's 5 workers"
         );
-        // Within ±2 of the settled value 99 % of the time; a probe that measured the
-        // baseline a little high can let it reach +3 for a round or two, never further.
+        // Within ±2 of the settled value 99 % of the time. The rare rounds beyond are the
+        // probe's deliberate cut (a quarter, on a contended store) meeting a latency cut,
+        // or a probe that measured the baseline a little high: ±4 at the very most.
         assert!(
             off(2) * 100 <= limits.len(),
             "seed {seed}: {} of {} beyond ±2 of {settled}",
@@ -260,7 +261,7 @@ fn a_jittery_store_neither_collapses_nor_oscillates() {
             limits.len()
         );
         assert_eq!(
-            off(3),
+            off(4),
             0,
             "seed {seed}: window moved over {lo}..={hi} around {settled}"
         );
