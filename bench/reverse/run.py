@@ -310,7 +310,8 @@ def mval(m, name, **labels):
 
 
 class Gateway:
-    def __init__(self, wd, name, node_id, binary, store_addr, max_connections, store_extra):
+    def __init__(self, wd, name, node_id, binary, store_addr, max_connections, store_extra,
+                 listener=None):
         self.name = name
         self.binary = binary
         self.dir = os.path.join(wd, name)
@@ -327,10 +328,7 @@ spool:
 metrics:
   address: 127.0.0.1:%(mport)d
 listeners:
-  - name: smtp
-    address: 127.0.0.1:%(sport)d
-    protocol: smtp
-stores:
+%(listener)sstores:
   - name: store
     kind: lmtp
     address: %(store)s
@@ -338,8 +336,10 @@ stores:
 %(extra)sroutes:
   domains:
     %(domain)s: { store: store }
-""" % dict(name=name, node=node_id, dir=self.dir, mport=self.metrics_port, sport=self.smtp_port,
-           store=store_addr, maxc=max_connections, extra=extra, domain=DOMAIN))
+""" % dict(name=name, node=node_id, dir=self.dir, mport=self.metrics_port, store=store_addr,
+           maxc=max_connections, extra=extra, domain=DOMAIN,
+           listener=listener or ("  - name: smtp\n    address: 127.0.0.1:%d\n    protocol: smtp\n"
+                                 % self.smtp_port)))
         r = subprocess.run([binary, "check-config", "--config", self.cfg], capture_output=True,
                            text=True, check=False)
         if r.returncode != 0:
@@ -387,44 +387,12 @@ class Concentrator(Gateway):
     gateways deliver to it instead of to the store."""
 
     def __init__(self, wd, binary, store_addr, max_connections, store_extra):
-        self.name = "conc"
-        self.binary = binary
-        self.dir = os.path.join(wd, "conc")
-        os.makedirs(os.path.join(self.dir, "spool"))
+        self.sock = os.path.join(wd, "conc", "lmtp.sock")
+        listener = ("  - name: lmtp\n    address: unix:%s\n    protocol: lmtp\n    mode: proxy\n"
+                    % self.sock)
+        super().__init__(wd, "conc", 99, binary, store_addr, max_connections, store_extra,
+                         listener=listener)
         self.smtp_port = None
-        self.metrics_port = free_port()
-        self.sock = os.path.join(self.dir, "lmtp.sock")
-        self.cfg = os.path.join(self.dir, "postern.yaml")
-        extra = "".join("    %s\n" % line for line in store_extra.splitlines()) if store_extra else ""
-        with open(self.cfg, "w") as f:
-            f.write("""hostname: conc
-node_id: 99
-spool:
-  path: %(dir)s/spool
-metrics:
-  address: 127.0.0.1:%(mport)d
-listeners:
-  - name: lmtp
-    address: unix:%(sock)s
-    protocol: lmtp
-    mode: proxy
-stores:
-  - name: store
-    kind: lmtp
-    address: %(store)s
-    max_connections: %(maxc)d
-%(extra)sroutes:
-  domains:
-    %(domain)s: { store: store }
-""" % dict(dir=self.dir, mport=self.metrics_port, sock=self.sock, store=store_addr,
-           maxc=max_connections, extra=extra, domain=DOMAIN))
-        r = subprocess.run([binary, "check-config", "--config", self.cfg], capture_output=True,
-                           text=True, check=False)
-        if r.returncode != 0:
-            raise RuntimeError("%s check-config: %s" % (binary, (r.stdout + r.stderr).strip()))
-        self.proc = None
-        self.last = None
-        self.finals = []
 
     def greets(self):
         try:
