@@ -296,6 +296,16 @@ impl Agents {
         self.map.get(name).map(|(_, _, l)| l)
     }
 
+    /// The agent of store `name` and its gate.
+    pub fn entry(&self, name: &str) -> Option<(&Agent, &Arc<Gate>)> {
+        self.map.get(name).map(|(a, g, _)| (a, g))
+    }
+
+    /// Every store name, agent and gate.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Agent, &Arc<Gate>)> {
+        self.map.iter().map(|(n, (a, g, _))| (n.as_str(), a, g))
+    }
+
     /// Every store name and agent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Agent)> {
         self.map.iter().map(|(n, (a, _, _))| (n.as_str(), a))

@@ -104,11 +104,6 @@ impl Gate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The store.
-    pub fn store(&self) -> &str {
-        &self.store
-    }
-
     /// `(window, in flight)` now; the window as it stands outside baseline probes.
     pub fn status(&self) -> (usize, usize) {
         let s = self.lock();

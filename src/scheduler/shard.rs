@@ -136,16 +136,8 @@ struct StoreQueue {
 }
 
 impl StoreQueue {
-    fn new(ctx: &Arc<Ctx>, shard: usize, name: &str, agent: Agent) -> Self {
+    fn new(ctx: &Arc<Ctx>, shard: usize, name: &str, agent: Agent, gate: Arc<Gate>) -> Self {
         let live = ctx.live.load();
-        let gate = match ctx.agents.gate(name) {
-            Some(gate) => Arc::clone(gate),
-            None => Gate::new(
-                name,
-                super::window::Window::new(ctx.config.initial_window, agent.max_connections()),
-                None,
-            ),
-        };
         // Another path's transaction freed a slot the dispatcher had wanted.
         let weak = Arc::downgrade(ctx);
         let store = name.to_owned();
@@ -236,12 +228,10 @@ pub(crate) struct Shard {
 impl Shard {
     pub(crate) fn new(id: usize, ctx: Arc<Ctx>, rx: mpsc::UnboundedReceiver<Event>) -> Self {
         let mut stores = HashMap::new();
-        for (name, agent) in ctx.agents.iter() {
+        for (name, agent, gate) in ctx.agents.entries() {
             if ctx.store_shard(name) == id {
-                stores.insert(
-                    name.to_owned(),
-                    StoreQueue::new(&ctx, id, name, agent.clone()),
-                );
+                let queue = StoreQueue::new(&ctx, id, name, agent.clone(), Arc::clone(gate));
+                stores.insert(name.to_owned(), queue);
             }
         }
         let active_limit = (ctx.config.active_limit / ctx.shards.len().max(1)).max(1);
@@ -737,8 +727,9 @@ impl Shard {
 
     fn store(&mut self, name: &str) -> Option<&mut StoreQueue> {
         if !self.stores.contains_key(name) {
-            let agent = self.ctx.agents.get(name)?.clone();
-            let queue = StoreQueue::new(&self.ctx, self.id, name, agent);
+            let (agent, gate) = self.ctx.agents.entry(name)?;
+            let (agent, gate) = (agent.clone(), Arc::clone(gate));
+            let queue = StoreQueue::new(&self.ctx, self.id, name, agent, gate);
             self.stores.insert(name.to_owned(), queue);
         }
         self.stores.get_mut(name)

@@ -22,8 +22,6 @@ pub(crate) struct TxnDone {
     pub(crate) job: u64,
     pub(crate) batch: Vec<JobRcpt>,
     pub(crate) report: Report,
-    /// A busy reply (421, 4.3.2, 4.7.0) came back.
-    pub(crate) busy: bool,
     /// Dropped at the shutdown deadline.
     pub(crate) aborted: bool,
 }
@@ -151,7 +149,6 @@ pub(crate) async fn run(
         job,
         batch,
         report: Report::default(),
-        busy: false,
         aborted: false,
     };
     if let [one] = done.batch.as_slice()
@@ -300,11 +297,6 @@ pub(crate) async fn run(
         }
     }
     for (index, outcome) in &attempt.report.outcomes {
-        if let Some(r) = outcome.reply()
-            && super::window::is_busy(r)
-        {
-            done.busy = true;
-        }
         let Some(rcpt) = done.batch.iter().find(|r| r.index == *index) else {
             continue;
         };
@@ -325,15 +317,6 @@ pub(crate) async fn run(
             state,
             outcome,
         );
-    }
-    if attempt
-        .report
-        .trouble
-        .as_ref()
-        .and_then(|t| t.reply.as_ref())
-        .is_some_and(super::window::is_busy)
-    {
-        done.busy = true;
     }
     done.report = attempt.report;
     done

@@ -264,11 +264,6 @@ impl Window {
         self.settings.max
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> WindowSettings {
-        self.settings
-    }
-
     /// The learned no-load latency (latency controller only, once learned).
     pub fn baseline(&self) -> Option<Duration> {
         self.latency.baseline.map(Duration::from_secs_f64)
