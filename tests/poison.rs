@@ -153,7 +153,9 @@ fn connections_lost_after_the_dot_quarantine_without_any_crash() {
         3,
         "exactly poison_attempts attempts reached the store"
     );
-    assert_eq!(d.log_lines(&["message quarantined", &qid]).len(), 1);
+    eventually(Duration::from_secs(5), "the quarantine log line", || {
+        (d.log_lines(&["message quarantined", &qid]).len() == 1).then_some(())
+    });
 }
 
 #[test]
@@ -187,6 +189,8 @@ fn a_delivery_command_killed_on_the_message_quarantines_it() {
     });
     let runs = std::fs::read_to_string(&count).unwrap().lines().count();
     assert_eq!(runs, 3, "poison_attempts runs of the command");
-    let line = d.log_lines(&["message quarantined", &qid]).pop().unwrap();
+    let line = eventually(Duration::from_secs(5), "the quarantine log line", || {
+        d.log_lines(&["message quarantined", &qid]).pop()
+    });
     assert!(line.contains("3 delivery attempts"), "{line}");
 }
