@@ -7,7 +7,8 @@
 # usage: bench/e2e.sh [options]            (as root: Postfix needs it; never in CI)
 #   -n ROUNDS        interleaved rounds (default 3; medians over them)
 #   -m MSGS          messages per run (default 10000)
-#   --shapes "a b"   a: 20 sessions, 4 KiB, 1 rcpt; b: as a with 5 rcpts (default "a b")
+#   --shapes "a b"   a: 20 sessions, 4 KiB, 1 rcpt; b: as a with 5 rcpts; c: as a with
+#                    100 KiB messages; d: 1 session, 4 KiB, 1 rcpt (default "a b c d")
 #   --postern BIN    the postern binary (default: target/release/postern, built first)
 #   --also LABEL=BIN another postern binary to measure in the same rounds (e.g. main's
 #                    build, for a before/after); may be repeated
@@ -37,7 +38,7 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-ROUNDS=3 MSGS=10000 SHAPES="a b" BIN= SERIALIZE=true BASE=/var/tmp/postern-e2e OUT=
+ROUNDS=3 MSGS=10000 SHAPES="a b c d" BIN= SERIALIZE=true BASE=/var/tmp/postern-e2e OUT=
 DISTINCT=--distinct
 ALSO=()
 die() { echo "e2e.sh: $*" >&2; exit 2; }
@@ -118,6 +119,8 @@ shape_args() {
     case "$1" in
     a) echo "-s 20 -m $MSGS -r 1 -l 4096 $DISTINCT" ;;
     b) echo "-s 20 -m $MSGS -r 5 -l 4096 $DISTINCT" ;;
+    c) echo "-s 20 -m $MSGS -r 1 -l 102400 $DISTINCT" ;;
+    d) echo "-s 1 -m $MSGS -r 1 -l 4096 $DISTINCT" ;;
     *) die "unknown shape $1" ;;
     esac
 }

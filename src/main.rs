@@ -64,7 +64,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Held to the end of main: dropping it flushes the log lines still queued.
+    let _log = init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => check_config(config),
         Command::Queue(args) => postern::queue::run(&args),
@@ -106,18 +107,30 @@ fn bench_intake(size: &str, idle: usize) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines go to stderr from their own thread, through a buffer written out whenever the
+/// queue of lines runs empty: a busy gateway makes one `write` per burst of lines, not one
+/// per line, and no runtime thread waits on the log's file or pipe. Never lossy: when the
+/// queue is full, the logging thread waits.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("postern-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {

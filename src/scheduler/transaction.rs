@@ -236,7 +236,10 @@ pub(crate) async fn run(
             Attempt::default()
         }
     };
-    if !states.is_empty() {
+    // Appended now, synced with the next batch (within a few ms, usually with the next
+    // accepted message): the store's slot is freed before the sync, the transaction is
+    // done only after it.
+    let outcomes = (!states.is_empty()).then(|| {
         let ops: Vec<(usize, RecipientState, bool)> = states
             .iter()
             .filter_map(|(i, s)| s.as_ref().map(|s| (*i, s)))
@@ -245,11 +248,8 @@ pub(crate) async fn run(
                 (i, s.clone(), reported)
             })
             .collect();
-        if let Err(e) = ctx.spool.ledger_batch(msg.qid, ops).await {
-            // The spool keeps the new states in memory and retries the record.
-            tracing::warn!(queue_id = %msg.qid, error = %e, "ledger update not yet durable");
-        }
-    }
+        ctx.spool.ledger_batch(msg.qid, ops)
+    });
     // A recipient already in doubt that this transaction did not reach (nothing sent past
     // MAIL/RCPT/DATA: a store down or busy) was not tried abnormally: its count goes back.
     let untried: Vec<(usize, u32)> = done
@@ -270,11 +270,19 @@ pub(crate) async fn run(
     if !untried.is_empty() {
         drop(ctx.spool.mark_in_doubt_counted(msg.qid, &untried));
     }
+    // The store's window learns from what the transaction came to.
+    if !done.aborted {
+        permit.finish(&attempt.report);
+    }
+    if let Some(outcomes) = outcomes
+        && let Err(e) = outcomes.await
+    {
+        // The spool keeps the new states in memory and retries the record.
+        tracing::warn!(queue_id = %msg.qid, error = %e, "ledger update not yet durable");
+    }
     if done.aborted {
         return done;
     }
-    // The store's window learns from what the transaction came to.
-    permit.finish(&attempt.report);
     if msg.body.is_corrupt() {
         tracing::error!(queue_id = %msg.qid, "message body failed its checksum; quarantining");
         drop(

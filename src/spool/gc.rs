@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 
 use super::index::Extent;
-use super::log::{Loc, Reg};
+use super::log::{Flush, Loc, Reg};
 use super::record::{self, FLAG_MOVED, HEADER_LEN, Record};
 use super::{Inner, QueueId, SpoolError, lock};
 
@@ -112,6 +112,8 @@ fn compact(inner: &Inner, seg: u32) -> Result<(), SpoolError> {
         }
     }
     if let Some(lsn) = last_lsn {
+        // The copies are written lazily, in as few syncs as it takes; then one sync now.
+        inner.log.hurry();
         inner.log.syncer.wait(lsn)?;
     }
     inner.log.faults.hit("gc.after_copy");
@@ -207,7 +209,7 @@ fn copy_message(inner: &Inner, qid: QueueId, seg: u32) -> Result<Option<u64>, Sp
     if buf.is_empty() {
         return Ok(None);
     }
-    let a = inner.log.append(&buf, Reg::None)?;
+    let a = inner.log.append(&buf, Reg::None, Flush::Lazy)?;
     let at = |x: u32| Loc {
         seg: a.loc.seg,
         off: a.loc.off + x,

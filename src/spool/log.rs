@@ -69,6 +69,34 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// How soon an append must reach stable storage: what its [`Durable`] promises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// Somebody is waiting on the wire (a `250` for a Commit, an operator's command): the
+    /// committer syncs at once.
+    Now,
+    /// The outcome of a delivery: durable within [`SOON`], riding the sync of the next
+    /// `Now` append if one comes first. Its [`Durable`] resolves after that sync.
+    Soon,
+    /// Written (a crash of the process cannot lose it: it is in the page cache) but no
+    /// sync of its own: it rides the next batch, within [`LAZY`] at the latest. Its
+    /// [`Durable`] resolves as soon as it is written. Only for records whose loss in a
+    /// power failure costs nothing acknowledged: chunks (their Commit syncs them), in-doubt
+    /// marks (without one the recipient comes back pending and is retried, the same
+    /// at-least-once case), Done records (without one recovery finds every recipient
+    /// final and reported, and the message is finished again).
+    Lazy,
+}
+
+/// How long a [`Flush::Soon`] append may wait for a `Now` append to share its sync.
+pub(crate) const SOON: Duration = Duration::from_millis(5);
+/// How long a [`Flush::Lazy`] append may stay unsynced when nothing else comes.
+pub(crate) const LAZY: Duration = Duration::from_secs(1);
+/// Segments are extended by writing this many zero bytes ahead of the appends, so that an
+/// append changes no file metadata and its `fdatasync` needs no journal commit: one device
+/// flush per batch, not two or three. The size changes once per step.
+pub(crate) const PREALLOCATE: u64 = 1 << 20;
+
 /// What an append registers for the failure path of its batch.
 #[derive(Debug)]
 pub(crate) enum Reg {
@@ -126,6 +154,13 @@ impl Batch {
 struct LogState {
     active: Arc<Segment>,
     offset: u64,
+    /// The active segment's file is written (zeros) up to here.
+    prealloc: u64,
+    /// A `Now` append is waiting for the next batch.
+    now: bool,
+    /// Since when the oldest `Soon` / `Lazy` append has been waiting.
+    soon: Option<Instant>,
+    lazy: Option<Instant>,
     appended: u64,
     taken: u64,
     dirty: Vec<Arc<Segment>>,
@@ -180,10 +215,10 @@ impl Log {
         faults: Arc<Faults>,
     ) -> Result<Self, SpoolError> {
         let dir_file = File::open(dir)?;
-        let active = create_segment(dir, next, node)?;
+        let active = create_active_segment(dir, next, node, segment_size)?;
         dir_file.sync_all()?;
         let mut segments = existing;
-        segments.insert(next, Arc::clone(&active));
+        segments.insert(next, Arc::clone(&active.segment));
         let stats = LogStats::default();
         stats.segments_created.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
@@ -192,8 +227,12 @@ impl Log {
             node,
             segment_size,
             state: Mutex::new(LogState {
-                active,
+                prealloc: active.prealloc,
+                active: Arc::clone(&active.segment),
                 offset: SEGMENT_HEADER_LEN as u64,
+                now: false,
+                soon: None,
+                lazy: None,
                 appended: 0,
                 taken: 0,
                 dirty: Vec::new(),
@@ -211,13 +250,31 @@ impl Log {
         })
     }
 
-    /// Appends `bytes` (one or more whole records) to the active segment.
-    pub(crate) fn append(&self, bytes: &[u8], reg: Reg) -> Result<Appended, SpoolError> {
+    /// Appends `bytes` (one or more whole records) to the active segment; `flush` says how
+    /// soon the committer must sync it.
+    pub(crate) fn append(
+        &self,
+        bytes: &[u8],
+        reg: Reg,
+        flush: Flush,
+    ) -> Result<Appended, SpoolError> {
+        self.append_parts(&[bytes], reg, flush)
+    }
+
+    /// [`Log::append`] of the concatenation of `parts`, written with one `pwritev` (no
+    /// copy into one buffer). `Reg::Ledger` offsets count in the first part.
+    pub(crate) fn append_parts(
+        &self,
+        parts: &[&[u8]],
+        reg: Reg,
+        flush: Flush,
+    ) -> Result<Appended, SpoolError> {
+        let bytes = parts.first().copied().unwrap_or_default();
         let mut st = lock(&self.state);
         if st.shutdown {
             return Err(SpoolError::Closed);
         }
-        let len = bytes.len() as u64;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if st.retire
             || (st.offset + len > self.segment_size && st.offset > SEGMENT_HEADER_LEN as u64)
         {
@@ -227,7 +284,7 @@ impl Log {
         let written = self
             .faults
             .write_error()
-            .and_then(|()| st.active.file.write_all_at(bytes, off));
+            .and_then(|()| write_all_parts_at(&st.active.file, parts, off));
         if let Err(e) = written {
             if st.active.file.set_len(off).is_err() {
                 st.retire = true;
@@ -237,6 +294,16 @@ impl Log {
         st.offset += len;
         st.appended += len;
         st.active_dirty = true;
+        if st.offset + PREALLOCATE / 2 > st.prealloc {
+            self.preallocate(&mut st);
+        }
+        // Wake the committer only when its deadline moves: at once for `Now`, for the
+        // first `Soon` or `Lazy` append of a batch (to arm its timer).
+        let wake = match flush {
+            Flush::Now => !std::mem::replace(&mut st.now, true),
+            Flush::Soon => first_since(&mut st.soon),
+            Flush::Lazy => first_since(&mut st.lazy),
+        };
         let loc = Loc {
             seg: st.active.number,
             off: off as u32,
@@ -269,20 +336,44 @@ impl Log {
         drop(st);
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes.fetch_add(len, Ordering::Relaxed);
-        self.work.notify_one();
+        if wake {
+            self.work.notify_one();
+        }
         Ok(Appended { loc, lsn })
+    }
+
+    /// Writes zeros ahead of the appends (see [`PREALLOCATE`]). A failure is not an append's
+    /// failure: appends past the written zeros just change the file size again.
+    fn preallocate(&self, st: &mut LogState) {
+        let end = (st.offset + PREALLOCATE).min(self.segment_size.max(st.offset));
+        if end <= st.prealloc {
+            return;
+        }
+        let from = st.prealloc.max(st.offset);
+        if let Err(e) = write_zeros(&st.active.file, from, end) {
+            tracing::debug!(error = %e, "could not preallocate the spool segment");
+            return;
+        }
+        st.prealloc = end;
     }
 
     fn rotate(&self, st: &mut LogState) -> Result<(), SpoolError> {
         let next = st.active.number + 1;
-        let seg = create_segment(&self.dir, next, self.node)?;
+        let created = create_active_segment(&self.dir, next, self.node, self.segment_size)?;
+        let seg = created.segment;
         self.faults.hit("segment.after_create");
         let old = std::mem::replace(&mut st.active, Arc::clone(&seg));
+        // The closed segment loses its unused zeros (recovery also reads a zero tail as
+        // the end); the size change is synced with the segment's last data.
+        if st.prealloc > st.offset && old.file.set_len(st.offset).is_ok() {
+            st.active_dirty = true;
+        }
         if st.active_dirty {
             st.dirty.push(old);
         }
         st.active_dirty = false;
         st.dir_dirty = true;
+        st.prealloc = created.prealloc;
         st.offset = SEGMENT_HEADER_LEN as u64;
         st.retire = false;
         self.stats.segments_created.fetch_add(1, Ordering::Relaxed);
@@ -293,22 +384,35 @@ impl Log {
         Ok(())
     }
 
-    /// Waits (at most `timeout`) for appended, unsynced records and takes them as a batch.
-    /// Returns `None` on timeout, or when shut down with nothing left to sync.
+    /// Waits (at most `timeout`) until appended records are due for a sync (see [`Flush`])
+    /// and takes everything appended so far as a batch. Returns `None` on timeout, or when
+    /// shut down with nothing left to sync.
     pub(crate) fn next_batch(&self, timeout: Duration) -> Option<Batch> {
         let mut st = lock(&self.state);
         let deadline = Instant::now() + timeout;
-        while st.appended == st.taken && !st.dir_dirty {
-            if st.shutdown {
+        loop {
+            let pending = st.appended != st.taken || st.dir_dirty;
+            if !pending && st.shutdown {
                 return None;
             }
             let now = Instant::now();
+            let due = [st.soon.map(|t| t + SOON), st.lazy.map(|t| t + LAZY)]
+                .into_iter()
+                .flatten()
+                .min();
+            if pending && (st.now || st.shutdown || st.dir_dirty || due.is_some_and(|d| d <= now)) {
+                break;
+            }
+            let until = due.map_or(deadline, |d| d.min(deadline));
+            if now >= until && !pending {
+                return None;
+            }
             if now >= deadline {
                 return None;
             }
             st = self
                 .work
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, until.saturating_duration_since(now))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -325,6 +429,9 @@ impl Log {
             unsynced: std::mem::take(&mut st.unsynced),
         };
         st.taken = st.appended;
+        st.now = false;
+        st.soon = None;
+        st.lazy = None;
         Some(batch)
     }
 
@@ -394,6 +501,28 @@ impl Log {
         self.work.notify_all();
     }
 
+    /// At a clean stop, after the last batch: the active segment loses its unused zeros.
+    pub(crate) fn trim(&self) {
+        let st = lock(&self.state);
+        if st.prealloc > st.offset && !st.retire {
+            let trimmed = st
+                .active
+                .file
+                .set_len(st.offset)
+                .and_then(|()| st.active.file.sync_all());
+            if let Err(e) = trimmed {
+                tracing::debug!(error = %e, "could not trim the active spool segment");
+            }
+        }
+    }
+
+    /// Syncs everything appended so far at the next batch, whatever its [`Flush`] class
+    /// (a caller about to wait on a `Lazy` record's durability, e.g. the compactor).
+    pub(crate) fn hurry(&self) {
+        lock(&self.state).now = true;
+        self.work.notify_all();
+    }
+
     /// The active segment's number.
     pub(crate) fn active_number(&self) -> u32 {
         lock(&self.state).active.number
@@ -443,6 +572,80 @@ impl Log {
     pub(crate) fn sync_dir(&self) -> io::Result<()> {
         self.dir_file.sync_all()
     }
+}
+
+/// A new active segment and how far its file is written.
+pub(crate) struct Created {
+    pub(crate) segment: Arc<Segment>,
+    pub(crate) prealloc: u64,
+}
+
+/// Creates segment `n` with its header and its first [`PREALLOCATE`] zero bytes (none of
+/// it synced yet).
+fn create_active_segment(
+    dir: &Path,
+    n: u32,
+    node: u16,
+    segment_size: u64,
+) -> Result<Created, SpoolError> {
+    let segment = create_segment(dir, n, node)?;
+    let header = SEGMENT_HEADER_LEN as u64;
+    let end = (header + PREALLOCATE).min(segment_size.max(header));
+    let prealloc = match write_zeros(&segment.file, header, end) {
+        Ok(()) => end,
+        Err(_) => header,
+    };
+    Ok(Created { segment, prealloc })
+}
+
+/// Writes all of `parts`, in order, at `off`: `pwritev`, continued after a short write.
+fn write_all_parts_at(file: &File, parts: &[&[u8]], off: u64) -> io::Result<()> {
+    if let [one] = parts {
+        return file.write_all_at(one, off);
+    }
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The parts not yet (wholly) written, the first one cut where the write stopped.
+        let mut skip = done;
+        let mut slices = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            slices.push(io::IoSlice::new(&p[skip..]));
+            skip = 0;
+        }
+        match rustix::io::pwritev(file, &slices, off + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Starts `since` now if it is not running; true if it was not.
+fn first_since(since: &mut Option<Instant>) -> bool {
+    if since.is_some() {
+        return false;
+    }
+    *since = Some(Instant::now());
+    true
+}
+
+/// Writes zeros over `[from, to)` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Creates segment `n` with its header (not yet synced).

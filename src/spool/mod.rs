@@ -8,11 +8,21 @@
 //!   directory when a new segment file was created). A message without its Commit record is
 //!   partial: recovery drops it, and it was never acknowledged.
 //! - **Group commit.** Sessions that finish DATA at the same moment share one `fdatasync`
-//!   (see [`log`](self::log)): the rate is not capped at one flush per message.
+//!   (see [`log`](self::log)): the rate is not capped at one flush per message. Everything
+//!   else pending rides the same sync: a delivery's outcome waits up to 5 ms for the next
+//!   Commit rather than taking a flush of its own, and records whose loss in a power
+//!   failure costs nothing acknowledged (in-doubt marks, Done records) are written at once
+//!   but synced only with the next batch (within a second). Segments are written with zeros
+//!   ahead of the appends, so that a sync changes no file metadata: one device flush per
+//!   batch.
 //! - **Per-recipient ledger.** Each recipient's state ([`RecipientState`]) is a durable
-//!   record written as each reply arrives ([`Spool::ledger`]). Recipients are marked in
-//!   doubt ([`Spool::mark_in_doubt`]) before a final dot is sent; after a crash they come
-//!   back in doubt (counted in [`RecoveryReport::in_doubt`]), never as pending, never lost.
+//!   record written as each reply arrives ([`Spool::ledger`]); its [`Durable`] resolves
+//!   once it is synced, so after a crash of the machine a delivery is repeated only if its
+//!   outcome had not yet been synced: the transactions in flight. Recipients are marked in
+//!   doubt ([`Spool::mark_in_doubt`]) before a final dot is sent: the mark is written (a
+//!   crash of the process cannot lose it) and synced with the next batch. After a crash
+//!   they come back in doubt (counted in [`RecoveryReport::in_doubt`]), never lost; after a
+//!   power failure that took an unsynced mark, as pending, the same at-least-once retry.
 //!   A final state is marked *reported* ([`Spool::mark_reported`]) once the DSN it owes is
 //!   queued, so that a restart does not send it again.
 //! - **Queues** are states: *incoming* (a [`MessageWriter`] is open), *active* (recipients
@@ -81,7 +91,7 @@ pub use log::Durable;
 pub use record::{Envelope, EnvelopeRecipient};
 
 use index::{Entry, Extent, Index};
-use log::{Loc, Log, Reg, Segment, Unsynced};
+use log::{Flush, Loc, Log, Reg, Segment, Unsynced};
 use record::{DoneReason, HEADER_LEN, Record};
 
 /// Spool settings.
@@ -464,7 +474,7 @@ impl Spool {
             inner.salvage(qid, &reason, None, &body);
             let mut rec = Vec::new();
             record::encode_done(&mut rec, qid, DoneReason::Quarantined);
-            last = Some(inner.log.append(&rec, Reg::None)?.lsn);
+            last = Some(inner.log.append(&rec, Reg::None, Flush::Now)?.lsn);
         }
         if let Some(lsn) = last {
             inner.log.syncer.wait(lsn)?;
@@ -570,7 +580,8 @@ impl Spool {
     }
 
     /// Marks recipients in doubt, in one record batch: call (and await) before sending
-    /// the final dot of a delivery.
+    /// the final dot of a delivery. The [`Durable`] resolves once the record is written
+    /// (it survives a crash of the process); it is synced with the next batch.
     pub fn mark_in_doubt(&self, qid: QueueId, rcpts: &[usize]) -> Durable {
         let ops = rcpts
             .iter()
@@ -702,13 +713,19 @@ impl Spool {
 
     /// Removes a message whatever its recipients' states (operator action).
     pub fn delete(&self, qid: QueueId) -> Durable {
-        self.handle.inner.done(qid, DoneReason::Deleted, false)
+        self.handle
+            .inner
+            .done(qid, DoneReason::Deleted, false, Flush::Now)
     }
 
     /// Removes a message whose recipients are all delivered or bounced. The caller queues
-    /// any DSN the message owes *before* calling this.
+    /// any DSN the message owes *before* calling this. The [`Durable`] resolves once the
+    /// record is written; it is synced with the next batch (losing it to a power failure
+    /// only makes the scheduler finish the message again).
     pub fn finish(&self, qid: QueueId) -> Durable {
-        self.handle.inner.done(qid, DoneReason::Finished, true)
+        self.handle
+            .inner
+            .done(qid, DoneReason::Finished, true, Flush::Lazy)
     }
 
     /// Moves a message to the corrupt queue (e.g. after its body failed its checksum):
@@ -721,7 +738,7 @@ impl Spool {
             let _ = r.read_to_end(&mut body);
         }
         inner.salvage(qid, reason, env.as_ref(), &body);
-        inner.done(qid, DoneReason::Quarantined, false)
+        inner.done(qid, DoneReason::Quarantined, false, Flush::Now)
     }
 
     /// Is the message held? From memory, without copying its recipients' states (checked
@@ -902,6 +919,7 @@ impl Inner {
                 None => {}
             }
         }
+        self.log.trim();
         self.log.syncer.close();
     }
 
@@ -916,7 +934,7 @@ impl Inner {
                         ix.remove(qid);
                         let mut rec = Vec::new();
                         record::encode_done(&mut rec, qid, DoneReason::StoreFailed);
-                        if let Err(e) = self.log.append(&rec, Reg::None) {
+                        if let Err(e) = self.log.append(&rec, Reg::None, Flush::Lazy) {
                             tracing::warn!(%qid, error = %e, "could not withdraw a failed store; it may be delivered after a restart");
                         }
                         tracing::warn!(%qid, "store failed at sync; message withdrawn");
@@ -934,6 +952,10 @@ impl Inner {
                         .get_mut(&qid)
                         .and_then(|e| e.rcpts.get_mut(rcpt as usize))
                         && slot.ledger.is_some_and(|(l, _)| l == loc)
+                        // A newer state that could not be written is already queued for
+                        // retry: this record is older (its location is still the slot's
+                        // only because the newer append failed).
+                        && !slot.retry
                     {
                         slot.retry = true;
                         lock(&self.retry).insert((qid, rcpt), bytes);
@@ -965,7 +987,7 @@ impl Inner {
             let n = bytes.len() as u32;
             match self
                 .log
-                .append(&bytes, Reg::Ledger(qid, vec![(rcpt, 0, n)]))
+                .append(&bytes, Reg::Ledger(qid, vec![(rcpt, 0, n)]), Flush::Soon)
             {
                 Ok(a) => {
                     ix.set_ledger(qid, rcpt as usize, state, Some((a.loc, n)));
@@ -1021,7 +1043,14 @@ impl Inner {
             recs.push((*rcpt as u32, at as u32, (buf.len() - at) as u32));
             compact.push(c);
         }
-        match self.log.append(&buf, Reg::Ledger(qid, recs.clone())) {
+        // In-doubt marks are written before the dot but not synced on their own (see
+        // [`Flush::Lazy`]); outcomes are synced soon.
+        let flush = if compact.iter().all(|c| c.is_in_doubt()) {
+            Flush::Lazy
+        } else {
+            Flush::Soon
+        };
+        match self.log.append(&buf, Reg::Ledger(qid, recs.clone()), flush) {
             Ok(a) => {
                 for ((rcpt, at, n), c) in recs.iter().zip(&compact) {
                     let loc = Loc {
@@ -1032,7 +1061,10 @@ impl Inner {
                 }
                 drop(ix);
                 self.log.faults.hit("ledger.after_append");
-                Durable::wait_for(&self.log.syncer, a.lsn)
+                match flush {
+                    Flush::Lazy => Durable::ready(Ok(())),
+                    _ => Durable::wait_for(&self.log.syncer, a.lsn),
+                }
             }
             Err(err) => {
                 // The in-memory state moves on (so nothing is delivered twice from memory);
@@ -1109,7 +1141,10 @@ impl Inner {
         if recs.is_empty() {
             return Durable::ready(Ok(()));
         }
-        match self.log.append(&buf, Reg::Ledger(qid, recs.clone())) {
+        match self
+            .log
+            .append(&buf, Reg::Ledger(qid, recs.clone()), Flush::Soon)
+        {
             Ok(a) => {
                 for ((rcpt, at, n), state) in recs.iter().zip(states) {
                     let loc = Loc {
@@ -1145,7 +1180,7 @@ impl Inner {
         } else {
             record::encode_hold(&mut rec, qid, hold);
         }
-        match self.log.append(&rec, Reg::None) {
+        match self.log.append(&rec, Reg::None, Flush::Now) {
             Ok(a) => {
                 ix.set_hold(qid, hold.then_some((a.loc, rec.len() as u32)), poison);
                 tracing::info!(%qid, hold, poison, "hold state changed");
@@ -1155,7 +1190,9 @@ impl Inner {
         }
     }
 
-    fn done(&self, qid: QueueId, reason: DoneReason, require_final: bool) -> Durable {
+    /// A Done record. `Flush::Lazy` for a finished message: without the record, recovery
+    /// finds every recipient final and reported and the scheduler finishes it again.
+    fn done(&self, qid: QueueId, reason: DoneReason, require_final: bool, flush: Flush) -> Durable {
         let mut ix = lock(&self.index);
         let Some(e) = ix.map.get(&qid) else {
             return Durable::ready(Err(SpoolError::NotFound(qid)));
@@ -1167,12 +1204,15 @@ impl Inner {
         }
         let mut rec = Vec::new();
         record::encode_done(&mut rec, qid, reason);
-        match self.log.append(&rec, Reg::None) {
+        match self.log.append(&rec, Reg::None, flush) {
             Ok(a) => {
                 ix.remove(qid);
                 lock(&self.retry).retain(|(q, _), _| *q != qid);
                 tracing::info!(%qid, ?reason, "removed from the spool");
-                Durable::wait_for(&self.log.syncer, a.lsn)
+                match flush {
+                    Flush::Lazy => Durable::ready(Ok(())),
+                    _ => Durable::wait_for(&self.log.syncer, a.lsn),
+                }
             }
             Err(e) => Durable::ready(Err(e)),
         }
@@ -1245,19 +1285,35 @@ impl MessageWriter {
         self.qid
     }
 
-    /// Appends body bytes.
+    /// Appends body bytes. Whole chunks are written straight from `bytes`; only a chunk's
+    /// worth of the tail is buffered.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         self.crc.update(bytes);
         self.len += bytes.len() as u64;
-        self.buf.extend_from_slice(bytes);
-        let chunk = self.spool.handle.inner.opts.chunk_size;
-        while self.buf.len() >= chunk {
-            let rest = self.buf.split_off(chunk);
-            let data = std::mem::replace(&mut self.buf, rest);
-            if let Err(e) = self.append_chunk(&data) {
+        let chunk = self.spool.handle.inner.opts.chunk_size.max(1);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let written = if self.buf.is_empty() && rest.len() >= chunk {
+                let (now, later) = rest.split_at(chunk);
+                rest = later;
+                self.append_chunk(now)
+            } else {
+                let take = (chunk - self.buf.len()).min(rest.len());
+                self.buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if self.buf.len() < chunk {
+                    continue;
+                }
+                let data = std::mem::take(&mut self.buf);
+                let r = self.append_chunk(&data);
+                self.buf = data;
+                self.buf.clear();
+                r
+            };
+            if let Err(e) = written {
                 self.failed = Some(e.clone());
                 return Err(e);
             }
@@ -1266,14 +1322,16 @@ impl MessageWriter {
     }
 
     fn append_chunk(&mut self, data: &[u8]) -> Result<(), SpoolError> {
-        let mut rec = Vec::with_capacity(data.len() + 32);
-        record::encode_chunk(&mut rec, self.qid, data);
+        let head = record::chunk_head(self.qid, data.len());
+        let total = (head.len() + data.len()) as u64;
         let inner = &self.spool.handle.inner;
         let mut ix = lock(&inner.index);
-        let a = inner.log.append(&rec, Reg::None)?;
-        ix.pin(a.loc.seg, rec.len() as u64);
+        let a = inner
+            .log
+            .append_parts(&[&head, data], Reg::None, Flush::Lazy)?;
+        ix.pin(a.loc.seg, total);
         drop(ix);
-        self.pins.push((a.loc.seg, rec.len() as u64));
+        self.pins.push((a.loc.seg, total));
         self.extents.push(Extent {
             seg: a.loc.seg,
             off: a.loc.off + (HEADER_LEN + id::QUEUE_ID_BYTES) as u32,
@@ -1290,17 +1348,24 @@ impl MessageWriter {
         }
         let inner = Arc::clone(&self.spool.handle.inner);
         let qid = self.qid;
-        let mut rec = Vec::with_capacity(self.buf.len() + 512);
+        // The tail chunk's head, its bytes (not copied), the Commit: one pwritev.
         let tail = std::mem::take(&mut self.buf);
-        if !tail.is_empty() {
-            record::encode_chunk(&mut rec, qid, &tail);
-        }
-        let commit_at = rec.len();
+        let head = if tail.is_empty() {
+            Vec::new()
+        } else {
+            record::chunk_head(qid, tail.len())
+        };
+        let commit_at = head.len() + tail.len();
         let crc = std::mem::take(&mut self.crc).finalize();
+        let mut rec = Vec::with_capacity(512);
         record::encode_commit(&mut rec, qid, 0, self.len, crc, &self.envelope);
-        let commit_len = (rec.len() - commit_at) as u32;
+        let commit_len = rec.len() as u32;
         let mut ix = lock(&inner.index);
-        match inner.log.append(&rec, Reg::Commit(qid, commit_at as u32)) {
+        match inner.log.append_parts(
+            &[&head, &tail, &rec],
+            Reg::Commit(qid, commit_at as u32),
+            Flush::Now,
+        ) {
             Ok(a) => {
                 let mut extents = std::mem::take(&mut self.extents);
                 if !tail.is_empty() {

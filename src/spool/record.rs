@@ -431,6 +431,24 @@ fn frame(out: &mut Vec<u8>, kind: Kind, flags: u8, payload: impl FnOnce(&mut Vec
     out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The header and queue id of a Chunk record of `len` body bytes: written followed by the
+/// bytes themselves (a vectored write, so the body is not copied into a record buffer).
+/// The same bytes as [`encode_chunk`]'s up to the body.
+pub fn chunk_head(qid: QueueId, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + QUEUE_ID_BYTES);
+    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out.extend_from_slice(&[Kind::Chunk as u8, 0, 0, 0]);
+    out.extend_from_slice(&((QUEUE_ID_BYTES + len) as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&qid.to_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out[4..12]);
+    h.update(&out[HEADER_LEN..]);
+    let crc = h.finalize();
+    out[12..16].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
 /// Appends a Chunk record.
 pub fn encode_chunk(out: &mut Vec<u8>, qid: QueueId, data: &[u8]) {
     frame(out, Kind::Chunk, 0, |o| {
@@ -800,6 +818,15 @@ mod tests {
         let crc = crc32fast::hash(&v2[..24]);
         v2[24..28].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(SegmentHeader::decode(&v2), Err(FormatError::Version(2)));
+    }
+
+    #[test]
+    fn chunk_head_is_encode_chunk_without_the_body() {
+        let mut whole = Vec::new();
+        encode_chunk(&mut whole, qid(), b"body bytes");
+        let mut parts = chunk_head(qid(), 10);
+        parts.extend_from_slice(b"body bytes");
+        assert_eq!(parts, whole);
     }
 
     #[test]

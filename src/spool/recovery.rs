@@ -16,7 +16,9 @@
 //! **Damage.** A record whose header or CRC is bad starts an unreadable region; the scan
 //! looks for the next valid record (magic plus a matching CRC) and goes on from there,
 //! logging the region. If nothing valid follows in the *last* segment, the region is a torn
-//! tail (a crash during an unsynced write): it is truncated. Nothing acknowledged can be in
+//! tail (a crash during an unsynced write): it is truncated. Zeros to the end of a segment
+//! are not damage: they were written ahead of the appends (`log::PREALLOCATE`), and the
+//! last segment is truncated there. Nothing acknowledged can be in
 //! a torn tail, because acknowledgement waits for the fdatasync that covers every byte
 //! before it. When the bad record still names a queue id whose Commit never appears, that
 //! message goes to the corrupt queue rather than being dropped as partial: its Commit may
@@ -346,7 +348,21 @@ fn resync(w: &mut Window<'_>, from: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
-/// Scans one segment; returns where the valid data ends if garbage runs to the end.
+/// Is everything from `from` to the end of the file zero?
+fn zeros_to_end(w: &mut Window<'_>, from: u64) -> io::Result<bool> {
+    let mut pos = from;
+    while pos < w.len {
+        let n = (w.len - pos).min(WINDOW as u64) as usize;
+        match w.at(pos, n)? {
+            Some(b) if b.iter().all(|&x| x == 0) => pos += n as u64,
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// Scans one segment; returns where the valid data ends if garbage (or, in the last
+/// segment, the preallocated zeros) runs to the end.
 fn scan_segment(n: u32, file: &File, is_tail: bool, b: &mut Builder) -> io::Result<Option<u64>> {
     let len = file.metadata()?.len();
     let mut w = Window::new(file, len);
@@ -378,6 +394,10 @@ fn scan_segment(n: u32, file: &File, is_tail: bool, b: &mut Builder) -> io::Resu
             Step::Record(h, rec) => {
                 b.apply(n, pos, &h, rec);
                 pos += h.total_len();
+            }
+            // The zeros written ahead of the appends (log::PREALLOCATE): the clean end.
+            Step::Bad(_) if zeros_to_end(&mut w, pos)? => {
+                return Ok(is_tail.then_some(pos));
             }
             Step::Bad(hinted) => match resync(&mut w, pos + 1)? {
                 Some(next) => {

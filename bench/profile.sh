@@ -1,0 +1,95 @@
+#!/bin/bash
+# profile.sh - a flame graph of the gateway under one benchmark shape (issue 15).
+#
+#   smtp-source --SMTP--> postern (perf record -g) --LMTP--> lmtp_sink.py
+#
+# usage: bench/profile.sh SHAPE [LABEL [BIN]]      (as root: perf needs it; never in CI)
+#   SHAPE   a, b, c or d, the shapes of bench/e2e.sh
+#   LABEL   names the output (default "now"): bench/flame/SHAPE-LABEL.svg and .top
+#   BIN     the postern binary (default target/release/postern, built first)
+# Environment: MSGS (default 5000), FREQ (perf sampling Hz, default 1999).
+# Prints the top ten frames by self time (the .top file). perf and inferno
+# (cargo install inferno) must be on PATH; perf unwinds with DWARF, so the
+# release profile's line tables are enough.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+SHAPE=${1:?usage: profile.sh SHAPE [LABEL [BIN]]}
+LABEL=${2:-now}
+BIN=${3:-}
+MSGS=${MSGS:-5000}
+FREQ=${FREQ:-1999}
+die() { echo "profile.sh: $*" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || die "run as root (perf)"
+for t in perf smtp-source inferno-collapse-perf inferno-flamegraph; do
+    command -v $t >/dev/null || die "$t not found"
+done
+if [ -z "$BIN" ]; then
+    (cd "$REPO" && flock /tmp/cargo.lock cargo build --release -q) || die "build failed"
+    BIN=$REPO/target/release/postern
+fi
+case "$SHAPE" in
+a) ARGS="-s 20 -r 1 -l 4096" ;;
+b) ARGS="-s 20 -r 5 -l 4096" ;;
+c) ARGS="-s 20 -r 1 -l 102400" ;;
+d) ARGS="-s 1 -r 1 -l 4096" ;;
+*) die "unknown shape $SHAPE" ;;
+esac
+W=$(mktemp -d /var/tmp/postern-profile.XXXXXX)
+OUT=$HERE/flame
+mkdir -p "$OUT"
+SINK=127.0.0.1:2434 ADDR=127.0.0.1:2537
+cat >"$W/postern.yaml" <<EOF
+hostname: bench-postern.invalid
+node_id: 1
+spool:
+  path: $W/spool
+  min_free: 100MiB
+listeners:
+  - name: smtp
+    address: $ADDR
+    protocol: smtp
+    trusted_networks: []
+stores:
+  - name: sink
+    kind: lmtp
+    address: $SINK
+    max_connections: 20
+    recipients_per_transaction: 50
+routes:
+  domains:
+    dest.example: { store: sink, authoritative: false }
+delivery:
+  per_mailbox_serialization: false
+EOF
+cleanup() {
+    [ -n "${GW:-}" ] && kill "$GW" 2>/dev/null
+    [ -n "${SK:-}" ] && kill "$SK" 2>/dev/null
+    wait 2>/dev/null
+    rm -rf "$W"
+}
+trap cleanup EXIT
+python3 "$HERE/lmtp_sink.py" --listen "$SINK" --state-dir "$W" >/dev/null 2>&1 &
+SK=$!
+POSTERN_LOG=info "$BIN" run --config "$W/postern.yaml" >"$W/postern.log" 2>&1 &
+GW=$!
+for _ in $(seq 100); do
+    [ -f "$W/sink.ready" ] && (exec 3<>/dev/tcp/127.0.0.1/2537) 2>/dev/null && break
+    sleep 0.1
+done
+# Warm up (connections, pools, page cache), then record only the measured load.
+smtp-source -N -s 2 -m 200 -f bench@source.example -t rcpt@dest.example $ARGS -c "$ADDR" >/dev/null 2>&1
+perf record -q -F "$FREQ" -g --call-graph dwarf,16384 -p "$GW" -o "$W/perf.data" 2>/dev/null &
+PERF=$!
+sleep 0.5
+# shellcheck disable=SC2086
+smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$ADDR" >/dev/null 2>&1
+sleep 1
+kill -INT "$PERF"; wait "$PERF" 2>/dev/null
+perf script -i "$W/perf.data" 2>/dev/null | inferno-collapse-perf >"$W/folded"
+# Frames under 2 px are left out: the graph stays a few hundred KiB.
+inferno-flamegraph --minwidth 2 --title "postern, shape $SHAPE ($LABEL)" <"$W/folded" >"$OUT/$SHAPE-$LABEL.svg"
+perf report -i "$W/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | grep '%' | head -10 | sed 's/ *-* *-* *$//' >"$OUT/$SHAPE-$LABEL.top"
+echo "profile.sh: shape $SHAPE ($LABEL): $OUT/$SHAPE-$LABEL.svg; top frames by self time:"
+cat "$OUT/$SHAPE-$LABEL.top"
