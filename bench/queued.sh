@@ -63,12 +63,10 @@ GW=
 cleanup() { [ -n "$GW" ] && kill "$GW" 2>/dev/null; wait 2>/dev/null; }
 trap cleanup EXIT
 rss() { awk '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END{printf "%.1f MiB (peak %.1f MiB)", r/1024, h/1024}' "/proc/$1/status"; }
-banner() {   # waits for the SMTP banner; prints nothing
+banner() {   # waits (30 s at most) for the SMTP banner
     for _ in $(seq 3000); do
-        if exec 3<>/dev/tcp/127.0.0.1/2538 2>/dev/null; then
-            read -r -t 5 line <&3 && { exec 3>&-; return 0; }
-            exec 3>&-
-        fi
+        timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/2538 && head -c 3 <&3' 2>/dev/null | grep -q 220 &&
+            return 0
         sleep 0.01
     done
     return 1
