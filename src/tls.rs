@@ -4,13 +4,25 @@
 //! Loading happens at start and at reload; a listener whose certificate does not load
 //! refuses to start (check-config reports it with the key path).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
 
-use crate::config::TlsConfig;
+/// `tls:` of a listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Refuse mail transactions before STARTTLS (530 5.7.0).
+    #[serde(default)]
+    pub required: bool,
+}
 
 /// Why a certificate or key did not load.
 #[derive(Debug, thiserror::Error)]

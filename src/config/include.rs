@@ -10,16 +10,17 @@
 //! file and a fragment — is an error naming both places (`file:line: key`), never a silent
 //! override (domains are compared case-insensitively, users and aliases as the map
 //! compares them: `Alice@X` is `alice@x` unless the domain preserves case); patterns are appended after the main
-//! file's, in include order. [`RouteOrigins`] remembers which file every merged entry came
+//! file's, in include order. [`RouteOrigins`](crate::routing::config::RouteOrigins) remembers which file every merged entry came
 //! from, so later errors and `postern route` name the fragment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{
-    AliasTargets, ConfigError, DomainRoute, LocalPartCase, PatternRoute, RoutesConfig, locate,
+use super::error::ConfigError;
+use super::locate;
+use crate::routing::config::{
+    AliasTargets, DomainRoute, LocalPartCase, PatternRoute, RouteOrigins, RoutesConfig,
 };
 
 /// At most this many files may be included.
@@ -39,25 +40,6 @@ struct Fragment {
     patterns: Vec<PatternRoute>,
     #[serde(default)]
     clusters: BTreeMap<String, Vec<String>>,
-}
-
-/// Where the merged entries of `routes:` came from; an entry not listed is the main file's.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RouteOrigins {
-    /// The included files, in include order, as named in `routes.include`.
-    pub files: Vec<PathBuf>,
-    /// `domains[k]`, `users[k]`, `aliases[k]`, `clusters[k]` (keys as written) and
-    /// `patterns[i]` (merged index) → index into `files`.
-    pub entries: BTreeMap<String, usize>,
-    /// Merged pattern index → its index within its own file.
-    pub pattern_local: BTreeMap<usize, usize>,
-}
-
-impl RouteOrigins {
-    /// The file an entry (`users[k]`, `patterns[3]`, …) came from, when a fragment.
-    pub fn file_of(&self, entry: &str) -> Option<&PathBuf> {
-        self.entries.get(entry).and_then(|f| self.files.get(*f))
-    }
 }
 
 /// A domain as compared for duplicates.

@@ -33,8 +33,50 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::units::parse_str;
-use crate::config::{ByteSize, Span};
+use crate::config::units::{ByteSize, Span, parse_str};
+
+/// One entry of `stores:`, by `kind:`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// Local maildirs under `root/<domain>/<user>/Maildir` (like Postfix's virtual(8)).
+    Maildir {
+        /// Name used by routes.
+        name: String,
+        /// Root directory.
+        root: PathBuf,
+    },
+    /// Accept and drop (a policy route).
+    Discard {
+        /// Name used by routes.
+        name: String,
+    },
+    /// A mailbox store reached over LMTP (Cyrus, Dovecot).
+    Lmtp(Box<LmtpStoreConfig>),
+    /// A relay to a fixed next hop over SMTP (bounces, mail to other domains).
+    Smtp(Box<SmtpStoreConfig>),
+    /// A command with the message on stdin (like Postfix's pipe(8)).
+    Pipe(Box<super::PipeStoreConfig>),
+    /// Every recipient gets this reply: 4yz deferred, 5yz bounced (a policy route).
+    Error {
+        /// Name used by routes.
+        name: String,
+        /// `550 5.7.1 text`, as on the wire.
+        #[serde(deserialize_with = "super::policy::deserialize_fixed_reply")]
+        reply: postern_proto::Reply,
+    },
+}
+
+impl StoreConfig {
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Maildir { name, .. } | Self::Discard { name } | Self::Error { name, .. } => name,
+            Self::Lmtp(l) | Self::Smtp(l) => &l.name,
+            Self::Pipe(p) => &p.name,
+        }
+    }
+}
 
 /// One store of kind `lmtp`.
 #[derive(Clone, Debug, Deserialize)]
@@ -86,14 +128,14 @@ pub struct LmtpStoreConfig {
     #[serde(default)]
     pub verify_recipients: bool,
     /// The longest a verification may take (a window slot, a connection, the replies): 5s.
-    #[serde(default = "crate::edge::config::default_verify_timeout")]
+    #[serde(default = "super::edge_config::default_verify_timeout")]
     pub verify_timeout: Span,
     /// What RCPT gets when the store cannot answer: `tempfail` (450 4.1.1) or `accept`.
     #[serde(default)]
-    pub verify_tempfail_action: crate::edge::TempfailAction,
+    pub verify_tempfail_action: super::edge_config::TempfailAction,
     /// Refuse this store's recipients with 451 4.3.2 while it is backlogged: none.
     #[serde(default)]
-    pub backpressure: crate::edge::BackpressureConfig,
+    pub backpressure: super::edge_config::BackpressureConfig,
 }
 
 /// `window:` of a pooled store: how many transactions run at once, and how that is steered.
@@ -175,11 +217,11 @@ pub type SmtpStoreConfig = LmtpStoreConfig;
 
 impl LmtpStoreConfig {
     /// The edge settings (verification, backpressure) as the agent keeps them.
-    pub fn edge(&self) -> crate::edge::EdgeSettings {
-        crate::edge::EdgeSettings {
+    pub fn edge(&self) -> super::edge_config::EdgeSettings {
+        super::edge_config::EdgeSettings {
             verify: self
                 .verify_recipients
-                .then_some(crate::edge::config::VerifySettings {
+                .then_some(super::edge_config::VerifySettings {
                     timeout: self.verify_timeout.0,
                     tempfail: self.verify_tempfail_action,
                 }),
@@ -204,9 +246,9 @@ impl LmtpStoreConfig {
             normalize: Vec::new(),
             window: WindowConfig::default(),
             verify_recipients: false,
-            verify_timeout: crate::edge::config::default_verify_timeout(),
-            verify_tempfail_action: crate::edge::TempfailAction::Tempfail,
-            backpressure: crate::edge::BackpressureConfig::default(),
+            verify_timeout: super::edge_config::default_verify_timeout(),
+            verify_tempfail_action: super::edge_config::TempfailAction::Tempfail,
+            backpressure: super::edge_config::BackpressureConfig::default(),
         }
     }
 
@@ -459,22 +501,10 @@ impl Timestamp {
         if hour > 23 || minute > 59 || second > 60 {
             return Err(bad());
         }
-        let days = days_from_civil(year, month, day);
+        let days = crate::date::days_from_civil(year, month, day);
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
         Ok(Self(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm), years from
-/// 1970 on.
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 impl<'de> Deserialize<'de> for Timestamp {

@@ -47,7 +47,6 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -67,52 +66,13 @@ use super::message::{Envelope, Recipient, Report};
 use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
 use super::wire::{self, Credentials, Io, TlsSettings, Wire};
 
+pub use super::error::StoreError;
+
 /// Size of the reads from the message body in DATA mode.
 const DATA_READ: usize = 64 * 1024;
 
 /// The longest QUIT may take before the socket is simply closed.
 const QUIT_LIMIT: Duration = Duration::from_secs(5);
-
-/// Why a store's settings could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The configuration is inconsistent.
-    #[error("store {store}: {reason}")]
-    Invalid {
-        /// The store.
-        store: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The password file could not be read.
-    #[error("store {store}: password file {path}: {error}")]
-    PasswordFile {
-        /// The store.
-        store: String,
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        error: io::Error,
-    },
-    /// The CA file could not be read or holds no certificate.
-    #[error("store {store}: CA file {path}: {reason}")]
-    CaFile {
-        /// The store.
-        store: String,
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// rustls refused the client configuration.
-    #[error("store {store}: TLS: {error}")]
-    Tls {
-        /// The store.
-        store: String,
-        /// The error.
-        error: rustls::Error,
-    },
-}
 
 /// Timeouts per phase, from [`super::config::LmtpTimeouts`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,7 +110,7 @@ pub struct LmtpStore {
     chunk_size: usize,
     policy: Policy,
     window: WindowConfig,
-    edge: crate::edge::EdgeSettings,
+    edge: super::edge_config::EdgeSettings,
 }
 
 impl fmt::Debug for LmtpStore {
@@ -265,7 +225,7 @@ impl LmtpStore {
     }
 
     /// Recipient verification and backpressure settings ([`crate::edge`]).
-    pub fn edge(&self) -> crate::edge::EdgeSettings {
+    pub fn edge(&self) -> super::edge_config::EdgeSettings {
         self.edge
     }
 

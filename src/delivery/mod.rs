@@ -47,6 +47,8 @@
 
 pub mod config;
 pub mod downgrade;
+pub mod edge_config;
+pub mod error;
 pub mod lmtp;
 pub mod maildir;
 pub mod message;
@@ -58,7 +60,7 @@ mod tls;
 pub mod trouble;
 mod wire;
 
-pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
+pub use config::{LmtpStoreConfig, SmtpStoreConfig, StoreConfig, WindowConfig};
 pub use lmtp::{Connection, LmtpStore};
 pub use maildir::MaildirStore;
 pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};

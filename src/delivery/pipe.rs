@@ -63,10 +63,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
 use tokio::time::Instant;
 
-use super::lmtp::StoreError;
+use super::error::StoreError;
 use super::message::{Envelope, MessageBody, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
-use crate::config::{ByteSize, Span};
+use crate::config::units::{ByteSize, Span};
 
 /// The command's `PATH` (Postfix's `_PATH_DEFPATH`).
 const COMMAND_PATH: &str = "/usr/bin:/bin";

@@ -39,7 +39,8 @@
 use postern_proto::client::Protocol;
 
 use super::config::SmtpStoreConfig;
-use super::lmtp::{LmtpStore, StoreError};
+use super::error::StoreError;
+use super::lmtp::LmtpStore;
 
 impl LmtpStore {
     /// Loads an SMTP relay's settings ([`LmtpStoreConfig::validate_smtp`](super::config::LmtpStoreConfig::validate_smtp), then as

@@ -390,7 +390,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
-    use crate::config::Span;
+    use crate::config::units::Span;
     use crate::delivery::config::Timestamp;
 
     fn reply(code: u16, enhanced: Option<(u8, u16, u16)>) -> Reply {

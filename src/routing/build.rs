@@ -13,10 +13,11 @@ use std::path::Path;
 use postern_proto::{Domain, Mailbox};
 
 use super::cluster::{Cluster, store_seed};
+use super::config::{LocalPartCase, RoutesConfig};
 use super::pattern::Pattern;
 use super::users::Users;
 use super::{DomainEntry, Router, Target, fold_domain};
-use crate::config::{ConfigError, LocalPartCase, RoutesConfig};
+use crate::config::error::ConfigError;
 
 /// At most this many problems are listed from one users file.
 const MAX_FILE_ERRORS: usize = 20;

@@ -30,7 +30,7 @@ fn config(routes: &str) -> Result<Config, Vec<crate::config::ConfigError>> {
 
 fn router(routes: &str) -> Router {
     let c = config(routes).unwrap_or_else(|e| panic!("{e:?}"));
-    reload::build(&c).unwrap_or_else(|e| panic!("{e:?}"))
+    crate::reload::build(&c).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 fn to(s: &str) -> ForwardPath {
@@ -315,7 +315,7 @@ fn users_file_errors_name_file_line_and_key() {
         file.display()
     ))
     .unwrap();
-    let errors: Vec<String> = reload::build(&c)
+    let errors: Vec<String> = crate::reload::build(&c)
         .unwrap_err()
         .iter()
         .map(ToString::to_string)
@@ -418,7 +418,7 @@ fn a_thousand_stores_and_a_hundred_clusters_in_one_map() {
         let _ = writeln!(text, "    d{c}.example: {{ cluster: c{c} }}");
     }
     let config = Config::parse(&text, "big.yaml").unwrap_or_else(|e| panic!("{e:?}"));
-    let r = reload::build(&config).unwrap();
+    let r = crate::reload::build(&config).unwrap();
     assert_eq!(r.store_names().count(), 1000);
     let mut seen = std::collections::HashSet::new();
     for c in 0..100 {

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use postern_proto::params::{Body, Orcpt, Ret};
 use postern_proto::{MailParams, RcptParams};
 
-use crate::listener::rfc5322_date;
+use crate::date::rfc5322 as rfc5322_date;
 use crate::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState};
 
 /// The whole message is returned in a failure DSN only up to this size (Postfix's

@@ -68,6 +68,7 @@ pub mod config;
 mod double_bounce;
 pub mod dsn;
 pub mod gate;
+pub mod load;
 mod loops;
 pub mod metrics;
 mod operator;

@@ -1084,14 +1084,14 @@ impl Shard {
             if load.limits().is_empty() {
                 // Only whether it is down (verification does not ask a down store).
                 let down_for = st.down_since.map(age);
-                load.update(crate::edge::Sample {
+                load.update(super::load::Sample {
                     down_for,
                     ..Default::default()
                 });
                 continue;
             }
             let (queued, oldest) = st.shape.load();
-            load.update(crate::edge::Sample {
+            load.update(super::load::Sample {
                 queued: queued as u64,
                 oldest: oldest.map(age).unwrap_or_default(),
                 down_for: st.down_since.map(age),

@@ -45,23 +45,22 @@
 //! | `recovery` | the startup scan |
 //! | `gc` | deleting dead segments, compacting old mostly-dead ones |
 //! | [`fault`] | `POSTERN_FAULT` crash points and injected I/O errors |
-//! | [`torture`], [`bench`] | the crash-test load and the benchmark |
+//! | (`bench/`: `postern-bench`) | the crash-test load and the benchmark, outside the product |
 //!
 //! # Directory
 //!
 //! `DIR/spool.lock` (flock: one daemon per spool), `DIR/NNNNNNNN.seg` (the log), and
 //! `DIR/corrupt/` (quarantined messages, one `QUEUEID.txt` each).
 
-pub mod bench;
 pub mod fault;
 mod gc;
 pub mod id;
 mod index;
 pub mod ledger;
 pub mod log;
+mod micros;
 pub mod record;
 mod recovery;
-pub mod torture;
 
 use std::collections::HashMap;
 use std::fs::File;

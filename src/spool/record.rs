@@ -46,13 +46,14 @@
 //! Golden files for every record kind are in `src/spool/testdata/` (`UPDATE_GOLDEN=1` rewrites
 //! them; a change to a golden file is a format change and needs a version bump).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use postern_proto::params::{Body, Notify, Orcpt, Ret};
 use postern_proto::{MailParams, RcptParams};
 
 use super::id::{QUEUE_ID_BYTES, QueueId};
 use super::ledger::RecipientState;
+use super::micros::{from_micros, to_micros};
 
 /// Segment file magic.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"PSTNSEG\0";
@@ -511,18 +512,6 @@ pub fn encode_quarantine(out: &mut Vec<u8>, qid: QueueId) {
     frame(out, Kind::Hold, FLAG_POISON, |o| {
         o.extend_from_slice(&qid.to_bytes());
     });
-}
-
-/// Microseconds since the epoch (0 before it).
-pub fn to_micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// The time `micros` after the epoch.
-pub fn from_micros(micros: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros)
 }
 
 fn encode_envelope(o: &mut Vec<u8>, env: &Envelope) {

@@ -1,4 +1,5 @@
-//! The routing map in force, and its live reload.
+//! The configuration in force, and its live reload: the routing map, the live keys of
+//! `delivery:`, and which other changes need a restart.
 //!
 //! [`LiveRoutes`] owns the `Arc<ArcSwap<Router>>` that the listener (at RCPT) and the
 //! scheduler (at every attempt) read. A reload — `SIGHUP`, or a change of the configuration
@@ -26,8 +27,8 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
-use super::Router;
 use crate::config::{Config, ConfigError, StoreConfig};
+use crate::routing::Router;
 use crate::scheduler::Scheduler;
 
 /// Reloads that failed (the running map was kept); described in [`crate::metrics`].
@@ -184,7 +185,11 @@ impl LiveRoutes {
                 let lost_route = self.scheduler.get().map(|s| {
                     let old = self.current.load();
                     let queued = s.open_recipients();
-                    super::diff::lost_routes(&old, &router, queued.iter().map(String::as_str))
+                    crate::routing::diff::lost_routes(
+                        &old,
+                        &router,
+                        queued.iter().map(String::as_str),
+                    )
                 });
                 self.current.store(Arc::new(router));
                 let delivery = running.config.delivery.diff(&new.delivery);
@@ -368,8 +373,8 @@ mod tests {
         new.stores.clear();
         assert_eq!(needs_restart(&old, &new), ["hostname", "stores"]);
         let mut new = old.clone();
-        new.delivery.maximal_backoff = crate::config::Span(Duration::from_secs(600));
-        new.delivery.delay_warning = Some(crate::config::Span(Duration::from_secs(3600)));
+        new.delivery.maximal_backoff = crate::config::units::Span(Duration::from_secs(600));
+        new.delivery.delay_warning = Some(crate::config::units::Span(Duration::from_secs(3600)));
         assert!(
             needs_restart(&old, &new).is_empty(),
             "the retry keys are live"
