@@ -101,7 +101,7 @@ impl Gateway {
                 path: config.spool.path.display().to_string(),
                 source,
             })?;
-        tracing::info!(path = %config.spool.path.display(), recovered = ?report, "spool open");
+        tracing::info!(path = %config.spool.path.display(), "spool open: {report}");
         let metrics_listener =
             crate::metrics::bind(config.metrics.address)
                 .await

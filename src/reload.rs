@@ -317,44 +317,20 @@ impl LiveRoutes {
 /// The top-level keys other than `routes:` that differ, and the keys of `delivery:` that
 /// differ and cannot change live (`delivery.shards`).
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |key: &'static str, a: String, b: String| {
-        if a != b {
-            out.push(key);
-        }
-    };
-    check("hostname", old.hostname.clone(), new.hostname.clone());
-    check("node_id", old.node_id.to_string(), new.node_id.to_string());
-    check(
-        "spool",
-        format!("{:?}", old.spool),
-        format!("{:?}", new.spool),
-    );
-    check(
-        "metrics",
-        format!("{:?}", old.metrics),
-        format!("{:?}", new.metrics),
-    );
-    check(
-        "drain_timeout",
-        format!("{:?}", old.drain_timeout),
-        format!("{:?}", new.drain_timeout),
-    );
-    check(
-        "listeners",
-        format!("{:?}", old.listeners),
-        format!("{:?}", new.listeners),
-    );
-    check(
-        "stores",
-        format!("{:?}", old.stores),
-        format!("{:?}", new.stores),
-    );
-    check(
-        "verify_cache",
-        format!("{:?}", old.verify_cache),
-        format!("{:?}", new.verify_cache),
-    );
+    let changed = [
+        ("hostname", old.hostname != new.hostname),
+        ("node_id", old.node_id != new.node_id),
+        ("spool", old.spool != new.spool),
+        ("metrics", old.metrics != new.metrics),
+        ("drain_timeout", old.drain_timeout != new.drain_timeout),
+        ("listeners", old.listeners != new.listeners),
+        ("stores", old.stores != new.stores),
+        ("verify_cache", old.verify_cache != new.verify_cache),
+    ];
+    let mut out: Vec<&'static str> = changed
+        .into_iter()
+        .filter_map(|(key, differs)| differs.then_some(key))
+        .collect();
     out.extend(old.delivery.diff(&new.delivery).restart);
     out
 }

@@ -200,7 +200,7 @@ async fn slow_reply_hits_the_end_of_data_timeout() {
     );
     let trouble = report.trouble.unwrap();
     assert_eq!(trouble.scope, Scope::Connection);
-    assert!(trouble.detail.contains("EndOfData"), "{trouble}");
+    assert!(trouble.detail.contains("end of data"), "{trouble}");
     assert!(!conn.is_usable());
     // A broken connection takes no new transaction: nothing is attempted.
     let again = conn

@@ -94,7 +94,7 @@ pub struct Config {
 }
 
 /// `admin:`
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// The admin socket (created mode 0600); default `<spool.path>/admin.sock`.
@@ -113,7 +113,7 @@ impl Config {
 }
 
 /// `spool:`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     /// Directory of the spool.
@@ -134,7 +134,7 @@ impl Default for SpoolConfig {
 }
 
 /// `metrics:`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Where `/metrics` is served; loopback by default.

@@ -36,7 +36,7 @@ use serde::{Deserialize, Deserializer};
 use crate::config::units::{ByteSize, Span, parse_str};
 
 /// One entry of `stores:`, by `kind:`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StoreConfig {
     /// Local maildirs under `root/<domain>/<user>/Maildir` (like Postfix's virtual(8)).
@@ -79,7 +79,7 @@ impl StoreConfig {
 }
 
 /// One store of kind `lmtp`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmtpStoreConfig {
     /// Name used by routes, logs and metrics.
@@ -365,7 +365,7 @@ impl<'de> Deserialize<'de> for StoreAddress {
 }
 
 /// `tls:` of a store.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreTlsConfig {
     /// `required`: no STARTTLS (or a failed handshake), no delivery. `opportunistic`:
@@ -396,7 +396,7 @@ pub enum TlsMode {
 }
 
 /// `auth:` of a store: SASL PLAIN.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreAuthConfig {
     /// The authentication identity (Cyrus: an admin listed in `lmtp_admins`).
@@ -406,7 +406,7 @@ pub struct StoreAuthConfig {
 }
 
 /// `timeouts:` of a store, one per phase (Postfix's `lmtp_*_timeout`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmtpTimeouts {
     /// Opening the socket: 30s.

@@ -81,7 +81,7 @@ const QUOTED_OUTPUT: usize = 200;
 const READ_SIZE: usize = 64 * 1024;
 
 /// One store of kind `pipe`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipeStoreConfig {
     /// Name used by routes, logs and metrics.
@@ -582,8 +582,8 @@ impl PipeStore {
             Ended::TimedOut(output) => {
                 let text = with_output(
                     format!(
-                        "Command time limit ({:?}) exceeded: \"{program}\"",
-                        self.timeout
+                        "Command time limit ({}) exceeded: \"{program}\"",
+                        Span(self.timeout)
                     ),
                     &output,
                 );
@@ -591,8 +591,9 @@ impl PipeStore {
                 let trouble = Trouble {
                     scope: Scope::Message,
                     detail: format!(
-                        "pipe {}: {program} killed after {:?}",
-                        self.name, self.timeout
+                        "pipe {}: {program} killed after {}",
+                        self.name,
+                        Span(self.timeout)
                     ),
                     reply: Some(reply.clone()),
                 };

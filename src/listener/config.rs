@@ -75,7 +75,7 @@ pub enum BareLineEndings {
 }
 
 /// `timeouts:` of a listener (RFC 5321 §4.5.3.2 minimums by default).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// Waiting for a command (and the greeting's answer): 5m.
@@ -104,7 +104,7 @@ impl Default for Timeouts {
 }
 
 /// One entry of `listeners:`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Label for logs and metrics.
@@ -156,7 +156,7 @@ pub struct ListenerConfig {
 }
 
 /// `listeners[].proxy_protocol:`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyProtocolConfig {
     /// The load balancers' addresses. A connection from anywhere else is closed without a

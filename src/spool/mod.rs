@@ -214,6 +214,8 @@ pub struct RecoveryReport {
     pub records: u64,
     /// Live messages in the index.
     pub messages: usize,
+    /// Their recipients not yet delivered or bounced.
+    pub recipients: usize,
     /// Messages without a Commit record, dropped (never acknowledged).
     pub partial_dropped: usize,
     /// Messages moved to the corrupt queue.
