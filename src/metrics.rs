@@ -207,7 +207,7 @@ pub fn deferral_class(reply: &str) -> &'static str {
 
 /// What kind of metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum MetricKind {
     /// Only goes up.
     Counter,
     /// Goes up and down.
@@ -222,7 +222,7 @@ pub struct Def {
     /// The exported name.
     pub name: &'static str,
     /// Counter, gauge or histogram.
-    pub kind: Kind,
+    pub kind: MetricKind,
     /// Its unit.
     pub unit: Unit,
     /// Its label names.
@@ -270,7 +270,7 @@ pub const BATCH_BYTE_BUCKETS: &[f64] = &[
 
 const fn def(
     name: &'static str,
-    kind: Kind,
+    kind: MetricKind,
     unit: Unit,
     labels: &'static [&'static str],
     help: &'static str,
@@ -294,7 +294,7 @@ const fn hist(
 ) -> Def {
     Def {
         name,
-        kind: Kind::Histogram,
+        kind: MetricKind::Histogram,
         unit,
         labels,
         help,
@@ -302,7 +302,7 @@ const fn hist(
     }
 }
 
-use Kind::{Counter, Gauge};
+use MetricKind::{Counter, Gauge};
 
 /// Every metric postern exports.
 #[rustfmt::skip]
@@ -358,9 +358,9 @@ pub fn find(name: &str) -> Option<&'static Def> {
 pub fn describe() {
     for d in ALL {
         match d.kind {
-            Kind::Counter => describe_counter!(d.name, d.unit, d.help),
-            Kind::Gauge => describe_gauge!(d.name, d.unit, d.help),
-            Kind::Histogram => describe_histogram!(d.name, d.unit, d.help),
+            MetricKind::Counter => describe_counter!(d.name, d.unit, d.help),
+            MetricKind::Gauge => describe_gauge!(d.name, d.unit, d.help),
+            MetricKind::Histogram => describe_histogram!(d.name, d.unit, d.help),
         }
     }
 }
@@ -561,7 +561,7 @@ mod tests {
             assert!(seen.insert(d.name), "{} defined twice", d.name);
             assert!(d.name.starts_with("postern_"), "{}", d.name);
             assert_eq!(
-                d.kind == Kind::Counter,
+                d.kind == MetricKind::Counter,
                 d.name.ends_with("_total"),
                 "{}",
                 d.name
@@ -569,7 +569,7 @@ mod tests {
             if d.unit == Unit::Seconds {
                 assert!(d.name.ends_with("_seconds"), "{}", d.name);
             }
-            if d.kind == Kind::Histogram {
+            if d.kind == MetricKind::Histogram {
                 assert!(d.buckets.is_some_and(|b| !b.is_empty()), "{}", d.name);
             }
             for l in d.labels {

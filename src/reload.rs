@@ -164,6 +164,7 @@ impl LiveRoutes {
                 return Err(vec![ConfigError {
                     file: path.display().to_string(),
                     line: None,
+                    column: None,
                     path: "stores".into(),
                     message: format!(
                         "routes name stores not running since start-up ({}); new stores need a restart",
@@ -254,6 +255,7 @@ impl LiveRoutes {
                 Err(ReloadError::Invalid(vec![ConfigError {
                     file: String::new(),
                     line: None,
+                    column: None,
                     path: "routes".into(),
                     message: format!("reload task failed: {e}"),
                 }]))

@@ -114,12 +114,12 @@ pub(super) fn merge(
     let includes = std::mem::take(&mut routes.include);
     let at_main = |i: usize, message: String| {
         let path = format!("routes.include[{i}]");
-        ConfigError {
-            file: main_file.to_owned(),
-            line: locate::line_of(main_text, &path),
+        ConfigError::at(
+            main_file,
+            locate::position_of(main_text, &path),
             path,
             message,
-        }
+        )
     };
     if includes.len() > MAX_INCLUDES {
         errors.push(at_main(
@@ -171,15 +171,15 @@ pub(super) fn merge(
                 origins,
             };
             let here = format!("{section}[{key}]");
-            ConfigError {
-                file: name.clone(),
-                line: locate::line_of(&texts[f], &here),
-                message: format!(
+            ConfigError::at(
+                name.clone(),
+                locate::position_of(&texts[f], &here),
+                here,
+                format!(
                     "`{key}` is already defined at {}",
                     place.of(section, earlier)
                 ),
-                path: here,
-            }
+            )
         };
         for (k, v) in fragment.domains {
             let earlier = routes.domains.keys().find(|e| fold(e) == fold(&k)).cloned();
@@ -262,10 +262,11 @@ pub(super) fn relocate(
         _ => entry,
     };
     let at = format!("{local}{tail}");
-    Some(ConfigError {
-        file: routes.origins.files.get(f)?.display().to_string(),
-        line: texts.get(f).and_then(|t| locate::line_of(t, &at)),
-        path: at,
-        message: message.to_owned(),
-    })
+    let position = texts.get(f).and_then(|t| locate::position_of(t, &at));
+    Some(ConfigError::at(
+        routes.origins.files.get(f)?.display().to_string(),
+        position,
+        at,
+        message,
+    ))
 }

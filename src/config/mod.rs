@@ -12,6 +12,7 @@
 //! [`units`] (`Span`, `ByteSize`) and [`error`] (`ConfigError`) import nothing from the
 //! crate, so every owner uses them without a cycle; the owners never import `Config`.
 
+mod diagnose;
 pub mod error;
 mod include;
 mod locate;
@@ -31,7 +32,7 @@ pub use units::{ByteSize, Span};
 pub use crate::delivery::StoreConfig;
 pub use crate::edge::VerifyCacheConfig;
 pub use crate::listener::config::{
-    BareLineEndings, ListenAddress, ListenerConfig, ListenerMode, ListenerProtocol,
+    BareLineEndingsPolicy, ListenAddress, ListenerConfig, ListenerMode, ListenerProtocol,
     ProxyProtocolConfig, Timeouts,
 };
 pub use crate::routing::config::{
@@ -177,6 +178,7 @@ impl Config {
             vec![ConfigError {
                 file: name.clone(),
                 line: None,
+                column: None,
                 path: String::new(),
                 message: format!("cannot read: {e}"),
             }]
@@ -202,7 +204,7 @@ impl Config {
     /// Parses and validates YAML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, Vec<ConfigError>> {
         let mut config: Self =
-            serde_yaml::from_str(text).map_err(|e| vec![locate::parse_error(&e, text, file)])?;
+            serde_yaml::from_str(text).map_err(|e| diagnose::parse_errors(&e, text, file))?;
         let fragments = include::merge(&mut config.routes, text, file)?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -212,12 +214,7 @@ impl Config {
             .into_iter()
             .map(|(path, message)| {
                 include::relocate(&config.routes, &fragments, &path, &message).unwrap_or_else(
-                    || ConfigError {
-                        file: file.to_owned(),
-                        line: locate::line_of(text, &path),
-                        path,
-                        message,
-                    },
+                    || ConfigError::at(file, locate::position_of(text, &path), path, message),
                 )
             })
             .collect())

@@ -23,9 +23,9 @@
 //!
 //! Plain serde structs with `deny_unknown_fields`; durations and sizes carry units
 //! ([`Span`], [`ByteSize`]). [`LmtpStoreConfig::validate`] checks what serde cannot.
-//! Loading the password and CA files happens in [`LmtpStore::from_config`].
+//! Loading the password and CA files happens in [`RemoteStore::from_config`].
 //!
-//! [`LmtpStore::from_config`]: super::lmtp::LmtpStore::from_config
+//! [`RemoteStore::from_config`]: super::lmtp::RemoteStore::from_config
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The LMTP delivery agent: one connection to a store, and mail transactions over it.
 //!
-//! [`LmtpStore`] is a store as the agent sees it, built once from its [`LmtpStoreConfig`]
-//! (the password and CA files are read then). [`LmtpStore::connect`] opens a [`Connection`]:
+//! [`RemoteStore`] is a store as the agent sees it, built once from its [`LmtpStoreConfig`]
+//! (the password and CA files are read then). [`RemoteStore::connect`] opens a [`Connection`]:
 //! TCP or unix socket, greeting, LHLO, optional STARTTLS (then LHLO again), optional AUTH
 //! PLAIN. [`Connection::deliver`] runs one transaction with the protocol rules of
 //! [`postern_proto::client`]: MAIL, RCPT and DATA in one flush when the store offers
@@ -33,7 +33,7 @@
 //! before the end of data, [`Outcome::NotAttempted`]. What the replies mean, and how wide a
 //! failure is, is decided in [`super::trouble`] only.
 //!
-//! # Timeouts
+//! # PhaseTimeouts
 //!
 //! Per phase, per read or write (Postfix's `lmtp_*_timeout`): connect, the greeting and each
 //! LHLO/STARTTLS/AUTH reply, each MAIL/RCPT/DATA reply, each content write, and each reply
@@ -62,7 +62,7 @@ use tokio_rustls::TlsConnector;
 
 use super::config::{LmtpStoreConfig, StoreAddress, TlsMode, WindowConfig};
 use super::downgrade::{Downgrading, Guard};
-use super::message::{Envelope, Recipient, Report};
+use super::message::{OutboundEnvelope, Recipient, Report};
 use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
 use super::wire::{self, Credentials, Io, TlsSettings, Wire};
 
@@ -74,9 +74,9 @@ const DATA_READ: usize = 64 * 1024;
 /// The longest QUIT may take before the socket is simply closed.
 const QUIT_LIMIT: Duration = Duration::from_secs(5);
 
-/// Timeouts per phase, from [`super::config::LmtpTimeouts`].
+/// PhaseTimeouts per phase, from [`super::config::LmtpTimeouts`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
+pub struct PhaseTimeouts {
     /// Opening the socket.
     pub connect: Duration,
     /// The greeting and each LHLO, STARTTLS (handshake included) and AUTH reply.
@@ -91,17 +91,17 @@ pub struct Timeouts {
 
 /// An LMTP store, ready to connect to. Shared (`Arc`) by its pool and its connections.
 ///
-/// The same type, with [`Protocol::Smtp`], is an SMTP relay ([`LmtpStore::from_smtp_config`],
+/// The same type, with [`Protocol::Smtp`], is an SMTP relay ([`RemoteStore::from_smtp_config`],
 /// in [`super::smtp`]): EHLO (HELO fallback) instead of LHLO, one reply after the end of data
 /// for every accepted recipient; everything else is shared.
-pub struct LmtpStore {
+pub struct RemoteStore {
     name: String,
     protocol: Protocol,
     address: StoreAddress,
     local_name: String,
     tls: Option<TlsSettings>,
     auth: Option<Credentials>,
-    timeouts: Timeouts,
+    timeouts: PhaseTimeouts,
     max_connections: usize,
     recipients_per_transaction: usize,
     idle_timeout: Duration,
@@ -113,9 +113,9 @@ pub struct LmtpStore {
     edge: super::edge_config::EdgeSettings,
 }
 
-impl fmt::Debug for LmtpStore {
+impl fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LmtpStore")
+        f.debug_struct("RemoteStore")
             .field("name", &self.name)
             .field("protocol", &self.protocol)
             .field("address", &self.address)
@@ -131,7 +131,7 @@ impl fmt::Debug for LmtpStore {
     }
 }
 
-impl LmtpStore {
+impl RemoteStore {
     /// Loads a store's settings: validates the configuration, reads the password file and
     /// the CA file, builds the TLS client configuration. `local_name` is sent with LHLO.
     pub fn from_config(config: &LmtpStoreConfig, local_name: &str) -> Result<Self, StoreError> {
@@ -199,7 +199,7 @@ impl LmtpStore {
             local_name: local_name.to_owned(),
             tls,
             auth,
-            timeouts: Timeouts {
+            timeouts: PhaseTimeouts {
                 connect: t.connect.0,
                 lhlo: t.lhlo.0,
                 mail_rcpt: t.mail_rcpt.0,
@@ -265,7 +265,7 @@ impl LmtpStore {
     }
 
     /// The timeouts.
-    pub fn timeouts(&self) -> Timeouts {
+    pub fn timeouts(&self) -> PhaseTimeouts {
         self.timeouts
     }
 
@@ -329,7 +329,7 @@ impl LmtpStore {
 
 /// An open, greeted (and, as configured, encrypted and authenticated) connection to a store.
 pub struct Connection {
-    store: Arc<LmtpStore>,
+    store: Arc<RemoteStore>,
     wire: Wire,
     caps: Capabilities,
     tls: bool,
@@ -359,7 +359,7 @@ impl Connection {
     }
 
     /// The store this connection goes to.
-    pub fn store(&self) -> &Arc<LmtpStore> {
+    pub fn store(&self) -> &Arc<RemoteStore> {
         &self.store
     }
 
@@ -394,7 +394,7 @@ impl Connection {
     /// soon as it is known, and is also returned in the [`Report`].
     pub async fn deliver<R, F>(
         &mut self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: R,
         on_outcome: &mut F,
@@ -604,7 +604,7 @@ impl Connection {
     /// The bounce for a message this store cannot take, decided before sending anything.
     fn refuse_locally(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
     ) -> Option<postern_proto::Reply> {
         let caps = &self.caps;
@@ -630,7 +630,7 @@ impl Connection {
     /// MAIL and RCPT parameters, keeping only what the store advertised.
     fn parameters(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
     ) -> (MailParams, Vec<(ForwardPath, RcptParams)>) {
         let caps = &self.caps;
@@ -866,7 +866,7 @@ fn size_normalised(wait: Duration, size: u64) -> Duration {
 /// An address of the message is not ASCII: it cannot go without SMTPUTF8 (a declared
 /// SMTPUTF8 alone is no reason to refuse: with ASCII addresses and headers the message does
 /// not need it, and 8-bit headers are caught while streaming).
-fn non_ascii_address(envelope: &Envelope, recipients: &[Recipient]) -> bool {
+fn non_ascii_address(envelope: &OutboundEnvelope, recipients: &[Recipient]) -> bool {
     envelope.from.mailbox().is_some_and(|m| !m.is_ascii())
         || recipients
             .iter()

@@ -64,7 +64,7 @@ use tokio::process::{ChildStdin, Command};
 use tokio::time::Instant;
 
 use super::error::StoreError;
-use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
 use crate::config::units::{ByteSize, Span};
 
@@ -376,7 +376,7 @@ impl PipeStore {
     /// from its start. Each outcome goes to `on_outcome` as soon as its run has ended.
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,

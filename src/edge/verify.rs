@@ -95,13 +95,13 @@ pub async fn ask_directly(
     store: &str,
     rcpt: &ForwardPath,
 ) -> String {
-    use crate::delivery::{LmtpStore, StoreConfig};
+    use crate::delivery::{RemoteStore, StoreConfig};
     let built = stores.iter().find_map(|s| match s {
         StoreConfig::Lmtp(l) if l.name == store => {
-            Some(LmtpStore::from_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
+            Some(RemoteStore::from_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
         }
         StoreConfig::Smtp(l) if l.name == store => {
-            Some(LmtpStore::from_smtp_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
+            Some(RemoteStore::from_smtp_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
         }
         _ => None,
     });

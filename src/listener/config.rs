@@ -67,7 +67,7 @@ pub enum ListenerProtocol {
 /// `bare_line_endings:`
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BareLineEndings {
+pub enum BareLineEndingsPolicy {
     /// Store bare CR/LF as CRLF.
     Normalize,
     /// Refuse the message with 550 5.5.2.
@@ -139,7 +139,7 @@ pub struct ListenerConfig {
     pub trusted_networks: Vec<IpNet>,
     /// Bare CR/LF in content.
     #[serde(default = "default_bare")]
-    pub bare_line_endings: BareLineEndings,
+    pub bare_line_endings: BareLineEndingsPolicy,
     /// Store and forward (`spool`, the default) or cut-through to the store (`proxy`).
     #[serde(default)]
     pub mode: ListenerMode,
@@ -210,8 +210,8 @@ fn default_max_recipients() -> usize {
 fn default_max_errors() -> u32 {
     20
 }
-fn default_bare() -> BareLineEndings {
-    BareLineEndings::Normalize
+fn default_bare() -> BareLineEndingsPolicy {
+    BareLineEndingsPolicy::Normalize
 }
 fn default_proxy_wait() -> Span {
     Span(Duration::from_secs(2))

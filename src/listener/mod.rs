@@ -41,7 +41,7 @@ use crate::metrics as m;
 use crate::routing::Router;
 use crate::scheduler::{Agents, Scheduler};
 use crate::spool::Spool;
-use config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
+use config::{BareLineEndingsPolicy, ListenAddress, ListenerConfig, ListenerProtocol};
 
 /// What the gateway gives every listener.
 #[derive(Clone, Debug)]
@@ -174,8 +174,8 @@ impl Listener {
         server_config.starttls = tls.is_some();
         server_config.tls_required = config.tls.as_ref().is_some_and(|t| t.required);
         server_config.bare_line_endings = match config.bare_line_endings {
-            BareLineEndings::Normalize => BarePolicy::Normalize,
-            BareLineEndings::Reject => BarePolicy::Reject,
+            BareLineEndingsPolicy::Normalize => BarePolicy::Normalize,
+            BareLineEndingsPolicy::Reject => BarePolicy::Reject,
         };
         let shared = Arc::new(Shared {
             config: config.clone(),

@@ -205,6 +205,7 @@ fn error(file: &str, line: Option<usize>, path: &str, message: String) -> Config
     ConfigError {
         file: file.to_owned(),
         line,
+        column: None,
         path: path.to_owned(),
         message,
     }

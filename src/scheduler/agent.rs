@@ -26,8 +26,8 @@ use super::gate::Gate;
 use super::load::StoreLoad;
 use super::window::{Window, WindowSettings};
 use crate::delivery::{
-    Envelope, MaildirStore, MessageBody, Outcome, PipeStore, Recipient, Report, StoreConfig,
-    StorePool, trouble,
+    MaildirStore, MessageBody, OutboundEnvelope, Outcome, PipeStore, Recipient, Report,
+    StoreConfig, StorePool, trouble,
 };
 use crate::spool::{QueueId, Spool};
 
@@ -113,7 +113,7 @@ impl Agent {
     /// session's buffer from a listener in `mode: proxy`.
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,
@@ -233,11 +233,11 @@ impl Agents {
                 }
                 StoreConfig::Discard { .. } => Agent::Discard,
                 StoreConfig::Lmtp(l) => {
-                    let lmtp = crate::delivery::LmtpStore::from_config(l, hostname)?;
+                    let lmtp = crate::delivery::RemoteStore::from_config(l, hostname)?;
                     Agent::Lmtp(StorePool::new(Arc::new(lmtp)))
                 }
                 StoreConfig::Smtp(s) => {
-                    let relay = crate::delivery::LmtpStore::from_smtp_config(s, hostname)?;
+                    let relay = crate::delivery::RemoteStore::from_smtp_config(s, hostname)?;
                     Agent::Lmtp(StorePool::new(Arc::new(relay)))
                 }
                 StoreConfig::Pipe(p) => Agent::Pipe(Arc::new(PipeStore::from_config(p)?)),

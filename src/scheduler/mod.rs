@@ -217,7 +217,7 @@ impl Ctx {
 pub(crate) struct Message {
     pub(crate) qid: QueueId,
     pub(crate) envelope: Envelope,
-    pub(crate) delivery: crate::delivery::Envelope,
+    pub(crate) delivery: crate::delivery::OutboundEnvelope,
     pub(crate) body: SpoolBody,
     pub(crate) arrival: SystemTime,
     pub(crate) retry_at: SystemTime,
