@@ -1263,7 +1263,8 @@ fn queue_dsn(
             .iter()
             .filter_map(|&i| states.get(i).map(|s| (i, s)))
             .collect();
-        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)?;
+        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)
+            .map_err(|e| e.to_string())?;
         return Ok((copy, covered));
     }
     let rcpts = dsn::owed(&envelope, &states, kind);

@@ -91,7 +91,7 @@ impl fmt::Display for QueueId {
 
 /// Why a text queue id did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("not a queue id: {0:?}")]
+#[error("not a queue id: `{0}`")]
 pub struct BadQueueId(pub String);
 
 impl FromStr for QueueId {
