@@ -10,7 +10,7 @@
 //! |---|---|
 //! | [`admin`] | the admin socket (mode 0600) that `postern queue` talks to |
 //! | [`cli`] | the operator's commands beside the gateway: `postern queue …`, `postern route …` |
-//! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
+//! | [`config`] | YAML → validated [`config::Config`], errors with file:line:column:key |
 //! | [`date`] | calendar dates in UTC: RFC 5322 dates, the queue tools' timestamps |
 //! | [`delivery`] | LMTP delivery to the stores: pooled connections, per-recipient outcomes |
 //! | [`edge`] | what RCPT asks of a store beyond routing: backpressure, recipient verification |

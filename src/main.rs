@@ -38,7 +38,7 @@ enum Command {
     Route(postern::cli::route::RouteArgs),
     /// Queue tools: list, show, shape, flush, hold, release, delete, requeue.
     Queue(postern::cli::queue::QueueArgs),
-    /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
+    /// Validate a configuration file and exit (non-zero on errors, each with file:line:column:key).
     CheckConfig {
         /// Configuration file; without it, the embedded default.
         #[arg(long)]

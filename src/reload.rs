@@ -7,7 +7,7 @@
 //! re-reads the configuration file (and its includes), validates it and builds a complete
 //! new [`Router`] off to the side, then swaps it in with one atomic store: a reader holds
 //! either the old map or the new one, never a mix, and no connection is touched. On any
-//! error the running map stays, every problem is logged with file:line:key,
+//! error the running map stays, every problem is logged with file:line:column:key,
 //! `postern_routes_reload_errors_total` is incremented, and the generation does not move.
 //! The same reload puts the retry keys of `delivery:` (`minimal_backoff`, `maximal_backoff`,
 //! `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`) in
@@ -42,7 +42,7 @@ pub enum ReloadError {
     /// The gateway runs on the embedded default: there is no file to read again.
     #[error("no configuration file (running on the embedded default): nothing to reload")]
     NoFile,
-    /// The new configuration or map did not load; each error names file:line:key.
+    /// The new configuration or map did not load; each error names file:line:column:key.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigError>),
 }

@@ -1,7 +1,7 @@
 //! The configuration: YAML in, a validated, typed [`Config`] out.
 //!
 //! Loading has two stages, and both report errors that name the file, the line and the key
-//! path (`postern.yaml:14: listeners[0].tls.cert: ...`): serde with `deny_unknown_fields`
+//! path (`postern.yaml:14:7: listeners[0].tls.cert: ...`): serde with `deny_unknown_fields`
 //! catches unknown keys, wrong types and bad units; [`Config::validate`] then checks what
 //! only the whole file can tell (unique names, stores that exist, LMTP never on port 25,
 //! certificates that load). A `Config` that exists is valid; nothing downstream re-checks.
