@@ -56,14 +56,16 @@ pub mod pipe;
 pub mod policy;
 pub mod pool;
 pub mod smtp;
+mod store_config;
 mod tls;
 pub mod trouble;
 mod wire;
 
-pub use config::{LmtpStoreConfig, SmtpStoreConfig, StoreConfig, WindowConfig};
+pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
 pub use lmtp::{Connection, RemoteStore};
 pub use maildir::MaildirStore;
 pub use message::{FileBody, MessageBody, OutboundEnvelope, Recipient, Report};
 pub use pipe::{PipeStore, PipeStoreConfig};
 pub use pool::StorePool;
+pub use store_config::StoreConfig;
 pub use trouble::{Outcome, Scope, Trouble};
