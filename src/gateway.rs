@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ListenerMode, ListenerProtocol};
 use crate::edge::Edge;
 use crate::listener::{Listener, ListenerError, Services};
-use crate::routing::reload::{LiveRoutes, ReloadError};
+use crate::reload::{LiveRoutes, ReloadError};
 use crate::scheduler::{Agents, Clock, Scheduler, Setup};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 
@@ -101,7 +101,7 @@ impl Gateway {
                 path: config.spool.path.display().to_string(),
                 source,
             })?;
-        tracing::info!(path = %config.spool.path.display(), recovered = ?report, "spool open");
+        tracing::info!(path = %config.spool.path.display(), "spool open: {report}");
         let metrics_listener =
             crate::metrics::bind(config.metrics.address)
                 .await
@@ -125,7 +125,12 @@ impl Gateway {
         // relays through them (a pure concentrator may run with delivery off), and the edge
         // checks (recipient verification, backpressure) use their pools, windows and loads.
         // The scheduler and the listeners share them: one pool and one window per store.
-        let mut agents = Agents::from_config(&config).map_err(GatewayError::Store)?;
+        let mut agents = Agents::from_config(
+            &config.stores,
+            &config.hostname,
+            config.delivery.initial_window,
+        )
+        .map_err(GatewayError::Store)?;
         for (name, agent) in extra_agents.iter() {
             agents.insert(name, agent.clone());
         }
@@ -187,7 +192,19 @@ impl Gateway {
         };
         let admin_task = tokio::spawn(admin.serve(Arc::new(backend), shutdown.clone()));
         let tracker = TaskTracker::new();
-        let sampler = crate::metrics::watch(&config, spool.clone(), shutdown.clone());
+        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        let store_names: Vec<&str> = config.stores.iter().map(|s| s.name()).collect();
+        let counted = spool.clone();
+        let sampler = crate::metrics::watch(
+            &listener_names,
+            &store_names,
+            config.spool.path.clone(),
+            move || crate::metrics::SpoolCounts {
+                messages: counted.len(),
+                quarantined: counted.quarantined(),
+            },
+            shutdown.clone(),
+        );
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
             handle,

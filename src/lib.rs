@@ -9,14 +9,16 @@
 //! | module | owns |
 //! |---|---|
 //! | [`admin`] | the admin socket (mode 0600) that `postern queue` talks to |
-//! | [`bench`] | `postern bench …`: benchmark commands that print figures |
-//! | [`config`] | YAML → validated [`config::Config`], errors with file:line:key |
+//! | [`cli`] | the operator's commands beside the gateway: `postern queue …`, `postern route …` |
+//! | [`config`] | YAML → validated [`config::Config`], errors with file:line:column:key |
+//! | [`date`] | calendar dates in UTC: RFC 5322 dates, the queue tools' timestamps |
 //! | [`delivery`] | LMTP delivery to the stores: pooled connections, per-recipient outcomes |
+//! | [`edge`] | what RCPT asks of a store beyond routing: backpressure, recipient verification |
 //! | [`gateway`] | start-up, the running set of listeners, drain on shutdown |
 //! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
-//! | [`queue`] | `postern queue …`: the operator's queue tools (client side) |
+//! | [`reload`] | the configuration in force and its live reload (SIGHUP, changed files) |
 //! | [`scheduler`] | sharded delivery scheduling: windows, breakers, retries, DSNs |
 //! | [`shape`] | queue shape: qshape's message-age buckets |
 //! | [`spool`] | the durable, group-committed spool and per-recipient ledger |
@@ -31,16 +33,44 @@
 //!                              ├──(content)──▶ spool (group commit, fdatasync)
 //!                              └──250 queued as ID (only after durable)
 //! ```
+//!
+//! # Layering
+//!
+//! Imports go down this list, never up; `tests/module_graph.rs` fails on any cycle between
+//! files or between top-level modules:
+//!
+//! ```text
+//! main (the binary)
+//!  → gateway, cli, reload       the composition root; the operator's commands; live reload
+//!  → config                     assembles the file from each section's owner
+//!  → listener, admin, systemd   sessions; the admin socket; sd_notify
+//!  → edge                       RCPT-time checks per store
+//!  → scheduler                  queues, windows, retries, DSNs
+//!  → routing                    recipient → store (read at RCPT and at every attempt)
+//!  → spool, delivery            the durable spool; the store agents
+//!  → tls, metrics, shape        leaves: they import nothing from the crate
+//!  → config::units, config::error, date, delivery::error, spool::micros   leaves
+//!  → proto (postern-proto)
+//! ```
+//!
+//! A leaf file (one that imports nothing from the crate) may be used from any layer, and is
+//! imported by its own path (`crate::config::units::Span`, not `crate::config::Span`), so
+//! that using it does not make its parent module a dependency. Section types of the
+//! configuration live with their owner (`listener::config`, `delivery::config`,
+//! `routing::config`, `scheduler::config`, `tls::TlsConfig`); the owners never import the
+//! assembled [`config::Config`]. The issue's first sketch put routing above the scheduler;
+//! the scheduler reads the routing map at every attempt, so routing sits below it.
 
 pub mod admin;
-pub mod bench;
+pub mod cli;
 pub mod config;
+pub mod date;
 pub mod delivery;
 pub mod edge;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
-pub mod queue;
+pub mod reload;
 pub mod routing;
 pub mod scheduler;
 pub mod shape;

@@ -34,27 +34,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Edge benchmark: one big message's peak RSS, idle connections' RSS.
-    BenchIntake {
-        /// Size of the big message (units: 1GiB, 100MiB …).
-        #[arg(long, default_value = "1GiB")]
-        size: String,
-        /// Idle connections to hold.
-        #[arg(long, default_value_t = 10_000)]
-        idle: usize,
-    },
-    /// Spool benchmark: durable stores/s, store latency, recovery time, index RSS, crash cycles.
-    BenchSpool(postern::spool::bench::BenchArgs),
-    /// Spool crash-test load (run and killed by the crash tests).
-    #[command(hide = true)]
-    SpoolTorture(postern::spool::torture::TortureArgs),
     /// Explain how addresses are routed, or what a new map would move (`--diff NEW.yaml`).
-    Route(postern::routing::cli::RouteArgs),
-    /// Routing benchmark: load time, RSS and lookup latency of a big map.
-    BenchRoutes(postern::routing::bench::BenchArgs),
+    Route(postern::cli::route::RouteArgs),
     /// Queue tools: list, show, shape, flush, hold, release, delete, requeue.
-    Queue(postern::queue::QueueArgs),
-    /// Validate a configuration file and exit (non-zero on errors, each with file:line:key).
+    Queue(postern::cli::queue::QueueArgs),
+    /// Validate a configuration file and exit (non-zero on errors, each with file:line:column:key).
     CheckConfig {
         /// Configuration file; without it, the embedded default.
         #[arg(long)]
@@ -68,42 +52,9 @@ fn main() -> ExitCode {
     let _log = init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => check_config(config),
-        Command::Queue(args) => postern::queue::run(&args),
+        Command::Queue(args) => postern::cli::queue::run(&args),
         Command::Run { config } => run(config),
-        Command::BenchIntake { size, idle } => bench_intake(&size, idle),
-        Command::BenchSpool(args) => spool_exit(postern::spool::bench::run(&args)),
-        Command::SpoolTorture(args) => spool_exit(postern::spool::torture::run(&args)),
         Command::Route(args) => route(&args),
-        Command::BenchRoutes(args) => match postern::routing::bench::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("postern bench-routes: {e}");
-                ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-fn spool_exit(r: Result<(), postern::spool::SpoolError>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("postern: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn bench_intake(size: &str, idle: usize) -> ExitCode {
-    let result = postern::config::ByteSize::parse(size).and_then(|size| {
-        postern::bench::intake::run(&postern::bench::intake::IntakeArgs { size: size.0, idle })
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("postern bench-intake: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 
@@ -142,10 +93,10 @@ fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-fn route(args: &postern::routing::cli::RouteArgs) -> ExitCode {
-    use postern::routing::cli::RouteCliError;
+fn route(args: &postern::cli::route::RouteArgs) -> ExitCode {
+    use postern::cli::route::RouteCliError;
     let mut out = String::new();
-    let result = postern::routing::cli::run(args, &mut out);
+    let result = postern::cli::route::run(args, &mut out);
     print!("{out}");
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,7 +117,7 @@ fn check_config(config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     // The users file is read and checked only when the map is built.
-    if let Err(errors) = postern::routing::reload::build(&loaded) {
+    if let Err(errors) = postern::reload::build(&loaded) {
         for e in &errors {
             eprintln!("{e}");
         }

@@ -22,8 +22,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::spool::Spool;
-
 // ---- listeners ------------------------------------------------------------------------------
 
 /// Open connections, by listener.
@@ -209,7 +207,7 @@ pub fn deferral_class(reply: &str) -> &'static str {
 
 /// What kind of metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum MetricKind {
     /// Only goes up.
     Counter,
     /// Goes up and down.
@@ -224,7 +222,7 @@ pub struct Def {
     /// The exported name.
     pub name: &'static str,
     /// Counter, gauge or histogram.
-    pub kind: Kind,
+    pub kind: MetricKind,
     /// Its unit.
     pub unit: Unit,
     /// Its label names.
@@ -272,7 +270,7 @@ pub const BATCH_BYTE_BUCKETS: &[f64] = &[
 
 const fn def(
     name: &'static str,
-    kind: Kind,
+    kind: MetricKind,
     unit: Unit,
     labels: &'static [&'static str],
     help: &'static str,
@@ -296,7 +294,7 @@ const fn hist(
 ) -> Def {
     Def {
         name,
-        kind: Kind::Histogram,
+        kind: MetricKind::Histogram,
         unit,
         labels,
         help,
@@ -304,7 +302,7 @@ const fn hist(
     }
 }
 
-use Kind::{Counter, Gauge};
+use MetricKind::{Counter, Gauge};
 
 /// Every metric postern exports.
 #[rustfmt::skip]
@@ -360,9 +358,9 @@ pub fn find(name: &str) -> Option<&'static Def> {
 pub fn describe() {
     for d in ALL {
         match d.kind {
-            Kind::Counter => describe_counter!(d.name, d.unit, d.help),
-            Kind::Gauge => describe_gauge!(d.name, d.unit, d.help),
-            Kind::Histogram => describe_histogram!(d.name, d.unit, d.help),
+            MetricKind::Counter => describe_counter!(d.name, d.unit, d.help),
+            MetricKind::Gauge => describe_gauge!(d.name, d.unit, d.help),
+            MetricKind::Histogram => describe_histogram!(d.name, d.unit, d.help),
         }
     }
 }
@@ -410,14 +408,19 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Registers every configured store's and listener's series at zero (so a dashboard shows
 /// them, and `rate()` works, from the start), then samples the spool's size, free space and
-/// message count every [`SAMPLE_EVERY`] until `shutdown`.
+/// message count every [`SAMPLE_EVERY`] until `shutdown`. `listeners` and `stores` are the
+/// configured names; the spool lives in `dir` and `count` reads its message counts (a
+/// closure, so this module needs nothing from the spool).
 pub fn watch(
-    config: &crate::config::Config,
-    spool: Spool,
+    listeners: &[&str],
+    stores: &[&str],
+    dir: PathBuf,
+    count: impl Fn() -> SpoolCounts + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    for l in &config.listeners {
-        let listener = l.name.clone();
+    let count = std::sync::Arc::new(count);
+    for l in listeners {
+        let listener = (*l).to_owned();
         counter!(MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(0);
         counter!(RECIPIENTS_ACCEPTED, "listener" => listener.clone()).increment(0);
         counter!(RECEIVED_BYTES, "listener" => listener.clone()).increment(0);
@@ -441,8 +444,8 @@ pub fn watch(
     for kind in DSN_KINDS {
         counter!(DSNS, "kind" => kind).increment(0);
     }
-    for s in &config.stores {
-        let store = s.name().to_owned();
+    for s in stores {
+        let store = (*s).to_owned();
         for word in outcome::ALL {
             counter!(DELIVERIES, "store" => store.clone(), "outcome" => word).increment(0);
         }
@@ -451,7 +454,6 @@ pub fn watch(
         counter!(BREAKER_TRIPS, "store" => store.clone()).increment(0);
         gauge!(STORE_BACKPRESSURE, "store" => store).set(0.0);
     }
-    let dir = config.spool.path.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -460,21 +462,30 @@ pub fn watch(
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (dir, spool) = (dir.clone(), spool.clone());
-            let _ = tokio::task::spawn_blocking(move || sample_spool(&dir, &spool)).await;
+            let (dir, count) = (dir.clone(), std::sync::Arc::clone(&count));
+            let _ = tokio::task::spawn_blocking(move || sample_spool(&dir, count())).await;
         }
     })
 }
 
+/// The spool's message counts, as [`watch`] samples them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolCounts {
+    /// Messages in the spool.
+    pub messages: usize,
+    /// Messages set aside as corrupt.
+    pub quarantined: usize,
+}
+
 /// Sets the spool gauges (a blocking directory walk and `statvfs`).
-pub fn sample_spool(dir: &Path, spool: &Spool) {
+pub fn sample_spool(dir: &Path, counts: SpoolCounts) {
     gauge!(SPOOL_BYTES).set(dir_bytes(dir) as f64);
     match rustix::fs::statvfs(dir) {
         Ok(s) => gauge!(SPOOL_FREE_BYTES).set(s.f_bavail.saturating_mul(s.f_frsize) as f64),
         Err(e) => tracing::debug!(error = %e, "statvfs of the spool failed"),
     }
-    gauge!(SPOOL_MESSAGES).set(spool.len() as f64);
-    gauge!(QUARANTINED).set(spool.quarantined() as f64);
+    gauge!(SPOOL_MESSAGES).set(counts.messages as f64);
+    gauge!(QUARANTINED).set(counts.quarantined as f64);
 }
 
 /// Bytes of the regular files in `dir` and one level of subdirectories (the spool keeps its
@@ -550,7 +561,7 @@ mod tests {
             assert!(seen.insert(d.name), "{} defined twice", d.name);
             assert!(d.name.starts_with("postern_"), "{}", d.name);
             assert_eq!(
-                d.kind == Kind::Counter,
+                d.kind == MetricKind::Counter,
                 d.name.ends_with("_total"),
                 "{}",
                 d.name
@@ -558,7 +569,7 @@ mod tests {
             if d.unit == Unit::Seconds {
                 assert!(d.name.ends_with("_seconds"), "{}", d.name);
             }
-            if d.kind == Kind::Histogram {
+            if d.kind == MetricKind::Histogram {
                 assert!(d.buckets.is_some_and(|b| !b.is_empty()), "{}", d.name);
             }
             for l in d.labels {

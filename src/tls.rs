@@ -4,13 +4,25 @@
 //! Loading happens at start and at reload; a listener whose certificate does not load
 //! refuses to start (check-config reports it with the key path).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
 
-use crate::config::TlsConfig;
+/// `tls:` of a listener.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Refuse mail transactions before STARTTLS (530 5.7.0).
+    #[serde(default)]
+    pub required: bool,
+}
 
 /// Why a certificate or key did not load.
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +81,21 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// A one-line description of a session's TLS for `Received:` and logs.
 pub fn describe(conn: &rustls::ServerConnection) -> String {
-    let version = conn
-        .protocol_version()
-        .map_or_else(|| "unknown".to_owned(), |v| format!("{v:?}"));
-    let suite = conn
-        .negotiated_cipher_suite()
-        .map_or_else(|| "unknown".to_owned(), |s| format!("{:?}", s.suite()));
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(other) => format!("0x{:04x}", u16::from(other)),
+        None => "unknown".to_owned(),
+    };
+    // The IANA name (`TLS13_AES_256_GCM_SHA384`), or the number of one rustls cannot name.
+    let suite = conn.negotiated_cipher_suite().map_or_else(
+        || "unknown".to_owned(),
+        |s| {
+            let suite = s.suite();
+            suite
+                .as_str()
+                .map_or_else(|| format!("0x{:04x}", u16::from(suite)), str::to_owned)
+        },
+    );
     format!("version={version} cipher={suite}")
 }

@@ -72,7 +72,7 @@ fn check_config_names_file_line_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!(
-            "{}:5: listeners[0]: unknown field `max_conections`",
+            "{}:5:5: listeners[0]: unknown field `max_conections`",
             path.display()
         )),
         "{err}"
@@ -87,7 +87,37 @@ fn check_config_names_file_line_and_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(":4: listeners[0].protocol: LMTP is never offered on port 25"),
+        err.contains(":4:5: listeners[0].protocol: LMTP is never offered on port 25"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_lists_every_error_with_a_suggestion_for_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.yaml");
+    std::fs::write(
+        &path,
+        "hostnme: mx.example\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    protocol: smtp\n    max_errors: lots\ndrain_timeout: 5 parsecs\n",
+    )
+    .unwrap();
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    let file = path.display().to_string();
+    assert!(
+        lines[0].starts_with(&format!("{file}:1:1: "))
+            && lines[0].contains("did you mean `hostname`?"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:6:5: listeners[0].max_errors: ")),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{file}:7:1: drain_timeout: ")),
         "{err}"
     );
 }

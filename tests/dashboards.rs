@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use fake_store::FakeStore;
 use postern::config::Config;
 use postern::delivery::config::StoreAddress;
-use postern::delivery::{LmtpStore, LmtpStoreConfig, StorePool};
+use postern::delivery::{LmtpStoreConfig, RemoteStore, StorePool};
 use postern::gateway::Gateway;
-use postern::metrics::{ALL, Kind};
+use postern::metrics::{ALL, MetricKind};
 use postern::scheduler::{Agent, Agents};
 use serde_yaml::Value;
 
@@ -205,7 +205,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 fn defined(name: &str) -> bool {
     ALL.iter().any(|d| {
         d.name == name
-            || (d.kind == Kind::Histogram
+            || (d.kind == MetricKind::Histogram
                 && ["_bucket", "_sum", "_count"]
                     .iter()
                     .any(|s| name.strip_suffix(s) == Some(d.name)))
@@ -262,7 +262,7 @@ fn lmtp_agent(name: &str, port: u16) -> Agent {
         },
     );
     Agent::Lmtp(StorePool::new(Arc::new(
-        LmtpStore::from_config(&cfg, "mx.test").unwrap(),
+        RemoteStore::from_config(&cfg, "mx.test").unwrap(),
     )))
 }
 
@@ -575,9 +575,9 @@ fn the_readme_metrics_table_lists_every_metric_with_its_type_and_labels() {
             .find(|d| d.name == name)
             .unwrap_or_else(|| panic!("README lists {name}, which postern::metrics::ALL does not"));
         let kind = match def.kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
         };
         assert_eq!(cells[2], kind, "{name}");
         assert_eq!(cells[3], def.labels.join(", "), "{name}: labels");

@@ -52,8 +52,9 @@ async fn eight_bit_parts_arrive_quoted_printable_over_data_and_bdat() {
         let mut env = envelope(body);
         env.eight_bit = true;
         env.params.body = Some(Body::EightBitMime);
-        let store =
-            std::sync::Arc::new(postern::delivery::LmtpStore::from_config(&c, "gw.test").unwrap());
+        let store = std::sync::Arc::new(
+            postern::delivery::RemoteStore::from_config(&c, "gw.test").unwrap(),
+        );
         let (report, _) = delivery_common::deliver_once(&store, &env, &to(), body).await;
         assert_eq!(
             by_index(&report, 1),
@@ -79,7 +80,7 @@ async fn what_cannot_be_converted_still_bounces_before_the_end() {
     let fake = FakeStore::start(seven_bit()).await;
     let store_config = delivery_common::store_config("fake", fake.addr.port());
     let store = std::sync::Arc::new(
-        postern::delivery::LmtpStore::from_config(&store_config, "gw.test").unwrap(),
+        postern::delivery::RemoteStore::from_config(&store_config, "gw.test").unwrap(),
     );
     // 8-bit in a header, and 8-bit in a body that never declared it.
     for body in [
@@ -104,7 +105,7 @@ async fn declared_smtputf8_on_ascii_goes_without_it() {
     let fake = FakeStore::start(seven_bit()).await;
     let store_config = delivery_common::store_config("fake", fake.addr.port());
     let store = std::sync::Arc::new(
-        postern::delivery::LmtpStore::from_config(&store_config, "gw.test").unwrap(),
+        postern::delivery::RemoteStore::from_config(&store_config, "gw.test").unwrap(),
     );
     let body = b"Subject: plain\r\n\r\nascii only\r\n";
     let mut env = envelope(body);
@@ -131,7 +132,7 @@ async fn declared_smtputf8_on_ascii_goes_without_it() {
     .await;
     let c = delivery_common::store_config("fake", eight.addr.port());
     let store =
-        std::sync::Arc::new(postern::delivery::LmtpStore::from_config(&c, "gw.test").unwrap());
+        std::sync::Arc::new(postern::delivery::RemoteStore::from_config(&c, "gw.test").unwrap());
     let (report, _) = delivery_common::deliver_once(&store, &env, &to(), body).await;
     assert_eq!(by_index(&report, 1), ["bounced 554 5.6.7"]);
 

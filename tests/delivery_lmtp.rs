@@ -17,7 +17,7 @@ use postern::config::{ByteSize, Span};
 use postern::delivery::config::{NormalizeRule, StoreAuthConfig, StoreTlsConfig, TlsMode, TreatAs};
 use postern::delivery::pool::PoolOptions;
 use postern::delivery::{
-    Envelope, LmtpStore, LmtpStoreConfig, Outcome, Recipient, Report, Scope, StorePool,
+    LmtpStoreConfig, OutboundEnvelope, Outcome, Recipient, RemoteStore, Report, Scope, StorePool,
 };
 use tokio::sync::Semaphore;
 
@@ -27,8 +27,8 @@ fn config(addr: SocketAddr) -> LmtpStoreConfig {
     delivery_common::store_config("fake", addr.port())
 }
 
-fn store(c: &LmtpStoreConfig) -> Arc<LmtpStore> {
-    Arc::new(LmtpStore::from_config(c, "gw.test").unwrap())
+fn store(c: &LmtpStoreConfig) -> Arc<RemoteStore> {
+    Arc::new(RemoteStore::from_config(c, "gw.test").unwrap())
 }
 
 fn rcpts(locals: &[&str]) -> Vec<Recipient> {
@@ -42,7 +42,7 @@ fn rcpts(locals: &[&str]) -> Vec<Recipient> {
 /// Connects, delivers one transaction, returns the report and the callback's order.
 async fn deliver_once(
     c: &LmtpStoreConfig,
-    env: &Envelope,
+    env: &OutboundEnvelope,
     to: &[Recipient],
     body: &[u8],
 ) -> (Report, Vec<usize>) {
@@ -200,7 +200,7 @@ async fn slow_reply_hits_the_end_of_data_timeout() {
     );
     let trouble = report.trouble.unwrap();
     assert_eq!(trouble.scope, Scope::Connection);
-    assert!(trouble.detail.contains("EndOfData"), "{trouble}");
+    assert!(trouble.detail.contains("end of data"), "{trouble}");
     assert!(!conn.is_usable());
     // A broken connection takes no new transaction: nothing is attempted.
     let again = conn

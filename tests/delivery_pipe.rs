@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use postern::config::{ByteSize, Span};
 use postern::delivery::pipe::LineEndings;
 use postern::delivery::{
-    Envelope, MessageBody, Outcome, PipeStore, PipeStoreConfig, Recipient, Report, Scope,
+    MessageBody, OutboundEnvelope, Outcome, PipeStore, PipeStoreConfig, Recipient, Report, Scope,
 };
 use postern::proto::address::{ForwardPath, Mailbox, ReversePath};
 use postern::proto::params::RcptParams;
@@ -29,9 +29,9 @@ fn rcpt(index: usize, address: &str) -> Recipient {
     }
 }
 
-fn envelope() -> Envelope {
+fn envelope() -> OutboundEnvelope {
     let from = ReversePath::Mailbox(Mailbox::parse("sender@example.net").unwrap());
-    Envelope::new(from, BODY.len() as u64)
+    OutboundEnvelope::new(from, BODY.len() as u64)
 }
 
 /// A script in `dir`, run as `/bin/sh <script> args…` (no exec of a freshly written file:

@@ -22,7 +22,7 @@ use delivery_common::{by_index, envelope, rcpt};
 use fake_lmtp::{FakeStore, Rcpt, Script};
 use postern::delivery::config::{StoreAddress, StoreAuthConfig, StoreTlsConfig, TlsMode};
 use postern::delivery::{
-    Envelope, LmtpStore, Outcome, Recipient, Report, Scope, SmtpStoreConfig, StorePool,
+    OutboundEnvelope, Outcome, Recipient, RemoteStore, Report, Scope, SmtpStoreConfig, StorePool,
 };
 use postern::proto::client::Protocol;
 
@@ -32,8 +32,8 @@ fn config(port: u16) -> SmtpStoreConfig {
     delivery_common::store_config("relay", port)
 }
 
-fn relay(c: &SmtpStoreConfig) -> Arc<LmtpStore> {
-    Arc::new(LmtpStore::from_smtp_config(c, "gw.test").unwrap())
+fn relay(c: &SmtpStoreConfig) -> Arc<RemoteStore> {
+    Arc::new(RemoteStore::from_smtp_config(c, "gw.test").unwrap())
 }
 
 fn rcpts(addresses: &[&str]) -> Vec<Recipient> {
@@ -46,7 +46,7 @@ fn rcpts(addresses: &[&str]) -> Vec<Recipient> {
 
 async fn deliver_once(
     c: &SmtpStoreConfig,
-    env: &Envelope,
+    env: &OutboundEnvelope,
     to: &[Recipient],
     body: &[u8],
 ) -> (Report, Vec<usize>) {
@@ -198,7 +198,7 @@ async fn lmtp_greeting_to_an_smtp_relay_is_refused_and_the_reverse() {
         lmtp.sessions()[0].commands,
         ["EHLO gw.test", "HELO gw.test"]
     );
-    let store = LmtpStore::from_config(&config(lmtp.addr.port()), "gw.test").unwrap();
+    let store = RemoteStore::from_config(&config(lmtp.addr.port()), "gw.test").unwrap();
     assert_eq!(store.protocol(), Protocol::Lmtp);
     assert_eq!(relay(&config(1)).protocol(), Protocol::Smtp);
 }
@@ -319,7 +319,7 @@ fn smtp_config_checks() {
     local.auth = Some(auth);
     assert!(local.validate_smtp().is_ok(), "loopback needs no TLS");
     assert!(matches!(
-        LmtpStore::from_smtp_config(&unix, "gw.test"),
+        RemoteStore::from_smtp_config(&unix, "gw.test"),
         Err(postern::delivery::lmtp::StoreError::Invalid { .. })
     ));
 }

@@ -22,7 +22,7 @@ use postern::config::{ByteSize, Span};
 use postern::delivery::config::{NormalizeRule, StoreAddress, StoreAuthConfig, TreatAs};
 use postern::delivery::pool::PoolOptions;
 use postern::delivery::{
-    Envelope, LmtpStore, LmtpStoreConfig, Outcome, Recipient, Report, Scope, StorePool,
+    LmtpStoreConfig, OutboundEnvelope, Outcome, Recipient, RemoteStore, Report, Scope, StorePool,
 };
 use postern::proto::address::{ForwardPath, Mailbox, ReversePath};
 use postern::proto::params::RcptParams;
@@ -54,8 +54,8 @@ fn bounded(mut c: LmtpStoreConfig) -> LmtpStoreConfig {
     c
 }
 
-fn store(c: &LmtpStoreConfig) -> Arc<LmtpStore> {
-    Arc::new(LmtpStore::from_config(c, "gw.test").unwrap())
+fn store(c: &LmtpStoreConfig) -> Arc<RemoteStore> {
+    Arc::new(RemoteStore::from_config(c, "gw.test").unwrap())
 }
 
 /// Recipients `local@example.org`, indexed from 0.
@@ -96,9 +96,9 @@ fn message(subject: &str, pad_lines: usize) -> Vec<u8> {
     m
 }
 
-fn envelope(message: &[u8]) -> Envelope {
+fn envelope(message: &[u8]) -> OutboundEnvelope {
     let from = ReversePath::Mailbox(Mailbox::parse("sender@example.org").unwrap());
-    let mut e = Envelope::new(from, message.len() as u64);
+    let mut e = OutboundEnvelope::new(from, message.len() as u64);
     e.eight_bit = true;
     e
 }

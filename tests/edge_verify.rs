@@ -305,7 +305,7 @@ async fn route_verify_shows_the_stores_answer() {
         addr = store.addr,
     );
     std::fs::write(&path, text).unwrap();
-    let args = postern::routing::cli::RouteArgs {
+    let args = postern::cli::route::RouteArgs {
         addresses: vec!["nosuch@example.org".into(), "alice@example.org".into()],
         config: Some(path),
         trusted: false,
@@ -315,7 +315,7 @@ async fn route_verify_shows_the_stores_answer() {
     // The command runs its own runtime: on a blocking thread, while this one serves the fake.
     let out = tokio::task::spawn_blocking(move || {
         let mut out = String::new();
-        postern::routing::cli::run(&args, &mut out).unwrap();
+        postern::cli::route::run(&args, &mut out).unwrap();
         out
     })
     .await

@@ -92,7 +92,7 @@ fn route_refuses_bad_input_with_its_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains(&format!(
-            "{cfg}:14: routes.clusters[cyrus][1]: no store named `nope`"
+            "{cfg}:14:5: routes.clusters[cyrus][1]: no store named `nope`"
         )),
         "{}",
         stderr(&out)
@@ -205,7 +205,7 @@ fn route_names_the_fragment_of_a_rule_and_check_config_reads_fragments() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains(&format!(
-            "{f}:2: users[carol@corp.example]: no store or cluster named `nowhere`"
+            "{f}:2:3: users[carol@corp.example]: no store or cluster named `nowhere`"
         )),
         "{}",
         stderr(&out)
@@ -216,7 +216,7 @@ fn route_names_the_fragment_of_a_rule_and_check_config_reads_fragments() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains(&format!(
-            "{f}:2: users[bob@corp.example]: `bob@corp.example` is already defined at {cfg}:"
+            "{f}:2:3: users[bob@corp.example]: `bob@corp.example` is already defined at {cfg}:"
         )),
         "{}",
         stderr(&out)

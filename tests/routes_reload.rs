@@ -121,7 +121,7 @@ async fn reload_under_smtp_load_drops_nothing_and_misroutes_nothing() {
             let err = gw.reload().await.unwrap_err().to_string();
             assert!(
                 err.contains(&format!(
-                    "{}:22: routes.domains[example.org].store: no store named `nowhere`",
+                    "{}:22:5: routes.domains[example.org].store: no store named `nowhere`",
                     path.display()
                 )),
                 "{err}"
@@ -336,7 +336,7 @@ async fn a_changed_route_fragment_is_picked_up_and_a_broken_one_keeps_the_map() 
     let err = gw.reload().await.unwrap_err().to_string();
     assert!(
         err.contains(&format!(
-            "{}:3: users[other@pinned.example]: no store or cluster named `nowhere`",
+            "{}:3:3: users[other@pinned.example]: no store or cluster named `nowhere`",
             fragment.display()
         )),
         "{err}"

@@ -86,7 +86,7 @@ fn sighup_reloads_and_a_malformed_map_keeps_the_old_one() {
         let err = wait_for(&lines, "routing map reload failed");
         assert!(
             err.contains(&format!(
-                "{}:17: routes.domains[example.org].store: no store named `missing`",
+                "{}:17:5: routes.domains[example.org].store: no store named `missing`",
                 path.display()
             )),
             "{err}"

@@ -12,7 +12,7 @@ use std::time::Duration;
 use fake_store::FakeStore;
 use postern::config::Config;
 use postern::delivery::config::StoreAddress;
-use postern::delivery::{LmtpStore, LmtpStoreConfig, StorePool};
+use postern::delivery::{LmtpStoreConfig, RemoteStore, StorePool};
 use postern::gateway::Gateway;
 use postern::scheduler::{Agent, Agents};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,7 +26,7 @@ fn lmtp_agent(name: &str, port: u16) -> Agent {
         },
     );
     Agent::Lmtp(StorePool::new(Arc::new(
-        LmtpStore::from_config(&cfg, "mx.test").unwrap(),
+        RemoteStore::from_config(&cfg, "mx.test").unwrap(),
     )))
 }
 

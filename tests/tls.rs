@@ -120,7 +120,7 @@ async fn starttls_then_a_transaction_with_tls_in_received() {
         .read_to_string(&mut body)
         .unwrap();
     assert!(body.contains("with ESMTPS id"), "{body}");
-    assert!(body.contains("(using version=TLSv1_3"), "{body}");
+    assert!(body.contains("(using version=TLSv1.3"), "{body}");
     gw.gateway.stop().await;
 }
 

@@ -37,23 +37,7 @@ use crate::params::{Body, Extension, MailParams, RcptParams};
 use crate::replies;
 use crate::reply::{Reply, ReplyCode, Severity};
 
-/// Which protocol the listener speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// RFC 5321: HELO/EHLO, one reply after the end of data.
-    Smtp,
-    /// RFC 2033: LHLO, one reply per accepted recipient after the end of data.
-    Lmtp,
-}
-
-impl Protocol {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Smtp => "ESMTP",
-            Self::Lmtp => "LMTP",
-        }
-    }
-}
+pub use crate::protocol::Protocol;
 
 /// What the listener does with bare CR or LF in message content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

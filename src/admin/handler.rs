@@ -17,7 +17,29 @@ use super::protocol::{
 use super::view;
 use crate::routing::Router;
 use crate::scheduler::Scheduler;
+use crate::spool::id::BadQueueId;
 use crate::spool::{MessageSummary, QueueId, Spool, SpoolError};
+
+/// Why a request could not be answered; its Display is the error line `postern queue`
+/// prints.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The blocking read of the spool did not finish (it panicked or was cancelled).
+    #[error("reading the spool: {0}")]
+    Reading(#[from] tokio::task::JoinError),
+    /// A queue id that does not parse.
+    #[error(transparent)]
+    BadId(#[from] BadQueueId),
+    /// The spool refused.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// An action with an empty selector.
+    #[error(
+        "{0}: nothing selected; give queue ids, a filter (--store, --state, --sender, \
+         --recipient, --older-than) or --all"
+    )]
+    NothingSelected(&'static str),
+}
 
 /// The most header bytes `show` returns.
 const MAX_HEADERS: usize = 1 << 20;
@@ -53,7 +75,9 @@ impl Backend {
                 dry_run,
             } => self.act(action, &selector, dry_run).await,
         };
-        result.unwrap_or_else(|message| Response::Error { message })
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
     }
 
     /// The views of these messages under the map in force.
@@ -65,16 +89,14 @@ impl Backend {
             .collect()
     }
 
-    async fn views(&self) -> Result<Vec<MessageView>, String> {
+    async fn views(&self) -> Result<Vec<MessageView>, RequestError> {
         let spool = self.spool.clone();
-        let summaries = tokio::task::spawn_blocking(move || spool.snapshot())
-            .await
-            .map_err(|e| format!("reading the spool: {e}"))?;
+        let summaries = tokio::task::spawn_blocking(move || spool.snapshot()).await?;
         Ok(self.view_all(&summaries))
     }
 
     /// The messages with these ids (unknown or malformed ids are left out): no full scan.
-    async fn views_of(&self, ids: &[String]) -> Result<Vec<MessageView>, String> {
+    async fn views_of(&self, ids: &[String]) -> Result<Vec<MessageView>, RequestError> {
         let mut qids: Vec<QueueId> = Vec::new();
         for q in ids.iter().filter_map(|id| id.parse::<QueueId>().ok()) {
             if !qids.contains(&q) {
@@ -87,12 +109,11 @@ impl Backend {
                 .filter_map(|q| spool.message(q).ok())
                 .collect::<Vec<_>>()
         })
-        .await
-        .map_err(|e| format!("reading the spool: {e}"))?;
+        .await?;
         Ok(self.view_all(&summaries))
     }
 
-    async fn select(&self, selector: &Selector) -> Result<Vec<MessageView>, String> {
+    async fn select(&self, selector: &Selector) -> Result<Vec<MessageView>, RequestError> {
         let now = SystemTime::now();
         let mut v = if selector.ids.is_empty() {
             self.views().await?
@@ -103,20 +124,19 @@ impl Backend {
         Ok(v)
     }
 
-    async fn shape(&self, by: ShapeBy) -> Result<Response, String> {
+    async fn shape(&self, by: ShapeBy) -> Result<Response, RequestError> {
         let v = self.views().await?;
         Ok(Response::Shape {
             table: view::shape(&v, by, SystemTime::now()),
         })
     }
 
-    async fn show(&self, id: &str, with_body: bool) -> Result<Response, String> {
-        let qid: QueueId = id.parse().map_err(|e| format!("{e}"))?;
+    async fn show(&self, id: &str, with_body: bool) -> Result<Response, RequestError> {
+        let qid: QueueId = id.parse()?;
         let spool = self.spool.clone();
-        let read = tokio::task::spawn_blocking(move || read_message(&spool, qid, with_body))
-            .await
-            .map_err(|e| format!("reading the spool: {e}"))?;
-        let (summary, envelope, headers, body) = read.map_err(|e| e.to_string())?;
+        let read =
+            tokio::task::spawn_blocking(move || read_message(&spool, qid, with_body)).await?;
+        let (summary, envelope, headers, body) = read?;
         let next = match &self.scheduler {
             Some(s) => s.next_attempt(qid).await,
             None => None,
@@ -134,13 +154,9 @@ impl Backend {
         action: Action,
         selector: &Selector,
         dry_run: bool,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, RequestError> {
         if selector.is_empty() {
-            return Err(format!(
-                "{}: nothing selected; give queue ids, a filter (--store, --state, --sender, \
-                 --recipient, --older-than) or --all",
-                action.name()
-            ));
+            return Err(RequestError::NothingSelected(action.name()));
         }
         let selected = self.select(selector).await?;
         let mut out = Vec::new();

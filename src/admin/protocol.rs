@@ -242,9 +242,31 @@ pub enum Response {
     },
 }
 
+impl Response {
+    /// The response's `kind` as on the wire (`messages`, `show`, `shape`, `acted`, `error`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Messages { .. } => "messages",
+            Self::Show { .. } => "show",
+            Self::Shape { .. } => "shape",
+            Self::Acted { .. } => "acted",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_responses_kind_is_its_wire_tag() {
+        let r = Response::Error {
+            message: "no".into(),
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["kind"], r.kind());
+    }
 
     #[test]
     fn requests_round_trip_as_one_json_line() {

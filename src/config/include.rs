@@ -10,16 +10,17 @@
 //! file and a fragment — is an error naming both places (`file:line: key`), never a silent
 //! override (domains are compared case-insensitively, users and aliases as the map
 //! compares them: `Alice@X` is `alice@x` unless the domain preserves case); patterns are appended after the main
-//! file's, in include order. [`RouteOrigins`] remembers which file every merged entry came
+//! file's, in include order. [`RouteOrigins`](crate::routing::config::RouteOrigins) remembers which file every merged entry came
 //! from, so later errors and `postern route` name the fragment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{
-    AliasTargets, ConfigError, DomainRoute, LocalPartCase, PatternRoute, RoutesConfig, locate,
+use super::error::ConfigError;
+use super::locate;
+use crate::routing::config::{
+    AliasTargets, DomainRoute, LocalPartCase, PatternRoute, RouteOrigins, RoutesConfig,
 };
 
 /// At most this many files may be included.
@@ -39,25 +40,6 @@ struct Fragment {
     patterns: Vec<PatternRoute>,
     #[serde(default)]
     clusters: BTreeMap<String, Vec<String>>,
-}
-
-/// Where the merged entries of `routes:` came from; an entry not listed is the main file's.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RouteOrigins {
-    /// The included files, in include order, as named in `routes.include`.
-    pub files: Vec<PathBuf>,
-    /// `domains[k]`, `users[k]`, `aliases[k]`, `clusters[k]` (keys as written) and
-    /// `patterns[i]` (merged index) → index into `files`.
-    pub entries: BTreeMap<String, usize>,
-    /// Merged pattern index → its index within its own file.
-    pub pattern_local: BTreeMap<usize, usize>,
-}
-
-impl RouteOrigins {
-    /// The file an entry (`users[k]`, `patterns[3]`, …) came from, when a fragment.
-    pub fn file_of(&self, entry: &str) -> Option<&PathBuf> {
-        self.entries.get(entry).and_then(|f| self.files.get(*f))
-    }
 }
 
 /// A domain as compared for duplicates.
@@ -132,12 +114,12 @@ pub(super) fn merge(
     let includes = std::mem::take(&mut routes.include);
     let at_main = |i: usize, message: String| {
         let path = format!("routes.include[{i}]");
-        ConfigError {
-            file: main_file.to_owned(),
-            line: locate::line_of(main_text, &path),
+        ConfigError::at(
+            main_file,
+            locate::position_of(main_text, &path),
             path,
             message,
-        }
+        )
     };
     if includes.len() > MAX_INCLUDES {
         errors.push(at_main(
@@ -189,15 +171,15 @@ pub(super) fn merge(
                 origins,
             };
             let here = format!("{section}[{key}]");
-            ConfigError {
-                file: name.clone(),
-                line: locate::line_of(&texts[f], &here),
-                message: format!(
+            ConfigError::at(
+                name.clone(),
+                locate::position_of(&texts[f], &here),
+                here,
+                format!(
                     "`{key}` is already defined at {}",
                     place.of(section, earlier)
                 ),
-                path: here,
-            }
+            )
         };
         for (k, v) in fragment.domains {
             let earlier = routes.domains.keys().find(|e| fold(e) == fold(&k)).cloned();
@@ -280,10 +262,11 @@ pub(super) fn relocate(
         _ => entry,
     };
     let at = format!("{local}{tail}");
-    Some(ConfigError {
-        file: routes.origins.files.get(f)?.display().to_string(),
-        line: texts.get(f).and_then(|t| locate::line_of(t, &at)),
-        path: at,
-        message: message.to_owned(),
-    })
+    let position = texts.get(f).and_then(|t| locate::position_of(t, &at));
+    Some(ConfigError::at(
+        routes.origins.files.get(f)?.display().to_string(),
+        position,
+        at,
+        message,
+    ))
 }

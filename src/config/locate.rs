@@ -1,14 +1,27 @@
 //! Line numbers for configuration errors.
 //!
-//! serde_yaml knows where a parse error is; semantic errors found after parsing only know
-//! their key path. [`line_of`] finds a key path in the YAML text by indentation, which is
+//! serde_yaml knows where a parse error is; semantic errors found after parsing, and the
+//! further errors found by re-parsing an edited document ([`super::diagnose`]), only know
+//! their key path. [`position_of`] finds a key path in the YAML text by indentation, which is
 //! exact for the block style configuration files use, and gives up (no line) on anything
 //! else rather than guess.
 
 use super::ConfigError;
 
-/// A serde_yaml error as a [`ConfigError`]: its key path, line and message.
+/// A serde_yaml error as a [`ConfigError`]: its key path, line, column and message (with a
+/// "did you mean" for an unknown key or value). `exact`: the error came from parsing `text`
+/// itself, so its own mark is right; otherwise (a re-parse of an edited document) the
+/// position is looked up by key path.
 pub(super) fn parse_error(e: &serde_yaml::Error, text: &str, file: &str) -> ConfigError {
+    located(e, text, file, true)
+}
+
+/// As [`parse_error`], for an error of an edited copy of `text`: located by key path.
+pub(super) fn reparse_error(e: &serde_yaml::Error, text: &str, file: &str) -> ConfigError {
+    located(e, text, file, false)
+}
+
+fn located(e: &serde_yaml::Error, text: &str, file: &str, exact: bool) -> ConfigError {
     let full = e.to_string();
     // Display is "path: message at line L column C"; the path has no spaces.
     let without_mark = match full.rfind(" at line ") {
@@ -19,16 +32,60 @@ pub(super) fn parse_error(e: &serde_yaml::Error, text: &str, file: &str) -> Conf
         Some((p, m)) if !p.contains(' ') => (p.to_owned(), m.to_owned()),
         _ => (String::new(), without_mark.to_owned()),
     };
-    let line = e
+    // An unknown key is found at the key itself, not at the mapping holding it.
+    let at = match unknown_field(&message) {
+        Some(key) if path.is_empty() => key.to_owned(),
+        Some(key) => format!("{path}.{key}"),
+        None => path.clone(),
+    };
+    let marked = e
         .location()
-        .map(|l| l.line())
-        .or_else(|| line_of(text, &path));
-    ConfigError {
-        file: file.to_owned(),
-        line,
-        path,
-        message,
+        .filter(|_| exact)
+        .map(|l| (l.line(), l.column()));
+    let position = marked.or_else(|| position_of(text, &at));
+    let message = match suggestion(&message) {
+        Some(better) => format!("{message}; did you mean `{better}`?"),
+        None => message,
+    };
+    ConfigError::at(file, position, path, message)
+}
+
+/// The key of serde's "unknown field `x`, expected …".
+pub(super) fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(key, _)| key)
+}
+
+/// For "unknown field `x`, expected one of `a`, `b`" (or an unknown variant), the expected
+/// word closest to `x`, when it is close enough to be a typo.
+fn suggestion(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (given, expected) = rest.split_once('`')?;
+    let (_, expected) = expected.split_once("expected")?;
+    let candidates = expected.split('`').skip(1).step_by(2);
+    let (distance, best) = candidates
+        .map(|c| (edit_distance(given, c), c))
+        .min_by_key(|(d, _)| *d)?;
+    (distance > 0 && distance <= (given.chars().count() / 3).max(2)).then_some(best)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + cost);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
     }
+    row[b.len()]
 }
 
 /// Splits at dots outside brackets.
@@ -52,12 +109,12 @@ fn split_path(path: &str) -> Vec<&str> {
     out
 }
 
-enum Segment<'a> {
+pub(super) enum Segment<'a> {
     Key(&'a str),
     Index(usize),
 }
 
-fn segments(path: &str) -> Vec<Segment<'_>> {
+pub(super) fn segments(path: &str) -> Vec<Segment<'_>> {
     let mut out = Vec::new();
     for part in split_path(path) {
         let (key, mut rest) = match part.find('[') {
@@ -109,6 +166,12 @@ fn block_after<'a>(lines: &[&'a str], n: usize, parent: usize) -> Vec<Logical<'a
 
 /// The 1-based line of a key path such as `listeners[1].tls.cert`.
 pub(super) fn line_of(text: &str, path: &str) -> Option<usize> {
+    position_of(text, path).map(|(line, _)| line)
+}
+
+/// The 1-based line and column of a key path such as `listeners[1].tls.cert`: where its key
+/// (or, for an index, its item's dash) is written.
+pub(super) fn position_of(text: &str, path: &str) -> Option<(usize, usize)> {
     let lines: Vec<&str> = text.lines().collect();
     // The current block; at the top, every line at indentation 0.
     let mut block: Vec<Logical<'_>> = lines
@@ -137,7 +200,8 @@ pub(super) fn line_of(text: &str, path: &str) -> Option<usize> {
         };
         // Best effort: the deepest line found so far (a flow mapping keeps its keys on one).
         let Some(&(n, ind, t)) = hit else { break };
-        found = Some(n);
+        // `t` is always the tail of its line: the column is where it starts.
+        found = Some((n, lines[n].len() - t.len()));
         block = match seg {
             // An item's first key shares its line: treat the text after "- " as a line of
             // its own, indented past the dash.
@@ -154,5 +218,5 @@ pub(super) fn line_of(text: &str, path: &str) -> Option<usize> {
             Segment::Key(_) => block_after(&lines, n, ind),
         };
     }
-    found.map(|n| n + 1)
+    found.map(|(n, c)| (n + 1, c + 1))
 }

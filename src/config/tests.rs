@@ -62,7 +62,7 @@ fn defaults_and_units() {
     assert_eq!(l.timeouts.session, Span(Duration::from_secs(3600)));
     assert_eq!(l.trusted_networks.len(), 2);
     assert_eq!(l.max_recipients, 1000);
-    assert_eq!(l.bare_line_endings, BareLineEndings::Normalize);
+    assert_eq!(l.bare_line_endings, BareLineEndingsPolicy::Normalize);
     assert_eq!(l.mode, ListenerMode::Spool, "store and forward unless told");
     assert_eq!(l.proxy_wait, Span(Duration::from_secs(2)));
     assert_eq!(c.node_id, 1);
@@ -82,7 +82,7 @@ fn proxy_mode_and_its_wait() {
         "    protocol: smtp\n    mode: cut\n",
     ));
     assert!(
-        e[0].starts_with("test.yaml:5: listeners[0].mode: unknown variant `cut`"),
+        e[0].starts_with("test.yaml:5:11: listeners[0].mode: unknown variant `cut`"),
         "{}",
         e[0]
     );
@@ -97,17 +97,77 @@ fn unknown_key_names_file_line_and_path() {
     let e = errors(&yaml);
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("test.yaml:5: listeners[0]: unknown field `max_conections`"),
+        e[0].starts_with("test.yaml:5:5: listeners[0]: unknown field `max_conections`"),
         "{}",
         e[0]
     );
 }
 
 #[test]
+fn every_error_of_a_file_is_listed_not_only_the_first() {
+    let yaml = BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    max_conections: 5\n    max_errors: lots\n",
+    ) + "hostnme: mx.example\ndrain_timeout: 5 parsecs\n";
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert!(
+        e[0].starts_with("test.yaml:5:5: listeners[0]: unknown field `max_conections`")
+            && e[0].ends_with("; did you mean `max_connections`?"),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with("test.yaml:6:5: listeners[0].max_errors: invalid type"),
+        "{e:#?}"
+    );
+    assert!(
+        e[2].starts_with("test.yaml:14:1: : unknown field `hostnme`")
+            && e[2].ends_with("; did you mean `hostname`?"),
+        "{e:#?}"
+    );
+    assert!(
+        e[3].starts_with("test.yaml:15:1: drain_timeout: "),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn semantic_errors_are_listed_with_the_parse_errors_in_file_order() {
+    let yaml = BASE.replace(
+        "    protocol: smtp\n",
+        "    protocol: smtp\n    max_errors: 0\n    tmeouts: {}\n",
+    );
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[1].contains("unknown field `tmeouts`") && e[1].contains("did you mean `timeouts`?"),
+        "{e:#?}"
+    );
+    assert!(
+        e[0].starts_with("test.yaml:5:5: listeners[0].max_errors: must be at least 1"),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn a_yaml_syntax_error_is_the_only_error() {
+    let e = errors("listeners: [\n  - name: x\n");
+    assert_eq!(e.len(), 1, "{e:#?}");
+}
+
+#[test]
+fn an_unknown_value_gets_a_suggestion_too() {
+    let e = errors(&BASE.replace("protocol: smtp", "protocol: lmpt"));
+    assert!(e[0].ends_with("; did you mean `lmtp`?"), "{e:#?}");
+    let e = errors(&BASE.replace("protocol: smtp", "protocol: carrier"));
+    assert!(!e[0].contains("did you mean"), "{e:#?}");
+}
+
+#[test]
 fn bad_values_are_located() {
     let e = errors(&BASE.replace("protocol: smtp", "protocol: smtpx"));
     assert!(
-        e[0].starts_with("test.yaml:4: listeners[0].protocol: unknown variant `smtpx`"),
+        e[0].starts_with("test.yaml:4:15: listeners[0].protocol: unknown variant `smtpx`"),
         "{}",
         e[0]
     );
@@ -116,13 +176,15 @@ fn bad_values_are_located() {
         "protocol: smtp\n    max_message_size: 5 furlongs\n",
     ));
     assert!(
-        e[0].contains("test.yaml:5: listeners[0].max_message_size: unknown size unit `furlongs`"),
+        e[0].contains(
+            "test.yaml:5:23: listeners[0].max_message_size: unknown size unit `furlongs`"
+        ),
         "{}",
         e[0]
     );
     let e = errors(&BASE.replace("127.0.0.1:2525", "localhost:25x"));
     assert!(
-        e[0].contains("test.yaml:3: listeners[0].address: `localhost:25x` is not an address"),
+        e[0].contains("test.yaml:3:14: listeners[0].address: `localhost:25x` is not an address"),
         "{}",
         e[0]
     );
@@ -158,26 +220,27 @@ routes:
 ";
     let joined = errors(yaml).join("\n");
     assert!(
-        joined.contains("test.yaml:7: listeners[1].protocol: LMTP is never offered on port 25"),
+        joined.contains("test.yaml:7:5: listeners[1].protocol: LMTP is never offered on port 25"),
         "{joined}"
     );
     assert!(
         joined.contains(
-            "test.yaml:9: listeners[1].tls.cert: `/nonexistent/cert.pem` is not a readable file"
+            "test.yaml:9:7: listeners[1].tls.cert: `/nonexistent/cert.pem` is not a readable file"
         ),
         "{joined}"
     );
     assert!(
-        joined.contains("test.yaml:10: listeners[1].tls.key:"),
+        joined.contains("test.yaml:10:7: listeners[1].tls.key:"),
         "{joined}"
     );
     assert!(
-        joined
-            .contains("test.yaml:17: routes.domains[example.org].store: no store named `nowhere`"),
+        joined.contains(
+            "test.yaml:17:5: routes.domains[example.org].store: no store named `nowhere`"
+        ),
         "{joined}"
     );
     assert!(
-        joined.contains("test.yaml:18: routes.relay: no store named `gone`"),
+        joined.contains("test.yaml:18:3: routes.relay: no store named `gone`"),
         "{joined}"
     );
 }
@@ -190,22 +253,22 @@ fn duplicates_and_bounds() {
     );
     let joined = errors(&yaml).join("\n");
     assert!(
-        joined.contains("test.yaml:5: listeners[1].name: duplicate listener name `smtp`"),
+        joined.contains("test.yaml:5:5: listeners[1].name: duplicate listener name `smtp`"),
         "{joined}"
     );
     assert!(
         joined.contains(
-            "test.yaml:6: listeners[1].address: `127.0.0.1:2525` is used by another listener"
+            "test.yaml:6:5: listeners[1].address: `127.0.0.1:2525` is used by another listener"
         ),
         "{joined}"
     );
     assert!(
-        joined.contains("test.yaml:8: listeners[1].max_connections: must be at least 1"),
+        joined.contains("test.yaml:8:5: listeners[1].max_connections: must be at least 1"),
         "{joined}"
     );
     let joined = errors(&format!("node_id: 70000\n{BASE}")).join("\n");
     assert!(
-        joined.contains("test.yaml:1: node_id: invalid value: integer `70000`"),
+        joined.contains("test.yaml:1:10: node_id: invalid value: integer `70000`"),
         "{joined}"
     );
 }
@@ -255,7 +318,7 @@ fn lmtp_stores_load_and_validate() {
     let bad = yaml.replace("max_connections: 20", "max_connections: 0");
     let joined = errors(&bad).join("\n");
     assert!(
-        joined.contains("test.yaml:9: stores[1]: max_connections: must be at least 1"),
+        joined.contains("test.yaml:9:3: stores[1]: max_connections: must be at least 1"),
         "{joined}"
     );
     let typo = yaml.replace("    max_connections: 20\n", "    max_conections: 20\n");
@@ -342,19 +405,19 @@ routes:
         (
             yaml.replace("\"550 5.1.6 This domain has moved\"", "\"250 2.0.0 fine\""),
             // Inside a `kind:`-tagged entry serde reports the list, not the entry.
-            "test.yaml:6: stores: `250 2.0.0 fine`: the reply must be a 4yz or a 5yz",
+            "test.yaml:6:3: stores: `250 2.0.0 fine`: the reply must be a 4yz or a 5yz",
         ),
         (
             yaml.replace("    timeout: 2m\n", "    user: vmail\n"),
-            "test.yaml:9: stores[1]: user: running the command as another user is not supported",
+            "test.yaml:9:3: stores[1]: user: running the command as another user is not supported",
         ),
         (
             yaml.replace("[/usr/lib/dovecot/dovecot-lda,", "[dovecot-lda,"),
-            "test.yaml:9: stores[1]: argv: `dovecot-lda` must be an absolute path",
+            "test.yaml:9:3: stores[1]: argv: `dovecot-lda` must be an absolute path",
         ),
         (
             yaml.replace("\"${recipient}\"", "\"${nexthop}\""),
-            "test.yaml:9: stores[1]: argv: `${nexthop}`: unknown macro",
+            "test.yaml:9:3: stores[1]: argv: `${nexthop}`: unknown macro",
         ),
         (
             yaml.replace(
@@ -397,7 +460,7 @@ routes:
     let plain = yaml.replace("    tls: { mode: required }\n", "");
     let joined = errors(&plain).join("\n");
     assert!(
-        joined.contains("test.yaml:9: stores[1]: auth: needs tls: { mode: required }"),
+        joined.contains("test.yaml:9:3: stores[1]: auth: needs tls: { mode: required }"),
         "{joined}"
     );
     let unix = yaml.replace("\"[relay.example.net]:587\"", "unix:/run/relay");
@@ -442,7 +505,7 @@ fn admin_socket_defaults_to_the_spool_and_can_be_set() {
     );
     let e = errors(&format!("admin:\n  sockett: /x\n{BASE}"));
     assert!(
-        e[0].contains("test.yaml:2: admin: unknown field `sockett`"),
+        e[0].contains("test.yaml:2:3: admin: unknown field `sockett`"),
         "{e:?}"
     );
 }

@@ -23,9 +23,9 @@
 //!
 //! Plain serde structs with `deny_unknown_fields`; durations and sizes carry units
 //! ([`Span`], [`ByteSize`]). [`LmtpStoreConfig::validate`] checks what serde cannot.
-//! Loading the password and CA files happens in [`LmtpStore::from_config`].
+//! Loading the password and CA files happens in [`RemoteStore::from_config`].
 //!
-//! [`LmtpStore::from_config`]: super::lmtp::LmtpStore::from_config
+//! [`RemoteStore::from_config`]: super::lmtp::RemoteStore::from_config
 
 use std::fmt;
 use std::path::PathBuf;
@@ -33,11 +33,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::units::parse_str;
-use crate::config::{ByteSize, Span};
+use crate::config::units::{ByteSize, Span, parse_str};
 
 /// One store of kind `lmtp`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmtpStoreConfig {
     /// Name used by routes, logs and metrics.
@@ -86,14 +85,14 @@ pub struct LmtpStoreConfig {
     #[serde(default)]
     pub verify_recipients: bool,
     /// The longest a verification may take (a window slot, a connection, the replies): 5s.
-    #[serde(default = "crate::edge::config::default_verify_timeout")]
+    #[serde(default = "super::edge_config::default_verify_timeout")]
     pub verify_timeout: Span,
     /// What RCPT gets when the store cannot answer: `tempfail` (450 4.1.1) or `accept`.
     #[serde(default)]
-    pub verify_tempfail_action: crate::edge::TempfailAction,
+    pub verify_tempfail_action: super::edge_config::TempfailAction,
     /// Refuse this store's recipients with 451 4.3.2 while it is backlogged: none.
     #[serde(default)]
-    pub backpressure: crate::edge::BackpressureConfig,
+    pub backpressure: super::edge_config::BackpressureConfig,
 }
 
 /// `window:` of a pooled store: how many transactions run at once, and how that is steered.
@@ -175,11 +174,11 @@ pub type SmtpStoreConfig = LmtpStoreConfig;
 
 impl LmtpStoreConfig {
     /// The edge settings (verification, backpressure) as the agent keeps them.
-    pub fn edge(&self) -> crate::edge::EdgeSettings {
-        crate::edge::EdgeSettings {
+    pub fn edge(&self) -> super::edge_config::EdgeSettings {
+        super::edge_config::EdgeSettings {
             verify: self
                 .verify_recipients
-                .then_some(crate::edge::config::VerifySettings {
+                .then_some(super::edge_config::VerifySettings {
                     timeout: self.verify_timeout.0,
                     tempfail: self.verify_tempfail_action,
                 }),
@@ -204,9 +203,9 @@ impl LmtpStoreConfig {
             normalize: Vec::new(),
             window: WindowConfig::default(),
             verify_recipients: false,
-            verify_timeout: crate::edge::config::default_verify_timeout(),
-            verify_tempfail_action: crate::edge::TempfailAction::Tempfail,
-            backpressure: crate::edge::BackpressureConfig::default(),
+            verify_timeout: super::edge_config::default_verify_timeout(),
+            verify_tempfail_action: super::edge_config::TempfailAction::Tempfail,
+            backpressure: super::edge_config::BackpressureConfig::default(),
         }
     }
 
@@ -323,7 +322,7 @@ impl<'de> Deserialize<'de> for StoreAddress {
 }
 
 /// `tls:` of a store.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreTlsConfig {
     /// `required`: no STARTTLS (or a failed handshake), no delivery. `opportunistic`:
@@ -354,7 +353,7 @@ pub enum TlsMode {
 }
 
 /// `auth:` of a store: SASL PLAIN.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreAuthConfig {
     /// The authentication identity (Cyrus: an admin listed in `lmtp_admins`).
@@ -364,7 +363,7 @@ pub struct StoreAuthConfig {
 }
 
 /// `timeouts:` of a store, one per phase (Postfix's `lmtp_*_timeout`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmtpTimeouts {
     /// Opening the socket: 30s.
@@ -459,22 +458,10 @@ impl Timestamp {
         if hour > 23 || minute > 59 || second > 60 {
             return Err(bad());
         }
-        let days = days_from_civil(year, month, day);
+        let days = crate::date::days_from_civil(year, month, day);
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
         Ok(Self(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm), years from
-/// 1970 on.
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 impl<'de> Deserialize<'de> for Timestamp {

@@ -21,7 +21,7 @@ use postern_proto::ForwardPath;
 use postern_proto::reply::{EnhancedCode, Reply, ReplyCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
 use super::trouble::Outcome;
 
 /// A maildir store.
@@ -100,7 +100,7 @@ impl MaildirStore {
     /// copy is durable (or has failed).
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,
@@ -131,7 +131,7 @@ impl MaildirStore {
     async fn write_copy<B: MessageBody + ?Sized>(
         &self,
         dir: &Path,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         to: &ForwardPath,
         body: &B,
     ) -> io::Result<String> {
@@ -214,7 +214,7 @@ mod tests {
     async fn delivers_one_durable_copy_per_recipient() {
         let dir = tempfile::tempdir().unwrap();
         let store = MaildirStore::new("local", dir.path(), "mx.test");
-        let env = Envelope::new(
+        let env = OutboundEnvelope::new(
             ReversePath::Mailbox(Mailbox::parse("s@example.net").unwrap()),
             20,
         );
@@ -272,7 +272,7 @@ mod tests {
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
         let store = MaildirStore::new("local", &blocker, "mx.test");
-        let env = Envelope::new(ReversePath::Null, 1);
+        let env = OutboundEnvelope::new(ReversePath::Null, 1);
         let body: &[u8] = b"x\r\n";
         let report = store
             .deliver(

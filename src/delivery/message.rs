@@ -1,6 +1,6 @@
 //! What a delivery is about: the envelope, the recipients, the body, and the report.
 //!
-//! The scheduler builds an [`Envelope`] and the [`Recipient`]s from the spool, hands a
+//! The scheduler builds an [`OutboundEnvelope`] and the [`Recipient`]s from the spool, hands a
 //! [`MessageBody`] that can be read from the start once per transaction ([`FileBody`] for a
 //! spool file, `[u8]` in tests), and gets a [`Report`] back: one [`Outcome`] per recipient by
 //! its index, and the widest [`Trouble`].
@@ -18,7 +18,7 @@ use super::trouble::{Outcome, Scope, Trouble};
 
 /// The envelope of one message, as the spool holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Envelope {
+pub struct OutboundEnvelope {
     /// MAIL FROM.
     pub from: ReversePath,
     /// The parameters the message arrived with (BODY, SMTPUTF8, RET, ENVID); only those the
@@ -32,7 +32,7 @@ pub struct Envelope {
     pub arrived: SystemTime,
 }
 
-impl Envelope {
+impl OutboundEnvelope {
     /// An envelope with no parameters, arrived now.
     pub fn new(from: ReversePath, size: u64) -> Self {
         Self {

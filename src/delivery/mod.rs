@@ -31,7 +31,7 @@
 //! # How the scheduler calls it
 //!
 //! ```text
-//! let store = Arc::new(LmtpStore::from_config(&cfg, &hostname)?);   // once, at start/reload
+//! let store = Arc::new(RemoteStore::from_config(&cfg, &hostname)?);   // once, at start/reload
 //! let pool = StorePool::new(store);                                 // once per store
 //! pool.spawn_sweeper(Duration::from_secs(30));
 //! // per message and store, inside the scheduler's per-store window (semaphore):
@@ -47,6 +47,8 @@
 
 pub mod config;
 pub mod downgrade;
+pub mod edge_config;
+pub mod error;
 pub mod lmtp;
 pub mod maildir;
 pub mod message;
@@ -54,14 +56,16 @@ pub mod pipe;
 pub mod policy;
 pub mod pool;
 pub mod smtp;
+mod store_config;
 mod tls;
 pub mod trouble;
 mod wire;
 
 pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
-pub use lmtp::{Connection, LmtpStore};
+pub use lmtp::{Connection, RemoteStore};
 pub use maildir::MaildirStore;
-pub use message::{Envelope, FileBody, MessageBody, Recipient, Report};
+pub use message::{FileBody, MessageBody, OutboundEnvelope, Recipient, Report};
 pub use pipe::{PipeStore, PipeStoreConfig};
 pub use pool::StorePool;
+pub use store_config::StoreConfig;
 pub use trouble::{Outcome, Scope, Trouble};

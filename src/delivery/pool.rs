@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use tokio::sync::oneshot;
 
-use super::lmtp::{Connection, LmtpStore};
-use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::lmtp::{Connection, RemoteStore};
+use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
 
 pub use deadpool::Status;
@@ -85,7 +85,7 @@ impl Handover {
     /// waiting, are under way: the store never sees more sessions from us than the pool
     /// counts, but for a connect overtaken by a connection given back, for the moment until
     /// it serves the next transaction or is closed.
-    fn connect_if_needed(&mut self, store: &Arc<LmtpStore>, me: &Arc<Mutex<Self>>) {
+    fn connect_if_needed(&mut self, store: &Arc<RemoteStore>, me: &Arc<Mutex<Self>>) {
         self.waiting.retain(|w| !w.is_closed());
         if self.connecting < MAX_CONNECTING.min(self.waiting.len()) {
             self.connecting += 1;
@@ -97,7 +97,7 @@ impl Handover {
 /// Creates and recycles connections to one store.
 #[derive(Debug)]
 pub struct Manager {
-    store: Arc<LmtpStore>,
+    store: Arc<RemoteStore>,
     options: PoolOptions,
     handover: Arc<Mutex<Handover>>,
 }
@@ -115,7 +115,7 @@ fn lock(h: &Mutex<Handover>) -> MutexGuard<'_, Handover> {
 /// Opens a connection in its own task and gives the result to the first transaction still
 /// waiting (one that nobody waits for any more is closed at once); starts the next connect
 /// while transactions are left waiting.
-fn spawn_connect(store: Arc<LmtpStore>, handover: Arc<Mutex<Handover>>) {
+fn spawn_connect(store: Arc<RemoteStore>, handover: Arc<Mutex<Handover>>) {
     tokio::spawn(async move {
         let result = store.connect().await;
         let unwanted = {
@@ -189,12 +189,12 @@ pub struct StorePool {
 
 impl StorePool {
     /// A pool of at most the store's `max_connections`, with default options.
-    pub fn new(store: Arc<LmtpStore>) -> Self {
+    pub fn new(store: Arc<RemoteStore>) -> Self {
         Self::with_options(store, PoolOptions::default())
     }
 
     /// A pool with explicit options.
-    pub fn with_options(store: Arc<LmtpStore>, options: PoolOptions) -> Self {
+    pub fn with_options(store: Arc<RemoteStore>, options: PoolOptions) -> Self {
         let size = store.max_connections();
         let manager = Manager {
             store,
@@ -213,7 +213,7 @@ impl StorePool {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<LmtpStore> {
+    pub fn store(&self) -> &Arc<RemoteStore> {
         &self.pool.manager().store
     }
 
@@ -329,7 +329,7 @@ impl StorePool {
     /// the remaining transactions: their recipients are not attempted.
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,

@@ -13,7 +13,7 @@
 //!     timeouts: { connect: 30s, ehlo: 5m, mail_rcpt: 5m, data: 3m, end_of_data: 10m }
 //! ```
 //!
-//! An SMTP relay is an [`LmtpStore`] speaking [`Protocol::Smtp`]: the same configuration
+//! An SMTP relay is an [`RemoteStore`] speaking [`Protocol::Smtp`]: the same configuration
 //! ([`SmtpStoreConfig`] is [`LmtpStoreConfig`](super::config::LmtpStoreConfig)), the same connection code, pool, failure
 //! policy and normalisation table. What differs is in [`postern_proto::client`]:
 //!
@@ -30,7 +30,7 @@
 //! `host:port`, and `auth` needs `tls: { mode: required }` unless the relay is on loopback.
 //!
 //! ```text
-//! let relay = Arc::new(LmtpStore::from_smtp_config(&cfg, &hostname)?);
+//! let relay = Arc::new(RemoteStore::from_smtp_config(&cfg, &hostname)?);
 //! let pool = StorePool::new(relay);            // then exactly as for an LMTP store
 //! ```
 //!
@@ -39,11 +39,12 @@
 use postern_proto::client::Protocol;
 
 use super::config::SmtpStoreConfig;
-use super::lmtp::{LmtpStore, StoreError};
+use super::error::StoreError;
+use super::lmtp::RemoteStore;
 
-impl LmtpStore {
+impl RemoteStore {
     /// Loads an SMTP relay's settings ([`LmtpStoreConfig::validate_smtp`](super::config::LmtpStoreConfig::validate_smtp), then as
-    /// [`LmtpStore::from_config`]). `local_name` is sent with EHLO/HELO.
+    /// [`RemoteStore::from_config`]). `local_name` is sent with EHLO/HELO.
     pub fn from_smtp_config(
         config: &SmtpStoreConfig,
         local_name: &str,

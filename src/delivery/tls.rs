@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::lmtp::StoreError;
+use super::error::StoreError;
 
 /// The CA bundle used when `tls.ca_file` is not given (Debian's `ca-certificates`).
 pub(super) const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";

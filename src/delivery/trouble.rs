@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 use postern_proto::reply::{EnhancedCode, Reply, ReplyCode, Severity};
 
 use super::config::{NormalizeRule, TreatAs};
+use crate::config::units::Span;
 
 /// What became of one recipient in one delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,9 +104,20 @@ impl Trouble {
     }
 }
 
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Recipient => "recipient",
+            Self::Message => "message",
+            Self::Connection => "connection",
+            Self::Store => "store",
+        })
+    }
+}
+
 impl fmt::Display for Trouble {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}: {}", self.scope, self.detail)?;
+        write!(f, "{}: {}", self.scope, self.detail)?;
         if let Some(r) = &self.reply {
             write!(f, " ({} {})", r.code(), r.text())?;
         }
@@ -136,6 +148,22 @@ pub enum Phase {
     Rset,
 }
 
+/// The phase as the protocol names it: `LHLO`, `MAIL/RCPT`, `end of data` …
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::Lhlo => "LHLO",
+            Self::StartTls => "STARTTLS",
+            Self::Auth => "AUTH",
+            Self::MailRcpt => "MAIL/RCPT",
+            Self::Data => "DATA",
+            Self::EndOfData => "end of data",
+            Self::Rset => "RSET",
+        })
+    }
+}
+
 impl Phase {
     /// Before any transaction: failures here count against the store.
     fn is_setup(self) -> bool {
@@ -158,7 +186,7 @@ pub fn timed_out(phase: Phase, limit: Duration) -> Trouble {
     } else {
         Scope::Connection
     };
-    let detail = format!("timeout ({limit:?}) in {phase:?}");
+    let detail = format!("timeout ({}) in {phase}", Span(limit));
     Trouble::new(scope, detail, None)
 }
 
@@ -177,7 +205,7 @@ pub fn lost(phase: Phase, why: &str) -> Trouble {
     };
     let detail = match phase {
         Phase::EndOfData => format!("connection lost after the end of data ({why}): in doubt"),
-        _ => format!("connection lost in {phase:?} ({why})"),
+        _ => format!("connection lost in {phase} ({why})"),
     };
     Trouble::new(scope, detail, None)
 }
@@ -189,7 +217,7 @@ pub fn refused(phase: Phase, reply: &Reply) -> Trouble {
     } else {
         Scope::Message
     };
-    let detail = format!("{phase:?} refused");
+    let detail = format!("{phase} refused");
     Trouble::new(scope, detail, Some(reply.clone()))
 }
 
@@ -390,7 +418,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
-    use crate::config::Span;
+    use crate::config::units::Span;
     use crate::delivery::config::Timestamp;
 
     fn reply(code: u16, enhanced: Option<(u8, u16, u16)>) -> Reply {
@@ -414,6 +442,19 @@ mod tests {
             max_age: None,
             until: None,
         }
+    }
+
+    #[test]
+    fn operator_texts_name_phases_and_scopes_in_words() {
+        let t = timed_out(Phase::EndOfData, Duration::from_secs(600));
+        assert_eq!(t.to_string(), "connection: timeout (10m) in end of data");
+        let t = lost(Phase::MailRcpt, "reset by peer");
+        assert_eq!(
+            t.to_string(),
+            "connection: connection lost in MAIL/RCPT (reset by peer)"
+        );
+        let t = connect_failed("127.0.0.1:24", &std::io::Error::other("refused"));
+        assert_eq!(t.to_string(), "store: connect to 127.0.0.1:24: refused");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The edge: what the listeners ask about a recipient at RCPT beyond routing, per store —
-//! is its store backlogged ([`backpressure`]), and does its store know it (recipient
+//! is its store backlogged ([`crate::scheduler::load`]), and does its store know it (recipient
 //! verification, [`verify`], answers kept in [`cache`]).
 //!
 //! Owns: the verification cache (one for every store, `verify_cache:`), and per store the
@@ -24,7 +24,6 @@
 //! SEE ALSO: Postfix `reject_unverified_recipient` and `address_verify_*` (the same idea
 //! with a DATA-less probe), `unverified_recipient_tempfail_action`.
 
-pub mod backpressure;
 pub mod cache;
 pub mod config;
 mod verify;
@@ -36,7 +35,7 @@ use std::time::Duration;
 use metrics::counter;
 use postern_proto::{ForwardPath, Reply, replies};
 
-pub use backpressure::{Condition, Sample, StoreLoad};
+pub use crate::scheduler::load::{Condition, Sample, StoreLoad};
 pub use cache::{Lookup, Verdict, VerifyCache};
 pub use config::{BackpressureConfig, EdgeSettings, TempfailAction, VerifyCacheConfig};
 pub use verify::ask_directly;

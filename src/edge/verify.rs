@@ -86,22 +86,22 @@ async fn query(
     }
 }
 
-/// `postern route ADDRESS --verify`: asks store `store` of `config` directly (a fresh
+/// `postern route ADDRESS --verify`: asks store `store` of `stores` directly (a fresh
 /// connection, no pool, no window: the gateway need not run) about `rcpt`; one line for
 /// the operator: `valid (250 2.1.5 Ok)`, `invalid (550 5.1.1 …)`, `tempfail (…)`.
 pub async fn ask_directly(
-    config: &crate::config::Config,
+    stores: &[crate::delivery::StoreConfig],
+    hostname: &str,
     store: &str,
     rcpt: &ForwardPath,
 ) -> String {
-    use crate::config::StoreConfig;
-    use crate::delivery::LmtpStore;
-    let built = config.stores.iter().find_map(|s| match s {
+    use crate::delivery::{RemoteStore, StoreConfig};
+    let built = stores.iter().find_map(|s| match s {
         StoreConfig::Lmtp(l) if l.name == store => {
-            Some(LmtpStore::from_config(l, &config.hostname).map(|s| (s, l.verify_timeout.0)))
+            Some(RemoteStore::from_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
         }
         StoreConfig::Smtp(l) if l.name == store => {
-            Some(LmtpStore::from_smtp_config(l, &config.hostname).map(|s| (s, l.verify_timeout.0)))
+            Some(RemoteStore::from_smtp_config(l, hostname).map(|s| (s, l.verify_timeout.0)))
         }
         _ => None,
     });

@@ -43,7 +43,7 @@ use postern_proto::reply::{EnhancedCode, ReplyCode, Severity};
 use postern_proto::{ForwardPath, MailParams, Reply, ReversePath, replies};
 
 use super::Shared;
-use crate::delivery::{Envelope, Outcome, Recipient, Report, Scope};
+use crate::delivery::{OutboundEnvelope, Outcome, Recipient, Report, Scope};
 use crate::metrics::{self as m, outcome as word};
 use crate::routing::{RcptDecision, Router};
 use crate::scheduler::Agent;
@@ -123,7 +123,7 @@ pub(crate) struct Transaction<'a> {
 
 /// Relays `t` and returns the replies owed to the client, in order.
 pub(crate) async fn run(shared: &Shared, t: Transaction<'_>) -> Vec<Reply> {
-    let envelope = Envelope {
+    let envelope = OutboundEnvelope {
         from: t.from.clone(),
         params: t.params.clone(),
         size: t.body.len() as u64,
@@ -198,7 +198,7 @@ fn verdict(unit: &[usize], outcomes: &[(Outcome, Reply)]) -> Verdict {
 /// Every recipient's outcome and the reply it stands for, by envelope index.
 async fn deliver(
     shared: &Shared,
-    envelope: &Envelope,
+    envelope: &OutboundEnvelope,
     t: &Transaction<'_>,
 ) -> Vec<(Outcome, Reply)> {
     let mut out: Vec<Option<(Outcome, Reply)>> = vec![None; t.targets.len()];
@@ -277,7 +277,7 @@ async fn relay(
     shared: &Shared,
     store: &str,
     agent: &Agent,
-    envelope: &Envelope,
+    envelope: &OutboundEnvelope,
     batch: &[Recipient],
     body: &[u8],
 ) -> (Report, &'static str) {

@@ -11,6 +11,7 @@
 //! durably before it answers 250 ([`session`]); `proxy` relays each transaction to the
 //! recipients' stores and answers with their replies ([`cut_through`]).
 
+pub mod config;
 mod cut_through;
 mod proxy_protocol;
 mod received;
@@ -32,15 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use proxy_protocol::Rewind;
-pub use received::{HopCounter, MAX_HOPS, own_marker, rfc5322_date};
+pub use received::{HopCounter, MAX_HOPS, own_marker};
 use session::{Conversation, Ending};
 
-use crate::config::{BareLineEndings, ListenAddress, ListenerConfig, ListenerProtocol};
 use crate::edge::Edge;
 use crate::metrics as m;
 use crate::routing::Router;
 use crate::scheduler::{Agents, Scheduler};
 use crate::spool::Spool;
+use config::{BareLineEndingsPolicy, ListenAddress, ListenerConfig, ListenerProtocol};
 
 /// What the gateway gives every listener.
 #[derive(Clone, Debug)]
@@ -173,8 +174,8 @@ impl Listener {
         server_config.starttls = tls.is_some();
         server_config.tls_required = config.tls.as_ref().is_some_and(|t| t.required);
         server_config.bare_line_endings = match config.bare_line_endings {
-            BareLineEndings::Normalize => BarePolicy::Normalize,
-            BareLineEndings::Reject => BarePolicy::Reject,
+            BareLineEndingsPolicy::Normalize => BarePolicy::Normalize,
+            BareLineEndingsPolicy::Reject => BarePolicy::Reject,
         };
         let shared = Arc::new(Shared {
             config: config.clone(),

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// More `Received:` fields than this is a loop.
 pub const MAX_HOPS: usize = 50;
@@ -64,7 +64,7 @@ pub(crate) fn received_header(t: &Trace<'_>) -> String {
     if let Some(rcpt) = t.recipient {
         let _ = write!(h, "\r\n\tfor <{}>", clean(rcpt));
     }
-    let _ = write!(h, ";\r\n\t{}\r\n", rfc5322_date(t.now));
+    let _ = write!(h, ";\r\n\t{}\r\n", crate::date::rfc5322(t.now));
     h
 }
 
@@ -74,40 +74,6 @@ fn clean(s: &str) -> String {
         .filter(|c| !c.is_control() && *c != '(' && *c != ')' && *c != ';')
         .take(255)
         .collect()
-}
-
-/// `Fri, 27 Nov 2026 04:27:31 +0000` (RFC 5322 §3.3), in UTC.
-pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let weekday = WEEKDAYS[(days.rem_euclid(7)) as usize];
-    let month = MONTHS[(m - 1) as usize];
-    format!(
-        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// The words of our `Received:` header that identify this node: `by HOST (postern node N)`.
@@ -296,18 +262,9 @@ impl Matcher {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::UNIX_EPOCH;
 
     use super::*;
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_746_451);
-        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 02:27:31 +0000");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
-    }
 
     #[test]
     fn header_shape() {

@@ -30,9 +30,9 @@ use postern_proto::{ForwardPath, MailParams, Reply, ReversePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
+use super::config::ListenerMode;
 use super::cut_through::{self, Target};
 use super::received::{HopCounter, Trace, received_header};
-use crate::config::ListenerMode;
 use crate::edge::Refusal;
 use crate::metrics::{self as m, reason};
 use crate::routing::{RcptDecision, RcptRoute};

@@ -13,10 +13,11 @@ use std::path::Path;
 use postern_proto::{Domain, Mailbox};
 
 use super::cluster::{Cluster, store_seed};
+use super::config::{LocalPartCase, RoutesConfig};
 use super::pattern::Pattern;
 use super::users::Users;
 use super::{DomainEntry, Router, Target, fold_domain};
-use crate::config::{ConfigError, LocalPartCase, RoutesConfig};
+use crate::config::error::ConfigError;
 
 /// At most this many problems are listed from one users file.
 const MAX_FILE_ERRORS: usize = 20;
@@ -204,6 +205,7 @@ fn error(file: &str, line: Option<usize>, path: &str, message: String) -> Config
     ConfigError {
         file: file.to_owned(),
         line,
+        column: None,
         path: path.to_owned(),
         message,
     }

@@ -43,14 +43,12 @@
 //! lookup [`RcptDecision::Unavailable`] — `451 4.3.0` at RCPT, a deferral at delivery —
 //! until a reload succeeds. Never a 5xx for our own trouble.
 
-pub mod bench;
 mod build;
-pub mod cli;
 pub mod cluster;
+pub mod config;
 pub mod diff;
 mod explain;
 mod pattern;
-pub mod reload;
 mod users;
 
 #[cfg(test)]
@@ -60,7 +58,7 @@ use std::collections::HashMap;
 
 use postern_proto::ForwardPath;
 
-use crate::config::{LocalPartCase, RoutesConfig};
+use config::{LocalPartCase, RoutesConfig};
 
 pub use build::validate;
 pub use explain::Explanation;

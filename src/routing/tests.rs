@@ -30,7 +30,7 @@ fn config(routes: &str) -> Result<Config, Vec<crate::config::ConfigError>> {
 
 fn router(routes: &str) -> Router {
     let c = config(routes).unwrap_or_else(|e| panic!("{e:?}"));
-    reload::build(&c).unwrap_or_else(|e| panic!("{e:?}"))
+    crate::reload::build(&c).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 fn to(s: &str) -> ForwardPath {
@@ -315,7 +315,7 @@ fn users_file_errors_name_file_line_and_key() {
         file.display()
     ))
     .unwrap();
-    let errors: Vec<String> = reload::build(&c)
+    let errors: Vec<String> = crate::reload::build(&c)
         .unwrap_err()
         .iter()
         .map(ToString::to_string)
@@ -343,47 +343,47 @@ fn validation_errors_name_line_and_key() {
     let cases = [
         (
             "  domains:\n    example.org: { store: local, cluster: c }\n",
-            "test.yaml:24: routes.domains[example.org]: give `store` or `cluster`, not both",
+            "test.yaml:24:5: routes.domains[example.org]: give `store` or `cluster`, not both",
         ),
         (
             "  domains:\n    example.org: { cluster: nope }\n",
-            "test.yaml:24: routes.domains[example.org].cluster: no cluster named `nope`",
+            "test.yaml:24:5: routes.domains[example.org].cluster: no cluster named `nope`",
         ),
         (
             "  clusters:\n    c: [cyrus1, gone]\n",
-            "test.yaml:24: routes.clusters[c][1]: no store named `gone`",
+            "test.yaml:24:5: routes.clusters[c][1]: no store named `gone`",
         ),
         (
             "  clusters:\n    local: [cyrus1]\n",
-            "test.yaml:24: routes.clusters[local]: `local` is also a store name",
+            "test.yaml:24:5: routes.clusters[local]: `local` is also a store name",
         ),
         (
             "  domains:\n    example.org: { store: local }\n  patterns:\n    - { regex: \"^(x\", store: local }\n",
-            "test.yaml:26: routes.patterns[0].regex: bad regex: ",
+            "test.yaml:26:5: routes.patterns[0].regex: bad regex: ",
         ),
         (
             "  domains:\n    example.org: { store: local }\n  patterns:\n    - { wildcard: \"*\" }\n",
-            "test.yaml:26: routes.patterns[0]: give exactly one of `store` and `cluster`",
+            "test.yaml:26:5: routes.patterns[0]: give exactly one of `store` and `cluster`",
         ),
         (
             "  domains:\n    example.org: { store: local }\n  aliases:\n    a@elsewhere.example: b@example.org\n",
-            "test.yaml:26: routes.aliases[a@elsewhere.example]: `elsewhere.example` is not in routes.domains",
+            "test.yaml:26:5: routes.aliases[a@elsewhere.example]: `elsewhere.example` is not in routes.domains",
         ),
         (
             "  domains:\n    example.org: { store: local }\n  aliases:\n    a@example.org: [\"not an address\"]\n",
-            "test.yaml:26: routes.aliases[a@example.org][0]: `not an address` is not an address user@domain",
+            "test.yaml:26:5: routes.aliases[a@example.org][0]: `not an address` is not an address user@domain",
         ),
         (
             "  domains:\n    example.org: { store: local }\n  users:\n    a@example.org: nowhere\n",
-            "test.yaml:26: routes.users[a@example.org]: no store or cluster named `nowhere`",
+            "test.yaml:26:5: routes.users[a@example.org]: no store or cluster named `nowhere`",
         ),
         (
             "  alias_depth: 0\n",
-            "test.yaml:23: routes.alias_depth: must be at least 1",
+            "test.yaml:23:3: routes.alias_depth: must be at least 1",
         ),
         (
             "  domains:\n    example.org: { stor: local }\n",
-            "test.yaml:24: routes.domains.example.org: unknown field `stor`",
+            "test.yaml:24:20: routes.domains.example.org: unknown field `stor`",
         ),
     ];
     for (routes, want) in cases {
@@ -418,7 +418,7 @@ fn a_thousand_stores_and_a_hundred_clusters_in_one_map() {
         let _ = writeln!(text, "    d{c}.example: {{ cluster: c{c} }}");
     }
     let config = Config::parse(&text, "big.yaml").unwrap_or_else(|e| panic!("{e:?}"));
-    let r = reload::build(&config).unwrap();
+    let r = crate::reload::build(&config).unwrap();
     assert_eq!(r.store_names().count(), 1000);
     let mut seen = std::collections::HashSet::new();
     for c in 0..100 {
@@ -517,16 +517,16 @@ fn a_key_defined_twice_names_both_places() {
         got,
         [
             format!(
-                "{a}:5: domains[Example.ORG]: `Example.ORG` is already defined at test.yaml:27: routes.domains[example.org]"
+                "{a}:5:3: domains[Example.ORG]: `Example.ORG` is already defined at test.yaml:27: routes.domains[example.org]"
             ),
             format!(
-                "{a}:3: users[alice@example.org]: `alice@example.org` is already defined at test.yaml:29: routes.users[alice@example.org]"
+                "{a}:3:3: users[alice@example.org]: `alice@example.org` is already defined at test.yaml:29: routes.users[alice@example.org]"
             ),
             format!(
-                "{b}:5: users[x@example.org]: `x@example.org` is already defined at {a}:2: users[x@example.org]"
+                "{b}:5:3: users[x@example.org]: `x@example.org` is already defined at {a}:2: users[x@example.org]"
             ),
             format!(
-                "{b}:2: aliases[Team@Example.org]: `Team@Example.org` is already defined at test.yaml:31: routes.aliases[team@example.org]"
+                "{b}:2:3: aliases[Team@Example.org]: `Team@Example.org` is already defined at test.yaml:31: routes.aliases[team@example.org]"
             ),
         ]
     );
@@ -553,8 +553,8 @@ fn errors_in_a_fragment_name_its_file_and_line() {
     assert_eq!(
         main(&f),
         [
-            format!("{f}:4: users[b@example.org]: no store or cluster named `nowhere`"),
-            format!("{f}:6: patterns[0]: give exactly one of `store` and `cluster`"),
+            format!("{f}:4:3: users[b@example.org]: no store or cluster named `nowhere`"),
+            format!("{f}:6:3: patterns[0]: give exactly one of `store` and `cluster`"),
         ]
     );
     // A parse error: a nested include is an unknown key (one level only).
@@ -566,7 +566,7 @@ fn errors_in_a_fragment_name_its_file_and_line() {
     let got = main(&f);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(
-        got[0].starts_with(&format!("{f}:3: ")) && got[0].contains("unknown field `include`"),
+        got[0].starts_with(&format!("{f}:3:1: ")) && got[0].contains("unknown field `include`"),
         "{got:?}"
     );
     // A missing file is named at the include line of the main file.
@@ -575,7 +575,7 @@ fn errors_in_a_fragment_name_its_file_and_line() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(
         got[0].starts_with(&format!(
-            "test.yaml:23: routes.include[0]: cannot read `{missing}`: "
+            "test.yaml:23:3: routes.include[0]: cannot read `{missing}`: "
         )),
         "{got:?}"
     );
@@ -690,7 +690,7 @@ fn case_variants_are_duplicates_unless_the_domain_preserves_case() {
     assert_eq!(
         got,
         [format!(
-            "{f}:3: users[ALICE@example.org]: `ALICE@example.org` is already defined at test.yaml:29: routes.users[alice@Example.ORG]"
+            "{f}:3:3: users[ALICE@example.org]: `ALICE@example.org` is already defined at test.yaml:29: routes.users[alice@Example.ORG]"
         )]
     );
 }

@@ -23,12 +23,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::gate::Gate;
+use super::load::StoreLoad;
 use super::window::{Window, WindowSettings};
-use crate::config::{Config, StoreConfig};
 use crate::delivery::{
-    Envelope, MaildirStore, MessageBody, Outcome, PipeStore, Recipient, Report, StorePool, trouble,
+    MaildirStore, MessageBody, OutboundEnvelope, Outcome, PipeStore, Recipient, Report,
+    StoreConfig, StorePool, trouble,
 };
-use crate::edge::StoreLoad;
 use crate::spool::{QueueId, Spool};
 
 /// Bodies up to this size are read in one go when a transaction opens them.
@@ -113,7 +113,7 @@ impl Agent {
     /// session's buffer from a listener in `mode: proxy`.
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,
@@ -218,22 +218,26 @@ impl Agents {
 
     /// The agents for the configured stores. LMTP stores get a connection pool each (the
     /// scheduler sweeps it for idle and old connections) and a window from their `window:`
-    /// settings, starting at `delivery.initial_window` unless they say otherwise.
-    pub fn from_config(config: &Config) -> Result<Self, crate::delivery::lmtp::StoreError> {
+    /// settings, starting at `initial` (`delivery.initial_window`) unless they say otherwise;
+    /// `hostname` is ours (LHLO, Received).
+    pub fn from_config(
+        stores: &[StoreConfig],
+        hostname: &str,
+        initial: usize,
+    ) -> Result<Self, crate::delivery::lmtp::StoreError> {
         let mut agents = Self::new();
-        let initial = config.delivery.initial_window;
-        for store in &config.stores {
+        for store in stores {
             let agent = match store {
                 StoreConfig::Maildir { name, root } => {
-                    Agent::Maildir(Arc::new(MaildirStore::new(name, root, &config.hostname)))
+                    Agent::Maildir(Arc::new(MaildirStore::new(name, root, hostname)))
                 }
                 StoreConfig::Discard { .. } => Agent::Discard,
                 StoreConfig::Lmtp(l) => {
-                    let lmtp = crate::delivery::LmtpStore::from_config(l, &config.hostname)?;
+                    let lmtp = crate::delivery::RemoteStore::from_config(l, hostname)?;
                     Agent::Lmtp(StorePool::new(Arc::new(lmtp)))
                 }
                 StoreConfig::Smtp(s) => {
-                    let relay = crate::delivery::LmtpStore::from_smtp_config(s, &config.hostname)?;
+                    let relay = crate::delivery::RemoteStore::from_smtp_config(s, hostname)?;
                     Agent::Lmtp(StorePool::new(Arc::new(relay)))
                 }
                 StoreConfig::Pipe(p) => Agent::Pipe(Arc::new(PipeStore::from_config(p)?)),
@@ -256,7 +260,7 @@ impl Agents {
     pub fn insert_with(&mut self, name: &str, agent: Agent, initial: usize) {
         let limits = match &agent {
             Agent::Lmtp(pool) => pool.store().edge().backpressure,
-            _ => crate::edge::BackpressureConfig::default(),
+            _ => crate::delivery::edge_config::BackpressureConfig::default(),
         };
         let load = Arc::new(StoreLoad::new(name, limits));
         let (settings, pool) = match &agent {

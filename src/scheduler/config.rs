@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::retry::RetryPolicy;
-use crate::config::Span;
+use crate::config::units::Span;
 
 /// The `delivery:` section.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

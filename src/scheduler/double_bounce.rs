@@ -14,10 +14,24 @@
 use std::io::Read;
 
 use super::Ctx;
-use crate::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState};
+use crate::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState, SpoolError};
 
 /// The envelope client field of a double bounce (also how one is recognised).
 pub(crate) const CLIENT: &str = "postern double-bounce";
+
+/// Why a message from `<>` is kept rather than removed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DoubleBounceError {
+    /// The double bounce itself failed: it stays in the hold queue for the operator.
+    #[error("double bounce undeliverable: kept in the hold queue")]
+    Undeliverable,
+    /// The copy could not be written (or the original held).
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The original's body could not be read.
+    #[error("reading the body: {0}")]
+    Body(#[from] std::io::Error),
+}
 
 /// What to do with a message from `<>` whose recipients `failed` (indices, bounced and not
 /// yet reported): `Ok(Some(id))` a copy was queued to the double-bounce address;
@@ -27,7 +41,7 @@ pub(crate) fn handle(
     qid: QueueId,
     envelope: &Envelope,
     failed: &[(usize, &RecipientState)],
-) -> Result<Option<QueueId>, String> {
+) -> Result<Option<QueueId>, DoubleBounceError> {
     let Some((index, state)) = failed
         .iter()
         .find(|(_, s)| matches!(s, RecipientState::Bounced { .. }))
@@ -41,9 +55,9 @@ pub(crate) fn handle(
         .map_or("", |r| r.address.as_str());
     let is_double = envelope.client == CLIENT || address.eq_ignore_ascii_case(&ctx.double_bounce);
     if is_double {
-        ctx.spool.hold(qid).wait().map_err(|e| e.to_string())?;
+        ctx.spool.hold(qid).wait()?;
         tracing::error!(queue_id = %qid, to = %address, reply = %reply, "double bounce undeliverable; kept in the hold queue");
-        return Err("double bounce undeliverable: kept in the hold queue".into());
+        return Err(DoubleBounceError::Undeliverable);
     }
     let copy = Envelope {
         sender: String::new(),
@@ -55,18 +69,18 @@ pub(crate) fn handle(
         received_at: ctx.clock.now(),
         client: CLIENT.into(),
     };
-    let mut body = ctx.spool.open_body(qid).map_err(|e| e.to_string())?;
-    let mut w = ctx.spool.begin(copy).map_err(|e| e.to_string())?;
+    let mut body = ctx.spool.open_body(qid)?;
+    let mut w = ctx.spool.begin(copy)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = body.read(&mut buf).map_err(|e| e.to_string())?;
+        let n = body.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        w.write(&buf[..n]).map_err(|e| e.to_string())?;
+        w.write(&buf[..n])?;
     }
     let copy_qid = w.queue_id();
-    w.commit().wait().map_err(|e| e.to_string())?;
+    w.commit().wait()?;
     tracing::warn!(queue_id = %qid, double_bounce = %copy_qid, to = %ctx.double_bounce, failed = %address, reply = %reply, "mail from <> undeliverable; a copy goes to the double-bounce address");
     Ok(Some(copy_qid))
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use postern_proto::params::{Body, Orcpt, Ret};
 use postern_proto::{MailParams, RcptParams};
 
-use crate::listener::rfc5322_date;
+use crate::date::rfc5322 as rfc5322_date;
 use crate::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState};
 
 /// The whole message is returned in a failure DSN only up to this size (Postfix's
@@ -73,7 +73,7 @@ pub struct DsnRecipient {
 
 /// Which DSN is being considered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum DsnKind {
     /// The message is done: failures and successes.
     Final,
     /// The message has been queued for `delay_warning`: deferred recipients.
@@ -82,7 +82,7 @@ pub enum Kind {
 
 /// The recipients a DSN of `kind` must report, from their states (replies filled in).
 /// Empty when none is owed (null sender, NOTIFY=NEVER, nothing to report).
-pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<DsnRecipient> {
+pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: DsnKind) -> Vec<DsnRecipient> {
     if envelope.sender.is_empty() {
         return Vec::new();
     }
@@ -90,17 +90,17 @@ pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<D
     for (r, state) in envelope.recipients.iter().zip(states) {
         let notify = r.params.notify;
         let (action, reply) = match (kind, state) {
-            (Kind::Final, RecipientState::Bounced { reply })
+            (DsnKind::Final, RecipientState::Bounced { reply })
                 if notify.is_none_or(|n| n.failure && !n.never) =>
             {
                 (Action::Failed, reply)
             }
-            (Kind::Final, RecipientState::Delivered { reply })
+            (DsnKind::Final, RecipientState::Delivered { reply })
                 if notify.is_some_and(|n| n.success && !n.never) =>
             {
                 (Action::Delivered, reply)
             }
-            (Kind::Delay, RecipientState::Deferred { reply, .. })
+            (DsnKind::Delay, RecipientState::Deferred { reply, .. })
                 if notify.is_none_or(|n| n.delay && !n.never) =>
             {
                 (Action::Delayed, reply)
@@ -118,7 +118,7 @@ pub fn owed(envelope: &Envelope, states: &[RecipientState], kind: Kind) -> Vec<D
 }
 
 /// Whether recipient `rcpt`'s final `state` owes the sender a DSN, as [`owed`] decides
-/// for [`Kind::Final`]. `true` for anything else (the caller then reports it the slow way).
+/// for [`DsnKind::Final`]. `true` for anything else (the caller then reports it the slow way).
 /// For mail from `<>` a bounce owes no DSN but a double bounce (`double_bounce`), so it is
 /// `true` for a bounced recipient there too.
 pub fn owes_final(envelope: &Envelope, rcpt: usize, state: &RecipientState) -> bool {
@@ -157,7 +157,7 @@ pub fn envelope(original: &Envelope, eight_bit: bool, now: SystemTime) -> Envelo
 
 /// Everything a DSN is made of.
 #[derive(Clone, Debug)]
-pub struct Report<'a> {
+pub struct DsnReport<'a> {
     /// Our host name (`Reporting-MTA`, `From: MAILER-DAEMON@…`).
     pub hostname: &'a str,
     /// The original message.
@@ -183,7 +183,7 @@ pub struct Rendered {
 
 /// Renders the DSN; `body` is the original content (`body_len` octets), read as far as the
 /// returned part needs.
-pub fn render(report: &Report<'_>, body: &mut dyn Read, body_len: u64) -> io::Result<Rendered> {
+pub fn render(report: &DsnReport<'_>, body: &mut dyn Read, body_len: u64) -> io::Result<Rendered> {
     let env = report.envelope;
     let host = report.hostname;
     let any = |a: Action| report.recipients.iter().any(|r| r.action == a);
@@ -475,7 +475,7 @@ mod tests {
     }
 
     fn render_str(env: &Envelope, rcpts: &[DsnRecipient]) -> String {
-        let report = Report {
+        let report = DsnReport {
             hostname: "gw.example",
             qid: QueueId::new(1_764_000_000_000_000, 1),
             envelope: env,
@@ -505,7 +505,7 @@ mod tests {
                 for state in [delivered(), bounced("550 5.1.1 no")] {
                     let states = [state.clone(), RecipientState::Pending];
                     // From <>: no DSN, but a bounce owes a double bounce.
-                    let want = !owed(&env, &states, Kind::Final).is_empty()
+                    let want = !owed(&env, &states, DsnKind::Final).is_empty()
                         || (sender.is_empty() && state.is_final() && state != delivered());
                     assert_eq!(
                         owes_final(&env, 0, &state),
@@ -524,7 +524,7 @@ mod tests {
             bounced("550 5.1.1 <b@example.net>: user unknown"),
             delivered(),
         ];
-        let rcpts = owed(&env, &states, Kind::Final);
+        let rcpts = owed(&env, &states, DsnKind::Final);
         assert_eq!(rcpts.len(), 1, "no success DSN without NOTIFY=SUCCESS");
         let text = render_str(&env, &rcpts);
         for want in [
@@ -566,7 +566,7 @@ mod tests {
         let rcpts = owed(
             &env,
             &[bounced("550 5.7.1 no"), bounced("554 no")],
-            Kind::Final,
+            DsnKind::Final,
         );
         let text = render_str(&env, &rcpts);
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: a@example.org\r\nSubject: hello\r\n\r\n--"));
@@ -586,7 +586,7 @@ mod tests {
             ..Notify::default()
         };
         let env = envelope(Some(notify));
-        let rcpts = owed(&env, &[delivered(), delivered()], Kind::Final);
+        let rcpts = owed(&env, &[delivered(), delivered()], DsnKind::Final);
         assert_eq!(rcpts.len(), 2);
         let text = render_str(&env, &rcpts);
         assert!(text.contains("Subject: Successful Mail Delivery Report\r\n"));
@@ -606,16 +606,16 @@ mod tests {
             ..Notify::default()
         };
         let env = envelope(Some(never));
-        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], Kind::Final).is_empty());
+        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], DsnKind::Final).is_empty());
         let only_success = Notify {
             success: true,
             ..Notify::default()
         };
         let env = envelope(Some(only_success));
-        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], Kind::Final).is_empty());
+        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], DsnKind::Final).is_empty());
         let mut env = envelope(None);
         env.sender.clear();
-        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], Kind::Final).is_empty());
+        assert!(owed(&env, &[bounced("550 x"), bounced("550 x")], DsnKind::Final).is_empty());
     }
 
     #[test]
@@ -628,10 +628,10 @@ mod tests {
                 reply: "451 4.2.0 locked".into(),
             },
         ];
-        let text = render_str(&env, &owed(&env, &states, Kind::Final));
+        let text = render_str(&env, &owed(&env, &states, DsnKind::Final));
         assert!(text.contains("Action: failed\r\nStatus: 4.4.1\r\n"));
         assert!(text.contains("(delivery time expired)"));
-        let delayed = owed(&env, &states, Kind::Delay);
+        let delayed = owed(&env, &states, DsnKind::Delay);
         assert_eq!(delayed.len(), 1);
         let text = render_str(&env, &delayed);
         assert!(text.contains("Subject: Delayed Mail (still being retried)\r\n"));
@@ -642,8 +642,8 @@ mod tests {
     fn large_messages_return_headers_and_utf8_uses_global_types() {
         let mut env = envelope(None);
         env.params.smtputf8 = true;
-        let rcpts = owed(&env, &[bounced("550 5.1.1 x"), delivered()], Kind::Final);
-        let report = Report {
+        let rcpts = owed(&env, &[bounced("550 5.1.1 x"), delivered()], DsnKind::Final);
+        let report = DsnReport {
             hostname: "gw.example",
             qid: QueueId::new(1, 1),
             envelope: &env,

@@ -68,6 +68,7 @@ pub mod config;
 mod double_bounce;
 pub mod dsn;
 pub mod gate;
+pub mod load;
 mod loops;
 pub mod metrics;
 mod operator;
@@ -216,7 +217,7 @@ impl Ctx {
 pub(crate) struct Message {
     pub(crate) qid: QueueId,
     pub(crate) envelope: Envelope,
-    pub(crate) delivery: crate::delivery::Envelope,
+    pub(crate) delivery: crate::delivery::OutboundEnvelope,
     pub(crate) body: SpoolBody,
     pub(crate) arrival: SystemTime,
     pub(crate) retry_at: SystemTime,

@@ -19,7 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::agent::{Agent, SpoolBody};
 use super::breaker::Breaker;
-use super::dsn::{self, Kind};
+use super::dsn::{self, DsnKind};
 use super::gate::Gate;
 use super::metrics as m;
 use super::transaction::{self, TxnDone};
@@ -471,7 +471,7 @@ impl Shard {
         } else {
             ReversePath::parse(&format!("<{}>", envelope.sender)).unwrap_or(ReversePath::Null)
         };
-        let delivery = crate::delivery::Envelope {
+        let delivery = crate::delivery::OutboundEnvelope {
             from,
             params: envelope.params.clone(),
             size: status.size,
@@ -717,7 +717,7 @@ impl Shard {
         }
         let ctx = Arc::clone(&self.ctx);
         self.ctx.tasks.spawn(async move {
-            if let Err(e) = queue_dsn_async(&ctx, qid, Kind::Delay).await {
+            if let Err(e) = queue_dsn_async(&ctx, qid, DsnKind::Delay).await {
                 tracing::warn!(queue_id = %qid, error = %e, "cannot queue the delay warning");
             }
         });
@@ -1084,14 +1084,14 @@ impl Shard {
             if load.limits().is_empty() {
                 // Only whether it is down (verification does not ask a down store).
                 let down_for = st.down_since.map(age);
-                load.update(crate::edge::Sample {
+                load.update(super::load::Sample {
                     down_for,
                     ..Default::default()
                 });
                 continue;
             }
             let (queued, oldest) = st.shape.load();
-            load.update(crate::edge::Sample {
+            load.update(super::load::Sample {
                 queued: queued as u64,
                 oldest: oldest.map(age).unwrap_or_default(),
                 down_for: st.down_since.map(age),
@@ -1206,7 +1206,7 @@ async fn finish(ctx: &Arc<Ctx>, qid: QueueId, reported: bool) -> Result<(), Stri
 /// before the mark, so a crash between the two repeats it, never loses it.
 async fn report(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
     let c = Arc::clone(ctx);
-    let (dsn, covered) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, Kind::Final))
+    let (dsn, covered) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, DsnKind::Final))
         .await
         .map_err(|e| e.to_string())??;
     if let Some(dsn_qid) = dsn {
@@ -1221,7 +1221,7 @@ async fn report(ctx: &Arc<Ctx>, qid: QueueId) -> Result<(), String> {
     Ok(())
 }
 
-async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(), String> {
+async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: DsnKind) -> Result<(), String> {
     let c = Arc::clone(ctx);
     let (dsn, _) = tokio::task::spawn_blocking(move || queue_dsn(&c, qid, kind))
         .await
@@ -1233,9 +1233,13 @@ async fn queue_dsn_async(ctx: &Arc<Ctx>, qid: QueueId, kind: Kind) -> Result<(),
 }
 
 /// Builds and durably queues the DSN of `kind` for `qid`, if one is owed (blocking).
-/// Returns its queue id and, for [`Kind::Final`], the final recipients it covers (those
+/// Returns its queue id and, for [`DsnKind::Final`], the final recipients it covers (those
 /// not reported before; owed a DSN or not).
-fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Vec<usize>), String> {
+fn queue_dsn(
+    ctx: &Ctx,
+    qid: QueueId,
+    kind: DsnKind,
+) -> Result<(Option<QueueId>, Vec<usize>), String> {
     let envelope = ctx.spool.read_envelope(qid).map_err(|e| e.to_string())?;
     let summary = ctx.spool.message(qid).map_err(|e| e.to_string())?;
     let mut covered = Vec::new();
@@ -1244,7 +1248,7 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            if kind == Kind::Final && r.state.is_final() && !r.reported {
+            if kind == DsnKind::Final && r.state.is_final() && !r.reported {
                 covered.push(i);
             }
             if r.reported {
@@ -1254,12 +1258,13 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
             }
         })
         .collect();
-    if kind == Kind::Final && envelope.sender.is_empty() {
+    if kind == DsnKind::Final && envelope.sender.is_empty() {
         let failed: Vec<(usize, &RecipientState)> = covered
             .iter()
             .filter_map(|&i| states.get(i).map(|s| (i, s)))
             .collect();
-        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)?;
+        let copy = super::double_bounce::handle(ctx, qid, &envelope, &failed)
+            .map_err(|e| e.to_string())?;
         return Ok((copy, covered));
     }
     let rcpts = dsn::owed(&envelope, &states, kind);
@@ -1267,7 +1272,7 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
         return Ok((None, covered));
     }
     let now = ctx.clock.now();
-    let report = dsn::Report {
+    let report = dsn::DsnReport {
         hostname: &ctx.hostname,
         qid,
         envelope: &envelope,
@@ -1293,9 +1298,9 @@ fn queue_dsn(ctx: &Ctx, qid: QueueId, kind: Kind) -> Result<(Option<QueueId>, Ve
     let dsn_qid = w.queue_id();
     w.commit().wait().map_err(|e| e.to_string())?;
     let word = match kind {
-        Kind::Delay => "delay",
-        Kind::Final if rcpts.iter().any(|r| r.action == dsn::Action::Failed) => "failure",
-        Kind::Final => "success",
+        DsnKind::Delay => "delay",
+        DsnKind::Final if rcpts.iter().any(|r| r.action == dsn::Action::Failed) => "failure",
+        DsnKind::Final => "success",
     };
     counter!(m::DSNS, "kind" => word).increment(1);
     tracing::info!(queue_id = %qid, dsn = %dsn_qid, kind = word, recipients = rcpts.len(), "DSN queued to the sender");

@@ -53,13 +53,13 @@ impl Unroutable {
         let lost_for = now.duration_since(first).unwrap_or_default();
         if lost_for >= grace {
             self.first.remove(&(qid, index));
-            tracing::warn!(queue_id = %qid, rcpt = index, grace = %crate::config::Span(grace), "recipient without a route for longer than routes.unroutable_grace; bouncing");
+            tracing::warn!(queue_id = %qid, rcpt = index, grace = %crate::config::units::Span(grace), "recipient without a route for longer than routes.unroutable_grace; bouncing");
             return Outcome::Bounced(bounce);
         }
         let text = format!(
             "No route: the routing map no longer routes this recipient ({}); deferred for up to routes.unroutable_grace ({}), then bounced",
             bounce.text().lines().next().unwrap_or("refused"),
-            crate::config::Span(grace)
+            crate::config::units::Span(grace)
         );
         Outcome::Deferred(local_reply(451, (4, 3, 0), &text))
     }

@@ -1,6 +1,8 @@
 //! Fault injection for the crash tests: abort the process at a named point, or make the
 //! next appends or syncs fail with an injected error.
 //!
+//! Only with the cargo feature `fault-injection` (which the `postern-bench` crate turns on for
+//! its crash test; the product is built without it):
 //! `POSTERN_FAULT=<point>` (read once, when the spool opens) aborts the process with
 //! `std::process::abort()` the `POSTERN_FAULT_AFTER`-th time (default 1) the point is reached.
 //! Points:
@@ -35,6 +37,15 @@ pub(crate) struct Faults {
 }
 
 impl Faults {
+    /// The armed point from `POSTERN_FAULT`, `POSTERN_FAULT_AFTER` (none without the
+    /// `fault-injection` feature: the product never reads them).
+    #[cfg(not(feature = "fault-injection"))]
+    pub(crate) fn from_env() -> Self {
+        Self::default()
+    }
+
+    /// The armed point from `POSTERN_FAULT`, `POSTERN_FAULT_AFTER`.
+    #[cfg(feature = "fault-injection")]
     pub(crate) fn from_env() -> Self {
         let point = std::env::var("POSTERN_FAULT")
             .ok()

@@ -15,7 +15,9 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use super::micros::{from_micros, to_micros};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
@@ -49,7 +51,7 @@ impl QueueId {
 
     /// Arrival time.
     pub fn arrival(self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_micros(self.micros)
+        from_micros(self.micros)
     }
 
     /// The binary form (10 bytes).
@@ -89,7 +91,7 @@ impl fmt::Display for QueueId {
 
 /// Why a text queue id did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("not a queue id: {0:?}")]
+#[error("not a queue id: `{0}`")]
 pub struct BadQueueId(pub String);
 
 impl FromStr for QueueId {
@@ -139,10 +141,7 @@ impl IdAllocator {
 
     /// The next id: now, or one microsecond past the previous id if the clock has not moved.
     pub(crate) fn next(&self) -> QueueId {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let now = to_micros(SystemTime::now());
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
             let candidate = now.max(prev + 1);

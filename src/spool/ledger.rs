@@ -22,7 +22,7 @@
 
 use std::time::SystemTime;
 
-use super::record::{from_micros, to_micros};
+use super::micros::{from_micros, to_micros};
 
 /// One recipient's state in the spool.
 #[derive(Clone, Debug, PartialEq, Eq)]

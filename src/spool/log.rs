@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use super::SpoolError;
 use super::fault::Faults;
 use super::id::QueueId;
-use super::record::{SEGMENT_HEADER_LEN, SegmentHeader, to_micros};
+use super::micros::to_micros;
+use super::record::{SEGMENT_HEADER_LEN, SegmentHeader};
 
 /// One segment file, open for reading (and, for the active one, appending).
 #[derive(Debug)]

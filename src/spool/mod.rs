@@ -55,23 +55,22 @@
 //! | `recovery` | the startup scan |
 //! | `gc` | deleting dead segments, compacting old mostly-dead ones |
 //! | [`fault`] | `POSTERN_FAULT` crash points and injected I/O errors |
-//! | [`torture`], [`bench`] | the crash-test load and the benchmark |
+//! | (`bench/`: `postern-bench`) | the crash-test load and the benchmark, outside the product |
 //!
 //! # Directory
 //!
 //! `DIR/spool.lock` (flock: one daemon per spool), `DIR/NNNNNNNN.seg` (the log), and
 //! `DIR/corrupt/` (quarantined messages, one `QUEUEID.txt` each).
 
-pub mod bench;
 pub mod fault;
 mod gc;
 pub mod id;
 mod index;
 pub mod ledger;
 pub mod log;
+mod micros;
 pub mod record;
 mod recovery;
-pub mod torture;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -225,6 +224,8 @@ pub struct RecoveryReport {
     pub records: u64,
     /// Live messages in the index.
     pub messages: usize,
+    /// Their recipients not yet delivered or bounced.
+    pub recipients: usize,
     /// Messages without a Commit record, dropped (never acknowledged).
     pub partial_dropped: usize,
     /// Messages moved to the corrupt queue.

@@ -46,13 +46,14 @@
 //! Golden files for every record kind are in `src/spool/testdata/` (`UPDATE_GOLDEN=1` rewrites
 //! them; a change to a golden file is a format change and needs a version bump).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use postern_proto::params::{Body, Notify, Orcpt, Ret};
 use postern_proto::{MailParams, RcptParams};
 
 use super::id::{QUEUE_ID_BYTES, QueueId};
 use super::ledger::RecipientState;
+use super::micros::{from_micros, to_micros};
 
 /// Segment file magic.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"PSTNSEG\0";
@@ -77,7 +78,7 @@ const ENVELOPE_VERSION: u8 = 1;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum RecordKind {
     /// Body bytes of a message being received.
     Chunk = 1,
     /// Envelope and body checksum: the END marker of a message.
@@ -92,7 +93,7 @@ pub enum Kind {
     Release = 6,
 }
 
-impl Kind {
+impl RecordKind {
     fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             1 => Self::Chunk,
@@ -217,7 +218,7 @@ impl SegmentHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     /// Record kind.
-    pub kind: Kind,
+    pub kind: RecordKind,
     /// Kind-specific flags.
     pub flags: u8,
     /// Payload length.
@@ -233,7 +234,7 @@ impl RecordHeader {
         if le32(&b[..4]) != RECORD_MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let kind = Kind::from_u8(b[4]).ok_or(FormatError::UnknownKind(b[4]))?;
+        let kind = RecordKind::from_u8(b[4]).ok_or(FormatError::UnknownKind(b[4]))?;
         let len = le32(&b[8..12]);
         if len > MAX_PAYLOAD || b[6] != 0 || b[7] != 0 {
             return Err(FormatError::BadValue("record header"));
@@ -249,7 +250,7 @@ impl RecordHeader {
     /// How many payload bytes the CRC covers.
     pub fn covered(&self) -> usize {
         match self.kind {
-            Kind::Chunk => QUEUE_ID_BYTES.min(self.len as usize),
+            RecordKind::Chunk => QUEUE_ID_BYTES.min(self.len as usize),
             _ => self.len as usize,
         }
     }
@@ -347,19 +348,19 @@ impl Record {
         let mut r = Reader(covered);
         let qid = r.qid()?;
         let rec = match h.kind {
-            Kind::Chunk => {
+            RecordKind::Chunk => {
                 return Ok(Self::Chunk {
                     qid,
                     len: h.len.saturating_sub(QUEUE_ID_BYTES as u32),
                 });
             }
-            Kind::Commit => Self::Commit {
+            RecordKind::Commit => Self::Commit {
                 qid,
                 body_len: r.u64()?,
                 body_crc: r.u32()?,
                 envelope: decode_envelope(&mut r)?,
             },
-            Kind::Ledger => {
+            RecordKind::Ledger => {
                 let rcpt = r.u32()?;
                 let tag = r.u8()?;
                 let until = r.u64()?;
@@ -377,7 +378,7 @@ impl Record {
                     },
                 }
             }
-            Kind::Done => Self::Done {
+            RecordKind::Done => Self::Done {
                 qid,
                 reason: match r.u8()? {
                     0 => DoneReason::Finished,
@@ -387,11 +388,11 @@ impl Record {
                     _ => return Err(FormatError::BadValue("done reason")),
                 },
             },
-            Kind::Hold => Self::Hold {
+            RecordKind::Hold => Self::Hold {
                 qid,
                 poison: h.flags & FLAG_POISON != 0,
             },
-            Kind::Release => Self::Release { qid },
+            RecordKind::Release => Self::Release { qid },
         };
         if !r.0.is_empty() {
             return Err(FormatError::BadValue("trailing bytes"));
@@ -412,7 +413,7 @@ pub fn parse_full(buf: &[u8]) -> Result<(RecordHeader, Record), FormatError> {
 }
 
 /// Appends a record with the given kind, flags and payload writer to `out`.
-fn frame(out: &mut Vec<u8>, kind: Kind, flags: u8, payload: impl FnOnce(&mut Vec<u8>)) {
+fn frame(out: &mut Vec<u8>, kind: RecordKind, flags: u8, payload: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     out.extend_from_slice(&[kind as u8, flags, 0, 0]);
@@ -421,7 +422,7 @@ fn frame(out: &mut Vec<u8>, kind: Kind, flags: u8, payload: impl FnOnce(&mut Vec
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start + 8..start + 12].copy_from_slice(&len.to_le_bytes());
     let covered = match kind {
-        Kind::Chunk => QUEUE_ID_BYTES,
+        RecordKind::Chunk => QUEUE_ID_BYTES,
         _ => len as usize,
     };
     let mut h = crc32fast::Hasher::new();
@@ -451,7 +452,7 @@ pub fn chunk_head(qid: QueueId, len: usize) -> Vec<u8> {
 
 /// Appends a Chunk record.
 pub fn encode_chunk(out: &mut Vec<u8>, qid: QueueId, data: &[u8]) {
-    frame(out, Kind::Chunk, 0, |o| {
+    frame(out, RecordKind::Chunk, 0, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(data);
     });
@@ -466,7 +467,7 @@ pub fn encode_commit(
     body_crc: u32,
     env: &Envelope,
 ) {
-    frame(out, Kind::Commit, flags, |o| {
+    frame(out, RecordKind::Commit, flags, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(&body_len.to_le_bytes());
         o.extend_from_slice(&body_crc.to_le_bytes());
@@ -501,7 +502,7 @@ pub fn encode_ledger_parts(
     reported: bool,
 ) {
     let flags = if reported { FLAG_REPORTED } else { 0 };
-    frame(out, Kind::Ledger, flags, |o| {
+    frame(out, RecordKind::Ledger, flags, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(&rcpt.to_le_bytes());
         o.push(tag);
@@ -512,7 +513,7 @@ pub fn encode_ledger_parts(
 
 /// Appends a Done record.
 pub fn encode_done(out: &mut Vec<u8>, qid: QueueId, reason: DoneReason) {
-    frame(out, Kind::Done, 0, |o| {
+    frame(out, RecordKind::Done, 0, |o| {
         o.extend_from_slice(&qid.to_bytes());
         o.push(reason as u8);
     });
@@ -520,27 +521,19 @@ pub fn encode_done(out: &mut Vec<u8>, qid: QueueId, reason: DoneReason) {
 
 /// Appends a Hold (`hold`) or Release record.
 pub fn encode_hold(out: &mut Vec<u8>, qid: QueueId, hold: bool) {
-    let kind = if hold { Kind::Hold } else { Kind::Release };
+    let kind = if hold {
+        RecordKind::Hold
+    } else {
+        RecordKind::Release
+    };
     frame(out, kind, 0, |o| o.extend_from_slice(&qid.to_bytes()));
 }
 
 /// Appends a Hold record flagged [`FLAG_POISON`]: the message is quarantined.
 pub fn encode_quarantine(out: &mut Vec<u8>, qid: QueueId) {
-    frame(out, Kind::Hold, FLAG_POISON, |o| {
+    frame(out, RecordKind::Hold, FLAG_POISON, |o| {
         o.extend_from_slice(&qid.to_bytes());
     });
-}
-
-/// Microseconds since the epoch (0 before it).
-pub fn to_micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// The time `micros` after the epoch.
-pub fn from_micros(micros: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros)
 }
 
 fn encode_envelope(o: &mut Vec<u8>, env: &Envelope) {

@@ -466,7 +466,7 @@ fn damaged_commit_in_the_middle_goes_to_the_corrupt_queue() {
         .enumerate()
         .filter(|(_, w)| *w == needle)
         .map(|(i, _)| i)
-        .find(|&i| bytes[i - record::HEADER_LEN + 4] == record::Kind::Commit as u8)
+        .find(|&i| bytes[i - record::HEADER_LEN + 4] == record::RecordKind::Commit as u8)
         .unwrap();
     bytes[pos + 30] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use postern::config::Span;
 use postern::delivery::config::StoreAddress;
-use postern::delivery::{Envelope, LmtpStore, LmtpStoreConfig, Outcome, Recipient, Report};
+use postern::delivery::{
+    LmtpStoreConfig, OutboundEnvelope, Outcome, Recipient, RemoteStore, Report,
+};
 use postern::proto::address::{ForwardPath, Mailbox, ReversePath};
 use postern::proto::params::RcptParams;
 
@@ -43,9 +45,9 @@ pub fn rcpt(index: usize, address: &str) -> Recipient {
     }
 }
 
-pub fn envelope(body: &[u8]) -> Envelope {
+pub fn envelope(body: &[u8]) -> OutboundEnvelope {
     let from = ReversePath::Mailbox(Mailbox::parse("sender@example.org").unwrap());
-    Envelope::new(from, body.len() as u64)
+    OutboundEnvelope::new(from, body.len() as u64)
 }
 
 /// (kind, code, enhanced) of an outcome, for compact assertions.
@@ -74,8 +76,8 @@ pub fn by_index(report: &Report, n: usize) -> Vec<String> {
 
 /// Connects, delivers one transaction, returns the report and the callback's order.
 pub async fn deliver_once(
-    store: &Arc<LmtpStore>,
-    env: &Envelope,
+    store: &Arc<RemoteStore>,
+    env: &OutboundEnvelope,
     to: &[Recipient],
     body: &[u8],
 ) -> (Report, Vec<usize>) {

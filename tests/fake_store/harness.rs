@@ -14,7 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use postern::config::{DomainRoute, RoutesConfig, Span};
 use postern::delivery::config::{StoreAddress, WindowConfig};
-use postern::delivery::{LmtpStore, LmtpStoreConfig, StorePool};
+use postern::delivery::{LmtpStoreConfig, RemoteStore, StorePool};
 use postern::routing::Router;
 use postern::scheduler::{Agent, Agents, Clock, Scheduler, SchedulerConfig, Setup};
 use postern::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState, Spool, SpoolOptions};
@@ -63,7 +63,7 @@ pub fn lmtp_agent_with(name: &str, port: u16, window: WindowConfig) -> Agent {
     );
     cfg.window = window;
     Agent::Lmtp(StorePool::new(Arc::new(
-        LmtpStore::from_config(&cfg, "gw.test").unwrap(),
+        RemoteStore::from_config(&cfg, "gw.test").unwrap(),
     )))
 }
 

@@ -107,14 +107,7 @@ use transaction::{BodyMode, EndOfData, Transaction};
 pub use capabilities::Capabilities;
 pub use event::{ClientError, ClientEvent};
 
-/// Which protocol the connection speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// LMTP (RFC 2033): LHLO, one reply per accepted recipient after the end of data.
-    Lmtp,
-    /// SMTP (RFC 5321): EHLO with HELO fallback, one reply per message.
-    Smtp,
-}
+pub use crate::protocol::Protocol;
 
 /// One client connection's protocol state. See the [module documentation](self).
 #[derive(Debug)]

@@ -327,7 +327,10 @@ fn act(
 }
 
 fn unexpected(r: &Response) -> QueueError {
-    QueueError::Refused(format!("unexpected answer from the daemon: {r:?}"))
+    QueueError::Refused(format!(
+        "unexpected answer from the daemon: a `{}` response",
+        r.kind()
+    ))
 }
 
 fn json_lines(messages: &[MessageView]) -> String {

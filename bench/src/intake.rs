@@ -1,4 +1,4 @@
-//! `postern bench intake`: the edge front end's memory figures, measured on the real binary.
+//! `postern-bench intake`: the edge front end's memory figures, measured on the real binary.
 //!
 //! Starts `postern run` as a child on a temporary configuration (loopback, port 0, a spool
 //! in a temporary directory), then acts as the client:
@@ -24,11 +24,13 @@ pub struct IntakeArgs {
     pub size: u64,
     /// Idle connections to hold.
     pub idle: usize,
+    /// The `postern` binary that runs the gateway.
+    pub postern: std::path::PathBuf,
 }
 
 /// Runs the benchmark and prints the figures.
 pub fn run(args: &IntakeArgs) -> Result<(), String> {
-    crate::gateway::raise_fd_limit(args.idle as u64 + 1024);
+    postern::gateway::raise_fd_limit(args.idle as u64 + 1024);
     let dir = tempfile_dir()?;
     let config = format!(
         "hostname: bench.test\nnode_id: 9\nspool:\n  path: {}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n    max_connections: {}\n    max_connections_per_ip: {}\n    max_message_size: {}\nstores:\n  - name: local\n    kind: maildir\n    root: {}\nroutes:\n  domains:\n    example.org: {{ store: local }}\n",
@@ -40,10 +42,10 @@ pub fn run(args: &IntakeArgs) -> Result<(), String> {
     );
     let config_path = dir.join("bench.yaml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
-    let (mut child, addr) = spawn(&config_path)?;
+    let (mut child, addr) = spawn(&args.postern, &config_path)?;
     let pid = child.id();
     let result = (|| {
-        println!("postern bench intake (pid {pid}, {addr})");
+        println!("postern-bench intake (pid {pid}, {addr})");
         println!("baseline RSS: {}", mib(status_kib(pid, "VmRSS:")?));
         big_message(&addr, args.size, pid)?;
         idle_connections(&addr, args.idle, pid)
@@ -60,9 +62,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf, String> {
     Ok(base)
 }
 
-fn spawn(config: &Path) -> Result<(Child, String), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
+fn spawn(postern: &Path, config: &Path) -> Result<(Child, String), String> {
+    let mut child = Command::new(postern)
         .args(["--log-format", "json", "run", "--config"])
         .arg(config)
         .env("POSTERN_LOG", "warn,postern::listener=info")

@@ -1,4 +1,4 @@
-//! `postern bench-routes`: the scale figures of the routing map — load time, resident
+//! `postern-bench routes`: the scale figures of the routing map — load time, resident
 //! memory and lookup latency for a big map (by default 1,000,000 users in a users file,
 //! 1,000 stores, 100 clusters, 100 domains).
 //!
@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use postern_proto::ForwardPath;
 
-use super::reload::build;
-use crate::config::Config;
+use postern::config::Config;
+use postern::reload::build;
 
-/// Arguments of `postern bench-routes`.
+/// Arguments of `postern-bench routes`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// User entries in the users file.

@@ -5,16 +5,16 @@
 //! (normalised form, the rule by configuration key, the store, the alias expansion).
 //! `postern route --diff NEW.yaml [--config FILE]` compares NEW.yaml's map with the one of
 //! the configuration in use: the explicit users that would move, and how many queued
-//! recipients of its spool (read without the lock; see [`super::diff`]) would move between
+//! recipients of its spool (read without the lock; see [`crate::routing::diff`]) would move between
 //! which stores.
 
 use std::path::PathBuf;
 
 use postern_proto::ForwardPath;
 
-use super::diff::diff;
-use super::reload::build;
 use crate::config::{Config, ConfigError};
+use crate::reload::build;
+use crate::routing::diff::diff;
 use crate::spool::Spool;
 
 /// Arguments of `postern route`.
@@ -103,7 +103,7 @@ pub fn run(args: &RouteArgs, out: &mut String) -> Result<(), RouteCliError> {
 }
 
 /// `--verify`: each leaf of the explanation routed to a store, asked of that store.
-fn verify(config: &Config, explanation: &super::Explanation, out: &mut String) {
+fn verify(config: &Config, explanation: &crate::routing::Explanation, out: &mut String) {
     let mut asks: Vec<(String, String)> = Vec::new();
     explanation.leaves(&mut |leaf| {
         if let Some(store) = leaf.decision.as_ref().and_then(|d| d.store()) {
@@ -127,7 +127,12 @@ fn verify(config: &Config, explanation: &super::Explanation, out: &mut String) {
             format!("<{address}>")
         };
         let line = match ForwardPath::parse(&text) {
-            Ok(path) => runtime.block_on(crate::edge::ask_directly(config, &store, &path)),
+            Ok(path) => runtime.block_on(crate::edge::ask_directly(
+                &config.stores,
+                &config.hostname,
+                &store,
+                &path,
+            )),
             Err(e) => format!("not asked: {e}"),
         };
         out.push_str(&format!("  verify {address} at store {store}: {line}\n"));

@@ -1,4 +1,5 @@
-//! The routing map in force, and its live reload.
+//! The configuration in force, and its live reload: the routing map, the live keys of
+//! `delivery:`, and which other changes need a restart.
 //!
 //! [`LiveRoutes`] owns the `Arc<ArcSwap<Router>>` that the listener (at RCPT) and the
 //! scheduler (at every attempt) read. A reload — `SIGHUP`, or a change of the configuration
@@ -6,7 +7,7 @@
 //! re-reads the configuration file (and its includes), validates it and builds a complete
 //! new [`Router`] off to the side, then swaps it in with one atomic store: a reader holds
 //! either the old map or the new one, never a mix, and no connection is touched. On any
-//! error the running map stays, every problem is logged with file:line:key,
+//! error the running map stays, every problem is logged with file:line:column:key,
 //! `postern_routes_reload_errors_total` is incremented, and the generation does not move.
 //! The same reload puts the retry keys of `delivery:` (`minimal_backoff`, `maximal_backoff`,
 //! `maximal_lifetime`, `delay_warning`, `breaker.failures`, `breaker.probe_interval`) in
@@ -26,8 +27,8 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
-use super::Router;
 use crate::config::{Config, ConfigError, StoreConfig};
+use crate::routing::Router;
 use crate::scheduler::Scheduler;
 
 /// Reloads that failed (the running map was kept); described in [`crate::metrics`].
@@ -41,7 +42,7 @@ pub enum ReloadError {
     /// The gateway runs on the embedded default: there is no file to read again.
     #[error("no configuration file (running on the embedded default): nothing to reload")]
     NoFile,
-    /// The new configuration or map did not load; each error names file:line:key.
+    /// The new configuration or map did not load; each error names file:line:column:key.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigError>),
 }
@@ -163,6 +164,7 @@ impl LiveRoutes {
                 return Err(vec![ConfigError {
                     file: path.display().to_string(),
                     line: None,
+                    column: None,
                     path: "stores".into(),
                     message: format!(
                         "routes name stores not running since start-up ({}); new stores need a restart",
@@ -184,7 +186,11 @@ impl LiveRoutes {
                 let lost_route = self.scheduler.get().map(|s| {
                     let old = self.current.load();
                     let queued = s.open_recipients();
-                    super::diff::lost_routes(&old, &router, queued.iter().map(String::as_str))
+                    crate::routing::diff::lost_routes(
+                        &old,
+                        &router,
+                        queued.iter().map(String::as_str),
+                    )
                 });
                 self.current.store(Arc::new(router));
                 let delivery = running.config.delivery.diff(&new.delivery);
@@ -249,6 +255,7 @@ impl LiveRoutes {
                 Err(ReloadError::Invalid(vec![ConfigError {
                     file: String::new(),
                     line: None,
+                    column: None,
                     path: "routes".into(),
                     message: format!("reload task failed: {e}"),
                 }]))
@@ -312,44 +319,20 @@ impl LiveRoutes {
 /// The top-level keys other than `routes:` that differ, and the keys of `delivery:` that
 /// differ and cannot change live (`delivery.shards`).
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |key: &'static str, a: String, b: String| {
-        if a != b {
-            out.push(key);
-        }
-    };
-    check("hostname", old.hostname.clone(), new.hostname.clone());
-    check("node_id", old.node_id.to_string(), new.node_id.to_string());
-    check(
-        "spool",
-        format!("{:?}", old.spool),
-        format!("{:?}", new.spool),
-    );
-    check(
-        "metrics",
-        format!("{:?}", old.metrics),
-        format!("{:?}", new.metrics),
-    );
-    check(
-        "drain_timeout",
-        format!("{:?}", old.drain_timeout),
-        format!("{:?}", new.drain_timeout),
-    );
-    check(
-        "listeners",
-        format!("{:?}", old.listeners),
-        format!("{:?}", new.listeners),
-    );
-    check(
-        "stores",
-        format!("{:?}", old.stores),
-        format!("{:?}", new.stores),
-    );
-    check(
-        "verify_cache",
-        format!("{:?}", old.verify_cache),
-        format!("{:?}", new.verify_cache),
-    );
+    let changed = [
+        ("hostname", old.hostname != new.hostname),
+        ("node_id", old.node_id != new.node_id),
+        ("spool", old.spool != new.spool),
+        ("metrics", old.metrics != new.metrics),
+        ("drain_timeout", old.drain_timeout != new.drain_timeout),
+        ("listeners", old.listeners != new.listeners),
+        ("stores", old.stores != new.stores),
+        ("verify_cache", old.verify_cache != new.verify_cache),
+    ];
+    let mut out: Vec<&'static str> = changed
+        .into_iter()
+        .filter_map(|(key, differs)| differs.then_some(key))
+        .collect();
     out.extend(old.delivery.diff(&new.delivery).restart);
     out
 }
@@ -368,8 +351,8 @@ mod tests {
         new.stores.clear();
         assert_eq!(needs_restart(&old, &new), ["hostname", "stores"]);
         let mut new = old.clone();
-        new.delivery.maximal_backoff = crate::config::Span(Duration::from_secs(600));
-        new.delivery.delay_warning = Some(crate::config::Span(Duration::from_secs(3600)));
+        new.delivery.maximal_backoff = crate::config::units::Span(Duration::from_secs(600));
+        new.delivery.delay_warning = Some(crate::config::units::Span(Duration::from_secs(3600)));
         assert!(
             needs_restart(&old, &new).is_empty(),
             "the retry keys are live"

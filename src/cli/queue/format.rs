@@ -5,27 +5,7 @@ use std::fmt::Write as _;
 
 use crate::admin::protocol::{Action, EnvelopeDetails, MessageView, ShapeTable, Touched};
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use crate::date::utc;
 
 fn mark(queue: &str) -> char {
     match queue {
@@ -219,13 +199,6 @@ pub fn acted(action: Action, dry_run: bool, messages: &[Touched]) -> String {
 mod tests {
     use super::*;
     use crate::admin::protocol::{RecipientView, ShapeBy, ShapeRow};
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(utc(1_795_765_440), "2026-11-27 07:44:00");
-    }
 
     #[test]
     fn list_marks_held_messages_and_shows_the_last_reply() {

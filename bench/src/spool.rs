@@ -1,4 +1,4 @@
-//! The spool benchmark: `postern bench-spool`.
+//! The spool benchmark: `postern-bench spool`.
 //!
 //! Prints, in one run on the same disk:
 //!
@@ -10,7 +10,7 @@
 //!    `fdatasync`s per second and the mean number of messages per `fdatasync`;
 //! 3. for each `--queued` count: recovery time and the RSS the rebuilt index takes
 //!    (measured in a child process: RSS after `Spool::open` minus RSS before);
-//! 4. `--crash-cycles` kill -9 / fault-point cycles with the checks of [`super::torture`].
+//! 4. `--crash-cycles` kill -9 / fault-point cycles with the checks of [`crate::torture`].
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use super::torture::{CrashOptions, crash_cycles};
-use super::{Envelope, EnvelopeRecipient, Spool, SpoolError, SpoolOptions};
+use postern::spool::{Durable, Envelope, EnvelopeRecipient, Spool, SpoolError, SpoolOptions};
 
-/// Arguments of `postern bench-spool`.
+use crate::torture::{CrashOptions, crash_cycles};
+
+/// Arguments of `postern-bench spool`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// Work directory (on the disk to measure); default /var/tmp/postern-bench-PID.
@@ -88,7 +89,7 @@ pub fn run(a: &BenchArgs) -> Result<(), SpoolError> {
         .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/postern-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     println!(
-        "postern bench-spool: dir={} writers={} size={} messages={}",
+        "postern-bench spool: dir={} writers={} size={} messages={}",
         dir.display(),
         a.writers,
         a.size,
@@ -304,7 +305,7 @@ fn recovery(dir: &Path, queued: usize, size: usize) -> Result<(), SpoolError> {
                                 last = Some(d);
                             }
                         }
-                        last.map_or(Ok(()), super::Durable::wait)
+                        last.map_or(Ok(()), Durable::wait)
                     })
                 })
                 .collect();
@@ -317,7 +318,7 @@ fn recovery(dir: &Path, queued: usize, size: usize) -> Result<(), SpoolError> {
     }
     let fill_s = fill.elapsed().as_secs_f64();
     let out = std::process::Command::new(std::env::current_exe()?)
-        .arg("bench-spool")
+        .arg("spool")
         .arg("--recover-only")
         .arg(dir)
         .output()?;

@@ -1,7 +1,7 @@
 //! The crash test: a store-and-ledger load run by the real binary, killed at random
 //! moments (or aborted at a `POSTERN_FAULT` point), restarted, and checked.
 //!
-//! `postern spool-torture --dir D` runs `--writers` threads storing `--messages` messages
+//! `postern-bench spool-torture --dir D` runs `--writers` threads storing `--messages` messages
 //! (2 recipients each) and walking each through a planned prefix ([`planned_steps`]) of this
 //! ledger script:
 //!
@@ -26,17 +26,17 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use super::{
+use postern::spool::{
     Envelope, EnvelopeRecipient, QueueId, RecipientState, Spool, SpoolError, SpoolOptions,
 };
 
-/// Arguments of `postern spool-torture`.
+/// Arguments of `postern-bench spool-torture`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TortureArgs {
     /// Spool directory.
@@ -501,14 +501,4 @@ fn check(
         }
     }
     Ok(())
-}
-
-/// Default binary path for callers that run inside the `postern` binary itself.
-pub fn current_exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| e.to_string())
-}
-
-/// Convenience for tests: a fresh spool directory path under `base`.
-pub fn spool_dir(base: &Path) -> PathBuf {
-    base.join("spool")
 }

@@ -1,383 +1,39 @@
-//! The LMTP delivery agent: one connection to a store, and mail transactions over it.
-//!
-//! [`LmtpStore`] is a store as the agent sees it, built once from its [`LmtpStoreConfig`]
-//! (the password and CA files are read then). [`LmtpStore::connect`] opens a [`Connection`]:
-//! TCP or unix socket, greeting, LHLO, optional STARTTLS (then LHLO again), optional AUTH
-//! PLAIN. [`Connection::deliver`] runs one transaction with the protocol rules of
-//! [`postern_proto::client`]: MAIL, RCPT and DATA in one flush when the store offers
-//! PIPELINING, BDAT chunks instead of DATA when it offers CHUNKING, the body streamed from an
-//! [`AsyncRead`] (dot-stuffed by [`DataEncoder`] for DATA) so a large message never sits in
-//! memory whole.
-//!
-//! # What is checked before anything is sent
-//!
-//! - SIZE: a message larger than the store's limit bounces `552 5.3.4`.
-//! - SMTPUTF8: a message with a non-ASCII address and a store without it bounces `554 5.6.7`.
-//!   A message that only declared SMTPUTF8 goes without it; 8-bit headers met while streaming
-//!   then abort the transaction before its end with the same bounce.
-//! - 8BITMIME: a store without it gets the body through [`super::downgrade`]: 8-bit MIME
-//!   parts (declared `8bit`/`binary`) are converted to quoted-printable (RFC 6152 §3, as
-//!   Postfix does). 8-bit octets that survive the conversion (8-bit headers, 8-bit content in
-//!   a part declared 7-bit) abort the transaction before its end (nothing is delivered) with
-//!   `554 5.6.3`. SIZE= still declares the spooled size (an estimate, RFC 1870).
-//!
-//! ESMTP parameters the store did not advertise are left out (SIZE=, BODY=, SMTPUTF8, the DSN
-//! parameters).
-//!
-//! # Results as they arrive
-//!
-//! Every recipient gets exactly one [`Outcome`], handed to the caller's callback the moment
-//! the reply that decides it is parsed (RFC 2033 §4.2: one reply per accepted recipient after
-//! the end of data), so the ledger can be written reply by reply. A connection lost after `k`
-//! of `n` post-dot replies yields those `k` outcomes and `n - k` [`Outcome::InDoubt`]; lost
-//! before the end of data, [`Outcome::NotAttempted`]. What the replies mean, and how wide a
-//! failure is, is decided in [`super::trouble`] only.
-//!
-//! # Timeouts
-//!
-//! Per phase, per read or write (Postfix's `lmtp_*_timeout`): connect, the greeting and each
-//! LHLO/STARTTLS/AUTH reply, each MAIL/RCPT/DATA reply, each content write, and each reply
-//! after the end of data. A timeout ends the connection: the recipients still open are not
-//! attempted (before the end of data) or in doubt (after it).
-//!
-//! DIAGNOSTICS: setup failures are returned as a [`Trouble`] (scope [`Scope::Store`](super::Scope::Store)); a
-//! transaction never fails as a whole, it returns a [`Report`]. No network input panics.
-//!
-//! SEE ALSO: `pool` (connections reused across messages), RFC 2033, RFC 2920, RFC 3030.
+//! One open connection to a store ([`Connection`]): its capabilities, the transactions on
+//! it (MAIL, RCPT, DATA or BDAT, the replies after the end of data, one per recipient with
+//! LMTP), recipient verification, RSET before reuse and QUIT. Setting a connection up
+//! (connect, greeting, LHLO/EHLO, STARTTLS, AUTH) is the store's ([`super::RemoteStore`]).
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use postern_proto::address::ForwardPath;
-use postern_proto::client::{Capabilities, ClientConnection, ClientError, ClientEvent, Protocol};
+use postern_proto::client::{Capabilities, ClientError, ClientEvent};
 use postern_proto::data::DataEncoder;
 use postern_proto::params::{Body, MailParams, RcptParams};
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
 
-use super::config::{LmtpStoreConfig, StoreAddress, TlsMode, WindowConfig};
-use super::downgrade::{Downgrading, Guard};
-use super::message::{Envelope, Recipient, Report};
-use super::trouble::{self, Outcome, Phase, Policy, Trouble, When};
-use super::wire::{self, Credentials, Io, TlsSettings, Wire};
+use crate::delivery::downgrade::{Downgrading, Guard};
+use crate::delivery::message::{OutboundEnvelope, Recipient, Report};
+use crate::delivery::trouble::{self, Outcome, Phase, Trouble};
+use crate::delivery::wire::Wire;
 
-/// Size of the reads from the message body in DATA mode.
-const DATA_READ: usize = 64 * 1024;
-
-/// The longest QUIT may take before the socket is simply closed.
-const QUIT_LIMIT: Duration = Duration::from_secs(5);
-
-/// Why a store's settings could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The configuration is inconsistent.
-    #[error("store {store}: {reason}")]
-    Invalid {
-        /// The store.
-        store: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The password file could not be read.
-    #[error("store {store}: password file {path}: {error}")]
-    PasswordFile {
-        /// The store.
-        store: String,
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        error: io::Error,
-    },
-    /// The CA file could not be read or holds no certificate.
-    #[error("store {store}: CA file {path}: {reason}")]
-    CaFile {
-        /// The store.
-        store: String,
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// rustls refused the client configuration.
-    #[error("store {store}: TLS: {error}")]
-    Tls {
-        /// The store.
-        store: String,
-        /// The error.
-        error: rustls::Error,
-    },
-}
-
-/// Timeouts per phase, from [`super::config::LmtpTimeouts`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Opening the socket.
-    pub connect: Duration,
-    /// The greeting and each LHLO, STARTTLS (handshake included) and AUTH reply.
-    pub lhlo: Duration,
-    /// Each MAIL, RCPT, DATA and RSET reply.
-    pub mail_rcpt: Duration,
-    /// Each content write, and each reply to a BDAT chunk that is not the last.
-    pub data: Duration,
-    /// Each reply after the end of data.
-    pub end_of_data: Duration,
-}
-
-/// An LMTP store, ready to connect to. Shared (`Arc`) by its pool and its connections.
-///
-/// The same type, with [`Protocol::Smtp`], is an SMTP relay ([`LmtpStore::from_smtp_config`],
-/// in [`super::smtp`]): EHLO (HELO fallback) instead of LHLO, one reply after the end of data
-/// for every accepted recipient; everything else is shared.
-pub struct LmtpStore {
-    name: String,
-    protocol: Protocol,
-    address: StoreAddress,
-    local_name: String,
-    tls: Option<TlsSettings>,
-    auth: Option<Credentials>,
-    timeouts: Timeouts,
-    max_connections: usize,
-    recipients_per_transaction: usize,
-    idle_timeout: Duration,
-    reuse_limit: Duration,
-    chunking: bool,
-    chunk_size: usize,
-    policy: Policy,
-    window: WindowConfig,
-    edge: crate::edge::EdgeSettings,
-}
-
-impl fmt::Debug for LmtpStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LmtpStore")
-            .field("name", &self.name)
-            .field("protocol", &self.protocol)
-            .field("address", &self.address)
-            .field("tls", &self.tls.as_ref().map(|t| t.mode))
-            .field("auth", &self.auth.as_ref().map(|c| &c.username))
-            .field("timeouts", &self.timeouts)
-            .field("max_connections", &self.max_connections)
-            .field(
-                "recipients_per_transaction",
-                &self.recipients_per_transaction,
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-impl LmtpStore {
-    /// Loads a store's settings: validates the configuration, reads the password file and
-    /// the CA file, builds the TLS client configuration. `local_name` is sent with LHLO.
-    pub fn from_config(config: &LmtpStoreConfig, local_name: &str) -> Result<Self, StoreError> {
-        config.validate().map_err(|reason| StoreError::Invalid {
-            store: config.name.clone(),
-            reason,
-        })?;
-        Self::build(config, local_name, Protocol::Lmtp)
-    }
-
-    /// The store for a validated configuration, speaking `protocol`.
-    pub(super) fn build(
-        config: &LmtpStoreConfig,
-        local_name: &str,
-        protocol: Protocol,
-    ) -> Result<Self, StoreError> {
-        let store = config.name.clone();
-        let tls = match &config.tls {
-            None => None,
-            Some(tls) => {
-                let client = super::tls::client_config(
-                    &store,
-                    tls.ca_file.as_deref(),
-                    tls.insecure_skip_verify,
-                )?;
-                let name = match (&tls.server_name, &config.address) {
-                    (Some(name), _) => name.clone(),
-                    (None, StoreAddress::Tcp { host, .. }) => host.clone(),
-                    (None, StoreAddress::Unix(_)) => "localhost".to_owned(),
-                };
-                let server_name =
-                    ServerName::try_from(name.clone()).map_err(|_| StoreError::Invalid {
-                        store: store.clone(),
-                        reason: format!("tls: `{name}` is not a valid server name"),
-                    })?;
-                Some(TlsSettings {
-                    mode: tls.mode,
-                    connector: TlsConnector::from(client),
-                    server_name,
-                })
-            }
-        };
-        let auth = match &config.auth {
-            None => None,
-            Some(auth) => {
-                let password = std::fs::read_to_string(&auth.password_file).map_err(|error| {
-                    StoreError::PasswordFile {
-                        store: store.clone(),
-                        path: auth.password_file.clone(),
-                        error,
-                    }
-                })?;
-                let password = password.trim_end_matches(['\r', '\n']).to_owned();
-                Some(Credentials {
-                    username: auth.username.clone(),
-                    password,
-                })
-            }
-        };
-        let t = &config.timeouts;
-        Ok(Self {
-            name: store,
-            protocol,
-            address: config.address.clone(),
-            local_name: local_name.to_owned(),
-            tls,
-            auth,
-            timeouts: Timeouts {
-                connect: t.connect.0,
-                lhlo: t.lhlo.0,
-                mail_rcpt: t.mail_rcpt.0,
-                data: t.data.0,
-                end_of_data: t.end_of_data.0,
-            },
-            max_connections: config.max_connections,
-            recipients_per_transaction: config.recipients_per_transaction,
-            idle_timeout: config.idle_timeout.0,
-            reuse_limit: config.reuse_limit.0,
-            chunking: config.chunking,
-            // validate() bounds it to 1 GiB.
-            chunk_size: usize::try_from(config.chunk_size.0).unwrap_or(1 << 20),
-            policy: Policy::new(config.normalize.clone()),
-            window: config.window,
-            edge: config.edge(),
-        })
-    }
-
-    /// The `window:` settings.
-    pub fn window(&self) -> WindowConfig {
-        self.window
-    }
-
-    /// Recipient verification and backpressure settings ([`crate::edge`]).
-    pub fn edge(&self) -> crate::edge::EdgeSettings {
-        self.edge
-    }
-
-    /// The store's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// LMTP, or SMTP for a relay.
-    pub fn protocol(&self) -> Protocol {
-        self.protocol
-    }
-
-    /// Where it listens.
-    pub fn address(&self) -> &StoreAddress {
-        &self.address
-    }
-
-    /// The pool's size.
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
-    }
-
-    /// Recipients per transaction; more are split.
-    pub fn recipients_per_transaction(&self) -> usize {
-        self.recipients_per_transaction
-    }
-
-    /// A pooled connection idle this long is closed.
-    pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
-    }
-
-    /// A connection older than this is not reused.
-    pub fn reuse_limit(&self) -> Duration {
-        self.reuse_limit
-    }
-
-    /// The timeouts.
-    pub fn timeouts(&self) -> Timeouts {
-        self.timeouts
-    }
-
-    /// The failure policy (normalisation table).
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    /// Opens a connection: socket, greeting, LHLO (EHLO, or HELO when EHLO is refused, for
-    /// SMTP), STARTTLS and LHLO/EHLO again (if configured), AUTH PLAIN (if configured). Any failure is the store's ([`Scope::Store`](super::Scope::Store)).
-    pub async fn connect(self: &Arc<Self>) -> Result<Connection, Trouble> {
-        let t = self.timeouts;
-        let mut mark = Instant::now();
-        let io: Box<dyn Io> = match &self.address {
-            StoreAddress::Tcp { host, port } => {
-                let stream = timeout(t.connect, TcpStream::connect((host.as_str(), *port)))
-                    .await
-                    .map_err(|_| trouble::timed_out(Phase::Connect, t.connect))?
-                    .map_err(|e| trouble::connect_failed(&self.address.to_string(), &e))?;
-                // Commands and replies are small: do not wait to coalesce them.
-                stream.set_nodelay(true).ok();
-                Box::new(stream)
-            }
-            StoreAddress::Unix(path) => {
-                let stream = timeout(t.connect, UnixStream::connect(path))
-                    .await
-                    .map_err(|_| trouble::timed_out(Phase::Connect, t.connect))?
-                    .map_err(|e| trouble::connect_failed(&self.address.to_string(), &e))?;
-                Box::new(stream)
-            }
-        };
-        phase_done(&self.name, "connect", &mut mark);
-        let proto = ClientConnection::new(self.protocol, self.local_name.clone());
-        let mut wire = Wire::new(io, proto);
-        let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
-        let mut tls = false;
-        if let Some(settings) = &self.tls {
-            if caps.starttls {
-                (wire, caps, tls) = wire::start_tls(wire, caps, settings, t.lhlo).await?;
-            } else if settings.mode == TlsMode::Required {
-                return Err(trouble::not_offered("STARTTLS"));
-            }
-        }
-        if let Some(credentials) = &self.auth {
-            wire.authenticate(credentials, t.lhlo).await?;
-        }
-        phase_done(&self.name, "lhlo", &mut mark);
-        let now = Instant::now();
-        Ok(Connection {
-            store: Arc::clone(self),
-            wire,
-            caps,
-            tls,
-            created: now,
-            last_used: now,
-            transactions: 0,
-            broken: false,
-        })
-    }
-}
+use super::run::Run;
+use super::{DATA_READ, QUIT_LIMIT, RemoteStore, phase_done};
 
 /// An open, greeted (and, as configured, encrypted and authenticated) connection to a store.
 pub struct Connection {
-    store: Arc<LmtpStore>,
-    wire: Wire,
-    caps: Capabilities,
-    tls: bool,
-    created: Instant,
-    last_used: Instant,
-    transactions: u64,
+    pub(super) store: Arc<RemoteStore>,
+    pub(super) wire: Wire,
+    pub(super) caps: Capabilities,
+    pub(super) tls: bool,
+    pub(super) created: Instant,
+    pub(super) last_used: Instant,
+    pub(super) transactions: u64,
     /// Closed, timed out or aborted: never to be used again.
-    broken: bool,
+    pub(super) broken: bool,
 }
 
 impl fmt::Debug for Connection {
@@ -399,7 +55,7 @@ impl Connection {
     }
 
     /// The store this connection goes to.
-    pub fn store(&self) -> &Arc<LmtpStore> {
+    pub fn store(&self) -> &Arc<RemoteStore> {
         &self.store
     }
 
@@ -434,7 +90,7 @@ impl Connection {
     /// soon as it is known, and is also returned in the [`Report`].
     pub async fn deliver<R, F>(
         &mut self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: R,
         on_outcome: &mut F,
@@ -644,7 +300,7 @@ impl Connection {
     /// The bounce for a message this store cannot take, decided before sending anything.
     fn refuse_locally(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
     ) -> Option<postern_proto::Reply> {
         let caps = &self.caps;
@@ -670,7 +326,7 @@ impl Connection {
     /// MAIL and RCPT parameters, keeping only what the store advertised.
     fn parameters(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
     ) -> (MailParams, Vec<(ForwardPath, RcptParams)>) {
         let caps = &self.caps;
@@ -879,23 +535,12 @@ impl Connection {
     }
 }
 
-/// Records the time since `mark` as `phase` of `store` ([`crate::metrics::PHASE_LATENCY`])
-/// and moves `mark` to now.
-fn phase_done(store: &str, phase: &'static str, mark: &mut Instant) -> Duration {
-    let now = Instant::now();
-    let took = now.duration_since(*mark);
-    metrics::histogram!(crate::metrics::PHASE_LATENCY, "store" => store.to_owned(), "phase" => phase)
-        .record(took.as_secs_f64());
-    *mark = now;
-    took
-}
-
 /// Content up to this size counts whole in the end-of-data latency; above, per this much.
-const LATENCY_UNIT: u64 = 64 << 10;
+pub(super) const LATENCY_UNIT: u64 = 64 << 10;
 
 /// The end-of-data wait as the window's signal counts it: whole up to [`LATENCY_UNIT`] of
 /// content, per [`LATENCY_UNIT`] above (a big message is slow because it is big).
-fn size_normalised(wait: Duration, size: u64) -> Duration {
+pub(super) fn size_normalised(wait: Duration, size: u64) -> Duration {
     if size <= LATENCY_UNIT {
         wait
     } else {
@@ -906,7 +551,7 @@ fn size_normalised(wait: Duration, size: u64) -> Duration {
 /// An address of the message is not ASCII: it cannot go without SMTPUTF8 (a declared
 /// SMTPUTF8 alone is no reason to refuse: with ASCII addresses and headers the message does
 /// not need it, and 8-bit headers are caught while streaming).
-fn non_ascii_address(envelope: &Envelope, recipients: &[Recipient]) -> bool {
+pub(super) fn non_ascii_address(envelope: &OutboundEnvelope, recipients: &[Recipient]) -> bool {
     envelope.from.mailbox().is_some_and(|m| !m.is_ascii())
         || recipients
             .iter()
@@ -914,7 +559,7 @@ fn non_ascii_address(envelope: &Envelope, recipients: &[Recipient]) -> bool {
 }
 
 /// Reads until `buf` holds `size` octets or the body ends.
-async fn fill<R: AsyncRead + Unpin>(
+pub(super) async fn fill<R: AsyncRead + Unpin>(
     body: &mut R,
     buf: &mut Vec<u8>,
     size: usize,
@@ -927,138 +572,4 @@ async fn fill<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
-}
-
-/// One transaction's bookkeeping: which recipients are settled, and the trouble seen.
-struct Run<'a, F: FnMut(usize, &Outcome)> {
-    /// Transaction position → the caller's index.
-    indices: Vec<usize>,
-    settled: Vec<bool>,
-    outcomes: Vec<(usize, Outcome)>,
-    on_outcome: &'a mut F,
-    policy: &'a Policy,
-    arrived: SystemTime,
-    trouble: Option<Trouble>,
-    /// Replaces "not attempted, connection lost" when the agent ended the connection itself.
-    abort: Option<Outcome>,
-    mail_failed: bool,
-    go_ahead: bool,
-    end_sent: bool,
-    done: bool,
-    closed: bool,
-}
-
-impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
-    fn new(
-        recipients: &[Recipient],
-        on_outcome: &'a mut F,
-        policy: &'a Policy,
-        arrived: SystemTime,
-    ) -> Self {
-        Self {
-            indices: recipients.iter().map(|r| r.index).collect(),
-            settled: vec![false; recipients.len()],
-            outcomes: Vec::with_capacity(recipients.len()),
-            on_outcome,
-            policy,
-            arrived,
-            trouble: None,
-            abort: None,
-            mail_failed: false,
-            go_ahead: false,
-            end_sent: false,
-            done: false,
-            closed: false,
-        }
-    }
-
-    fn when(&self) -> When {
-        When {
-            now: SystemTime::now(),
-            arrived: self.arrived,
-        }
-    }
-
-    fn widen(&mut self, trouble: Trouble) {
-        self.trouble = Trouble::widen(self.trouble.take(), trouble);
-    }
-
-    fn settle(&mut self, position: usize, outcome: Outcome) {
-        let (Some(settled), Some(&index)) =
-            (self.settled.get_mut(position), self.indices.get(position))
-        else {
-            return;
-        };
-        if *settled {
-            return;
-        }
-        *settled = true;
-        (self.on_outcome)(index, &outcome);
-        self.outcomes.push((index, outcome));
-    }
-
-    fn settle_rest(&mut self, outcome: &Outcome) {
-        for position in 0..self.settled.len() {
-            self.settle(position, outcome.clone());
-        }
-    }
-
-    /// Some recipient is not settled yet (and MAIL did not already fail them all).
-    fn open(&self) -> bool {
-        !self.mail_failed && self.settled.contains(&false)
-    }
-
-    fn event(&mut self, event: ClientEvent) {
-        match event {
-            ClientEvent::MailReply(reply) if !reply.is_positive() => {
-                self.mail_failed = true;
-                self.widen(trouble::refused(Phase::MailRcpt, &reply));
-            }
-            // While MAIL had failed a refusal is informative; NotAttempted settles it.
-            ClientEvent::RcptReply { index, reply }
-                if !reply.is_positive() && !self.mail_failed =>
-            {
-                let outcome = self.policy.recipient(reply, self.when());
-                self.settle(index, outcome);
-            }
-            ClientEvent::DataGoAhead => self.go_ahead = true,
-            // A refusal after every recipient was refused at RCPT (503 "no valid
-            // recipients") fails nobody: it is no trouble of the message.
-            ClientEvent::DataRefused(reply) if self.open() => {
-                self.widen(trouble::refused(Phase::MailRcpt, &reply));
-            }
-            ClientEvent::BdatReply(reply) if !reply.is_positive() && self.open() => {
-                self.widen(trouble::refused(Phase::Data, &reply));
-            }
-            ClientEvent::RecipientResult { index, reply } => {
-                let outcome = self.policy.recipient(reply, self.when());
-                self.settle(index, outcome);
-            }
-            ClientEvent::Unconfirmed { index } => self.settle(index, Outcome::InDoubt),
-            ClientEvent::NotAttempted { index, reason } => {
-                let outcome = match (&reason, &self.abort) {
-                    (None, Some(abort)) => abort.clone(),
-                    _ => self.policy.not_attempted(reason, self.when()),
-                };
-                self.settle(index, outcome);
-            }
-            ClientEvent::TransactionDone => self.done = true,
-            ClientEvent::UnexpectedReply(reply) => self.widen(trouble::unexpected(&reply)),
-            ClientEvent::ProtocolError(e) => self.widen(trouble::protocol_error(&e)),
-            ClientEvent::Closed => self.closed = true,
-            _ => {}
-        }
-    }
-
-    fn finish(mut self) -> Report {
-        // The state machine settles every recipient; this only guards the report's promise.
-        if self.settled.iter().any(|s| !s) {
-            self.settle_rest(&Outcome::NotAttempted(None));
-        }
-        Report {
-            outcomes: self.outcomes,
-            trouble: self.trouble,
-            latency: None,
-        }
-    }
 }

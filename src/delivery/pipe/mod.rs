@@ -48,25 +48,35 @@
 //! printable ASCII only, at most 200 characters. A time limit defers rather than bounces
 //! (Postfix bounces): a command that hangs is usually a store that is down.
 //!
+//! Files: `config` (the settings), `argv` (templates and macros), `process` (stdin, output,
+//! the process group), `exit` (how it ended → outcome); the run itself is here.
+//!
 //! SEE ALSO: Postfix `pipe(8)`, `global/pipe_command.c`, `global/sys_exits.c`.
 
+mod argv;
+mod config;
+mod exit;
+mod process;
+
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use postern_proto::ReversePath;
 use postern_proto::reply::{EnhancedCode, Reply, ReplyCode};
-use postern_proto::{ForwardPath, ReversePath};
-use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
 use tokio::time::Instant;
 
-use super::lmtp::StoreError;
-use super::message::{Envelope, MessageBody, Recipient, Report};
+use super::error::StoreError;
+use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
-use crate::config::{ByteSize, Span};
+use crate::config::units::Span;
+
+use argv::{Arg, Values, parse_argv, unsafe_value};
+pub use config::{LineEndings, PipeStoreConfig};
+use exit::{Ended, exit_outcome, with_output};
+use process::{Captured, Fed, feed, kill_group, output_pipe};
 
 /// The command's `PATH` (Postfix's `_PATH_DEFPATH`).
 const COMMAND_PATH: &str = "/usr/bin:/bin";
@@ -79,250 +89,6 @@ const QUOTED_OUTPUT: usize = 200;
 
 /// Reads from the message and from the command's output.
 const READ_SIZE: usize = 64 * 1024;
-
-/// One store of kind `pipe`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PipeStoreConfig {
-    /// Name used by routes, logs and metrics.
-    pub name: String,
-    /// The command and its arguments; `argv[0]` is an absolute path.
-    pub argv: Vec<String>,
-    /// The user to run the command as: not supported (a configuration error when set).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// The longest a run may take before it is killed: 10m.
-    #[serde(default = "default_timeout")]
-    pub timeout: Span,
-    /// Output (stdout and stderr) kept for the reply text: 64KiB.
-    #[serde(default = "default_max_output")]
-    pub max_output: ByteSize,
-    /// One run per recipient (true), or one run for all the recipients of a transaction.
-    #[serde(default = "default_true")]
-    pub per_recipient: bool,
-    /// Line endings of the message on the command's stdin: `lf` (like Postfix) or `crlf`.
-    #[serde(default)]
-    pub line_endings: LineEndings,
-}
-
-/// Line endings of the message as the command sees it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LineEndings {
-    /// CRLF becomes LF (a bare CR stays).
-    #[default]
-    Lf,
-    /// As spooled.
-    Crlf,
-}
-
-impl PipeStoreConfig {
-    /// A store running `argv`, with every default.
-    pub fn new(name: &str, argv: &[&str]) -> Self {
-        Self {
-            name: name.to_owned(),
-            argv: argv.iter().map(|&a| a.to_owned()).collect(),
-            user: None,
-            timeout: default_timeout(),
-            max_output: default_max_output(),
-            per_recipient: true,
-            line_endings: LineEndings::Lf,
-        }
-    }
-
-    /// Checks what serde cannot: the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        parse_argv(&self.argv)?;
-        if self.user.is_some() {
-            return Err(
-                "user: running the command as another user is not supported; \
-                        run postern as that user, or let the command change user itself"
-                    .into(),
-            );
-        }
-        if self.timeout.0.is_zero() {
-            return Err("timeout: must be more than 0s".into());
-        }
-        if self.max_output.0 > 16 << 20 {
-            return Err("max_output: at most 16MiB".into());
-        }
-        Ok(())
-    }
-}
-
-fn default_timeout() -> Span {
-    Span(Duration::from_secs(600))
-}
-fn default_max_output() -> ByteSize {
-    ByteSize(64 << 10)
-}
-fn default_true() -> bool {
-    true
-}
-
-/// A macro of the argument templates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Var {
-    Sender,
-    Recipient,
-    User,
-    Domain,
-}
-
-impl Var {
-    const ALL: [(&'static str, Self); 4] = [
-        ("sender", Self::Sender),
-        ("recipient", Self::Recipient),
-        ("user", Self::User),
-        ("domain", Self::Domain),
-    ];
-
-    fn of_recipient(self) -> bool {
-        self != Self::Sender
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Piece {
-    Text(String),
-    Var(Var),
-}
-
-/// One argument: text and macros.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Arg(Vec<Piece>);
-
-impl Arg {
-    fn parse(s: &str) -> Result<Self, String> {
-        let mut pieces = Vec::new();
-        let mut text = String::new();
-        let mut rest = s;
-        while let Some(at) = rest.find('$') {
-            text.push_str(&rest[..at]);
-            rest = &rest[at..];
-            if let Some(inner) = rest.strip_prefix("${") {
-                let end = inner
-                    .find('}')
-                    .ok_or_else(|| format!("`{s}`: `${{` without a closing `}}`"))?;
-                let name = &inner[..end];
-                let var = Var::ALL
-                    .iter()
-                    .find_map(|(n, v)| (*n == name).then_some(*v))
-                    .ok_or_else(|| {
-                        format!(
-                            "`{s}`: unknown macro `${{{name}}}` \
-                             (known: ${{sender}}, ${{recipient}}, ${{user}}, ${{domain}})"
-                        )
-                    })?;
-                if !text.is_empty() {
-                    pieces.push(Piece::Text(std::mem::take(&mut text)));
-                }
-                pieces.push(Piece::Var(var));
-                rest = &inner[end + 1..];
-            } else {
-                // `$sender` without braces is a likely mistake; a lone `$` is text.
-                let word: String = rest[1..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                if Var::ALL.iter().any(|(n, _)| *n == word) {
-                    return Err(format!("`{s}`: write `${{{word}}}`"));
-                }
-                text.push('$');
-                rest = &rest[1..];
-            }
-        }
-        text.push_str(rest);
-        if !text.is_empty() || pieces.is_empty() {
-            pieces.push(Piece::Text(text));
-        }
-        Ok(Self(pieces))
-    }
-
-    fn of_recipient(&self) -> bool {
-        self.0
-            .iter()
-            .any(|p| matches!(p, Piece::Var(v) if v.of_recipient()))
-    }
-
-    /// The argument for these values; `Err(var)` when a macro would begin it with `-`.
-    fn expand(&self, values: &Values<'_>) -> Result<String, Var> {
-        let mut out = String::new();
-        for (i, piece) in self.0.iter().enumerate() {
-            match piece {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Var(v) => {
-                    let value = values.get(*v);
-                    if i == 0 && value.starts_with('-') {
-                        return Err(*v);
-                    }
-                    out.push_str(value);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// The templates of `argv`; `argv[0]` an absolute path without macros.
-fn parse_argv(argv: &[String]) -> Result<Vec<Arg>, String> {
-    let Some(program) = argv.first() else {
-        return Err("argv: the command is missing".into());
-    };
-    if !program.starts_with('/') {
-        return Err(format!(
-            "argv: `{program}` must be an absolute path (no PATH search)"
-        ));
-    }
-    if program.contains('$') {
-        return Err(format!(
-            "argv: `{program}`: no macros in the command's path"
-        ));
-    }
-    argv.iter()
-        .map(|a| Arg::parse(a).map_err(|e| format!("argv: {e}")))
-        .collect()
-}
-
-/// What the macros stand for, for one recipient (or none).
-#[derive(Debug, Default)]
-struct Values<'a> {
-    sender: &'a str,
-    recipient: String,
-    user: String,
-    domain: String,
-}
-
-impl<'a> Values<'a> {
-    fn new(sender: &'a str, to: Option<&ForwardPath>) -> Self {
-        let (recipient, user, domain) = match to {
-            None => Default::default(),
-            Some(ForwardPath::Postmaster) => {
-                ("postmaster".into(), "postmaster".into(), String::new())
-            }
-            Some(ForwardPath::Mailbox(m)) => {
-                let local = m.local_part_unquoted();
-                let user = local.split('+').next().unwrap_or_default().to_owned();
-                (m.to_string(), user, m.domain().to_string())
-            }
-        };
-        Self {
-            sender,
-            recipient,
-            user,
-            domain,
-        }
-    }
-
-    fn get(&self, var: Var) -> &str {
-        match var {
-            Var::Sender => self.sender,
-            Var::Recipient => &self.recipient,
-            Var::User => &self.user,
-            Var::Domain => &self.domain,
-        }
-    }
-}
 
 /// A pipe store, ready to run.
 #[derive(Debug)]
@@ -376,7 +142,7 @@ impl PipeStore {
     /// from its start. Each outcome goes to `on_outcome` as soon as its run has ended.
     pub async fn deliver<B, F>(
         &self,
-        envelope: &Envelope,
+        envelope: &OutboundEnvelope,
         recipients: &[Recipient],
         body: &B,
         on_outcome: &mut F,
@@ -582,8 +348,8 @@ impl PipeStore {
             Ended::TimedOut(output) => {
                 let text = with_output(
                     format!(
-                        "Command time limit ({:?}) exceeded: \"{program}\"",
-                        self.timeout
+                        "Command time limit ({}) exceeded: \"{program}\"",
+                        Span(self.timeout)
                     ),
                     &output,
                 );
@@ -591,8 +357,9 @@ impl PipeStore {
                 let trouble = Trouble {
                     scope: Scope::Message,
                     detail: format!(
-                        "pipe {}: {program} killed after {:?}",
-                        self.name, self.timeout
+                        "pipe {}: {program} killed after {}",
+                        self.name,
+                        Span(self.timeout)
                     ),
                     reply: Some(reply.clone()),
                 };
@@ -610,97 +377,6 @@ impl PipeStore {
     }
 }
 
-/// How a run ended.
-#[derive(Debug)]
-enum Ended {
-    /// The command could not be started (or waited for).
-    Spawn(io::Error),
-    /// The message could not be read; the command was killed.
-    Input(io::Error),
-    /// Killed at the time limit.
-    TimedOut(Captured),
-    /// It exited (or died of a signal) by itself.
-    Exited {
-        status: ExitStatus,
-        output: Captured,
-        /// Writing its stdin failed other than by the command closing it.
-        write_error: Option<io::Error>,
-    },
-}
-
-/// The outcome of a command that ended by itself (Postfix's `pipe_command` and `sys_exits`).
-fn exit_outcome(
-    status: ExitStatus,
-    output: &Captured,
-    write_error: Option<&io::Error>,
-    program: &str,
-) -> Outcome {
-    if let Some(signal) = status.signal() {
-        let text = with_output(
-            format!("Command died with signal {signal}: \"{program}\""),
-            output,
-        );
-        tracing::warn!(reason = %text, "delivery command killed; its recipients are in doubt");
-        return Outcome::InDoubt;
-    }
-    let code = status.code().unwrap_or(-1);
-    if code == 0 {
-        if let Some(e) = write_error {
-            let text = format!("Writing the message to \"{program}\": {e}");
-            return Outcome::Deferred(local((4, 3, 0), &text));
-        }
-        return Outcome::Delivered(local((2, 0, 0), &format!("Delivered to \"{program}\"")));
-    }
-    // "D.S.N text" as the first output line decides (pipe_command.c: dsn_valid).
-    if let Some(line) = output.first_line() {
-        if let Some((e, text)) = EnhancedCode::parse_prefix(&line) {
-            if matches!(e.class, 4 | 5) && !text.trim().is_empty() {
-                return settle_status(e, text.trim());
-            }
-        }
-    }
-    let (e, text) = match sys_exit(code) {
-        Some((e, text)) => (e, format!("{text} (exit status {code})")),
-        None => (
-            EnhancedCode::new(5, 3, 0),
-            format!("Command died with status {code}: \"{program}\""),
-        ),
-    };
-    settle_status(e, &with_output(text, output))
-}
-
-fn settle_status(e: EnhancedCode, text: &str) -> Outcome {
-    let reply = local((e.class, e.subject, e.detail), text);
-    if e.class == 4 {
-        Outcome::Deferred(reply)
-    } else {
-        Outcome::Bounced(reply)
-    }
-}
-
-/// `<sysexits.h>` codes as Postfix's `global/sys_exits.c` maps them.
-fn sys_exit(code: i32) -> Option<(EnhancedCode, &'static str)> {
-    let (e, text) = match code {
-        64 => ((5, 3, 0), "command line usage error"),
-        65 => ((5, 6, 0), "data format error"),
-        66 => ((5, 3, 0), "cannot open input"),
-        67 => ((5, 1, 1), "user unknown"),
-        68 => ((5, 1, 2), "host name unknown"),
-        69 => ((5, 3, 0), "service unavailable"),
-        70 => ((5, 3, 0), "internal software error"),
-        71 => ((4, 3, 0), "system resource problem"),
-        72 => ((5, 3, 0), "critical OS file missing"),
-        73 => ((5, 2, 0), "can't create user output file"),
-        74 => ((5, 3, 0), "input/output error"),
-        75 => ((4, 3, 0), "temporary failure"),
-        76 => ((5, 5, 0), "remote error in protocol"),
-        77 => ((5, 7, 0), "permission denied"),
-        78 => ((5, 3, 5), "local configuration error"),
-        _ => return None,
-    };
-    Some((EnhancedCode::new(e.0, e.1, e.2), text))
-}
-
 /// A locally made reply: `250`, `451`, or `550`/`554` by the enhanced code's subject.
 fn local(e: (u8, u16, u16), text: &str) -> Reply {
     let code = match e {
@@ -714,178 +390,15 @@ fn local(e: (u8, u16, u16), text: &str) -> Reply {
     Reply::new(code, Some(EnhancedCode::new(e.0, e.1, e.2)), text)
 }
 
-/// The refusal of an address that would begin an argument with `-`.
-fn unsafe_value(var: Var) -> Reply {
-    if var == Var::Sender {
-        local(
-            (5, 1, 7),
-            "Sender address not usable as a command argument (leading '-')",
-        )
-    } else {
-        local(
-            (5, 1, 3),
-            "Recipient address not usable as a command argument (leading '-')",
-        )
-    }
-}
-
-fn with_output(text: String, output: &Captured) -> String {
-    match output.first_line() {
-        Some(line) => format!("{text}. Command output: {line}"),
-        None => text,
-    }
-}
-
-/// The command's output, up to a limit; the rest is counted and dropped.
-#[derive(Debug)]
-struct Captured {
-    kept: Vec<u8>,
-    limit: usize,
-    dropped: u64,
-}
-
-impl Captured {
-    fn new(limit: usize) -> Self {
-        Self {
-            kept: Vec::new(),
-            limit,
-            dropped: 0,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        let room = self.limit.saturating_sub(self.kept.len()).min(bytes.len());
-        self.kept.extend_from_slice(&bytes[..room]);
-        self.dropped += (bytes.len() - room) as u64;
-    }
-
-    /// The first non-blank line, printable ASCII (others `_`, tabs spaces), at most
-    /// [`QUOTED_OUTPUT`] characters.
-    fn first_line(&self) -> Option<String> {
-        let line = self
-            .kept
-            .split(|b| *b == b'\n')
-            .find(|l| l.iter().any(|b| !b.is_ascii_whitespace()))?;
-        let clean: String = line
-            .iter()
-            .filter(|b| **b != b'\r')
-            .take(QUOTED_OUTPUT)
-            .map(|&b| match b {
-                b'\t' => ' ',
-                0x20..=0x7e => char::from(b),
-                _ => '_',
-            })
-            .collect();
-        Some(clean.trim().to_owned())
-    }
-}
-
-/// How feeding the message to the command ended.
-#[derive(Debug)]
-enum Fed {
-    /// All of it, and stdin closed.
-    Done,
-    /// The command closed its stdin first (EPIPE): its exit status decides.
-    Closed,
-    /// Writing failed otherwise.
-    WriteFailed(io::Error),
-    /// Reading the message failed; stdin is handed back still open, so the command can be
-    /// killed before it sees an end of input.
-    ReadFailed(io::Error, ChildStdin),
-}
-
-async fn feed<R: AsyncRead + Unpin>(mut reader: R, mut stdin: ChildStdin, eol: LineEndings) -> Fed {
-    let mut input = vec![0u8; READ_SIZE];
-    let mut converted = Vec::with_capacity(READ_SIZE);
-    let mut lf = ToLf::default();
-    loop {
-        let n = match reader.read(&mut input).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => return Fed::ReadFailed(e, stdin),
-        };
-        let chunk = match eol {
-            LineEndings::Crlf => &input[..n],
-            LineEndings::Lf => {
-                converted.clear();
-                lf.convert(&input[..n], &mut converted);
-                &converted[..]
-            }
-        };
-        if let Err(e) = stdin.write_all(chunk).await {
-            return written(e);
-        }
-    }
-    converted.clear();
-    lf.finish(&mut converted);
-    if let Err(e) = stdin.write_all(&converted).await {
-        return written(e);
-    }
-    if let Err(e) = stdin.flush().await {
-        return written(e);
-    }
-    drop(stdin);
-    Fed::Done
-}
-
-fn written(e: io::Error) -> Fed {
-    if e.kind() == io::ErrorKind::BrokenPipe {
-        Fed::Closed
-    } else {
-        Fed::WriteFailed(e)
-    }
-}
-
-/// CRLF → LF across chunk boundaries; a bare CR is kept.
-#[derive(Debug, Default)]
-struct ToLf {
-    pending_cr: bool,
-}
-
-impl ToLf {
-    fn convert(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            if self.pending_cr {
-                self.pending_cr = false;
-                if b != b'\n' {
-                    out.push(b'\r');
-                }
-            }
-            if b == b'\r' {
-                self.pending_cr = true;
-            } else {
-                out.push(b);
-            }
-        }
-    }
-
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if std::mem::take(&mut self.pending_cr) {
-            out.push(b'\r');
-        }
-    }
-}
-
-/// A pipe for the command's stdout and stderr: the write end (close-on-exec; the child gets
-/// it as fds 1 and 2) and our non-blocking read end.
-fn output_pipe() -> io::Result<(OwnedFd, tokio::net::unix::pipe::Receiver)> {
-    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    Ok((
-        write,
-        tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
-    ))
-}
-
-/// SIGKILL to the command's process group (it leads it: `process_group(0)`).
-fn kill_group(group: Option<i32>) {
-    if let Some(pid) = group.and_then(rustix::process::Pid::from_raw) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::argv::Var;
+    use super::process::ToLf;
+    use postern_proto::ForwardPath;
 
     use postern_proto::Mailbox;
 

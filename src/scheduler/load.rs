@@ -19,7 +19,7 @@ use std::time::Duration;
 use metrics::gauge;
 use postern_proto::{Reply, replies};
 
-use super::config::BackpressureConfig;
+use crate::delivery::edge_config::BackpressureConfig;
 use crate::metrics as m;
 
 /// Why a store is refusing.
@@ -191,7 +191,7 @@ fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Span;
+    use crate::config::units::Span;
 
     fn load(max_queued: Option<u64>, max_oldest: Option<u64>) -> StoreLoad {
         let limits = BackpressureConfig {
