@@ -438,7 +438,7 @@ fn frame(out: &mut Vec<u8>, kind: RecordKind, flags: u8, payload: impl FnOnce(&m
 pub fn chunk_head(qid: QueueId, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + QUEUE_ID_BYTES);
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.extend_from_slice(&[Kind::Chunk as u8, 0, 0, 0]);
+    out.extend_from_slice(&[RecordKind::Chunk as u8, 0, 0, 0]);
     out.extend_from_slice(&((QUEUE_ID_BYTES + len) as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&qid.to_bytes());
