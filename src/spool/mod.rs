@@ -50,8 +50,8 @@
 //! | this file | [`SpoolOptions`], [`Spool`] (the API) and its shared state |
 //! | `open` | [`Spool::open`], [`Spool::open_read_only`] |
 //! | `error` | [`SpoolError`] |
-//! | `summary` | [`RecoveryReport`], [`QueueState`], [`MessageSummary`], [`MessageStatus`], [`SpoolSnapshot`], [`SpoolStats`]; reading them back from the log |
-//! | `committer` | the committer thread (group commit, undo after a failed sync, ledger retries) and the GC thread's loop |
+//! | `summary` | [`RecoveryReport`], [`MessageSummary`], [`SpoolStats`] and the other views |
+//! | `committer` | the committer thread (group commit, undo, ledger retries), the GC loop |
 //! | `ops` | writing ledger, Hold/Release and Done records; salvage to `corrupt/` |
 //! | `writer` | [`MessageWriter`] |
 //! | `reader` | [`BodyReader`] |

@@ -65,7 +65,8 @@ pub struct RecipientSummary {
     pub address: String,
     /// The state, with its last reply.
     pub state: RecipientState,
-    /// Final, and the DSN it owes (if any) is queued ([`Spool::mark_reported`](super::Spool::mark_reported)).
+    /// Final, and the DSN it owes (if any) is queued
+    /// ([`Spool::mark_reported`](super::Spool::mark_reported)).
     pub reported: bool,
 }
 
@@ -100,7 +101,8 @@ pub struct MessageStatus {
     pub size: u64,
     /// Each recipient's state in envelope order; reply texts are empty.
     pub recipients: Vec<RecipientState>,
-    /// Each recipient is final and its DSN, if owed, is queued ([`Spool::mark_reported`](super::Spool::mark_reported)).
+    /// Each recipient is final and its DSN, if owed, is queued
+    /// ([`Spool::mark_reported`](super::Spool::mark_reported)).
     pub reported: Vec<bool>,
 }
 
