@@ -436,7 +436,7 @@ async fn load_queue(ctx: Arc<Ctx>) {
             }
             _ => {
                 now_n += 1;
-                ctx.send(home, shard::Event::Submit(m.qid));
+                ctx.send(home, shard::Event::Load(m.qid));
             }
         }
     }

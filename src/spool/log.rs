@@ -25,50 +25,22 @@
 //! spool which commits and ledger records were not made durable, so it can undo or retry them.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::future::Future;
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::SpoolError;
+use super::error::SpoolError;
 use super::fault::Faults;
 use super::id::QueueId;
-use super::micros::to_micros;
-use super::record::{SEGMENT_HEADER_LEN, SegmentHeader};
+use super::record::SEGMENT_HEADER_LEN;
 
-/// One segment file, open for reading (and, for the active one, appending).
-#[derive(Debug)]
-pub(crate) struct Segment {
-    pub(crate) number: u32,
-    pub(crate) file: File,
-}
-
-/// Where a record starts: segment number and byte offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct Loc {
-    pub(crate) seg: u32,
-    pub(crate) off: u32,
-}
-
-/// The file name of segment `n`.
-pub(crate) fn segment_name(n: u32) -> String {
-    format!("{n:08}.seg")
-}
-
-/// Parses a segment file name.
-pub(crate) fn parse_segment_name(name: &str) -> Option<u32> {
-    let digits = name.strip_suffix(".seg")?;
-    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
+pub(crate) use super::durable::{Durable, Syncer};
+pub(crate) use super::segment::{Loc, PREALLOCATE, Segment, parse_segment_name, segment_name};
+use super::segment::{create_active_segment, write_all_parts_at, write_zeros};
 
 /// How soon an append must reach stable storage: what its [`Durable`] promises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,11 +65,6 @@ pub(crate) enum Flush {
 pub(crate) const SOON: Duration = Duration::from_millis(5);
 /// How long a [`Flush::Lazy`] append may stay unsynced when nothing else comes.
 pub(crate) const LAZY: Duration = Duration::from_secs(1);
-/// Segments are extended by writing this many zero bytes ahead of the appends, so that an
-/// append changes no file metadata and its `fdatasync` needs no journal commit: one device
-/// flush per batch, not two or three. The size changes once per step.
-pub(crate) const PREALLOCATE: u64 = 1 << 20;
-
 /// What an append registers for the failure path of its batch.
 #[derive(Debug)]
 pub(crate) enum Reg {
@@ -575,59 +542,6 @@ impl Log {
     }
 }
 
-/// A new active segment and how far its file is written.
-pub(crate) struct Created {
-    pub(crate) segment: Arc<Segment>,
-    pub(crate) prealloc: u64,
-}
-
-/// Creates segment `n` with its header and its first [`PREALLOCATE`] zero bytes (none of
-/// it synced yet).
-fn create_active_segment(
-    dir: &Path,
-    n: u32,
-    node: u16,
-    segment_size: u64,
-) -> Result<Created, SpoolError> {
-    let segment = create_segment(dir, n, node)?;
-    let header = SEGMENT_HEADER_LEN as u64;
-    let end = (header + PREALLOCATE).min(segment_size.max(header));
-    let prealloc = match write_zeros(&segment.file, header, end) {
-        Ok(()) => end,
-        Err(_) => header,
-    };
-    Ok(Created { segment, prealloc })
-}
-
-/// Writes all of `parts`, in order, at `off`: `pwritev`, continued after a short write.
-fn write_all_parts_at(file: &File, parts: &[&[u8]], off: u64) -> io::Result<()> {
-    if let [one] = parts {
-        return file.write_all_at(one, off);
-    }
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0usize;
-    while done < total {
-        // The parts not yet (wholly) written, the first one cut where the write stopped.
-        let mut skip = done;
-        let mut slices = Vec::with_capacity(parts.len());
-        for p in parts {
-            if skip >= p.len() {
-                skip -= p.len();
-                continue;
-            }
-            slices.push(io::IoSlice::new(&p[skip..]));
-            skip = 0;
-        }
-        match rustix::io::pwritev(file, &slices, off + done as u64) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 /// Starts `since` now if it is not running; true if it was not.
 fn first_since(since: &mut Option<Instant>) -> bool {
     if since.is_some() {
@@ -635,190 +549,6 @@ fn first_since(since: &mut Option<Instant>) -> bool {
     }
     *since = Some(Instant::now());
     true
-}
-
-/// Writes zeros over `[from, to)` of `file`.
-fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-/// Creates segment `n` with its header (not yet synced).
-pub(crate) fn create_segment(dir: &Path, n: u32, node: u16) -> Result<Arc<Segment>, SpoolError> {
-    let path = dir.join(segment_name(n));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    let header = SegmentHeader {
-        number: n,
-        node,
-        created: to_micros(std::time::SystemTime::now()),
-    };
-    if let Err(e) = file.write_all_at(&header.encode(), 0) {
-        let _ = std::fs::remove_file(&path);
-        return Err(e.into());
-    }
-    Ok(Arc::new(Segment { number: n, file }))
-}
-
-/// The shared state between the committer and the waiters.
-#[derive(Debug, Default)]
-pub(crate) struct Syncer {
-    state: Mutex<SyncState>,
-    cv: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct SyncState {
-    processed: u64,
-    failed: Vec<(u64, u64, i32)>,
-    wakers: Vec<(u64, Waker)>,
-    closed: bool,
-}
-
-impl SyncState {
-    fn outcome(&self, lsn: u64) -> Option<Result<(), SpoolError>> {
-        if lsn <= self.processed {
-            for &(lo, hi, errno) in self.failed.iter().rev() {
-                if lo < lsn && lsn <= hi {
-                    return Some(Err(SpoolError::from_errno(errno)));
-                }
-            }
-            return Some(Ok(()));
-        }
-        if self.closed {
-            return Some(Err(SpoolError::Closed));
-        }
-        None
-    }
-}
-
-impl Syncer {
-    fn publish(&self, from: u64, upto: u64, errno: Option<i32>) {
-        let wakers = {
-            let mut st = lock(&self.state);
-            if let Some(e) = errno {
-                st.failed.push((from, upto, e));
-                if st.failed.len() > 4096 {
-                    st.failed.drain(..2048);
-                }
-            }
-            st.processed = st.processed.max(upto);
-            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.wakers)
-                .into_iter()
-                .partition(|(l, _)| *l <= upto);
-            st.wakers = waiting;
-            ready
-        };
-        self.cv.notify_all();
-        for (_, w) in wakers {
-            w.wake();
-        }
-    }
-
-    /// No more batches will come: every waiter still pending fails with `Closed`.
-    pub(crate) fn close(&self) {
-        let wakers = {
-            let mut st = lock(&self.state);
-            st.closed = true;
-            std::mem::take(&mut st.wakers)
-        };
-        self.cv.notify_all();
-        for (_, w) in wakers {
-            w.wake();
-        }
-    }
-
-    /// Blocks until `lsn` is durable.
-    pub(crate) fn wait(&self, lsn: u64) -> Result<(), SpoolError> {
-        let mut st = lock(&self.state);
-        loop {
-            if let Some(r) = st.outcome(lsn) {
-                return r;
-            }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
-
-/// The promise that an operation is on stable storage: `.await` it from async code or
-/// [`Durable::wait`] from a plain thread. Dropping it does not cancel the operation.
-#[derive(Debug)]
-#[must_use = "a Durable says when the operation is on disk; await or wait on it before acknowledging"]
-pub struct Durable {
-    inner: DurableInner,
-}
-
-#[derive(Debug)]
-enum DurableInner {
-    Ready(Option<Result<(), SpoolError>>),
-    Wait { syncer: Arc<Syncer>, lsn: u64 },
-}
-
-impl Durable {
-    pub(crate) fn ready(r: Result<(), SpoolError>) -> Self {
-        Self {
-            inner: DurableInner::Ready(Some(r)),
-        }
-    }
-
-    pub(crate) fn wait_for(syncer: &Arc<Syncer>, lsn: u64) -> Self {
-        Self {
-            inner: DurableInner::Wait {
-                syncer: Arc::clone(syncer),
-                lsn,
-            },
-        }
-    }
-
-    /// The operation failed before anything was appended (the result is already known).
-    pub(crate) fn failed_at_once(&self) -> bool {
-        matches!(&self.inner, DurableInner::Ready(Some(Err(_))))
-    }
-
-    /// Blocks the calling thread until the operation is durable (or failed). Not for
-    /// async code: `.await` the `Durable` there.
-    pub fn wait(self) -> Result<(), SpoolError> {
-        match self.inner {
-            DurableInner::Ready(r) => r.unwrap_or(Err(SpoolError::Closed)),
-            DurableInner::Wait { syncer, lsn } => syncer.wait(lsn),
-        }
-    }
-}
-
-impl Future for Durable {
-    type Output = Result<(), SpoolError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        match &mut this.inner {
-            DurableInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(SpoolError::Closed))),
-            DurableInner::Wait { syncer, lsn } => {
-                let mut st = lock(&syncer.state);
-                if let Some(r) = st.outcome(*lsn) {
-                    return Poll::Ready(r);
-                }
-                let lsn = *lsn;
-                match st
-                    .wakers
-                    .iter_mut()
-                    .find(|(l, w)| *l == lsn && w.will_wake(cx.waker()))
-                {
-                    Some(_) => {}
-                    None => st.wakers.push((lsn, cx.waker().clone())),
-                }
-                Poll::Pending
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -832,18 +562,5 @@ mod tests {
         assert_eq!(parse_segment_name("42.seg"), None);
         assert_eq!(parse_segment_name("0000004x.seg"), None);
         assert_eq!(parse_segment_name("00000042.tmp"), None);
-    }
-
-    #[test]
-    fn syncer_resolves_ok_and_failed_ranges() {
-        let s = Arc::new(Syncer::default());
-        s.publish(0, 100, None);
-        s.publish(100, 200, Some(super::super::fault::ENOSPC));
-        assert!(s.wait(50).is_ok());
-        assert!(s.wait(100).is_ok());
-        assert!(matches!(s.wait(150), Err(SpoolError::NoSpace)));
-        assert!(matches!(s.wait(200), Err(SpoolError::NoSpace)));
-        s.close();
-        assert!(matches!(s.wait(201), Err(SpoolError::Closed)));
     }
 }

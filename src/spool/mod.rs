@@ -57,7 +57,9 @@
 //! | `reader` | [`BodyReader`] |
 //! | `space` | the free-space check |
 //! | [`record`] | the record format (typed, length-prefixed, CRC-32, versioned) |
-//! | [`log`](self::log) | segment files, appends, the group-commit batches, [`Durable`] |
+//! | [`log`](self::log) | appends, the group-commit batches and their sync classes |
+//! | `segment` | segment files: names, creation with zeros written ahead, positioned writes |
+//! | `durable` | [`Durable`], the promise of an append, and the committer's side of it |
 //! | [`id`] | [`QueueId`] |
 //! | [`ledger`] | [`RecipientState`] and its transitions |
 //! | `index` | the in-memory index (about 200 bytes per message) |
@@ -72,6 +74,7 @@
 //! `DIR/corrupt/` (quarantined messages, one `QUEUEID.txt` each).
 
 mod committer;
+mod durable;
 mod error;
 pub mod fault;
 mod gc;
@@ -85,6 +88,7 @@ mod ops;
 mod reader;
 pub mod record;
 mod recovery;
+mod segment;
 mod space;
 mod summary;
 mod writer;
@@ -98,9 +102,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use durable::Durable;
 pub use id::QueueId;
 pub use ledger::{InvalidTransition, RecipientState};
-pub use log::Durable;
 pub use record::{Envelope, EnvelopeRecipient};
 
 pub use error::SpoolError;
@@ -550,5 +554,7 @@ impl Drop for Handle {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_flush;
 #[cfg(test)]
 mod tests_poison;

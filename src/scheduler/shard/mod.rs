@@ -52,6 +52,10 @@ const LOAD_EVERY: Duration = Duration::from_secs(1);
 pub(crate) enum Event {
     /// A message was queued (or is due): attempt it now.
     Submit(QueueId),
+    /// A message found in the queue at start, due now: attempt it, unless this shard
+    /// already knows it (queued and submitted since the queue was read: a second attempt
+    /// would retry its deferred recipients at once).
+    Load(QueueId),
     /// A message is deferred until then (found so at start).
     Schedule(QueueId, SystemTime),
     /// A store the message was parked on is back: attempt it now if it is waiting.
@@ -174,8 +178,13 @@ impl Shard {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Submit(qid) => self.attempt(qid),
+            Event::Load(qid) => {
+                if !self.knows(qid) {
+                    self.attempt(qid);
+                }
+            }
             Event::Schedule(qid, at) => {
-                if !self.active.contains_key(&qid) {
+                if !self.knows(qid) {
                     self.schedule(qid, at);
                 }
             }
@@ -301,6 +310,14 @@ impl Shard {
             gauge!(m::QUEUE_MESSAGES, "state" => "waiting").increment(1.0);
         }
         self.timers.push(Reverse((instant, qid)));
+    }
+
+    /// Is the message active, finishing, backlogged or waiting here?
+    fn knows(&self, qid: QueueId) -> bool {
+        self.active.contains_key(&qid)
+            || self.finishing.contains(&qid)
+            || self.backlogged.contains(&qid)
+            || self.waiting.contains_key(&qid)
     }
 
     fn unwait(&mut self, qid: QueueId) {
