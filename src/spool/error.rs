@@ -1,7 +1,7 @@
 //! [`SpoolError`]: why a spool operation failed, and the reply a session sends for it.
 //!
-//! A leaf: it imports nothing from the spool but the queue id, the ledger's
-//! [`InvalidTransition`] and the record format's [`FormatError`](super::record::FormatError).
+//! Imports from the spool only the queue id, the ledger's [`InvalidTransition`] and the
+//! record format's [`FormatError`](super::record::FormatError): no other file of the split.
 
 use std::io;
 use std::path::PathBuf;

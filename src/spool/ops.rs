@@ -1,9 +1,9 @@
 //! The [`Inner`] operations that write ledger, Hold/Release and Done records and update
 //! the index to match, and the salvage of a bad message to `corrupt/`.
 //!
-//! Each returns a [`Durable`] that resolves once its record is as durable
-//! as its [`Flush`] says; a ledger record that cannot be written is queued for the
-//! committer's retry and the last durable state stays the truth.
+//! Each record writer returns a [`Durable`] that resolves once its record is as durable as
+//! its [`Flush`] says. A ledger update that cannot be written is queued for the committer's
+//! retry; the last durable state stays the truth meanwhile.
 
 use std::fs::File;
 use std::io::{self, Write};
