@@ -51,6 +51,7 @@ fn an_outcome_rides_the_sync_of_the_next_commit() {
     let mut syncs = Vec::new();
     for _ in 0..3 {
         let q = store(&s, b"first");
+        s.mark_in_doubt(q, &[0]).wait().unwrap();
         let before = s.stats().syncs;
         let outcome = s.ledger(q, 0, delivered());
         let _next = store(&s, b"second");
@@ -65,6 +66,7 @@ fn an_outcome_alone_is_synced_within_a_few_milliseconds() {
     let d = tempfile::tempdir().unwrap();
     let (s, _) = Spool::open(d.path(), opts()).unwrap();
     let q = store(&s, b"x");
+    s.mark_in_doubt(q, &[0]).wait().unwrap();
     let before = s.stats().syncs;
     let t = Instant::now();
     s.ledger(q, 0, delivered()).wait().unwrap();
