@@ -237,8 +237,7 @@ pub(crate) async fn run(
         }
     };
     // Appended now, synced with the next batch (within a few ms, usually with the next
-    // accepted message): the store's slot is freed before the sync, the transaction is
-    // done only after it.
+    // accepted message); the transaction is done only after it.
     let outcomes = (!states.is_empty()).then(|| {
         let ops: Vec<(usize, RecipientState, bool)> = states
             .iter()
@@ -270,10 +269,6 @@ pub(crate) async fn run(
     if !untried.is_empty() {
         drop(ctx.spool.mark_in_doubt_counted(msg.qid, &untried));
     }
-    // The store's window learns from what the transaction came to.
-    if !done.aborted {
-        permit.finish(&attempt.report);
-    }
     if let Some(outcomes) = outcomes
         && let Err(e) = outcomes.await
     {
@@ -283,6 +278,10 @@ pub(crate) async fn run(
     if done.aborted {
         return done;
     }
+    // The store's window learns from what the transaction came to; its slot is freed once
+    // the outcome is durable (a slot freed earlier let a parked message be kicked while its
+    // outcome was still in flight).
+    permit.finish(&attempt.report);
     if msg.body.is_corrupt() {
         tracing::error!(queue_id = %msg.qid, "message body failed its checksum; quarantining");
         drop(

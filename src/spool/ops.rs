@@ -229,7 +229,7 @@ impl Inner {
             Ok(a) => {
                 ix.remove(qid);
                 lock(&self.retry).retain(|(q, _), _| *q != qid);
-                tracing::info!(%qid, ?reason, "removed from the spool");
+                tracing::info!(%qid, reason = reason.name(), "removed from the spool");
                 match flush {
                     Flush::Lazy => Durable::ready(Ok(())),
                     _ => Durable::wait_for(&self.log.syncer, a.lsn),

@@ -120,6 +120,18 @@ pub enum DoneReason {
     StoreFailed = 3,
 }
 
+impl DoneReason {
+    /// The reason as logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Finished => "finished",
+            Self::Deleted => "deleted",
+            Self::Quarantined => "quarantined",
+            Self::StoreFailed => "store failed",
+        }
+    }
+}
+
 /// Why bytes are not a valid record.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
