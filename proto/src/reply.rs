@@ -126,6 +126,15 @@ impl EnhancedCode {
     }
 }
 
+/// The non-empty lines of `text` split at CR and LF, appended to `out`.
+fn lines_of(text: &str, out: &mut Vec<String>) {
+    out.extend(
+        text.split(['\r', '\n'])
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
+    );
+}
+
 /// `s` as a number of 1 to `max` ASCII digits.
 fn digits(s: &str, max: usize) -> Option<u16> {
     if s.is_empty() || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -152,7 +161,16 @@ impl Reply {
     /// A one-line reply. Text containing CR or LF is split into lines, so a reply can never
     /// inject a line of its own.
     pub fn new(code: ReplyCode, enhanced: Option<EnhancedCode>, text: &str) -> Self {
-        Self::with_lines(code, enhanced, text.split(['\r', '\n']).map(str::to_owned))
+        let mut lines = Vec::with_capacity(1);
+        lines_of(text, &mut lines);
+        if lines.is_empty() {
+            lines.push(String::new());
+        }
+        Self {
+            code,
+            enhanced,
+            lines,
+        }
     }
 
     /// A reply with several lines of text (written as a multi-line reply).
@@ -161,15 +179,15 @@ impl Reply {
         enhanced: Option<EnhancedCode>,
         lines: impl IntoIterator<Item = String>,
     ) -> Self {
-        let mut lines: Vec<String> = lines
-            .into_iter()
-            .flat_map(|l| {
-                l.split(['\r', '\n'])
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let given = lines.into_iter();
+        let mut lines: Vec<String> = Vec::with_capacity(given.size_hint().0);
+        for line in given {
+            if line.contains(['\r', '\n']) {
+                lines_of(&line, &mut lines);
+            } else if !line.is_empty() {
+                lines.push(line);
+            }
+        }
         if lines.is_empty() {
             lines.push(String::new());
         }
@@ -223,15 +241,18 @@ impl Reply {
     /// Appends the wire form to `out`: `CODE-` on continuation lines, `CODE ` on the last,
     /// the enhanced code (if any) after the code on every line (RFC 2034 §4), CRLF endings.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
         let last = self.lines.len().saturating_sub(1);
+        out.reserve(self.lines.iter().map(|l| l.len() + 16).sum());
         for (i, line) in self.lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            let line = match self.enhanced {
-                Some(e) if line.is_empty() => format!("{}{sep}{e}\r\n", self.code),
-                Some(e) => format!("{}{sep}{e} {line}\r\n", self.code),
-                None => format!("{}{sep}{line}\r\n", self.code),
+            // Writing into a Vec cannot fail.
+            let _ = match self.enhanced {
+                Some(e) if line.is_empty() => write!(out, "{}{sep}{e}", self.code),
+                Some(e) => write!(out, "{}{sep}{e} {line}", self.code),
+                None => write!(out, "{}{sep}{line}", self.code),
             };
-            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
     }
 
@@ -389,11 +410,14 @@ fn assemble(lines: Vec<(ReplyCode, String)>) -> Reply {
     let class = (code.get() / 100) as u8;
     let mut enhanced = None;
     let mut texts = Vec::with_capacity(lines.len());
-    for (_, text) in lines {
+    for (_, mut text) in lines {
         match EnhancedCode::parse_prefix(&text) {
             Some((e, rest)) if e.class == class => {
                 enhanced = Some(e);
-                texts.push(rest.to_owned());
+                // The rest is a suffix of the line: drop the prefix in place.
+                let prefix = text.len() - rest.len();
+                text.drain(..prefix);
+                texts.push(text);
             }
             _ => texts.push(text),
         }

@@ -62,7 +62,7 @@ pub mod trouble;
 mod wire;
 
 pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
-pub use lmtp::{Connection, RemoteStore};
+pub use lmtp::{Connection, PhaseMark, RemoteStore};
 pub use maildir::MaildirStore;
 pub use message::{FileBody, MessageBody, OutboundEnvelope, Recipient, Report};
 pub use pipe::{PipeStore, PipeStoreConfig};

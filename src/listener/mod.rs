@@ -12,6 +12,7 @@
 //! recipients' stores and answers with their replies ([`cut_through`]).
 
 pub mod config;
+mod counters;
 mod cut_through;
 mod proxy_protocol;
 mod received;
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use metrics::{counter, gauge, histogram};
+use metrics::counter;
 use postern_proto::replies;
 use postern_proto::server::{BarePolicy, Protocol, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -84,6 +85,14 @@ pub(crate) struct Shared {
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) shutdown: CancellationToken,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    counters: counters::LazyCounters,
+}
+
+impl Shared {
+    /// This listener's hot-path metric handles.
+    pub(crate) fn counters(&self) -> &counters::ListenerCounters {
+        self.counters.get(&self.config.name)
+    }
 }
 
 /// A bound listener, ready to serve.
@@ -191,6 +200,7 @@ impl Listener {
             tls,
             shutdown,
             per_ip: Mutex::new(HashMap::new()),
+            counters: counters::LazyCounters::default(),
         });
         Ok(Self {
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -320,10 +330,9 @@ async fn converse<S>(
 {
     let _permit = permit;
     let _ip_slot = ip_slot;
-    let name = shared.config.name.clone();
-    counter!(m::CONNECTIONS_TOTAL, "listener" => name.clone(), "outcome" => "accepted")
-        .increment(1);
-    gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).increment(1.0);
+    let counters = shared.counters();
+    counters.connections_accepted.increment(1);
+    counters.connections_current.increment(1.0);
     let started = Instant::now();
     let mut conversation = Conversation::new(shared.clone(), peer);
     if let Ending::StartTls = conversation.run(&mut stream).await {
@@ -337,8 +346,11 @@ async fn converse<S>(
             }
         }
     }
-    gauge!(m::CONNECTIONS_CURRENT, "listener" => name.clone()).decrement(1.0);
-    histogram!(m::SESSION_DURATION, "listener" => name).record(started.elapsed().as_secs_f64());
+    let counters = shared.counters();
+    counters.connections_current.decrement(1.0);
+    counters
+        .session_duration
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// A connection we will not serve: one 421 line, then close.

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use metrics::{counter, histogram};
+use metrics::counter;
 use postern_proto::replies;
 use postern_proto::server::{Protocol, ServerEvent, ServerSession};
 use postern_proto::{ForwardPath, MailParams, Reply, ReversePath};
@@ -254,10 +254,9 @@ impl Conversation {
     }
 
     async fn rcpt(&mut self, to: ForwardPath, params: postern_proto::RcptParams) {
-        let listener = self.listener();
         let route = self.shared.router.load().rcpt(&to, self.trusted);
         if let Some(refusal) = self.edge_check(&to, &route).await {
-            counter!(m::RECIPIENTS_REJECTED, "listener" => listener, "reason" => refusal.reason)
+            counter!(m::RECIPIENTS_REJECTED, "listener" => self.listener(), "reason" => refusal.reason)
                 .increment(1);
             let _ = self.session.respond(refusal.reply);
             return;
@@ -310,13 +309,13 @@ impl Conversation {
         };
         match refusal {
             Some((reply, why)) => {
-                counter!(m::RECIPIENTS_REJECTED, "listener" => listener, "reason" => why)
+                counter!(m::RECIPIENTS_REJECTED, "listener" => self.listener(), "reason" => why)
                     .increment(1);
                 let _ = self.session.respond(reply);
             }
             None => {
                 self.accepted += 1;
-                counter!(m::RECIPIENTS_ACCEPTED, "listener" => listener).increment(1);
+                self.shared.counters().recipients_accepted.increment(1);
                 let _ = self.session.accept();
             }
         }
@@ -442,7 +441,8 @@ impl Conversation {
     }
 
     async fn data_end(&mut self) {
-        let listener = self.listener();
+        let shared = Arc::clone(&self.shared);
+        let listener = &shared.config.name;
         let n = self.session.expected_replies();
         let Some(mut msg) = self.message.take() else {
             for _ in 0..n {
@@ -450,7 +450,7 @@ impl Conversation {
             }
             return;
         };
-        counter!(m::RECEIVED_BYTES, "listener" => listener.clone()).increment(msg.octets);
+        self.shared.counters().received_bytes.increment(msg.octets);
         let refusal = if msg.hops.is_loop() {
             counter!(m::MESSAGES_REJECTED, "listener" => listener.clone(), "reason" => reason::POLICY).increment(1);
             if msg.hops.seen_own_marker() {
@@ -488,9 +488,11 @@ impl Conversation {
                         if let Some(scheduler) = &self.shared.scheduler {
                             scheduler.submit(qid);
                         }
-                        histogram!(m::ACCEPT_LATENCY, "listener" => listener.clone())
+                        let counters = self.shared.counters();
+                        counters
+                            .accept_latency
                             .record(started.elapsed().as_secs_f64());
-                        counter!(m::MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(1);
+                        counters.messages_accepted.increment(1);
                         tracing::info!(
                             queue_id = %queue_id,
                             listener = %listener,
@@ -551,7 +553,7 @@ impl Conversation {
         .await;
         let positive = replies.iter().filter(|r| r.is_positive()).count();
         if positive > 0 {
-            counter!(m::MESSAGES_ACCEPTED, "listener" => listener.clone()).increment(1);
+            self.shared.counters().messages_accepted.increment(1);
         }
         tracing::info!(
             id = %id,

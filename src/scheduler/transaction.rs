@@ -1,6 +1,7 @@
 //! One transaction: mark in doubt, hand to the agent, write each reply to the ledger as it
 //! arrives, log one line per recipient, count.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +13,7 @@ use super::gate::Permit;
 use super::metrics::{self as m, outcome};
 use super::{Ctx, JobRcpt, Message, dsn, local_reply};
 use crate::delivery::trouble::Trouble;
-use crate::delivery::{Outcome, Recipient, Report, Scope};
+use crate::delivery::{Outcome, PhaseMark, Recipient, Report, Scope};
 use crate::spool::RecipientState;
 
 /// What a transaction came to, for the store shard.
@@ -294,13 +295,11 @@ pub(crate) async fn run(
         connect: attempt.connect,
         transfer: attempt.transfer,
     };
-    if matches!(agent, Agent::Lmtp(_)) {
-        let store = done.store.clone();
-        histogram!(m::PHASE_LATENCY, "store" => store.clone(), "phase" => "acquire")
-            .record(attempt.connect.as_secs_f64());
+    if let Agent::Lmtp(pool) = agent {
+        let store = pool.store();
+        store.record_phase(PhaseMark::Acquire, attempt.connect);
         if attempt.report.scope() != Scope::Store {
-            histogram!(m::PHASE_LATENCY, "store" => store, "phase" => "transaction")
-                .record(attempt.transfer.as_secs_f64());
+            store.record_phase(PhaseMark::Transaction, attempt.transfer);
         }
     }
     for (index, outcome) in &attempt.report.outcomes {
@@ -341,22 +340,24 @@ pub(crate) fn log_line(
     state: Option<&RecipientState>,
     outcome: &Outcome,
 ) {
-    let (status, reply) = match (state, outcome) {
-        (Some(RecipientState::Delivered { reply }), _) => ("sent", reply.clone()),
+    let (status, reply): (&str, Cow<'_, str>) = match (state, outcome) {
+        (Some(RecipientState::Delivered { reply }), _) => ("sent", Cow::Borrowed(reply)),
         (Some(RecipientState::Bounced { reply }), Outcome::Deferred(_)) => {
-            ("bounced", format!("{reply} (message expired)"))
+            ("bounced", Cow::Owned(format!("{reply} (message expired)")))
         }
-        (Some(RecipientState::Bounced { reply }), _) => ("bounced", reply.clone()),
-        (Some(RecipientState::Deferred { reply, .. }), _) => ("deferred", reply.clone()),
+        (Some(RecipientState::Bounced { reply }), _) => ("bounced", Cow::Borrowed(reply)),
+        (Some(RecipientState::Deferred { reply, .. }), _) => ("deferred", Cow::Borrowed(reply)),
         (_, Outcome::InDoubt) => (
             "in doubt",
-            "451 4.4.2 connection lost after the end of data".to_owned(),
+            Cow::Borrowed("451 4.4.2 connection lost after the end of data"),
         ),
         (_, other) => (
             "deferred",
             other
                 .reply()
-                .map_or_else(|| "451 4.4.2 not attempted".to_owned(), ToString::to_string),
+                .map_or(Cow::Borrowed("451 4.4.2 not attempted"), |r| {
+                    Cow::Owned(r.to_string())
+                }),
         ),
     };
     let total = delays.queue + delays.connect + delays.transfer;

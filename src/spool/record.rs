@@ -427,6 +427,9 @@ pub fn parse_full(buf: &[u8]) -> Result<(RecordHeader, Record), FormatError> {
 /// Appends a record with the given kind, flags and payload writer to `out`.
 fn frame(out: &mut Vec<u8>, kind: RecordKind, flags: u8, payload: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
+    // Room for the header and a typical payload (ledger, done, hold), so a fresh buffer is
+    // allocated once instead of growing field by field.
+    out.reserve(HEADER_LEN + 128);
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     out.extend_from_slice(&[kind as u8, flags, 0, 0]);
     out.extend_from_slice(&[0; 8]);

@@ -21,7 +21,7 @@ use crate::delivery::trouble::{self, Outcome, Phase, Trouble};
 use crate::delivery::wire::Wire;
 
 use super::run::Run;
-use super::{DATA_READ, QUIT_LIMIT, RemoteStore, phase_done};
+use super::{DATA_READ, PhaseMark, QUIT_LIMIT, RemoteStore, phase_done};
 
 /// An open, greeted (and, as configured, encrypted and authenticated) connection to a store.
 pub struct Connection {
@@ -145,10 +145,10 @@ impl Connection {
         if let Err(f) = self.wire.flush(t.mail_rcpt).await {
             run.widen(f.trouble(Phase::MailRcpt, t.mail_rcpt));
         } else if bdat {
-            latency += phase_done(&store.name, "mail_rcpt", &mut mark);
+            latency += phase_done(&store, PhaseMark::MailRcpt, &mut mark);
             mail_rcpt_timed = true;
             self.send_bdat(&mut body, &mut run, guard).await;
-            phase_done(&store.name, "data", &mut mark);
+            phase_done(&store, PhaseMark::Data, &mut mark);
         }
         let mut data_started = false;
         loop {
@@ -158,11 +158,11 @@ impl Connection {
             }
             if run.go_ahead && !data_started {
                 data_started = true;
-                latency += phase_done(&store.name, "mail_rcpt", &mut mark);
+                latency += phase_done(&store, PhaseMark::MailRcpt, &mut mark);
                 mail_rcpt_timed = true;
                 let size = usize::try_from(envelope.size).unwrap_or(DATA_READ);
                 self.send_data(&mut body, &mut run, guard, size).await;
-                phase_done(&store.name, "data", &mut mark);
+                phase_done(&store, PhaseMark::Data, &mut mark);
                 continue;
             }
             let (phase, limit) = if run.end_sent {
@@ -179,10 +179,10 @@ impl Connection {
             }
         }
         if run.end_sent {
-            let wait = phase_done(&store.name, "end_of_data", &mut mark);
+            let wait = phase_done(&store, PhaseMark::EndOfData, &mut mark);
             latency += size_normalised(wait, envelope.size);
         } else if !mail_rcpt_timed {
-            latency += phase_done(&store.name, "mail_rcpt", &mut mark);
+            latency += phase_done(&store, PhaseMark::MailRcpt, &mut mark);
         }
         self.last_used = Instant::now();
         if run.closed || self.wire.proto.is_closed() {

@@ -112,6 +112,65 @@ pub struct RemoteStore {
     policy: Policy,
     window: WindowConfig,
     edge: super::edge_config::EdgeSettings,
+    /// The per-phase latency histograms, looked up once (at first use, when the gateway's
+    /// recorder is installed) rather than by name and labels on every phase.
+    phases: std::sync::OnceLock<PhaseHistograms>,
+}
+
+/// The phases of [`crate::metrics::PHASE_LATENCY`]: the scheduler times the first and the
+/// last, this module the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhaseMark {
+    /// Waiting for a pooled connection (or a new one).
+    Acquire,
+    /// TCP or unix-socket connect.
+    Connect,
+    /// Greeting, LHLO, STARTTLS, AUTH.
+    Lhlo,
+    /// MAIL and RCPT, to their replies.
+    MailRcpt,
+    /// DATA and the content.
+    Data,
+    /// From the final dot to the last reply.
+    EndOfData,
+    /// The whole transaction.
+    Transaction,
+}
+
+impl PhaseMark {
+    const ALL: [Self; 7] = [
+        Self::Acquire,
+        Self::Connect,
+        Self::Lhlo,
+        Self::MailRcpt,
+        Self::Data,
+        Self::EndOfData,
+        Self::Transaction,
+    ];
+
+    /// The `phase` label.
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Acquire => "acquire",
+            Self::Transaction => "transaction",
+            Self::Connect => "connect",
+            Self::Lhlo => "lhlo",
+            Self::MailRcpt => "mail_rcpt",
+            Self::Data => "data",
+            Self::EndOfData => "end_of_data",
+        }
+    }
+}
+
+/// One store's histogram handle per [`PhaseMark`].
+struct PhaseHistograms([metrics::Histogram; 7]);
+
+impl PhaseHistograms {
+    fn new(store: &str) -> Self {
+        Self(PhaseMark::ALL.map(|p| {
+            metrics::histogram!(crate::metrics::PHASE_LATENCY, "store" => store.to_owned(), "phase" => p.label())
+        }))
+    }
 }
 
 impl fmt::Debug for RemoteStore {
@@ -141,6 +200,13 @@ impl RemoteStore {
             reason,
         })?;
         Self::build(config, local_name, Protocol::Lmtp)
+    }
+
+    /// Records `took` as `phase` of this store ([`crate::metrics::PHASE_LATENCY`]).
+    pub fn record_phase(&self, phase: PhaseMark, took: Duration) {
+        let PhaseHistograms(histograms) =
+            self.phases.get_or_init(|| PhaseHistograms::new(&self.name));
+        histograms[phase as usize].record(took.as_secs_f64());
     }
 
     /// The store for a validated configuration, speaking `protocol`.
@@ -194,6 +260,7 @@ impl RemoteStore {
         };
         let t = &config.timeouts;
         Ok(Self {
+            phases: std::sync::OnceLock::new(),
             name: store,
             protocol,
             address: config.address.clone(),
@@ -298,7 +365,7 @@ impl RemoteStore {
                 Box::new(stream)
             }
         };
-        phase_done(&self.name, "connect", &mut mark);
+        phase_done(self, PhaseMark::Connect, &mut mark);
         let proto = ClientConnection::new(self.protocol, self.local_name.clone());
         let mut wire = Wire::new(io, proto);
         let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
@@ -313,7 +380,7 @@ impl RemoteStore {
         if let Some(credentials) = &self.auth {
             wire.authenticate(credentials, t.lhlo).await?;
         }
-        phase_done(&self.name, "lhlo", &mut mark);
+        phase_done(self, PhaseMark::Lhlo, &mut mark);
         let now = Instant::now();
         Ok(Connection {
             store: Arc::clone(self),
@@ -329,12 +396,11 @@ impl RemoteStore {
 }
 
 /// Records the time since `mark` as `phase` of `store` ([`crate::metrics::PHASE_LATENCY`])
-/// and moves `mark` to now.
-fn phase_done(store: &str, phase: &'static str, mark: &mut Instant) -> Duration {
+/// and moves `mark` to now. Returns the time recorded.
+fn phase_done(store: &RemoteStore, phase: PhaseMark, mark: &mut Instant) -> Duration {
     let now = Instant::now();
     let took = now.duration_since(*mark);
-    metrics::histogram!(crate::metrics::PHASE_LATENCY, "store" => store.to_owned(), "phase" => phase)
-        .record(took.as_secs_f64());
+    store.record_phase(phase, took);
     *mark = now;
     took
 }
