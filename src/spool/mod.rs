@@ -77,6 +77,7 @@ mod committer;
 mod durable;
 mod error;
 pub mod fault;
+mod fresh;
 mod gc;
 pub mod id;
 mod index;
@@ -140,6 +141,9 @@ pub struct SpoolOptions {
     pub compact_below: f64,
     /// How often the garbage collector looks at the oldest segment. Default 500 ms.
     pub gc_interval: Duration,
+    /// Bytes of freshly committed envelopes kept in memory for the scheduler's first
+    /// attempt ([`Spool::take_envelope`]); 0 reads every envelope from disk. Default 8 MiB.
+    pub fresh_budget: usize,
 }
 
 impl Default for SpoolOptions {
@@ -151,6 +155,7 @@ impl Default for SpoolOptions {
             chunk_size: 64 << 10,
             compact_below: 0.5,
             gc_interval: Duration::from_millis(500),
+            fresh_budget: 8 << 20,
         }
     }
 }
@@ -174,6 +179,7 @@ struct Inner {
     opts: SpoolOptions,
     log: Log,
     index: Mutex<Index>,
+    fresh: Mutex<fresh::Fresh>,
     retry: Mutex<HashMap<(QueueId, u32), Vec<u8>>>,
     ids: id::IdAllocator,
     space: Space,
@@ -309,6 +315,17 @@ impl Spool {
             (e.commit, e.commit_len, inner.log.segment(e.commit.seg))
         };
         read_commit(seg, loc, len).map_err(|e| with_qid(e, qid))
+    }
+
+    /// The message's envelope for a delivery attempt: the one its writer committed, handed
+    /// over from memory if it is still held (once per message; see `fresh`), otherwise read
+    /// from the Commit record like [`Spool::read_envelope`].
+    pub fn take_envelope(&self, qid: QueueId) -> Result<Envelope, SpoolError> {
+        let held = lock(&self.handle.inner.fresh).take(qid);
+        match held {
+            Some(envelope) => Ok(envelope),
+            None => self.read_envelope(qid),
+        }
     }
 
     /// The message body (as received, CRLF line ends, not dot-stuffed). The reader checks
@@ -556,5 +573,7 @@ impl Drop for Handle {
 mod tests;
 #[cfg(test)]
 mod tests_flush;
+#[cfg(test)]
+mod tests_fresh;
 #[cfg(test)]
 mod tests_poison;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use super::error::SpoolError;
+use super::fresh;
 use super::id::{self, QueueId};
 use super::index::{self, Entry};
 use super::log::{self, Flush, Log, Reg};
@@ -83,6 +84,7 @@ impl Spool {
         let log = Log::create(dir, opts.node_id, opts.segment_size, segments, next, faults)?;
         let mut index = scan.index;
         index.segs.insert(next, index::SegUse::default());
+        let fresh_budget = opts.fresh_budget;
         let inner = Arc::new(Inner {
             dir: dir.to_owned(),
             ids: id::IdAllocator::new(opts.node_id, scan.max_micros),
@@ -90,6 +92,7 @@ impl Spool {
             opts,
             log,
             index: Mutex::new(index),
+            fresh: Mutex::new(fresh::Fresh::new(fresh_budget)),
             retry: Mutex::new(HashMap::new()),
             incoming: AtomicUsize::new(0),
             stop: (Mutex::new(false), Condvar::new()),

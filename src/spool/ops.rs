@@ -228,6 +228,7 @@ impl Inner {
         match self.log.append(&rec, Reg::None, flush) {
             Ok(a) => {
                 ix.remove(qid);
+                lock(&self.fresh).remove(qid);
                 lock(&self.retry).retain(|(q, _), _| *q != qid);
                 tracing::info!(%qid, reason = reason.name(), "removed from the spool");
                 match flush {

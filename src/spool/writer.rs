@@ -19,7 +19,8 @@ use super::{Spool, lock};
 pub struct MessageWriter {
     spool: Spool,
     qid: QueueId,
-    envelope: Envelope,
+    /// Taken by [`MessageWriter::commit`].
+    envelope: Option<Envelope>,
     buf: Vec<u8>,
     crc: crc32fast::Hasher,
     len: u64,
@@ -36,7 +37,7 @@ impl MessageWriter {
         Self {
             spool,
             qid,
-            envelope,
+            envelope: Some(envelope),
             buf: Vec::new(),
             crc: crc32fast::Hasher::new(),
             len: 0,
@@ -123,8 +124,11 @@ impl MessageWriter {
         };
         let commit_at = head.len() + tail.len();
         let crc = std::mem::take(&mut self.crc).finalize();
+        let Some(envelope) = self.envelope.take() else {
+            return Durable::ready(Err(SpoolError::Invalid("the message was committed twice")));
+        };
         let mut rec = Vec::with_capacity(512);
-        record::encode_commit(&mut rec, qid, 0, self.len, crc, &self.envelope);
+        record::encode_commit(&mut rec, qid, 0, self.len, crc, &envelope);
         let commit_len = rec.len() as u32;
         let mut ix = lock(&inner.index);
         match inner.log.append_parts(
@@ -151,7 +155,7 @@ impl MessageWriter {
                     extents,
                     self.len,
                     crc,
-                    self.envelope.recipients.len(),
+                    envelope.recipients.len(),
                 );
                 ix.insert(qid, entry);
                 for (seg, n) in self.pins.drain(..) {
@@ -159,7 +163,8 @@ impl MessageWriter {
                 }
                 drop(ix);
                 inner.log.faults.hit("store.after_append");
-                tracing::debug!(%qid, size = self.len, rcpts = self.envelope.recipients.len(), "stored");
+                tracing::debug!(%qid, size = self.len, rcpts = envelope.recipients.len(), "stored");
+                lock(&inner.fresh).insert(qid, envelope);
                 Durable::wait_for(&inner.log.syncer, a.lsn)
             }
             Err(e) => {

@@ -51,7 +51,7 @@ impl Shard {
         if status.hold {
             return;
         }
-        let envelope = match ctx.spool.read_envelope(qid) {
+        let envelope = match ctx.spool.take_envelope(qid) {
             Ok(e) => e,
             Err(e @ SpoolError::Corrupt { .. }) => {
                 tracing::error!(queue_id = %qid, error = %e, "unreadable envelope; quarantining");
