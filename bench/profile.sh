@@ -8,7 +8,11 @@
 #   LABEL   names the output (default "now"): bench/flame/SHAPE-LABEL.svg and .top
 #   BIN     the postern binary (default target/release/postern, built first)
 # Environment: MSGS (default 5000), FREQ (perf sampling Hz, default 1999).
-# Prints the top ten frames by self time (the .top file). perf and inferno
+# Prints the top ten frames by self time (the .top file).
+# COUNT=1 counts instead of sampling: heap allocations (uprobes on libc's malloc,
+# calloc and realloc), system calls and context switches per message with perf stat,
+# then the system calls by name per message with strace -c (written to
+# bench/flame/SHAPE-LABEL.counts). perf and inferno
 # (cargo install inferno) must be on PATH; perf unwinds with DWARF, so the
 # release profile's line tables are enough.
 set -uo pipefail
@@ -79,6 +83,43 @@ for _ in $(seq 100); do
 done
 # Warm up (connections, pools, page cache), then record only the measured load.
 smtp-source -N -s 2 -m 200 -f bench@source.example -t rcpt@dest.example $ARGS -c "$ADDR" >/dev/null 2>&1
+if [ "${COUNT:-0}" = 1 ]; then
+    LIBC=$(awk '$6 ~ /libc\.so/ {print $6; exit}' "/proc/$GW/maps")
+    for f in malloc calloc realloc; do
+        perf probe -q -d "probe_libc:$f" 2>/dev/null
+        perf probe -q -x "$LIBC" --add "$f" 2>/dev/null || die "perf probe $f failed"
+    done
+    perf stat -x, -e probe_libc:malloc,probe_libc:calloc,probe_libc:realloc \
+        -e raw_syscalls:sys_enter,context-switches -p "$GW" -o "$W/stat" &
+    PERF=$!
+    sleep 0.5
+    # shellcheck disable=SC2086
+    smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$ADDR" >/dev/null 2>&1
+    sleep 1
+    kill -INT "$PERF"; wait "$PERF" 2>/dev/null
+    for f in malloc calloc realloc; do perf probe -q -d "probe_libc:$f" 2>/dev/null; done
+    strace -c -f -q -p "$GW" -o "$W/strace" &
+    ST=$!
+    sleep 0.5
+    # shellcheck disable=SC2086
+    smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$ADDR" >/dev/null 2>&1
+    sleep 1
+    kill -INT "$ST"; wait "$ST" 2>/dev/null
+    {
+        echo "shape $SHAPE ($LABEL), $MSGS messages, per message:"
+        awk -F, -v n="$MSGS" '$3 ~ /[a-z]/ {a[$3]=$1} END {
+            printf "  heap allocations %.1f (malloc %.1f, calloc %.1f, realloc %.1f)\n",
+                (a["probe_libc:malloc"]+a["probe_libc:calloc"]+a["probe_libc:realloc"])/n,
+                a["probe_libc:malloc"]/n, a["probe_libc:calloc"]/n, a["probe_libc:realloc"]/n
+            printf "  system calls %.1f, context switches %.1f\n", a["raw_syscalls:sys_enter"]/n, a["context-switches"]/n
+        }' "$W/stat"
+        echo "  system calls by name (strace -c, a second run of the same load):"
+        awk -v n="$MSGS" '$1 ~ /^[0-9.]+$/ && NF >= 5 { name=$NF; calls=$4; if (calls ~ /^[0-9]+$/) printf "    %-16s %6.2f\n", name, calls/n }' "$W/strace" |
+            sort -k2 -rn | head -15
+    } >"$OUT/$SHAPE-$LABEL.counts"
+    cat "$OUT/$SHAPE-$LABEL.counts"
+    exit 0
+fi
 perf record -q -F "$FREQ" -g --call-graph dwarf,16384 -p "$GW" -o "$W/perf.data" 2>/dev/null &
 PERF=$!
 sleep 0.5
@@ -86,7 +127,7 @@ sleep 0.5
 smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$ADDR" >/dev/null 2>&1
 sleep 1
 kill -INT "$PERF"; wait "$PERF" 2>/dev/null
-perf script -i "$W/perf.data" 2>/dev/null | inferno-collapse-perf >"$W/folded"
+perf script -i "$W/perf.data" 2>/dev/null | inferno-collapse-perf 2>/dev/null >"$W/folded"
 # Frames under 2 px are left out: the graph stays a few hundred KiB.
 inferno-flamegraph --minwidth 2 --title "postern, shape $SHAPE ($LABEL)" <"$W/folded" >"$OUT/$SHAPE-$LABEL.svg"
 perf report -i "$W/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
