@@ -2,15 +2,19 @@
 //! `max_oldest`, or down longer than `max_oldest`, gets `451 4.3.2` for its recipients while
 //! another store's recipients in the same session get 250; it leaves backpressure when
 //! drained. The store is tests/fake_store with its post-dot replies held (a slow store).
+//! Entering and leaving are logged and set `postern_store_backpressure{store}`: seen with
+//! the real binary (tests/daemon), whose log lines and metrics are its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod common;
+mod daemon;
 mod fake_store;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, TestGateway};
+use common::{Client, TestGateway, metric};
+use daemon::{Daemon, Smtp, eventually, send_one};
 use fake_store::FakeStore;
 use postern::config::Config;
 use postern::gateway::Gateway;
@@ -76,6 +80,67 @@ async fn over_max_queued_refuses_that_store_only_until_drained() {
     until(&gw, "three@a.example", 250).await;
     assert_eq!(store.delivered_to().len(), 2);
     gw.gateway.stop().await;
+}
+
+/// The same with the real binary: entering backpressure is logged once (a warning naming
+/// the condition), leaving it once, and the gauge is 1 in between, 0 before and after.
+#[test]
+fn entering_and_leaving_are_logged_once_each_and_set_the_gauge() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(FakeStore::start());
+    store.hold_replies(true);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postern.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname: mx.test\nnode_id: 7\ndrain_timeout: 1s\ndelivery:\n  minimal_backoff: 1h\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: a\n    kind: lmtp\n    address: {addr}\n    backpressure: {{ max_queued: 2 }}\n  - name: b\n    kind: discard\nroutes:\n  domains:\n    a.example: {{ store: a }}\n    b.example: {{ store: b }}\n",
+            spool = dir.path().join("spool").display(),
+            addr = store.addr,
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&config);
+    let gauge = || metric(&d.metrics(), "postern_store_backpressure{store=\"a\"}");
+    assert_eq!(gauge(), Some(0.0), "registered at zero");
+    let entering = "store in backpressure: its recipients get 451 4.3.2 at RCPT";
+    let leaving = "store left backpressure: its recipients are accepted again";
+
+    for to in ["one@a.example", "two@a.example"] {
+        send_one(&d.addr, "sender@remote.example", to, "x", "body");
+    }
+    let line = eventually(Duration::from_secs(15), "the log line entering", || {
+        d.log_lines(&[entering]).pop()
+    });
+    for want in [
+        "\"level\":\"WARN\"",
+        "\"store\":\"a\"",
+        "\"queued\":2",
+        "\"reason\":\"Store a is backlogged: 2 recipients queued\"",
+    ] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    // The gauge is set before the line is written.
+    assert_eq!(gauge(), Some(1.0), "in backpressure");
+    let mut c = Smtp::connect(&d.addr).unwrap();
+    c.send("MAIL FROM:<sender@remote.example>\r\nRCPT TO:<three@a.example>\r\n")
+        .unwrap();
+    assert!(c.reply().unwrap().starts_with("250"));
+    let r = c.reply().unwrap();
+    assert!(r.starts_with("451 4.3.2 "), "{r}");
+
+    store.hold_replies(false);
+    let line = eventually(Duration::from_secs(15), "the log line leaving", || {
+        d.log_lines(&[leaving]).pop()
+    });
+    for want in ["\"level\":\"INFO\"", "\"store\":\"a\""] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    assert_eq!(gauge(), Some(0.0), "out of backpressure");
+    assert_eq!(d.log_lines(&[entering]).len(), 1, "entering logged once");
+    assert_eq!(d.log_lines(&[leaving]).len(), 1, "leaving logged once");
+    drop(d);
+    drop(rt);
 }
 
 #[tokio::test]

@@ -1,24 +1,31 @@
 //! Recipient verification at RCPT against a scripted LMTP store (tests/fake_lmtp): the
 //! store's 550 becomes the edge's 550 5.1.1, a known recipient 250, a down store 450 4.1.1
 //! (or an accept when configured), answers are cached, and a burst of concurrent RCPTs for
-//! one address makes one store query.
+//! one address makes one store query. Verifications are counted by result, cache lookups
+//! by outcome (`/metrics`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod common;
 mod fake_lmtp;
 
-use common::{Client, TestGateway};
+use common::{Client, TestGateway, metric};
 use fake_lmtp::{FakeStore, Rcpt, Script};
 use postern::config::Config;
 use postern::gateway::Gateway;
 
-/// A gateway whose `example.org` goes to the LMTP store at `store` (verifying), with
-/// `store_extra` under the store and `top_extra` at the top level.
+/// A gateway whose `example.org` goes to the LMTP store `cyrus1` at `store` (verifying),
+/// with `store_extra` under the store and `top_extra` at the top level.
 async fn gateway(store: &str, store_extra: &str, top_extra: &str) -> TestGateway {
+    gateway_named("cyrus1", store, store_extra, top_extra).await
+}
+
+/// [`gateway`] with the store named `name`: the metrics recorder is shared by every test
+/// in this binary, so a test that reads counters gives its store a name of its own.
+async fn gateway_named(name: &str, store: &str, store_extra: &str, top_extra: &str) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 5s\ndelivery:\n  enabled: false\n{top_extra}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n    max_connections: 3000\n    max_connections_per_ip: 3000\nstores:\n  - name: cyrus1\n    kind: lmtp\n    address: {store}\n    verify_recipients: true\n{store_extra}  - name: other\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: cyrus1 }}\n    other.example: {{ store: other }}\n",
+        "hostname: mx.test\nnode_id: 7\ndrain_timeout: 5s\ndelivery:\n  enabled: false\n{top_extra}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\n    max_connections: 3000\n    max_connections_per_ip: 3000\nstores:\n  - name: {name}\n    kind: lmtp\n    address: {store}\n    verify_recipients: true\n{store_extra}  - name: other\n    kind: discard\nroutes:\n  domains:\n    example.org: {{ store: {name} }}\n    other.example: {{ store: other }}\n",
         spool = dir.path().join("spool").display(),
     );
     let config = Config::parse(&text, "test.yaml").unwrap_or_else(|e| panic!("{e:?}\n{text}"));
@@ -50,6 +57,21 @@ fn queries(store: &FakeStore, local: &str) -> usize {
                 .starts_with(&format!("rcpt to:<{local}@"))
         })
         .count()
+}
+
+/// `postern_recipient_verifications_total` of `store` with `result` in a `/metrics` text
+/// (0 when not exported: a series appears at its first count).
+fn verifications(text: &str, store: &str, result: &str) -> f64 {
+    let series =
+        format!("postern_recipient_verifications_total{{store=\"{store}\",result=\"{result}\"}}");
+    metric(text, &series).unwrap_or(0.0)
+}
+
+/// `postern_verify_cache_lookups_total` of `store` with `outcome`, likewise.
+fn cache_lookups(text: &str, store: &str, outcome: &str) -> f64 {
+    let series =
+        format!("postern_verify_cache_lookups_total{{store=\"{store}\",outcome=\"{outcome}\"}}");
+    metric(text, &series).unwrap_or(0.0)
 }
 
 async fn session(gw: &TestGateway) -> Client {
@@ -92,7 +114,7 @@ async fn unknown_is_550_known_is_250_and_nothing_is_delivered() {
 #[tokio::test]
 async fn a_cached_answer_makes_no_second_query() {
     let store = FakeStore::start(script()).await;
-    let gw = gateway(&store.addr.to_string(), "", "").await;
+    let gw = gateway_named("cached", &store.addr.to_string(), "", "").await;
     for _ in 0..3 {
         let mut c = session(&gw).await;
         c.cmd("RCPT TO:<nosuch@example.org>", 550).await;
@@ -102,19 +124,34 @@ async fn a_cached_answer_makes_no_second_query() {
     }
     assert_eq!(queries(&store, "nosuch"), 1);
     assert_eq!(queries(&store, "alice"), 1);
+    // Nine lookups: the first of each address asks the store, the other seven are hits.
+    let text = gw.metrics().await;
+    assert_eq!(verifications(&text, "cached", "invalid"), 1.0, "{text}");
+    assert_eq!(verifications(&text, "cached", "valid"), 1.0, "{text}");
+    assert_eq!(verifications(&text, "cached", "tempfail"), 0.0, "{text}");
+    assert_eq!(cache_lookups(&text, "cached", "miss"), 2.0, "{text}");
+    assert_eq!(cache_lookups(&text, "cached", "hit"), 7.0, "{text}");
+    assert_eq!(cache_lookups(&text, "cached", "joined"), 0.0, "{text}");
     gw.gateway.stop().await;
 }
 
 #[tokio::test]
 async fn a_temporary_answer_is_450_and_not_cached() {
     let store = FakeStore::start(script()).await;
-    let gw = gateway(&store.addr.to_string(), "", "").await;
+    let gw = gateway_named("busy", &store.addr.to_string(), "", "").await;
     for _ in 0..2 {
         let mut c = session(&gw).await;
         let r = c.cmd("RCPT TO:<busy@example.org>", 450).await;
         assert!(r.text().starts_with("4.1.1 "), "{r:?}");
     }
     assert_eq!(queries(&store, "busy"), 2);
+    // Each RCPT asked the store (a miss) and was told to wait: two tempfails, no hit.
+    let text = gw.metrics().await;
+    assert_eq!(verifications(&text, "busy", "tempfail"), 2.0, "{text}");
+    assert_eq!(verifications(&text, "busy", "valid"), 0.0, "{text}");
+    assert_eq!(verifications(&text, "busy", "invalid"), 0.0, "{text}");
+    assert_eq!(cache_lookups(&text, "busy", "miss"), 2.0, "{text}");
+    assert_eq!(cache_lookups(&text, "busy", "hit"), 0.0, "{text}");
     gw.gateway.stop().await;
 }
 

@@ -44,6 +44,11 @@
 //!   for each other: a slow or dead store holds only its own window.
 //! - **Retries** ([`retry`]): jittered exponential backoff between `minimal_backoff` and
 //!   `maximal_backoff`; bounced at `maximal_lifetime`.
+//! - **Double bounce** (`double_bounce.rs`): mail from `<>` (a DSN) owes no DSN, so when a
+//!   recipient of it bounces (it cannot be routed, e.g. the sender's domain is not ours and
+//!   there is no relay store, or its store refuses it) one copy goes to the `double_bounce`
+//!   address; if that copy bounces too, it is kept in the hold queue and logged. Never
+//!   dropped, never a loop.
 //!
 //! # Compromises
 //!
@@ -51,8 +56,6 @@
 //!   task (memory and one small read from the page cache); a slow disk slows that shard.
 //! - Every message being attempted is in memory (envelope, about 1 KiB), at most
 //!   `active_limit` of them; waiting and backlogged messages cost a queue id each.
-//! - XXX: a DSN that cannot be routed (the sender's domain is not ours and there is no
-//!   relay store) is logged and dropped; there is no double bounce to the postmaster.
 //!
 //! DIAGNOSTICS: nothing here panics on spool or network input; a message whose envelope or
 //! body cannot be read is quarantined by the spool. Every recipient attempt is logged on

@@ -33,6 +33,29 @@ impl TestGateway {
     pub async fn connect(&self, listener: &str) -> Client {
         Client::connect(&self.addr(listener)).await
     }
+
+    /// The text of the gateway's `/metrics`. The recorder is global to the test process:
+    /// a test that counts must use labels (a store name) no other test in its binary uses.
+    pub async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.gateway.metrics_address)
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        text
+    }
+}
+
+/// The value of `series` (a metric name with its labels, as exported:
+/// `postern_store_backpressure{store="a"}`) in a `/metrics` text; `None` if not exported.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
 }
 
 /// The YAML of a test gateway: listener `smtp` (and any extra YAML appended to the

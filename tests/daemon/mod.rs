@@ -77,6 +77,24 @@ impl Daemon {
         }
     }
 
+    /// The text of the daemon's `/metrics` (its address is in the `metrics` log line).
+    pub fn metrics(&self) -> String {
+        use std::io::Read;
+        let line = self
+            .log_lines(&["\"message\":\"metrics\""])
+            .pop()
+            .expect("the metrics address is logged");
+        let start = line.find("\"address\":\"").unwrap() + 11;
+        let address = &line[start..start + line[start..].find('"').unwrap()];
+        let mut s = TcpStream::connect(address).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        text
+    }
+
     /// Log lines containing every one of `needles`.
     pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
         self.log
