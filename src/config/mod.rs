@@ -305,7 +305,7 @@ impl Config {
                 _ => Ok(()),
             };
             if let Err(e) = checked {
-                bad(format!("stores[{i}]"), e);
+                bad(format!("stores[{i}]"), e.into());
             }
             if self.stores[..i].iter().any(|o| o.name() == s.name()) {
                 bad(
@@ -319,7 +319,7 @@ impl Config {
             bad(path, message);
         }
         if let Err(e) = self.delivery.validate() {
-            let (key, message) = e.split_once(": ").unwrap_or(("", e.as_str()));
+            let (key, message) = e.split_once(": ").unwrap_or(("", &*e));
             bad(format!("delivery.{key}"), message.to_owned());
         }
         out

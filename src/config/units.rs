@@ -1,12 +1,58 @@
-//! Sizes and durations with units, as operators write them (`50MiB`, `5m`).
+//! Sizes and durations with units, as operators write them (`50MiB`, `5m`), and
+//! [`Invalid`], what every configuration value parser and section validator says about a
+//! bad value.
 //!
 //! Both deserialize from a string with a unit or from a bare integer (octets, seconds), and
 //! display back in the same notation, so `check-config` can echo what it understood.
+//! `parse_str` runs any value parser inside the deserializer, so that its [`Invalid`]
+//! keeps serde_yaml's key path and line.
+//!
+//! A leaf: the sections' owners (`listener::config`, `delivery::config`,
+//! `scheduler::config`) import it by this path.
 
 use std::fmt;
+use std::ops::Deref;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, de};
+
+/// What is wrong with a configuration value, as the operator reads it: `` `5 fortnights` ``
+/// is not a duration like 5m, `window.min: must be at least 1`. It becomes the message of a
+/// located `ConfigError` (file, line, key path), of a `StoreError` when a store is loaded, or
+/// of a serde error at the value's key.
+///
+/// The message is the product, so the type reads as its text (`Deref<Target = str>`) and
+/// converts into a `String`; it exists so that a signature says "a validation message" and
+/// cannot be confused with an internal failure.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(String);
+
+impl Deref for Invalid {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Self {
+        Self(message.to_owned())
+    }
+}
+
+impl From<Invalid> for String {
+    fn from(invalid: Invalid) -> Self {
+        invalid.0
+    }
+}
 
 /// A number of octets: `4096`, `64KiB`, `50MiB`, `1GiB`, `10MB` (SI units are accepted too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,13 +64,13 @@ pub struct Span(pub Duration);
 
 impl ByteSize {
     /// Parses the notation above.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
         let n: u64 = digits
             .parse()
-            .map_err(|_| format!("`{s}` is not a size like 50MiB"))?;
+            .map_err(|_| Invalid(format!("`{s}` is not a size like 50MiB")))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" | "k" => 1 << 10,
@@ -35,26 +81,26 @@ impl ByteSize {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             other => {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "unknown size unit `{other}` (use B, KiB, MiB, GiB, kB, MB, GB)"
-                ));
+                )));
             }
         };
         n.checked_mul(mult)
             .map(Self)
-            .ok_or_else(|| format!("`{s}` is too large"))
+            .ok_or_else(|| Invalid(format!("`{s}` is too large")))
     }
 }
 
 impl Span {
     /// Parses the notation above.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
         let n: u64 = digits
             .parse()
-            .map_err(|_| format!("`{s}` is not a duration like 5m"))?;
+            .map_err(|_| Invalid(format!("`{s}` is not a duration like 5m")))?;
         let d = match unit.trim() {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
@@ -63,9 +109,9 @@ impl Span {
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
             "w" => Duration::from_secs(n.saturating_mul(7 * 86_400)),
             other => {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "unknown duration unit `{other}` (use ms, s, m, h, d, w)"
-                ));
+                )));
             }
         };
         Ok(Self(d))
@@ -102,7 +148,7 @@ impl fmt::Display for Span {
 
 /// Accepts a string with a unit or a bare integer. A visitor (not an untagged enum) keeps
 /// serde_yaml's position, so a bad unit is reported at its key path and line.
-struct UnitVisitor<T>(fn(&str) -> Result<T, String>, fn(u64) -> T, &'static str);
+struct UnitVisitor<T>(fn(&str) -> Result<T, Invalid>, fn(u64) -> T, &'static str);
 
 impl<T> de::Visitor<'_> for UnitVisitor<T> {
     type Value = T;
@@ -130,10 +176,10 @@ impl<T> de::Visitor<'_> for UnitVisitor<T> {
 /// serde_yaml's key path and line.
 pub(crate) fn parse_str<'de, D: Deserializer<'de>, T>(
     d: D,
-    parse: fn(&str) -> Result<T, String>,
+    parse: fn(&str) -> Result<T, Invalid>,
     expecting: &'static str,
 ) -> Result<T, D::Error> {
-    struct V<T>(fn(&str) -> Result<T, String>, &'static str);
+    struct V<T>(fn(&str) -> Result<T, Invalid>, &'static str);
     impl<T> de::Visitor<'_> for V<T> {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::units::{ByteSize, Span, parse_str};
+use crate::config::units::{ByteSize, Invalid, Span, parse_str};
 
 /// One store of kind `lmtp`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -132,21 +132,19 @@ impl Default for WindowConfig {
 
 impl WindowConfig {
     /// Checks the keys against each other and the store's `max_connections`.
-    fn validate(&self, max_connections: usize) -> Result<(), String> {
+    fn validate(&self, max_connections: usize) -> Result<(), Invalid> {
         let max = self.max.unwrap_or(max_connections);
         if self.min == 0 {
             return Err("window.min: must be at least 1".into());
         }
         if max < self.min {
-            return Err(format!(
-                "window.max: must be at least window.min ({})",
-                self.min
-            ));
+            return Err(format!("window.max: must be at least window.min ({})", self.min).into());
         }
         if max > max_connections {
             return Err(format!(
                 "window.max: at most max_connections ({max_connections}); raise that instead"
-            ));
+            )
+            .into());
         }
         if let Some(initial) = self.initial
             && !(self.min..=max).contains(&initial)
@@ -154,7 +152,8 @@ impl WindowConfig {
             return Err(format!(
                 "window.initial: must be between window.min ({}) and window.max ({max})",
                 self.min
-            ));
+            )
+            .into());
         }
         if !(self.latency_tolerance.is_finite()
             && self.latency_tolerance > 0.0
@@ -213,7 +212,7 @@ impl LmtpStoreConfig {
     /// address is `host:port` (no unix socket), and AUTH goes only over required TLS unless
     /// the relay is on this host (a password is never sent in clear across a network, nor
     /// exposed to a STARTTLS downgrade).
-    pub fn validate_smtp(&self) -> Result<(), String> {
+    pub fn validate_smtp(&self) -> Result<(), Invalid> {
         self.validate()?;
         let StoreAddress::Tcp { host, .. } = &self.address else {
             return Err("address: an SMTP relay is host:port".into());
@@ -236,7 +235,7 @@ impl LmtpStoreConfig {
     }
 
     /// Checks what serde cannot: the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.max_connections == 0 {
             return Err("max_connections: must be at least 1".into());
         }
@@ -258,7 +257,7 @@ impl LmtpStoreConfig {
         }
         for (i, rule) in self.normalize.iter().enumerate() {
             if rule.code.is_some_and(|c| !(400..=599).contains(&c)) {
-                return Err(format!("normalize[{i}].code: must be a 4yz or 5yz code"));
+                return Err(format!("normalize[{i}].code: must be a 4yz or 5yz code").into());
             }
         }
         Ok(())
@@ -281,14 +280,14 @@ pub enum StoreAddress {
 
 impl StoreAddress {
     /// Parses `host:port` or `unix:/path`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         if let Some(path) = s.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(format!("`{s}`: a unix socket path must be absolute"));
+                return Err(format!("`{s}`: a unix socket path must be absolute").into());
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        let bad = || format!("`{s}` is not host:port or unix:/path");
+        let bad = || Invalid::from(format!("`{s}` is not host:port or unix:/path"));
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let host = host
@@ -434,8 +433,8 @@ pub struct Timestamp(pub SystemTime);
 
 impl Timestamp {
     /// Parses `YYYY-MM-DDTHH:MM:SSZ` (a space may replace the `T`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a UTC time like 2026-05-01T06:00:00Z");
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = || Invalid::from(format!("`{s}` is not a UTC time like 2026-05-01T06:00:00Z"));
         let b = s.trim().as_bytes();
         if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
             return Err(bad());
@@ -443,7 +442,7 @@ impl Timestamp {
         if !matches!(b[10], b'T' | b't' | b' ') || !matches!(b[19], b'Z' | b'z') {
             return Err(bad());
         }
-        let num = |from: usize, to: usize| -> Result<u64, String> {
+        let num = |from: usize, to: usize| -> Result<u64, Invalid> {
             let part = &b[from..to];
             if !part.iter().all(u8::is_ascii_digit) {
                 return Err(bad());

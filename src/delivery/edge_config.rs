@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::units::Span;
+use crate::config::units::{Invalid, Span};
 
 /// What RCPT gets when the store could not answer (a 4xx, a timeout, no window slot, down).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -35,7 +35,7 @@ pub struct BackpressureConfig {
 
 impl BackpressureConfig {
     /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.max_queued == Some(0) {
             return Err("backpressure.max_queued: must be at least 1".into());
         }

@@ -22,6 +22,7 @@ use serde::Deserializer;
 
 use super::message::{Recipient, Report};
 use super::trouble::Outcome;
+use crate::config::units::Invalid;
 
 /// Every recipient delivered with `250 2.0.0 discarded`.
 pub fn discard<F: FnMut(usize, &Outcome)>(recipients: &[Recipient], on_outcome: &mut F) -> Report {
@@ -67,7 +68,7 @@ pub fn settle_all<F: FnMut(usize, &Outcome)>(
 
 /// Parses a configured reply such as `550 5.7.1 Relaying to this domain is closed`: one line,
 /// a 4yz or 5yz code, an optional enhanced status code of the same class.
-pub fn parse_fixed_reply(s: &str) -> Result<Reply, String> {
+pub fn parse_fixed_reply(s: &str) -> Result<Reply, Invalid> {
     let s = s.trim();
     if s.contains(['\r', '\n']) {
         return Err("a reply is one line".into());
@@ -76,22 +77,23 @@ pub fn parse_fixed_reply(s: &str) -> Result<Reply, String> {
     parser.handle_input(s.as_bytes());
     parser.handle_input(b"\r\n");
     let Ok(Some(reply)) = parser.poll_reply() else {
-        return Err(format!("`{s}` is not a reply like \"550 5.7.1 text\""));
+        return Err(format!("`{s}` is not a reply like \"550 5.7.1 text\"").into());
     };
     if !matches!(
         reply.severity(),
         Severity::TransientNegative | Severity::PermanentNegative
     ) {
-        return Err(format!("`{s}`: the reply must be a 4yz or a 5yz"));
+        return Err(format!("`{s}`: the reply must be a 4yz or a 5yz").into());
     }
     // The parser keeps an enhanced code of another class as text.
     if let (None, Some((e, _))) = (reply.enhanced(), EnhancedCode::parse_prefix(&reply.text())) {
         return Err(format!(
             "`{s}`: the enhanced status code {e} does not match the reply code's class"
-        ));
+        )
+        .into());
     }
     if reply.text().trim().is_empty() {
-        return Err(format!("`{s}`: the reply needs a text"));
+        return Err(format!("`{s}`: the reply needs a text").into());
     }
     Ok(reply)
 }

@@ -53,7 +53,7 @@ impl RemoteStore {
             .validate_smtp()
             .map_err(|reason| StoreError::Invalid {
                 store: config.name.clone(),
-                reason,
+                reason: reason.into(),
             })?;
         Self::build(config, local_name, Protocol::Smtp)
     }

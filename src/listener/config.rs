@@ -12,7 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::units::{ByteSize, Span, parse_str};
+use crate::config::units::{ByteSize, Invalid, Span, parse_str};
 use crate::tls::TlsConfig;
 
 /// The address a listener binds.
@@ -35,7 +35,7 @@ impl fmt::Display for ListenAddress {
 
 impl ListenAddress {
     /// Parses `127.0.0.1:2525`, `[::1]:2525` or `unix:/path`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err("`unix:` needs a socket path".into());
@@ -43,7 +43,9 @@ impl ListenAddress {
             return Ok(Self::Unix(PathBuf::from(path)));
         }
         s.parse().map(Self::Tcp).map_err(|_| {
-            format!("`{s}` is not an address like 127.0.0.1:2525, [::1]:2525 or unix:/path")
+            Invalid::from(format!(
+                "`{s}` is not an address like 127.0.0.1:2525, [::1]:2525 or unix:/path"
+            ))
         })
     }
 }

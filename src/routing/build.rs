@@ -125,12 +125,12 @@ pub fn validate(routes: &RoutesConfig, stores: &[&str]) -> Vec<(String, String)>
         match (&p.regex, &p.wildcard) {
             (Some(r), None) => {
                 if let Err(e) = Pattern::regex(r, Target::Store(0)) {
-                    bad(format!("{at}.regex"), e);
+                    bad(format!("{at}.regex"), e.to_string());
                 }
             }
             (None, Some(w)) => {
                 if let Err(e) = Pattern::wildcard(w, Target::Store(0)) {
-                    bad(format!("{at}.wildcard"), e);
+                    bad(format!("{at}.wildcard"), e.to_string());
                 }
             }
             _ => bad(
@@ -342,11 +342,11 @@ impl Router {
             let compiled = match (&p.regex, &p.wildcard) {
                 (Some(r), _) => Pattern::regex(r, target),
                 (None, Some(w)) => Pattern::wildcard(w, target),
-                (None, None) => Err("no regex or wildcard".into()),
+                (None, None) => return Err(internal(&at, "no regex or wildcard".into())),
             };
             router
                 .patterns
-                .push(compiled.map_err(|e| internal(&at, e))?);
+                .push(compiled.map_err(|e| internal(&at, e.to_string()))?);
             origin(
                 &mut sources,
                 format!("patterns[{i}]"),

@@ -5,10 +5,24 @@
 //! else literal), so both kinds match the same way; a regex is used as written (anchor it
 //! yourself). Matching is against `user@domain` after normalisation, with the extension and then
 //! without it.
+//!
+//! Fails: a pattern that does not compile is a [`PatternError`], which names the kind of
+//! rule and the regex engine's reason; the configuration check reports it at the rule's key.
 
 use regex::Regex;
 
 use super::Target;
+
+/// Why a rule's pattern did not compile.
+#[derive(Clone, Debug, thiserror::Error)]
+pub(crate) enum PatternError {
+    /// The regex, as written.
+    #[error("bad regex: {0}")]
+    Regex(regex::Error),
+    /// The regex a wildcard compiles to (too large, in practice).
+    #[error("bad wildcard: {0}")]
+    Wildcard(regex::Error),
+}
 
 /// One compiled pattern.
 #[derive(Clone, Debug)]
@@ -21,8 +35,8 @@ pub(crate) struct Pattern {
 
 impl Pattern {
     /// Compiles a regex rule.
-    pub(crate) fn regex(text: &str, target: Target) -> Result<Self, String> {
-        let regex = Regex::new(text).map_err(|e| format!("bad regex: {e}"))?;
+    pub(crate) fn regex(text: &str, target: Target) -> Result<Self, PatternError> {
+        let regex = Regex::new(text).map_err(PatternError::Regex)?;
         Ok(Self {
             regex,
             text: text.to_owned(),
@@ -31,8 +45,8 @@ impl Pattern {
     }
 
     /// Compiles a wildcard rule.
-    pub(crate) fn wildcard(text: &str, target: Target) -> Result<Self, String> {
-        let regex = Regex::new(&wildcard_regex(text)).map_err(|e| format!("bad wildcard: {e}"))?;
+    pub(crate) fn wildcard(text: &str, target: Target) -> Result<Self, PatternError> {
+        let regex = Regex::new(&wildcard_regex(text)).map_err(PatternError::Wildcard)?;
         Ok(Self {
             regex,
             text: text.to_owned(),
@@ -78,7 +92,9 @@ mod tests {
 
     #[test]
     fn bad_regex_is_an_error_with_its_reason() {
-        let e = Pattern::regex("^(unclosed", Target::Store(0)).unwrap_err();
+        let e = Pattern::regex("^(unclosed", Target::Store(0))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("bad regex: "), "{e}");
     }
 }

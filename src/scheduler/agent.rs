@@ -188,18 +188,31 @@ impl Agent {
 
     /// Is the store reachable? LMTP: a fresh connection (greeting and LHLO, STARTTLS and
     /// AUTH as configured), closed with QUIT. Other agents are always reachable.
-    pub async fn probe(&self) -> Result<(), String> {
+    pub async fn probe(&self) -> Result<(), ProbeError> {
         match self {
             Self::Lmtp(pool) => match pool.store().connect().await {
                 Ok(mut conn) => {
                     conn.quit().await;
                     Ok(())
                 }
-                Err(t) => Err(t.to_string()),
+                Err(t) => Err(ProbeError::Store(t)),
             },
             _ => Ok(()),
         }
     }
+}
+
+/// Why a probe of a down store did not find it working; its `Display` is the reason the
+/// store's breaker keeps (`postern status`, the logs).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The store could not be reached, or refused the session (connect, greeting, LHLO,
+    /// STARTTLS, AUTH).
+    #[error("{0}")]
+    Store(trouble::Trouble),
+    /// The scheduler stopped before the probe ended.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 /// The agents by store name, each with its store's [`Gate`] (the concurrency window every

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::retry::RetryPolicy;
-use crate::config::units::Span;
+use crate::config::units::{Invalid, Span};
 
 /// The `delivery:` section.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -139,7 +139,7 @@ impl Default for BreakerConfig {
 
 impl SchedulerConfig {
     /// Checks what serde cannot; the message names the key under `delivery.`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.shards == Some(0) {
             return Err("shards: must be at least 1".into());
         }

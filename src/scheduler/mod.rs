@@ -95,7 +95,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use agent::{Agent, Agents, SpoolBody};
+pub use agent::{Agent, Agents, ProbeError, SpoolBody};
 pub use clock::Clock;
 pub use config::{DeliveryDiff, LiveDelivery, SchedulerConfig};
 pub use retry::RetryPolicy;

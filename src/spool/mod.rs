@@ -57,6 +57,8 @@
 //! | `reader` | [`BodyReader`] |
 //! | `space` | the free-space check |
 //! | [`record`] | the record format (typed, length-prefixed, CRC-32, versioned) |
+//! | `envelope` | [`Envelope`] and its layout in a Commit record |
+//! | `wire` | the format's primitives (integers, strings, options) and `FormatError` |
 //! | [`log`](self::log) | appends, the group-commit batches and their sync classes |
 //! | `segment` | segment files: names, creation with zeros written ahead, positioned writes |
 //! | `durable` | [`Durable`], the promise of an append, and the committer's side of it |
@@ -75,6 +77,7 @@
 
 mod committer;
 mod durable;
+mod envelope;
 mod error;
 pub mod fault;
 mod fresh;
@@ -92,6 +95,7 @@ mod recovery;
 mod segment;
 mod space;
 mod summary;
+mod wire;
 mod writer;
 
 use std::collections::HashMap;
@@ -577,3 +581,5 @@ mod tests_flush;
 mod tests_fresh;
 #[cfg(test)]
 mod tests_poison;
+#[cfg(test)]
+mod tests_record;

@@ -32,28 +32,25 @@
 //! | kind | payload |
 //! |---|---|
 //! | Chunk | qid, body bytes (the message as received, CRLF line ends, not dot-stuffed) |
-//! | Commit | qid, body_len u64, body_crc u32, envelope (below). The END marker: a message is acknowledged only once its Commit is on stable storage |
+//! | Commit | qid, body_len u64, body_crc u32, envelope (layout in `envelope`). The END marker: a message is acknowledged only once its Commit is on stable storage |
 //! | Ledger | qid, recipient index u32, state u8 (0 pending, 1 in doubt, 2 delivered, 3 deferred, 4 bounced), until µs u64 (deferred; else 0), reply str |
 //! | Done | qid, reason u8 (0 finished, 1 deleted, 2 quarantined, 3 store failed) |
 //! | Hold, Release | qid |
 //!
-//! Envelope: version u8 = 1, received_at µs u64, sender str (`""` for `<>`), client str,
-//! MAIL parameters (size opt u64, body opt u8, smtputf8 u8, ret opt u8, envid opt str,
-//! requiretls u8, auth opt str), recipient count u32, then per recipient: address str,
-//! notify opt u8 (bits: 1 never, 2 success, 4 failure, 8 delay), orcpt opt (type str,
-//! address str). An `opt` is a tag byte 0/1 followed by the value when 1.
+//! The envelope's layout is in `envelope` ([`Envelope`]); the primitives (integers,
+//! strings, options) and [`FormatError`] in `wire`. Both are re-exported here.
 //!
 //! Golden files for every record kind are in `src/spool/testdata/` (`UPDATE_GOLDEN=1` rewrites
-//! them; a change to a golden file is a format change and needs a version bump).
+//! them; a change to a golden file is a format change and needs a version bump); the tests
+//! are in `tests_record.rs`.
 
-use std::time::SystemTime;
-
-use postern_proto::params::{Body, Notify, Orcpt, Ret};
-use postern_proto::{MailParams, RcptParams};
-
+use super::envelope;
 use super::id::{QUEUE_ID_BYTES, QueueId};
 use super::ledger::RecipientState;
-use super::micros::{from_micros, to_micros};
+use super::wire::{Reader, le32, le64, put_str};
+
+pub use super::envelope::{Envelope, EnvelopeRecipient};
+pub use super::wire::FormatError;
 
 /// Segment file magic.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"PSTNSEG\0";
@@ -74,7 +71,6 @@ pub const FLAG_REPORTED: u8 = 1;
 /// Hold flag: the hold is a poison-message quarantine (the scheduler put it there after
 /// `delivery.poison_attempts` abnormal attempts), not an operator's hold.
 pub const FLAG_POISON: u8 = 1;
-const ENVELOPE_VERSION: u8 = 1;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,54 +126,6 @@ impl DoneReason {
             Self::StoreFailed => "store failed",
         }
     }
-}
-
-/// Why bytes are not a valid record.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum FormatError {
-    /// Fewer bytes than the structure needs.
-    #[error("truncated record")]
-    Truncated,
-    /// Not the magic of a segment or record.
-    #[error("bad magic")]
-    BadMagic,
-    /// Checksum mismatch.
-    #[error("checksum mismatch")]
-    BadCrc,
-    /// A kind this version does not know.
-    #[error("unknown record kind {0}")]
-    UnknownKind(u8),
-    /// A segment of another format version.
-    #[error("unsupported format version {0}")]
-    Version(u16),
-    /// A field with an impossible value.
-    #[error("bad value in field {0}")]
-    BadValue(&'static str),
-}
-
-/// The SMTP envelope of a message, with every parameter a DSN needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Envelope {
-    /// The reverse path without brackets; `""` for `<>`.
-    pub sender: String,
-    /// MAIL FROM parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, REQUIRETLS, AUTH).
-    pub params: MailParams,
-    /// The accepted recipients, in RCPT order; the ledger indexes into this list.
-    pub recipients: Vec<EnvelopeRecipient>,
-    /// When DATA ended.
-    pub received_at: SystemTime,
-    /// The client as logged: HELO name and IP address.
-    pub client: String,
-}
-
-/// One accepted recipient.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EnvelopeRecipient {
-    /// The forward path without brackets.
-    pub address: String,
-    /// RCPT TO parameters (NOTIFY, ORCPT).
-    pub params: RcptParams,
 }
 
 /// A segment file's header.
@@ -370,7 +318,7 @@ impl Record {
                 qid,
                 body_len: r.u64()?,
                 body_crc: r.u32()?,
-                envelope: decode_envelope(&mut r)?,
+                envelope: envelope::decode(&mut r)?,
             },
             RecordKind::Ledger => {
                 let rcpt = r.u32()?;
@@ -486,7 +434,7 @@ pub fn encode_commit(
         o.extend_from_slice(&qid.to_bytes());
         o.extend_from_slice(&body_len.to_le_bytes());
         o.extend_from_slice(&body_crc.to_le_bytes());
-        encode_envelope(o, env);
+        envelope::encode(o, env);
     });
 }
 
@@ -549,469 +497,4 @@ pub fn encode_quarantine(out: &mut Vec<u8>, qid: QueueId) {
     frame(out, RecordKind::Hold, FLAG_POISON, |o| {
         o.extend_from_slice(&qid.to_bytes());
     });
-}
-
-fn encode_envelope(o: &mut Vec<u8>, env: &Envelope) {
-    o.push(ENVELOPE_VERSION);
-    o.extend_from_slice(&to_micros(env.received_at).to_le_bytes());
-    put_str(o, &env.sender);
-    put_str(o, &env.client);
-    let p = &env.params;
-    put_opt(o, p.size, |o, v| o.extend_from_slice(&v.to_le_bytes()));
-    put_opt(o, p.body, |o, v| {
-        o.push(match v {
-            Body::SevenBit => 0,
-            Body::EightBitMime => 1,
-            Body::BinaryMime => 2,
-        })
-    });
-    o.push(u8::from(p.smtputf8));
-    put_opt(o, p.ret, |o, v| {
-        o.push(match v {
-            Ret::Full => 0,
-            Ret::Headers => 1,
-        })
-    });
-    put_opt(o, p.envid.as_deref(), put_str);
-    o.push(u8::from(p.requiretls));
-    put_opt(o, p.auth.as_deref(), put_str);
-    o.extend_from_slice(&(env.recipients.len() as u32).to_le_bytes());
-    for r in &env.recipients {
-        put_str(o, &r.address);
-        put_opt(o, r.params.notify, |o, n| {
-            o.push(
-                u8::from(n.never)
-                    | u8::from(n.success) << 1
-                    | u8::from(n.failure) << 2
-                    | u8::from(n.delay) << 3,
-            )
-        });
-        put_opt(o, r.params.orcpt.as_ref(), |o, x| {
-            put_str(o, &x.addr_type);
-            put_str(o, &x.address);
-        });
-    }
-}
-
-fn decode_envelope(r: &mut Reader<'_>) -> Result<Envelope, FormatError> {
-    if r.u8()? != ENVELOPE_VERSION {
-        return Err(FormatError::BadValue("envelope version"));
-    }
-    let received_at = from_micros(r.u64()?);
-    let sender = r.string()?;
-    let client = r.string()?;
-    let size = r.opt(|r| r.u64())?;
-    let body = r.opt(|r| match r.u8()? {
-        0 => Ok(Body::SevenBit),
-        1 => Ok(Body::EightBitMime),
-        2 => Ok(Body::BinaryMime),
-        _ => Err(FormatError::BadValue("BODY")),
-    })?;
-    let smtputf8 = r.bool()?;
-    let ret = r.opt(|r| match r.u8()? {
-        0 => Ok(Ret::Full),
-        1 => Ok(Ret::Headers),
-        _ => Err(FormatError::BadValue("RET")),
-    })?;
-    let envid = r.opt(|r| r.string())?;
-    let requiretls = r.bool()?;
-    let auth = r.opt(|r| r.string())?;
-    let n = r.u32()? as usize;
-    // Each recipient takes at least 6 bytes: refuse counts the payload cannot hold.
-    if n > r.0.len() / 6 {
-        return Err(FormatError::BadValue("recipient count"));
-    }
-    let mut recipients = Vec::with_capacity(n);
-    for _ in 0..n {
-        let address = r.string()?;
-        let notify = r.opt(|r| {
-            let b = r.u8()?;
-            if b > 15 {
-                return Err(FormatError::BadValue("NOTIFY"));
-            }
-            Ok(Notify {
-                never: b & 1 != 0,
-                success: b & 2 != 0,
-                failure: b & 4 != 0,
-                delay: b & 8 != 0,
-            })
-        })?;
-        let orcpt = r.opt(|r| {
-            Ok(Orcpt {
-                addr_type: r.string()?,
-                address: r.string()?,
-            })
-        })?;
-        recipients.push(EnvelopeRecipient {
-            address,
-            params: RcptParams { notify, orcpt },
-        });
-    }
-    Ok(Envelope {
-        sender,
-        params: MailParams {
-            size,
-            body,
-            smtputf8,
-            ret,
-            envid,
-            requiretls,
-            auth,
-        },
-        recipients,
-        received_at,
-        client,
-    })
-}
-
-fn put_str(o: &mut Vec<u8>, s: &str) {
-    o.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    o.extend_from_slice(s.as_bytes());
-}
-
-fn put_opt<T>(o: &mut Vec<u8>, v: Option<T>, f: impl FnOnce(&mut Vec<u8>, T)) {
-    match v {
-        None => o.push(0),
-        Some(v) => {
-            o.push(1);
-            f(o, v);
-        }
-    }
-}
-
-fn le32(b: &[u8]) -> u32 {
-    let mut a = [0; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8]) -> u64 {
-    let mut a = [0; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
-        if self.0.len() < n {
-            return Err(FormatError::Truncated);
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, FormatError> {
-        Ok(self.take(1)?[0])
-    }
-    fn bool(&mut self) -> Result<bool, FormatError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(FormatError::BadValue("flag")),
-        }
-    }
-    fn u32(&mut self) -> Result<u32, FormatError> {
-        Ok(le32(self.take(4)?))
-    }
-    fn u64(&mut self) -> Result<u64, FormatError> {
-        Ok(le64(self.take(8)?))
-    }
-    fn qid(&mut self) -> Result<QueueId, FormatError> {
-        let mut b = [0; QUEUE_ID_BYTES];
-        b.copy_from_slice(self.take(QUEUE_ID_BYTES)?);
-        Ok(QueueId::from_bytes(&b))
-    }
-    fn string(&mut self) -> Result<String, FormatError> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| FormatError::BadValue("UTF-8"))
-    }
-    fn opt<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, FormatError>,
-    ) -> Result<Option<T>, FormatError> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => f(self).map(Some),
-            _ => Err(FormatError::BadValue("option tag")),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    fn qid() -> QueueId {
-        QueueId::new(1_764_215_000_123_456, 0x0102)
-    }
-
-    pub(crate) fn sample_envelope() -> Envelope {
-        Envelope {
-            sender: "alice@example.org".into(),
-            params: MailParams {
-                size: Some(4096),
-                body: Some(Body::EightBitMime),
-                smtputf8: true,
-                ret: Some(Ret::Headers),
-                envid: Some("env+id-1".into()),
-                requiretls: false,
-                auth: Some("<>".into()),
-            },
-            recipients: vec![
-                EnvelopeRecipient {
-                    address: "bob@example.net".into(),
-                    params: RcptParams {
-                        notify: Some(Notify {
-                            never: false,
-                            success: true,
-                            failure: true,
-                            delay: false,
-                        }),
-                        orcpt: Some(Orcpt {
-                            addr_type: "rfc822".into(),
-                            address: "Bob@Example.NET".into(),
-                        }),
-                    },
-                },
-                EnvelopeRecipient {
-                    address: "carol@example.net".into(),
-                    params: RcptParams::default(),
-                },
-            ],
-            received_at: from_micros(1_764_215_000_000_000),
-            client: "mx.example.org [192.0.2.1]".into(),
-        }
-    }
-
-    fn golden(name: &str, bytes: &[u8]) {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("src/spool/testdata")
-            .join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, bytes).unwrap();
-        }
-        let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(
-            bytes,
-            &want[..],
-            "{name} differs from its golden file: a format change needs a version bump"
-        );
-    }
-
-    fn round_trip(bytes: &[u8], want: &Record) {
-        let (h, rec) = parse_full(bytes).unwrap();
-        assert_eq!(&rec, want);
-        assert_eq!(h.total_len() as usize, bytes.len());
-    }
-
-    #[test]
-    fn golden_segment_header() {
-        let h = SegmentHeader {
-            number: 42,
-            node: 7,
-            created: 1_764_215_000_000_000,
-        };
-        let b = h.encode();
-        golden("segment_header.bin", &b);
-        assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
-        let mut bad = b;
-        bad[13] ^= 1;
-        assert_eq!(SegmentHeader::decode(&bad), Err(FormatError::BadCrc));
-        let mut v2 = b;
-        v2[8] = 2;
-        let crc = crc32fast::hash(&v2[..24]);
-        v2[24..28].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(SegmentHeader::decode(&v2), Err(FormatError::Version(2)));
-    }
-
-    #[test]
-    fn chunk_head_is_encode_chunk_without_the_body() {
-        let mut whole = Vec::new();
-        encode_chunk(&mut whole, qid(), b"body bytes");
-        let mut parts = chunk_head(qid(), 10);
-        parts.extend_from_slice(b"body bytes");
-        assert_eq!(parts, whole);
-    }
-
-    #[test]
-    fn golden_chunk() {
-        let mut b = Vec::new();
-        encode_chunk(&mut b, qid(), b"Subject: hi\r\n\r\nbody\r\n");
-        golden("chunk.bin", &b);
-        round_trip(
-            &b,
-            &Record::Chunk {
-                qid: qid(),
-                len: 21,
-            },
-        );
-        // The chunk CRC covers the qid, not the data: data damage is found by the body CRC.
-        let last = b.len() - 1;
-        b[last] ^= 0xff;
-        assert!(parse_full(&b).is_ok());
-        b[HEADER_LEN] ^= 1;
-        assert_eq!(parse_full(&b).unwrap_err(), FormatError::BadCrc);
-    }
-
-    #[test]
-    fn golden_commit() {
-        let mut b = Vec::new();
-        encode_commit(&mut b, qid(), 0, 21, 0xDEAD_BEEF, &sample_envelope());
-        golden("commit.bin", &b);
-        round_trip(
-            &b,
-            &Record::Commit {
-                qid: qid(),
-                body_len: 21,
-                body_crc: 0xDEAD_BEEF,
-                envelope: sample_envelope(),
-            },
-        );
-    }
-
-    #[test]
-    fn golden_ledger_states() {
-        let states = [
-            ("ledger_pending.bin", RecipientState::Pending),
-            ("ledger_in_doubt.bin", RecipientState::InDoubt),
-            (
-                "ledger_delivered.bin",
-                RecipientState::Delivered {
-                    reply: "250 2.1.5 Ok".into(),
-                },
-            ),
-            (
-                "ledger_deferred.bin",
-                RecipientState::Deferred {
-                    until: from_micros(1_764_215_600_000_000),
-                    reply: "452 4.2.2 Over quota".into(),
-                },
-            ),
-            (
-                "ledger_bounced.bin",
-                RecipientState::Bounced {
-                    reply: "550 5.1.1 No such user".into(),
-                },
-            ),
-        ];
-        for (name, state) in states {
-            let mut b = Vec::new();
-            encode_ledger(&mut b, qid(), 1, &state);
-            golden(name, &b);
-            round_trip(
-                &b,
-                &Record::Ledger {
-                    qid: qid(),
-                    rcpt: 1,
-                    state,
-                    reported: false,
-                    attempts: 0,
-                },
-            );
-        }
-    }
-
-    #[test]
-    fn in_doubt_attempts_and_quarantine_round_trip() {
-        let mut b = Vec::new();
-        encode_ledger_parts(&mut b, qid(), 2, (1, 4, ""), false);
-        round_trip(
-            &b,
-            &Record::Ledger {
-                qid: qid(),
-                rcpt: 2,
-                state: RecipientState::InDoubt,
-                reported: false,
-                attempts: 4,
-            },
-        );
-        let mut b = Vec::new();
-        encode_quarantine(&mut b, qid());
-        round_trip(
-            &b,
-            &Record::Hold {
-                qid: qid(),
-                poison: true,
-            },
-        );
-    }
-
-    #[test]
-    fn golden_done_hold_release() {
-        let mut b = Vec::new();
-        encode_done(&mut b, qid(), DoneReason::Finished);
-        encode_hold(&mut b, qid(), true);
-        encode_hold(&mut b, qid(), false);
-        golden("done_hold_release.bin", &b);
-        let (h1, r1) = parse_full(&b).unwrap();
-        assert_eq!(
-            r1,
-            Record::Done {
-                qid: qid(),
-                reason: DoneReason::Finished
-            }
-        );
-        let rest = &b[h1.total_len() as usize..];
-        let (h2, r2) = parse_full(rest).unwrap();
-        assert_eq!(
-            r2,
-            Record::Hold {
-                qid: qid(),
-                poison: false
-            }
-        );
-        let (_, r3) = parse_full(&rest[h2.total_len() as usize..]).unwrap();
-        assert_eq!(r3, Record::Release { qid: qid() });
-    }
-
-    #[test]
-    fn every_single_bit_flip_in_a_commit_is_detected() {
-        let mut b = Vec::new();
-        encode_commit(&mut b, qid(), 0, 21, 7, &sample_envelope());
-        for i in 0..b.len() {
-            for bit in 0..8 {
-                let mut c = b.clone();
-                c[i] ^= 1 << bit;
-                assert!(parse_full(&c).is_err(), "flip of bit {bit} in byte {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn truncations_are_errors_not_panics() {
-        let mut b = Vec::new();
-        encode_commit(&mut b, qid(), 0, 21, 7, &sample_envelope());
-        for n in 0..b.len() {
-            assert!(parse_full(&b[..n]).is_err());
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
-            let _ = parse_full(&data);
-            let _ = SegmentHeader::decode(&data);
-        }
-
-        #[test]
-        fn envelopes_round_trip(sender in "[a-z@.]{0,20}", client in "\\PC{0,20}",
-                                rcpts in proptest::collection::vec("[a-z@.]{1,20}", 0..5),
-                                size in proptest::option::of(proptest::num::u64::ANY)) {
-            let mut env = sample_envelope();
-            env.sender = sender;
-            env.client = client;
-            env.params.size = size;
-            env.recipients = rcpts.into_iter().map(|address| EnvelopeRecipient {
-                address, params: RcptParams::default() }).collect();
-            let mut b = Vec::new();
-            encode_commit(&mut b, qid(), FLAG_MOVED, 1, 2, &env);
-            let (h, rec) = parse_full(&b).unwrap();
-            proptest::prop_assert_eq!(h.flags, FLAG_MOVED);
-            proptest::prop_assert_eq!(rec, Record::Commit { qid: qid(), body_len: 1, body_crc: 2, envelope: env });
-        }
-    }
 }

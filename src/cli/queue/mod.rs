@@ -25,6 +25,7 @@ use crate::admin::protocol::{
     Action, EnvelopeDetails, MessageView, Request, Response, Selector, ShapeBy,
 };
 use crate::admin::view;
+use crate::config::units::Invalid;
 use crate::config::{Config, Span};
 use crate::routing::Router;
 pub use client::QueueError;
@@ -82,7 +83,7 @@ pub enum QueueName {
     Finished,
 }
 
-fn parse_span(s: &str) -> Result<Span, String> {
+fn parse_span(s: &str) -> Result<Span, Invalid> {
     Span::parse(s)
 }
 

@@ -197,7 +197,7 @@ impl RemoteStore {
     pub fn from_config(config: &LmtpStoreConfig, local_name: &str) -> Result<Self, StoreError> {
         config.validate().map_err(|reason| StoreError::Invalid {
             store: config.name.clone(),
-            reason,
+            reason: reason.into(),
         })?;
         Self::build(config, local_name, Protocol::Lmtp)
     }

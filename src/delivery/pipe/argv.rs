@@ -6,6 +6,7 @@ use postern_proto::ForwardPath;
 use postern_proto::reply::Reply;
 
 use super::local;
+use crate::config::units::Invalid;
 
 /// A macro of the argument templates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub(super) enum Piece {
 pub(super) struct Arg(Vec<Piece>);
 
 impl Arg {
-    pub(super) fn parse(s: &str) -> Result<Self, String> {
+    pub(super) fn parse(s: &str) -> Result<Self, Invalid> {
         let mut pieces = Vec::new();
         let mut text = String::new();
         let mut rest = s;
@@ -50,7 +51,7 @@ impl Arg {
             if let Some(inner) = rest.strip_prefix("${") {
                 let end = inner
                     .find('}')
-                    .ok_or_else(|| format!("`{s}`: `${{` without a closing `}}`"))?;
+                    .ok_or_else(|| Invalid::from(format!("`{s}`: `${{` without a closing `}}`")))?;
                 let name = &inner[..end];
                 let var = Var::ALL
                     .iter()
@@ -73,7 +74,7 @@ impl Arg {
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
                 if Var::ALL.iter().any(|(n, _)| *n == word) {
-                    return Err(format!("`{s}`: write `${{{word}}}`"));
+                    return Err(format!("`{s}`: write `${{{word}}}`").into());
                 }
                 text.push('$');
                 rest = &rest[1..];
@@ -112,22 +113,18 @@ impl Arg {
 }
 
 /// The templates of `argv`; `argv[0]` an absolute path without macros.
-pub(super) fn parse_argv(argv: &[String]) -> Result<Vec<Arg>, String> {
+pub(super) fn parse_argv(argv: &[String]) -> Result<Vec<Arg>, Invalid> {
     let Some(program) = argv.first() else {
         return Err("argv: the command is missing".into());
     };
     if !program.starts_with('/') {
-        return Err(format!(
-            "argv: `{program}` must be an absolute path (no PATH search)"
-        ));
+        return Err(format!("argv: `{program}` must be an absolute path (no PATH search)").into());
     }
     if program.contains('$') {
-        return Err(format!(
-            "argv: `{program}`: no macros in the command's path"
-        ));
+        return Err(format!("argv: `{program}`: no macros in the command's path").into());
     }
     argv.iter()
-        .map(|a| Arg::parse(a).map_err(|e| format!("argv: {e}")))
+        .map(|a| Arg::parse(a).map_err(|e| Invalid::from(format!("argv: {e}"))))
         .collect()
 }
 

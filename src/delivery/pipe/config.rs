@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::argv::parse_argv;
-use crate::config::units::{ByteSize, Span};
+use crate::config::units::{ByteSize, Invalid, Span};
 
 /// One store of kind `pipe`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -59,7 +59,7 @@ impl PipeStoreConfig {
     }
 
     /// Checks what serde cannot: the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         parse_argv(&self.argv)?;
         if self.user.is_some() {
             return Err(

@@ -71,7 +71,7 @@ use tokio::time::Instant;
 use super::error::StoreError;
 use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
 use super::trouble::{self, Outcome, Scope, Trouble};
-use crate::config::units::Span;
+use crate::config::units::{Invalid, Span};
 
 use argv::{Arg, Values, parse_argv, unsafe_value};
 pub use config::{LineEndings, PipeStoreConfig};
@@ -105,9 +105,9 @@ pub struct PipeStore {
 impl PipeStore {
     /// Loads a store's settings (validated again here).
     pub fn from_config(config: &PipeStoreConfig) -> Result<Self, StoreError> {
-        let invalid = |reason| StoreError::Invalid {
+        let invalid = |reason: Invalid| StoreError::Invalid {
             store: config.name.clone(),
-            reason,
+            reason: reason.into(),
         };
         config.validate().map_err(invalid)?;
         let args = parse_argv(&config.argv).map_err(invalid)?;

@@ -29,6 +29,7 @@ use metrics::gauge;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::agent::ProbeError;
 use super::metrics as m;
 use super::transaction::TxnDone;
 use super::unroutable::Unroutable;
@@ -69,7 +70,7 @@ pub(crate) enum Event {
     /// A probe of a down store ended.
     ProbeDone {
         store: String,
-        result: Result<(), String>,
+        result: Result<(), ProbeError>,
     },
     /// Finishing (DSN and delete) ended.
     Finished { qid: QueueId, ok: bool },

@@ -10,6 +10,7 @@ use metrics::{counter, gauge};
 use tokio::time::Instant;
 
 use crate::delivery::{Outcome, Scope};
+use crate::scheduler::agent::ProbeError;
 use crate::scheduler::metrics as m;
 use crate::scheduler::transaction::{self, TxnDone};
 use crate::scheduler::{Job, JobRcpt, local_reply};
@@ -328,19 +329,23 @@ impl Shard {
         self.ctx.tasks.spawn(async move {
             let result = tokio::select! {
                 r = agent.probe() => r,
-                () = ctx.abort.cancelled() => Err("shutting down".into()),
+                () = ctx.abort.cancelled() => Err(ProbeError::ShuttingDown),
             };
             ctx.send(shard, Event::ProbeDone { store, result });
         });
     }
 
-    pub(super) fn probe_done(&mut self, name: &str, result: Result<(), String>) {
+    pub(super) fn probe_done(&mut self, name: &str, result: Result<(), ProbeError>) {
         let random = self.rng.f64();
         let ctx = Arc::clone(&self.ctx);
         let Some(st) = self.stores.get_mut(name) else {
             return;
         };
-        let reason = result.as_ref().err().cloned().unwrap_or_default();
+        let reason = result
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let live = ctx.live.load();
         st.breaker
             .set_limits(live.breaker_failures, live.probe_interval);
