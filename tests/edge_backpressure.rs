@@ -1,17 +1,17 @@
 //! Per-store backpressure at RCPT: a store over `max_queued`, with a recipient older than
 //! `max_oldest`, or down longer than `max_oldest`, gets `451 4.3.2` for its recipients while
 //! another store's recipients in the same session get 250; it leaves backpressure when
-//! drained. The store is tests/fake_store with its post-dot replies held (a slow store).
+//! drained. The store is tests/fake_lmtp with its post-dot replies held (a slow store).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod common;
-mod fake_store;
+mod fake_lmtp;
 
 use std::time::{Duration, Instant};
 
 use common::{Client, TestGateway};
-use fake_store::FakeStore;
+use fake_lmtp::{FakeStore, Script};
 use postern::config::Config;
 use postern::gateway::Gateway;
 
@@ -55,8 +55,11 @@ async fn until_text(gw: &TestGateway, to: &str, code: u16, text: &str) -> common
 
 #[tokio::test]
 async fn over_max_queued_refuses_that_store_only_until_drained() {
-    let store = FakeStore::start().await;
-    store.hold_replies(true);
+    let store = FakeStore::start(Script {
+        hold_replies: true,
+        ..Script::default()
+    })
+    .await;
     let gw = gateway(&store.addr.to_string(), "{ max_queued: 2 }", "").await;
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<one@a.example>", 250).await;
@@ -72,7 +75,7 @@ async fn over_max_queued_refuses_that_store_only_until_drained() {
     c.cmd("RCPT TO:<three@a.example>", 451).await;
     c.cmd("RCPT TO:<someone@b.example>", 250).await;
 
-    store.hold_replies(false);
+    store.update(|s| s.hold_replies = false);
     until(&gw, "three@a.example", 250).await;
     assert_eq!(store.delivered_to().len(), 2);
     gw.gateway.stop().await;
@@ -80,8 +83,11 @@ async fn over_max_queued_refuses_that_store_only_until_drained() {
 
 #[tokio::test]
 async fn an_old_recipient_refuses_that_store_until_drained() {
-    let store = FakeStore::start().await;
-    store.hold_replies(true);
+    let store = FakeStore::start(Script {
+        hold_replies: true,
+        ..Script::default()
+    })
+    .await;
     let gw = gateway(&store.addr.to_string(), "{ max_oldest: 2s }", "").await;
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<one@a.example>", 250).await;
@@ -101,7 +107,7 @@ async fn an_old_recipient_refuses_that_store_until_drained() {
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<someone@b.example>", 250).await;
 
-    store.hold_replies(false);
+    store.update(|s| s.hold_replies = false);
     until(&gw, "two@a.example", 250).await;
     gw.gateway.stop().await;
 }
@@ -135,8 +141,11 @@ async fn a_store_down_longer_than_max_oldest_is_refused() {
 /// tempfail action at once (here: accept), and the store sees no new session.
 #[tokio::test]
 async fn a_down_store_is_not_asked_to_verify() {
-    let store = FakeStore::start().await;
-    store.set_down(true);
+    let store = FakeStore::start(Script {
+        max_sessions: Some(0),
+        ..Script::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "hostname: mx.test\nnode_id: 7\ndrain_timeout: 2s\ndelivery:\n  minimal_backoff: 1h\n  breaker: {{ failures: 1, probe_interval: 1h }}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: a\n    kind: lmtp\n    address: {addr}\n    verify_recipients: true\n    verify_tempfail_action: accept\nroutes:\n  domains:\n    a.example: {{ store: a }}\n",
@@ -164,11 +173,15 @@ async fn a_down_store_is_not_asked_to_verify() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = store.sessions();
+    let before = store.sessions().len();
     for i in 0..5 {
         let mut c = session(&gw).await;
         c.cmd(&format!("RCPT TO:<new{i}@a.example>"), 250).await;
     }
-    assert_eq!(store.sessions(), before, "no session opened to verify");
+    assert_eq!(
+        store.sessions().len(),
+        before,
+        "no session opened to verify"
+    );
     gw.gateway.stop().await;
 }

@@ -27,6 +27,8 @@
 //! Pipelining is detected deterministically: when PIPELINING is advertised, replies from MAIL
 //! on are held until DATA or BDAT arrives; a client that waits for each reply is answered
 //! after a grace period and the transaction is recorded as not pipelined.
+//!
+//! [`harness`]: a scheduler on a temporary spool routed to fake stores (the scheduler tests).
 
 #![allow(
     dead_code,
@@ -38,6 +40,7 @@
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helper")]
 
+pub mod harness;
 mod session;
 
 use std::collections::{HashMap, HashSet};
