@@ -14,8 +14,8 @@
 //!   greeting (a process-per-session store's listen backlog);
 //! - faults after the end of data: delay the replies; hold them until the test releases them
 //!   (all, or those of transactions naming given local parts); release them one at a time
-//!   through a semaphore; drop the connection or stall (never answer) after `k` of them,
-//!   every time or a number of times; or drop the connection on receiving a given verb.
+//!   through a semaphore; drop the connection after `k` of them (every time, or a number of
+//!   times); stall (never answer) after `k`; or drop the connection on receiving a verb.
 //!
 //! What it records: every session (its command lines, STARTTLS, AUTH, refused at the
 //! greeting) and its transactions (the MAIL line, the RCPT addresses, the DATA octets as on
@@ -27,6 +27,14 @@
 //! Pipelining is detected deterministically: when PIPELINING is advertised, replies from MAIL
 //! on are held until DATA or BDAT arrives; a client that waits for each reply is answered
 //! after a grace period and the transaction is recorded as not pipelined.
+//!
+//! Promises: every reply follows the script as it is when the reply is due (but
+//! `max_served`, read at the start), nothing else (no timeouts of its own but the
+//! pipelining grace); what it received is recorded before it replies to it, so a test
+//! that has seen a reply finds its command, its transaction's end of data and its
+//! delivered copy in the records; the records are copies, taken under one lock. Dropping
+//! the [`FakeStore`] stops accepting connections and ends the sessions waiting for held
+//! replies.
 //!
 //! [`harness`]: a scheduler on a temporary spool routed to fake stores (the scheduler tests).
 
