@@ -19,7 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod common;
-mod fake_store;
+mod fake_lmtp;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_store::FakeStore;
+use fake_lmtp::{FakeStore, Rcpt, Script};
 use postern::config::Config;
 use postern::delivery::config::StoreAddress;
 use postern::delivery::{LmtpStoreConfig, RemoteStore, StorePool};
@@ -269,15 +269,15 @@ fn lmtp_agent(name: &str, port: u16) -> Agent {
 /// A gateway with LMTP store `a` (a fake) that has delivered three messages and deferred a
 /// recipient of each.
 async fn busy_gateway(dir: &Path) -> (Gateway, FakeStore) {
-    let store = FakeStore::start().await;
-    store.script("full", &["452 4.2.2 Mailbox full"]);
+    let store = FakeStore::start(Script::default()).await;
+    store.rcpt("full", Rcpt::result("452 4.2.2 Mailbox full"));
     let yaml = format!(
         "hostname: mx.test\nnode_id: 11\ndrain_timeout: 2s\nspool:\n  path: {}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - {{ name: {STORE}, kind: discard }}\nroutes:\n  domains:\n    a.test: {{ store: {STORE}, authoritative: true }}\n  users:\n    x@a.test: {STORE}\n    full@a.test: {STORE}\ndelivery:\n  minimal_backoff: 1s\n  maximal_backoff: 2s\n",
         dir.join("spool").display()
     );
     let config = Config::parse(&yaml, "dashboards.yaml").unwrap_or_else(|e| panic!("{e:?}"));
     let mut agents = Agents::new();
-    agents.insert(STORE, lmtp_agent(STORE, store.port()));
+    agents.insert(STORE, lmtp_agent(STORE, store.addr.port()));
     let gateway = Gateway::start_with_agents(config, agents).await.unwrap();
     let mut client = common::Client::connect(gateway.address("smtp").unwrap()).await;
     client.hello().await;

@@ -1,7 +1,7 @@
 //! Per-store backpressure at RCPT: a store over `max_queued`, with a recipient older than
 //! `max_oldest`, or down longer than `max_oldest`, gets `451 4.3.2` for its recipients while
 //! another store's recipients in the same session get 250; it leaves backpressure when
-//! drained. The store is tests/fake_store with its post-dot replies held (a slow store).
+//! drained. The store is tests/fake_lmtp with its post-dot replies held (a slow store).
 //! Entering and leaving are logged and set `postern_store_backpressure{store}`: seen with
 //! the real binary (tests/daemon), whose log lines and metrics are its own.
 
@@ -9,13 +9,13 @@
 
 mod common;
 mod daemon;
-mod fake_store;
+mod fake_lmtp;
 
 use std::time::{Duration, Instant};
 
 use common::{Client, TestGateway, metric};
 use daemon::{Daemon, Smtp, eventually, send_one};
-use fake_store::FakeStore;
+use fake_lmtp::{FakeStore, Script};
 use postern::config::Config;
 use postern::gateway::Gateway;
 
@@ -59,8 +59,11 @@ async fn until_text(gw: &TestGateway, to: &str, code: u16, text: &str) -> common
 
 #[tokio::test]
 async fn over_max_queued_refuses_that_store_only_until_drained() {
-    let store = FakeStore::start().await;
-    store.hold_replies(true);
+    let store = FakeStore::start(Script {
+        hold_replies: true,
+        ..Script::default()
+    })
+    .await;
     let gw = gateway(&store.addr.to_string(), "{ max_queued: 2 }", "").await;
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<one@a.example>", 250).await;
@@ -76,7 +79,7 @@ async fn over_max_queued_refuses_that_store_only_until_drained() {
     c.cmd("RCPT TO:<three@a.example>", 451).await;
     c.cmd("RCPT TO:<someone@b.example>", 250).await;
 
-    store.hold_replies(false);
+    store.update(|s| s.hold_replies = false);
     until(&gw, "three@a.example", 250).await;
     assert_eq!(store.delivered_to().len(), 2);
     gw.gateway.stop().await;
@@ -87,8 +90,10 @@ async fn over_max_queued_refuses_that_store_only_until_drained() {
 #[test]
 fn entering_and_leaving_are_logged_once_each_and_set_the_gauge() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = rt.block_on(FakeStore::start());
-    store.hold_replies(true);
+    let store = rt.block_on(FakeStore::start(Script {
+        hold_replies: true,
+        ..Script::default()
+    }));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("postern.yaml");
     std::fs::write(
@@ -129,7 +134,7 @@ fn entering_and_leaving_are_logged_once_each_and_set_the_gauge() {
     let r = c.reply().unwrap();
     assert!(r.starts_with("451 4.3.2 "), "{r}");
 
-    store.hold_replies(false);
+    store.update(|s| s.hold_replies = false);
     let line = eventually(Duration::from_secs(15), "the log line leaving", || {
         d.log_lines(&[leaving]).pop()
     });
@@ -145,8 +150,11 @@ fn entering_and_leaving_are_logged_once_each_and_set_the_gauge() {
 
 #[tokio::test]
 async fn an_old_recipient_refuses_that_store_until_drained() {
-    let store = FakeStore::start().await;
-    store.hold_replies(true);
+    let store = FakeStore::start(Script {
+        hold_replies: true,
+        ..Script::default()
+    })
+    .await;
     let gw = gateway(&store.addr.to_string(), "{ max_oldest: 2s }", "").await;
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<one@a.example>", 250).await;
@@ -166,7 +174,7 @@ async fn an_old_recipient_refuses_that_store_until_drained() {
     let mut c = session(&gw).await;
     c.cmd("RCPT TO:<someone@b.example>", 250).await;
 
-    store.hold_replies(false);
+    store.update(|s| s.hold_replies = false);
     until(&gw, "two@a.example", 250).await;
     gw.gateway.stop().await;
 }
@@ -200,8 +208,11 @@ async fn a_store_down_longer_than_max_oldest_is_refused() {
 /// tempfail action at once (here: accept), and the store sees no new session.
 #[tokio::test]
 async fn a_down_store_is_not_asked_to_verify() {
-    let store = FakeStore::start().await;
-    store.set_down(true);
+    let store = FakeStore::start(Script {
+        max_sessions: Some(0),
+        ..Script::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "hostname: mx.test\nnode_id: 7\ndrain_timeout: 2s\ndelivery:\n  minimal_backoff: 1h\n  breaker: {{ failures: 1, probe_interval: 1h }}\nspool:\n  path: {spool}\n  min_free: 0\nmetrics:\n  address: 127.0.0.1:0\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:0\n    protocol: smtp\nstores:\n  - name: a\n    kind: lmtp\n    address: {addr}\n    verify_recipients: true\n    verify_tempfail_action: accept\nroutes:\n  domains:\n    a.example: {{ store: a }}\n",
@@ -229,11 +240,15 @@ async fn a_down_store_is_not_asked_to_verify() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = store.sessions();
+    let before = store.sessions().len();
     for i in 0..5 {
         let mut c = session(&gw).await;
         c.cmd(&format!("RCPT TO:<new{i}@a.example>"), 250).await;
     }
-    assert_eq!(store.sessions(), before, "no session opened to verify");
+    assert_eq!(
+        store.sessions().len(),
+        before,
+        "no session opened to verify"
+    );
     gw.gateway.stop().await;
 }

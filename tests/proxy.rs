@@ -154,7 +154,7 @@ async fn lmtp_upstream_gets_each_recipients_reply_from_the_store() {
 async fn lmtp_alias_expansion_is_one_reply_per_rcpt() {
     let store = FakeStore::start(Script::default().rcpt(
         "bob",
-        Rcpt::new("250 2.1.5 OK", "451 4.2.0 Try later").times(1),
+        Rcpt::new("250 2.1.5 OK", "451 4.2.0 Try later").then("250 2.0.0 Saved"),
     ))
     .await;
     let gw = start(store.addr.port(), false, 10).await;
@@ -188,7 +188,7 @@ async fn lmtp_alias_expansion_is_one_reply_per_rcpt() {
 async fn smtp_mixed_outcome_spools_the_rest_and_the_scheduler_delivers_it() {
     let store = FakeStore::start(Script::default().rcpt(
         "later",
-        Rcpt::new("250 2.1.5 OK", "451 4.2.0 Try later").times(1),
+        Rcpt::new("250 2.1.5 OK", "451 4.2.0 Try later").then("250 2.0.0 Saved"),
     ))
     .await;
     let gw = start(store.addr.port(), true, 10).await;

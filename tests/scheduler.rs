@@ -3,12 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
-mod fake_store;
+mod fake_lmtp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_store::harness::{BODY, Harness, config, queue, router, router_with_grace, until};
+use fake_lmtp::harness::{BODY, Harness, config, queue, router, router_with_grace, until};
+use fake_lmtp::{FakeStore, Rcpt, Script};
 use postern::delivery::WindowConfig;
 use postern::spool::{QueueId, RecipientState};
 
@@ -25,7 +26,7 @@ async fn recipients_in_three_stores_are_all_delivered_and_the_message_finished()
     assert_eq!(h.store("b").delivered_to(), ["x2@b.test"]);
     assert_eq!(h.store("c").delivered_to(), ["x3@c.test", "z@c.test"]);
     assert_eq!(
-        h.store("a").transactions().len(),
+        h.store("a").completed().len(),
         1,
         "one transaction for both a recipients"
     );
@@ -39,8 +40,10 @@ async fn recipients_in_three_stores_are_all_delivered_and_the_message_finished()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_451_is_deferred_in_the_ledger_then_retried_and_delivered() {
     let h = Harness::new(&["a", "b"]).await;
-    h.store("a")
-        .script("temp", &["451 4.2.0 mailbox locked", "250 2.0.0 Saved"]);
+    h.store("a").rcpt(
+        "temp",
+        Rcpt::result("451 4.2.0 mailbox locked").then("250 2.0.0 Saved"),
+    );
     let q = h.queue("s@b.test", &["temp@a.test", "ok@a.test", "ok@b.test"]);
     // One consistent snapshot, taken when the first attempt is fully recorded.
     let mut snapshot = None;
@@ -66,7 +69,12 @@ async fn a_451_is_deferred_in_the_ledger_then_retried_and_delivered() {
     assert!(matches!(&states[1], RecipientState::Delivered { reply } if reply.starts_with("250")));
     until("retried and finished", || h.spool.is_empty()).await;
     assert_eq!(h.store("a").delivered_to(), ["ok@a.test", "temp@a.test"]);
-    let txns = h.store("a").transactions();
+    let txns: Vec<Vec<String>> = h
+        .store("a")
+        .completed()
+        .into_iter()
+        .map(|t| t.rcpts)
+        .collect();
     assert_eq!(txns.len(), 2);
     assert_eq!(
         txns[1],
@@ -79,8 +87,10 @@ async fn a_451_is_deferred_in_the_ledger_then_retried_and_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_550_bounces_only_that_recipient_and_queues_a_dsn_to_the_sender() {
     let h = Harness::new(&["a", "b"]).await;
-    h.store("a")
-        .script("nobody", &["550 5.1.1 <nobody@a.test>: no such user"]);
+    h.store("a").rcpt(
+        "nobody",
+        Rcpt::result("550 5.1.1 <nobody@a.test>: no such user"),
+    );
     h.queue("sender@b.test", &["nobody@a.test", "ok@a.test"]);
     until("bounce delivered to the sender's store", || {
         !h.store("b").delivered().is_empty() && h.spool.is_empty()
@@ -112,10 +122,10 @@ async fn a_store_that_is_down_does_not_block_the_others_and_drains_when_back() {
     cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
     let mut stores = std::collections::HashMap::new();
     for n in ["a", "b", "c"] {
-        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+        stores.insert(n.to_owned(), FakeStore::start(Script::default()).await);
     }
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
-    h.store("c").set_down(true);
+    h.store("c").update(|s| s.max_sessions = Some(0));
     let qs: Vec<QueueId> = (0..6)
         .map(|i| {
             h.queue(
@@ -152,11 +162,11 @@ async fn a_store_that_is_down_does_not_block_the_others_and_drains_when_back() {
     );
     assert!(c.parked > 0, "its messages are parked: {c:?}");
     // Only probes reach it now (about one per 200 ms): no retry storm.
-    let before = h.store("c").sessions();
+    let before = h.store("c").sessions().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let probes = h.store("c").sessions() - before;
+    let probes = h.store("c").sessions().len() - before;
     assert!(probes <= 4, "{probes} connections in 500 ms");
-    h.store("c").set_down(false);
+    h.store("c").update(|s| s.max_sessions = None);
     until("c's backlog delivered after recovery", || {
         h.spool.is_empty()
     })
@@ -168,7 +178,7 @@ async fn a_store_that_is_down_does_not_block_the_others_and_drains_when_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_does_not_answer_holds_only_its_own_window() {
     let h = Harness::new(&["a", "c"]).await;
-    h.store("c").hold_replies(true);
+    h.store("c").update(|s| s.hold_replies = true);
     for i in 0..20 {
         h.queue(
             "s@a.test",
@@ -182,7 +192,7 @@ async fn a_store_that_does_not_answer_holds_only_its_own_window() {
     .await;
     assert!(h.store("c").delivered().is_empty());
     assert_eq!(h.spool.len(), 20);
-    h.store("c").hold_replies(false);
+    h.store("c").update(|s| s.hold_replies = false);
     until("all finished once c answers", || h.spool.is_empty()).await;
     assert_eq!(h.store("c").delivered().len(), 20);
     h.stop().await;
@@ -191,10 +201,18 @@ async fn a_store_that_does_not_answer_holds_only_its_own_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_recipients_are_retried_one_per_transaction() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").drop_after_dot(1);
+    h.store("a").update(|s| {
+        s.drop_after_replies = Some(0);
+        s.drop_times = Some(1);
+    });
     h.queue("", &["r1@a.test", "r2@a.test", "r3@a.test"]);
     until("finished", || h.spool.is_empty()).await;
-    let txns = h.store("a").transactions();
+    let txns: Vec<Vec<String>> = h
+        .store("a")
+        .completed()
+        .into_iter()
+        .map(|t| t.rcpts)
+        .collect();
     assert_eq!(
         txns[0].len(),
         3,
@@ -214,7 +232,7 @@ async fn in_doubt_recipients_are_retried_one_per_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_the_queue_and_in_doubt_recipients_go_alone() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").set_down(true);
+    h.store("a").update(|s| s.max_sessions = Some(0));
     let q1 = h.queue("", &["d1@a.test", "d2@a.test"]);
     until("deferred while the store is down", || {
         h.states(q1)
@@ -226,14 +244,14 @@ async fn a_restart_resumes_the_queue_and_in_doubt_recipients_go_alone() {
     let q2 = queue(&h.spool, "", &["i1@a.test", "i2@a.test"], BODY);
     h.spool.mark_in_doubt(q2, &[0, 1]).await.unwrap();
     let (dir, stores) = h.stop().await;
-    stores["a"].set_down(false);
+    stores["a"].update(|s| s.max_sessions = None);
     let h = Harness::with(dir, stores, config()).await;
     until("resumed and finished", || h.spool.is_empty()).await;
     assert_eq!(
         h.store("a").delivered_to(),
         ["d1@a.test", "d2@a.test", "i1@a.test", "i2@a.test"]
     );
-    for t in h.store("a").transactions() {
+    for t in h.store("a").completed().into_iter().map(|t| t.rcpts) {
         if t.iter().any(|r| r.starts_with('i')) {
             assert_eq!(t.len(), 1, "in-doubt recipients alone: {t:?}");
         }
@@ -245,7 +263,7 @@ async fn a_restart_resumes_the_queue_and_in_doubt_recipients_go_alone() {
 async fn queued_mail_is_rerouted_when_the_map_changes() {
     let h = Harness::new(&["a", "b"]).await;
     h.store("a")
-        .script("mover", &["451 4.3.0 store in maintenance"]);
+        .rcpt("mover", Rcpt::result("451 4.3.0 store in maintenance"));
     let q = h.queue("", &["mover@a.test"]);
     until("deferred at a", || {
         matches!(h.states(q)[0], RecipientState::Deferred { .. })
@@ -265,7 +283,9 @@ async fn queued_mail_is_rerouted_when_the_map_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_does_not_block_the_small_ones_behind_it() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").hold_local("big", true);
+    h.store("a").update(|s| {
+        s.hold_locals.insert("big".into());
+    });
     let mut big = String::from("Subject: big\r\n\r\n");
     while big.len() < 3 << 20 {
         big.push_str(
@@ -282,7 +302,9 @@ async fn a_large_message_does_not_block_the_small_ones_behind_it() {
         || h.store("a").delivered().len() == 20 && h.spool.len() == 1,
     )
     .await;
-    h.store("a").hold_local("big", false);
+    h.store("a").update(|s| {
+        s.hold_locals.remove("big");
+    });
     until("the big one too", || h.spool.is_empty()).await;
     let copy = h
         .store("a")
@@ -298,7 +320,7 @@ async fn a_large_message_does_not_block_the_small_ones_behind_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").hold_replies(true);
+    h.store("a").update(|s| s.hold_replies = true);
     for i in 0..30 {
         h.queue("", &["same@a.test", &format!("u{i}@a.test")]);
     }
@@ -313,7 +335,7 @@ async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency
         5,
         "slow start: the initial window"
     );
-    h.store("a").hold_replies(false);
+    h.store("a").update(|s| s.hold_replies = false);
     until("all delivered", || h.spool.is_empty()).await;
     assert_eq!(
         h.store("a").overlaps(),
@@ -328,10 +350,10 @@ async fn one_transaction_per_mailbox_at_a_time_and_the_window_bounds_concurrency
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_transaction_leaves_recipients_in_doubt_and_a_restart_retries_them_alone() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").hold_replies(true);
+    h.store("a").update(|s| s.hold_replies = true);
     let q = h.queue("", &["h1@a.test", "h2@a.test"]);
     until("the transaction reached the end of data", || {
-        h.store("a").transactions().len() == 1
+        h.store("a").completed().len() == 1
     })
     .await;
     let started = std::time::Instant::now();
@@ -349,10 +371,15 @@ async fn shutdown_mid_transaction_leaves_recipients_in_doubt_and_a_restart_retri
         "{:?}",
         m.recipients
     );
-    stores["a"].hold_replies(false);
+    stores["a"].update(|s| s.hold_replies = false);
     let h = Harness::with(dir, stores, config()).await;
     until("delivered after the restart", || h.spool.is_empty()).await;
-    let txns = h.store("a").transactions();
+    let txns: Vec<Vec<String>> = h
+        .store("a")
+        .completed()
+        .into_iter()
+        .map(|t| t.rcpts)
+        .collect();
     assert!(txns[1..].iter().all(|t| t.len() == 1), "{txns:?}");
     h.stop().await;
 }
@@ -360,7 +387,8 @@ async fn shutdown_mid_transaction_leaves_recipients_in_doubt_and_a_restart_retri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_the_new_map_does_not_route_is_deferred_then_bounced_with_a_dsn() {
     let h = Harness::new(&["a", "b"]).await;
-    h.store("a").script("gone", &["451 4.3.0 try again"]);
+    h.store("a")
+        .rcpt("gone", Rcpt::result("451 4.3.0 try again"));
     let q = h.queue("me@b.test", &["gone@a.test"]);
     until("deferred at a", || {
         matches!(h.states(q)[0], RecipientState::Deferred { .. })
@@ -402,9 +430,9 @@ async fn no_more_messages_are_attempted_at_once_than_the_active_limit() {
     cfg.shards = Some(1);
     cfg.active_limit = 2;
     let mut stores = std::collections::HashMap::new();
-    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("a".to_owned(), FakeStore::start(Script::default()).await);
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
-    h.store("a").hold_replies(true);
+    h.store("a").update(|s| s.hold_replies = true);
     for i in 0..20 {
         h.queue("", &[&format!("u{i}@a.test")]);
     }
@@ -415,7 +443,7 @@ async fn no_more_messages_are_attempted_at_once_than_the_active_limit() {
         2,
         "the window has room for 5; the limit is 2"
     );
-    h.store("a").hold_replies(false);
+    h.store("a").update(|s| s.hold_replies = false);
     until("all delivered, in turn", || h.spool.is_empty()).await;
     assert_eq!(h.store("a").delivered().len(), 20);
     assert_eq!(h.store("a").max_active(), 2);
@@ -431,14 +459,13 @@ async fn window_of(h: &Harness, store: &str) -> usize {
 async fn four_busy_replies(h: &Harness) {
     assert_eq!(window_of(h, "a").await, 5, "slow start");
     for i in 0..4 {
-        h.store("a")
-            .script(&format!("busy{i}"), &["451 4.3.2 too busy, try later"]);
+        h.store("a").rcpt(
+            &format!("busy{i}"),
+            Rcpt::result("451 4.3.2 too busy, try later"),
+        );
         h.queue("", &[&format!("busy{i}@a.test")]);
     }
-    until("four busy replies", || {
-        h.store("a").transactions().len() == 4
-    })
-    .await;
+    until("four busy replies", || h.store("a").completed().len() == 4).await;
 }
 
 /// Postfix's feedback (`window: {latency: false}`).
@@ -448,7 +475,7 @@ async fn busy_replies_narrow_the_window_and_successes_widen_it_again() {
     cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
     cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
     let mut stores = std::collections::HashMap::new();
-    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("a".to_owned(), FakeStore::start(Script::default()).await);
     let feedback = WindowConfig {
         latency: false,
         ..WindowConfig::default()
@@ -495,7 +522,7 @@ async fn busy_replies_cut_the_latency_window_once_per_round() {
     cfg.minimal_backoff = postern::config::Span(Duration::from_secs(600));
     cfg.maximal_backoff = postern::config::Span(Duration::from_secs(600));
     let mut stores = std::collections::HashMap::new();
-    stores.insert("a".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("a".to_owned(), FakeStore::start(Script::default()).await);
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg).await;
     four_busy_replies(&h).await;
     for _ in 0..200 {
@@ -523,12 +550,15 @@ async fn a_bounce_goes_out_at_once_while_others_wait_and_only_once_across_a_rest
     slow.maximal_backoff = postern::config::Span(Duration::from_secs(600));
     let mut stores = std::collections::HashMap::new();
     for n in ["a", "b"] {
-        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+        stores.insert(n.to_owned(), FakeStore::start(Script::default()).await);
     }
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, slow).await;
-    h.store("a").script("nobody", &["550 5.1.1 no such user"]);
     h.store("a")
-        .script("later", &["451 4.2.0 locked", "250 2.0.0 Saved"]);
+        .rcpt("nobody", Rcpt::result("550 5.1.1 no such user"));
+    h.store("a").rcpt(
+        "later",
+        Rcpt::result("451 4.2.0 locked").then("250 2.0.0 Saved"),
+    );
     let q = h.queue("me@b.test", &["nobody@a.test", "later@a.test"]);
     until("the bounce delivered while the message waits", || {
         h.store("b").delivered().len() == 1
@@ -562,7 +592,9 @@ async fn a_bounce_goes_out_at_once_while_others_wait_and_only_once_across_a_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_mailbox_with_200_queued_messages_does_not_delay_the_others_nor_get_rescanned() {
     let h = Harness::new(&["a"]).await;
-    h.store("a").hold_local("busy", true);
+    h.store("a").update(|s| {
+        s.hold_locals.insert("busy".into());
+    });
     for _ in 0..200 {
         h.queue("", &["busy@a.test"]);
     }
@@ -612,7 +644,9 @@ async fn a_busy_mailbox_with_200_queued_messages_does_not_delay_the_others_nor_g
         "dispatch looked at {} jobs for 300 messages: it rescans the parked ones",
         st.examined
     );
-    h.store("a").hold_local("busy", false);
+    h.store("a").update(|s| {
+        s.hold_locals.remove("busy");
+    });
     until("busy@ drains, one at a time", || h.spool.is_empty()).await;
     assert_eq!(
         h.store("a").overlaps(),
@@ -645,7 +679,7 @@ async fn a_transactions_outcomes_are_one_ledger_record_and_finishing_writes_only
     until("delivered and finished", || h.spool.is_empty()).await;
     let after = h.spool.stats();
     assert_eq!(
-        h.store("a").transactions().len(),
+        h.store("a").completed().len(),
         2,
         "one LMTP transaction each"
     );
@@ -673,10 +707,10 @@ async fn a_new_breaker_threshold_applies_at_the_next_failure() {
     cfg.breaker.failures = 1000;
     let mut stores = std::collections::HashMap::new();
     for n in ["a", "b", "c"] {
-        stores.insert(n.to_owned(), fake_store::FakeStore::start().await);
+        stores.insert(n.to_owned(), FakeStore::start(Script::default()).await);
     }
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, cfg.clone()).await;
-    h.store("c").set_down(true);
+    h.store("c").update(|s| s.max_sessions = Some(0));
     let breaker = || async {
         h.scheduler
             .stores()
@@ -717,8 +751,8 @@ async fn a_new_breaker_threshold_applies_at_the_next_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_shrinks_only_its_own_window() {
     let mut stores = std::collections::HashMap::new();
-    stores.insert("slow".to_owned(), fake_store::FakeStore::start().await);
-    stores.insert("fast".to_owned(), fake_store::FakeStore::start().await);
+    stores.insert("slow".to_owned(), FakeStore::start(Script::default()).await);
+    stores.insert("fast".to_owned(), FakeStore::start(Script::default()).await);
     let h = Harness::with(tempfile::tempdir().unwrap(), stores, config()).await;
     for i in 0..15 {
         h.queue("", &[&format!("warm{i}@slow.test")]);
@@ -730,15 +764,18 @@ async fn a_slow_store_shrinks_only_its_own_window() {
     .await;
     let fast_before = window_of(&h, "fast").await;
     // Now one store answers 100 ms late that it is too busy, and both get more mail.
-    h.store("slow").set_reply_delay(Duration::from_millis(100));
+    h.store("slow")
+        .update(|s| s.reply_delay = Some(Duration::from_millis(100)));
     for i in 0..40 {
-        h.store("slow")
-            .script(&format!("late{i}"), &["451 4.3.2 too busy, try later"]);
+        h.store("slow").rcpt(
+            &format!("late{i}"),
+            Rcpt::result("451 4.3.2 too busy, try later"),
+        );
         h.queue("", &[&format!("late{i}@slow.test")]);
         h.queue("", &[&format!("more{i}@fast.test")]);
     }
     until("all attempted", || {
-        h.store("slow").transactions().len() >= 55 && h.store("fast").delivered().len() == 55
+        h.store("slow").completed().len() >= 55 && h.store("fast").delivered().len() == 55
     })
     .await;
     let (slow, fast) = (window_of(&h, "slow").await, window_of(&h, "fast").await);

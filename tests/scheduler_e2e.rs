@@ -4,12 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod common;
-mod fake_store;
+mod fake_lmtp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_store::FakeStore;
+use fake_lmtp::{FakeStore, Script};
 use postern::config::Config;
 use postern::delivery::config::StoreAddress;
 use postern::delivery::{LmtpStoreConfig, RemoteStore, StorePool};
@@ -44,9 +44,9 @@ async fn metrics(addr: std::net::SocketAddr) -> String {
 async fn smtp_in_lmtp_out_to_three_stores() {
     let dir = tempfile::tempdir().unwrap();
     let stores = [
-        FakeStore::start().await,
-        FakeStore::start().await,
-        FakeStore::start().await,
+        FakeStore::start(Script::default()).await,
+        FakeStore::start(Script::default()).await,
+        FakeStore::start(Script::default()).await,
     ];
     // The stores are declared (routes must name existing stores) and their agents replaced
     // by LMTP pools to the fakes.
@@ -57,7 +57,7 @@ async fn smtp_in_lmtp_out_to_three_stores() {
     let config = Config::parse(&yaml, "e2e.yaml").unwrap_or_else(|e| panic!("{e:?}"));
     let mut agents = Agents::new();
     for (name, store) in ["a", "b", "c"].iter().zip(&stores) {
-        agents.insert(name, lmtp_agent(name, store.port()));
+        agents.insert(name, lmtp_agent(name, store.addr.port()));
     }
     let gateway = Gateway::start_with_agents(config, agents).await.unwrap();
     let mut client = common::Client::connect(gateway.address("smtp").unwrap()).await;

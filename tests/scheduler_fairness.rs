@@ -13,13 +13,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
-mod fake_store;
+mod fake_lmtp;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fake_store::FakeStore;
-use fake_store::harness::{Harness, config, until};
+use fake_lmtp::harness::{Harness, config, until};
+use fake_lmtp::{FakeStore, Script};
 
 const MESSAGES: usize = 1000;
 
@@ -36,12 +36,12 @@ async fn round(c: C) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let mut stores = HashMap::new();
     for n in ["a", "b", "c"] {
-        stores.insert(n.to_owned(), FakeStore::start().await);
+        stores.insert(n.to_owned(), FakeStore::start(Script::default()).await);
     }
     match c {
         C::Fast | C::Absent => {}
-        C::Slow => stores["c"].set_reply_delay(Duration::from_secs(10)),
-        C::Down => stores["c"].set_down(true),
+        C::Slow => stores["c"].update(|s| s.reply_delay = Some(Duration::from_secs(10))),
+        C::Down => stores["c"].update(|s| s.max_sessions = Some(0)),
     }
     let mut cfg = config();
     cfg.minimal_backoff = postern::config::Span(Duration::from_secs(60));

@@ -5,13 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
-mod fake_store;
+mod fake_lmtp;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fake_store::FakeStore;
-use fake_store::harness::{BODY, Harness, config, queue, spool_options, until};
+use fake_lmtp::harness::{BODY, Harness, config, queue, spool_options, until};
+use fake_lmtp::{FakeStore, Script};
 use postern::spool::Spool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,8 +24,11 @@ async fn a_store_down_does_not_count_toward_quarantine() {
         spool.mark_in_doubt_counted(q, &[(0, 1)]).wait().unwrap();
         q
     };
-    let store = FakeStore::start().await;
-    store.set_down(true);
+    let store = FakeStore::start(Script {
+        max_sessions: Some(0),
+        ..Script::default()
+    })
+    .await;
     let mut stores = HashMap::new();
     stores.insert("a".to_owned(), store);
     let mut cfg = config();
@@ -33,7 +36,7 @@ async fn a_store_down_does_not_count_toward_quarantine() {
     let h = Harness::with(dir, stores, cfg).await;
     // Attempts every 300 ms to 1 s against a store that greets 421.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let sessions = h.store("a").sessions();
+    let sessions = h.store("a").sessions().len();
     assert!(
         sessions >= 2,
         "attempted while down: {sessions} {:?}",
@@ -41,7 +44,7 @@ async fn a_store_down_does_not_count_toward_quarantine() {
     );
     assert!(!h.spool.is_quarantined(q), "a store down is no poison");
     assert_eq!(h.spool.status(q).unwrap().attempts, vec![1]);
-    h.store("a").set_down(false);
+    h.store("a").update(|s| s.max_sessions = None);
     until("delivered", || h.spool.is_empty()).await;
     assert_eq!(h.store("a").delivered().len(), 1);
     h.stop().await;
@@ -50,8 +53,12 @@ async fn a_store_down_does_not_count_toward_quarantine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_dropping_the_connection_after_the_dot_quarantines_the_message() {
     let mut stores = HashMap::new();
-    let store = FakeStore::start().await;
-    store.drop_after_dot(100);
+    let store = FakeStore::start(Script {
+        drop_after_replies: Some(0),
+        drop_times: Some(100),
+        ..Script::default()
+    })
+    .await;
     stores.insert("a".to_owned(), store);
     let mut cfg = config();
     cfg.poison_attempts = 3;
@@ -59,11 +66,11 @@ async fn a_store_dropping_the_connection_after_the_dot_quarantines_the_message()
     let q = h.queue("me@a.test", &["u@a.test"]);
     until("quarantined", || h.spool.is_quarantined(q)).await;
     assert_eq!(h.spool.status(q).unwrap().attempts, vec![3]);
-    let dots = h.store("a").transactions().len();
+    let dots = h.store("a").completed().len();
     assert_eq!(dots, 3, "three attempts reached the store");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        h.store("a").transactions().len(),
+        h.store("a").completed().len(),
         dots,
         "not tried while quarantined"
     );

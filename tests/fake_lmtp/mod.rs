@@ -1,18 +1,42 @@
-//! A scripted LMTP store (or SMTP relay, [`Script::smtp`]) for fault injection: an in-process
-//! tokio server on 127.0.0.1:0.
+//! The tests' fake LMTP store: a scriptable LMTP server (or SMTP relay, [`Script::smtp`]) on
+//! 127.0.0.1:0, in-process on tokio, for fault injection. Every test binary that needs a
+//! store to deliver to uses this one (`mod fake_lmtp;`).
 //!
-//! Per recipient (by local part) it answers RCPT and the post-dot reply from a script
-//! (250/451/550/552, multi-line replies); it can advertise or withhold PIPELINING, CHUNKING,
-//! SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH PLAIN; drop the connection after `k` post-dot
-//! replies, stall (never answer) after `k`, hold each post-dot reply until the test releases
-//! it (to prove that outcomes are reported one by one), delay the post-dot replies, script a
-//! recipient for its first `n` transactions only, and greet with 421 beyond `N` sessions. It records what it received: every command line, each transaction's recipients,
-//! the DATA octets as on the wire and unstuffed, BDAT chunk sizes, and whether MAIL, RCPT and
-//! DATA/BDAT arrived before the first of their replies was written (pipelining).
+//! What it is told, by a [`Script`] at [`FakeStore::start`]; [`FakeStore::update`] and
+//! [`FakeStore::rcpt`] change the script of a running store, for what it does from then on:
+//! - per recipient (by local part, [`Rcpt`]): the RCPT reply and the post-dot replies, one per
+//!   transaction in turn, the last one repeating (`451` then `250`: deferred once, then
+//!   delivered); multi-line replies;
+//! - the greeting, the MAIL reply, the extensions it advertises or withholds (PIPELINING,
+//!   CHUNKING, SIZE, 8BITMIME, SMTPUTF8, STARTTLS, AUTH PLAIN), SMTP instead of LMTP;
+//! - capacity: greet with 421 beyond `max_sessions` concurrent sessions (`Some(0)`: the store
+//!   is down), or serve `max_served` sessions at once and leave the others waiting for their
+//!   greeting (a process-per-session store's listen backlog);
+//! - faults after the end of data: delay the replies; hold them until the test releases them
+//!   (all, or those of transactions naming given local parts); release them one at a time
+//!   through a semaphore; drop the connection after `k` of them (every time, or a number of
+//!   times); stall (never answer) after `k`; or drop the connection on receiving a verb.
+//!
+//! What it records: every session (its command lines, STARTTLS, AUTH, refused at the
+//! greeting) and its transactions (the MAIL line, the RCPT addresses, the DATA octets as on
+//! the wire and unstuffed, the BDAT chunk sizes, whether the data ended, whether it was
+//! pipelined); the transactions in the order their data ended ([`FakeStore::completed`]); each
+//! copy delivered (a 2xx post-dot reply); the most transactions open at once and the times a
+//! recipient was in two open transactions at once.
 //!
 //! Pipelining is detected deterministically: when PIPELINING is advertised, replies from MAIL
 //! on are held until DATA or BDAT arrives; a client that waits for each reply is answered
 //! after a grace period and the transaction is recorded as not pipelined.
+//!
+//! Promises: every reply follows the script as it is when the reply is due (but
+//! `max_served`, read at the start), nothing else (no timeouts of its own but the
+//! pipelining grace); what it received is recorded before it replies to it, so a test
+//! that has seen a reply finds its command, its transaction's end of data and its
+//! delivered copy in the records; the records are copies, taken under one lock. Dropping
+//! the [`FakeStore`] stops accepting connections and ends the sessions waiting for held
+//! replies.
+//!
+//! [`harness`]: a scheduler on a temporary spool routed to fake stores (the scheduler tests).
 
 #![allow(
     dead_code,
@@ -22,48 +46,51 @@
     unreachable_pub,
     reason = "a test helper module: pub is for the test files"
 )]
-#![allow(clippy::unwrap_used, reason = "test helper")]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helper")]
 
-use std::collections::HashMap;
+pub mod harness;
+mod session;
+
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-
-/// How long a pipelining-advertising fake waits for DATA/BDAT before answering anyway.
-const PIPELINING_GRACE: Duration = Duration::from_secs(2);
+use tokio::sync::{Semaphore, watch};
 
 /// What to answer for one recipient.
 #[derive(Clone, Debug)]
 pub struct Rcpt {
     /// The reply to RCPT TO (`\r\n` between the lines of a multi-line reply).
     pub rcpt: String,
-    /// The reply after the end of data (only if RCPT was accepted).
-    pub result: String,
-    /// Only for this many transactions (across sessions); then [`Rcpt::ok`].
-    pub times: Option<usize>,
+    /// The replies after the end of data (only if RCPT was accepted), one per transaction
+    /// that reaches them, in turn; the last one repeats.
+    pub results: Vec<String>,
 }
 
 impl Rcpt {
     pub fn new(rcpt: &str, result: &str) -> Self {
         Self {
             rcpt: rcpt.into(),
-            result: result.into(),
-            times: None,
+            results: vec![result.into()],
         }
     }
 
-    /// This script for the first `n` transactions naming the recipient, then OK.
-    pub fn times(mut self, n: usize) -> Self {
-        self.times = Some(n);
+    /// Accepted at RCPT; `result` after the end of data.
+    pub fn result(result: &str) -> Self {
+        Self::new("250 2.1.5 OK", result)
+    }
+
+    /// After the replies so far (one transaction each), `result`.
+    pub fn then(mut self, result: &str) -> Self {
+        self.results.push(result.into());
         self
     }
+
     pub fn ok() -> Self {
-        Self::new("250 2.1.5 OK", "250 2.0.0 Saved")
+        Self::result("250 2.0.0 Saved")
     }
 }
 
@@ -81,21 +108,29 @@ pub struct Script {
     pub auth_plain: Option<String>,
     /// Offers STARTTLS with this configuration.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Greets the session beyond this many concurrent ones with 421.
+    /// Greets the session beyond this many concurrent ones with 421; `Some(0)`: every one
+    /// (the store is down).
     pub max_sessions: Option<usize>,
     /// Serves this many sessions at once; the others wait for their greeting until a served
     /// one ends (a process-per-session store's listen backlog: Cyrus `maxchild`, Dovecot
-    /// `process_limit`).
+    /// `process_limit`). Read at [`FakeStore::start`] only.
     pub max_served: Option<usize>,
     pub mail_reply: String,
     /// By local part (lower case); others get [`Rcpt::ok`].
     pub rcpts: HashMap<String, Rcpt>,
     /// Close the connection after this many post-dot replies.
     pub drop_after_replies: Option<usize>,
+    /// `drop_after_replies` applies this many more times (then never); `None`: every time.
+    pub drop_times: Option<usize>,
     /// Stop answering (keep the connection open) after this many post-dot replies.
     pub stall_after_replies: Option<usize>,
     /// Before each post-dot reply but the first, take one permit.
     pub gate: Option<Arc<Semaphore>>,
+    /// Hold every transaction's post-dot replies while set.
+    pub hold_replies: bool,
+    /// Hold the post-dot replies of the transactions naming one of these local parts (lower
+    /// case) while they are in the set.
+    pub hold_locals: HashSet<String>,
     /// Close the connection, without a reply, on receiving this verb (`DATA`, `RCPT`…).
     pub drop_at: Option<&'static str>,
     /// Speak SMTP: EHLO/HELO instead of LHLO, one reply (`data_reply`) after the end of data.
@@ -104,7 +139,8 @@ pub struct Script {
     pub ehlo_refused: bool,
     /// SMTP: the reply after the end of data, for the whole message.
     pub data_reply: String,
-    /// Wait this long after the end of data before the first reply (a slow store).
+    /// Wait this long after the end of data (once released, if held) before the first reply
+    /// (a slow store).
     pub reply_delay: Option<Duration>,
 }
 
@@ -124,8 +160,11 @@ impl Default for Script {
             mail_reply: "250 2.1.0 OK".into(),
             rcpts: HashMap::new(),
             drop_after_replies: None,
+            drop_times: None,
             stall_after_replies: None,
             gate: None,
+            hold_replies: false,
+            hold_locals: HashSet::new(),
             drop_at: None,
             smtp: false,
             ehlo_refused: false,
@@ -145,6 +184,7 @@ impl Script {
         }
     }
 
+    /// Scripts recipient `local` (any case).
     pub fn rcpt(mut self, local: &str, rcpt: Rcpt) -> Self {
         self.rcpts.insert(local.to_ascii_lowercase(), rcpt);
         self
@@ -155,6 +195,7 @@ impl Script {
 #[derive(Clone, Debug, Default)]
 pub struct Txn {
     pub mail: String,
+    /// Every RCPT TO address, accepted or not.
     pub rcpts: Vec<String>,
     /// DATA: the octets between 354 and the final dot line, as on the wire.
     pub wire: Vec<u8>,
@@ -188,9 +229,42 @@ impl Session {
     }
 }
 
+/// One copy delivered: a recipient whose post-dot reply was 2xx (SMTP: the message's).
+#[derive(Clone, Debug)]
+pub struct Delivered {
+    /// The reverse path (without the angle brackets).
+    pub from: String,
+    pub to: String,
+    /// The content, as [`Txn::content`].
+    pub body: String,
+}
+
+/// The script and what was received, behind one lock.
+#[derive(Default)]
+struct State {
+    script: Script,
+    sessions: Vec<Session>,
+    /// (session, transaction) of each transaction whose data ended, in that order.
+    completed: Vec<(usize, usize)>,
+    delivered: Vec<Delivered>,
+    /// Post-dot replies given so far per local part (the turn in [`Rcpt::results`]).
+    uses: HashMap<String, usize>,
+    /// Sessions being served (for `max_sessions`).
+    open_sessions: usize,
+    /// Transactions between MAIL and their post-dot replies (or their end), now and at most.
+    open_transactions: usize,
+    max_open_transactions: usize,
+    /// Recipients of the open transactions; one named again is an overlap.
+    open_rcpts: HashSet<String>,
+    overlaps: usize,
+}
+
+/// A running fake store; dropping it stops accepting connections.
 pub struct FakeStore {
     pub addr: SocketAddr,
-    sessions: Arc<Mutex<Vec<Session>>>,
+    state: Arc<Mutex<State>>,
+    /// Told of every change of the script (held replies wait on it).
+    changed: watch::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -204,372 +278,109 @@ impl FakeStore {
     pub async fn start(script: Script) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let sessions = Arc::new(Mutex::new(Vec::new()));
-        let active = Arc::new(AtomicUsize::new(0));
-        let served = script
-            .max_served
-            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
-        let script = Arc::new(script);
-        let uses = Arc::new(Mutex::new(HashMap::new()));
-        let record = Arc::clone(&sessions);
+        let served = script.max_served.map(|n| Arc::new(Semaphore::new(n)));
+        let state = Arc::new(Mutex::new(State {
+            script,
+            ..State::default()
+        }));
+        let (changed, changes) = watch::channel(());
+        let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 stream.set_nodelay(true).ok();
                 let id = {
-                    let mut all = record.lock().unwrap();
-                    all.push(Session::default());
-                    all.len() - 1
+                    let mut st = shared.lock().unwrap();
+                    st.sessions.push(Session::default());
+                    st.sessions.len() - 1
                 };
-                let (script, record, active, served, uses) = (
-                    Arc::clone(&script),
-                    Arc::clone(&record),
-                    Arc::clone(&active),
-                    served.clone(),
-                    Arc::clone(&uses),
-                );
+                let (state, changes, served) =
+                    (Arc::clone(&shared), changes.clone(), served.clone());
                 tokio::spawn(async move {
                     // Held for the whole session: the greeting waits for a free worker.
                     let _worker = match served {
                         Some(s) => Some(s.acquire_owned().await.unwrap()),
                         None => None,
                     };
-                    let n = active.fetch_add(1, Ordering::SeqCst);
-                    let mut handler = Handler {
-                        script,
-                        record,
-                        id,
-                        uses,
+                    let refused = {
+                        let mut st = state.lock().unwrap();
+                        let n = st.open_sessions;
+                        st.open_sessions += 1;
+                        let refused = st.script.max_sessions.is_some_and(|max| n >= max);
+                        st.sessions[id].refused = refused;
+                        refused
                     };
-                    if handler.script.max_sessions.is_some_and(|max| n >= max) {
-                        handler.update(|s| s.refused = true);
+                    if refused {
                         let mut stream = stream;
                         let _ = stream.write_all(b"421 4.3.2 Too many sessions\r\n").await;
                     } else {
-                        let _ = handler.run(Box::new(stream)).await;
+                        session::serve(Arc::clone(&state), changes, id, stream).await;
                     }
-                    active.fetch_sub(1, Ordering::SeqCst);
+                    state.lock().unwrap().open_sessions -= 1;
                 });
             }
         });
         Self {
             addr,
-            sessions,
+            state,
+            changed,
             task,
         }
     }
 
-    pub fn sessions(&self) -> Vec<Session> {
-        self.sessions.lock().unwrap().clone()
+    /// Changes the script: new sessions, commands and post-dot replies follow it (held
+    /// replies are released when it no longer holds them).
+    pub fn update(&self, f: impl FnOnce(&mut Script)) {
+        f(&mut self.state.lock().unwrap().script);
+        self.changed.send_replace(());
     }
 
-    /// Every transaction of every session, in order.
+    /// [`Script::rcpt`] on the running store.
+    pub fn rcpt(&self, local: &str, rcpt: Rcpt) {
+        self.update(|s| {
+            s.rcpts.insert(local.to_ascii_lowercase(), rcpt);
+        });
+    }
+
+    pub fn sessions(&self) -> Vec<Session> {
+        self.state.lock().unwrap().sessions.clone()
+    }
+
+    /// Every transaction of every session, session by session.
     pub fn transactions(&self) -> Vec<Txn> {
         self.sessions()
             .into_iter()
             .flat_map(|s| s.transactions)
             .collect()
     }
-}
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-struct Handler {
-    script: Arc<Script>,
-    record: Arc<Mutex<Vec<Session>>>,
-    id: usize,
-    /// Transactions that named each scripted local part so far (for [`Rcpt::times`]).
-    uses: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-type Stream = BufReader<Box<dyn Io>>;
-
-impl Handler {
-    fn update(&self, f: impl FnOnce(&mut Session)) {
-        f(&mut self.record.lock().unwrap()[self.id]);
+    /// The transactions whose data ended, in the order it did (whatever the replies).
+    pub fn completed(&self) -> Vec<Txn> {
+        let st = self.state.lock().unwrap();
+        st.completed
+            .iter()
+            .map(|&(s, t)| st.sessions[s].transactions[t].clone())
+            .collect()
     }
 
-    fn txn(&self, f: impl FnOnce(&mut Txn)) {
-        self.update(|s| {
-            if let Some(t) = s.transactions.last_mut() {
-                f(t)
-            }
-        });
+    /// The copies delivered, in the order of their replies.
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.state.lock().unwrap().delivered.clone()
     }
 
-    fn lhlo_reply(&self, tls: bool) -> String {
-        let s = &self.script;
-        let mut lines = vec!["fake.example".to_owned()];
-        let mut add = |on: bool, kw: &str| {
-            if on {
-                lines.push(kw.to_owned())
-            }
-        };
-        add(s.pipelining, "PIPELINING");
-        add(s.chunking, "CHUNKING");
-        add(s.eight_bit_mime, "8BITMIME");
-        add(s.smtputf8, "SMTPUTF8");
-        add(true, "ENHANCEDSTATUSCODES");
-        add(s.tls.is_some() && !tls, "STARTTLS");
-        add(s.auth_plain.is_some(), "AUTH PLAIN");
-        match s.size {
-            Some(Some(n)) => lines.push(format!("SIZE {n}")),
-            Some(None) => lines.push("SIZE".into()),
-            None => {}
-        }
-        multi(250, &lines)
+    /// The recipients of [`FakeStore::delivered`], sorted.
+    pub fn delivered_to(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.delivered().into_iter().map(|d| d.to).collect();
+        v.sort();
+        v
     }
 
-    async fn run(&mut self, stream: Box<dyn Io>) -> std::io::Result<()> {
-        let mut io: Stream = BufReader::new(stream);
-        let mut out = Vec::new();
-        send(&mut io, &mut out, &self.script.greeting).await?;
-        let mut tls = false;
-        let mut accepted: Vec<String> = Vec::new();
-        let mut in_txn = false;
-        let mut holding = false;
-        loop {
-            let line = if holding {
-                match tokio::time::timeout(PIPELINING_GRACE, read_line(&mut io)).await {
-                    Ok(line) => line?,
-                    Err(_) => {
-                        // The client waits for replies: it is not pipelining.
-                        holding = false;
-                        flush(&mut io, &mut out).await?;
-                        continue;
-                    }
-                }
-            } else {
-                read_line(&mut io).await?
-            };
-            let Some(line) = line else { return Ok(()) };
-            self.update(|s| s.commands.push(line.clone()));
-            let upper = line.to_ascii_uppercase();
-            let verb = upper.split(' ').next().unwrap_or("").to_owned();
-            if self.script.drop_at == Some(verb.as_str()) {
-                return Ok(());
-            }
-            match verb.as_str() {
-                "LHLO" if !self.script.smtp => queue(&mut out, &self.lhlo_reply(tls)),
-                "EHLO" if self.script.smtp && self.script.ehlo_refused => {
-                    queue(&mut out, "502 5.5.2 Error: command not recognized");
-                }
-                "EHLO" if self.script.smtp => queue(&mut out, &self.lhlo_reply(tls)),
-                "HELO" if self.script.smtp => queue(&mut out, "250 relay.example"),
-                "STARTTLS" if self.script.tls.is_some() && !tls => {
-                    send(&mut io, &mut out, "220 2.0.0 Ready to start TLS").await?;
-                    let config = self.script.tls.clone().unwrap();
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let inner = io.into_inner();
-                    let stream = acceptor.accept(inner).await?;
-                    io = BufReader::new(Box::new(stream));
-                    tls = true;
-                    self.update(|s| s.tls = true);
-                    continue;
-                }
-                "AUTH" => {
-                    let want = self.script.auth_plain.clone().unwrap_or_default();
-                    let got = line.split(' ').nth(2).unwrap_or("");
-                    if upper.starts_with("AUTH PLAIN ") && !want.is_empty() && got == want {
-                        self.update(|s| s.authenticated = true);
-                        queue(&mut out, "235 2.7.0 Authenticated");
-                    } else {
-                        queue(&mut out, "535 5.7.8 Authentication failed");
-                    }
-                }
-                "MAIL" => {
-                    in_txn = self.script.mail_reply.starts_with('2');
-                    accepted.clear();
-                    self.update(|s| {
-                        s.transactions.push(Txn {
-                            mail: line.clone(),
-                            ..Txn::default()
-                        })
-                    });
-                    holding = self.script.pipelining;
-                    queue(&mut out, &self.script.mail_reply);
-                }
-                "RCPT" => {
-                    let addr = line
-                        .split_once('<')
-                        .and_then(|(_, r)| r.split_once('>'))
-                        .map(|(a, _)| a.to_owned())
-                        .unwrap_or_default();
-                    let local = addr.split('@').next().unwrap_or("").to_lowercase();
-                    let mut script = self
-                        .script
-                        .rcpts
-                        .get(&local)
-                        .cloned()
-                        .unwrap_or_else(Rcpt::ok);
-                    if let Some(n) = script.times {
-                        let mut uses = self.uses.lock().unwrap();
-                        let used = uses.entry(local.clone()).or_insert(0);
-                        *used += 1;
-                        if *used > n {
-                            script = Rcpt::ok();
-                        }
-                    }
-                    self.txn(|t| t.rcpts.push(addr.clone()));
-                    if in_txn && script.rcpt.starts_with('2') {
-                        accepted.push(script.result.clone());
-                    }
-                    queue(&mut out, &script.rcpt);
-                }
-                "DATA" => {
-                    self.txn(|t| t.pipelined = holding);
-                    holding = false;
-                    if !in_txn || accepted.is_empty() {
-                        queue(&mut out, "503 5.5.1 No valid recipients");
-                    } else {
-                        send(&mut io, &mut out, "354 go ahead").await?;
-                        let (wire, content) = read_data(&mut io).await?;
-                        self.txn(|t| {
-                            t.wire = wire;
-                            t.content = content;
-                            t.complete = true;
-                        });
-                        in_txn = false;
-                        if !self.results(&mut io, &mut out, &accepted).await? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                }
-                "BDAT" => {
-                    self.txn(|t| t.pipelined |= holding);
-                    holding = false;
-                    let mut words = upper.split(' ').skip(1);
-                    let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                    let last = words.next() == Some("LAST");
-                    let mut chunk = vec![0; size];
-                    io.read_exact(&mut chunk).await?;
-                    self.txn(|t| {
-                        t.bdat_sizes.push(size);
-                        t.content.extend_from_slice(&chunk);
-                        t.complete = last;
-                    });
-                    if !in_txn || accepted.is_empty() {
-                        queue(&mut out, "503 5.5.1 No valid recipients");
-                    } else if !last {
-                        queue(&mut out, &format!("250 2.0.0 {size} octets received"));
-                    } else {
-                        in_txn = false;
-                        if !self.results(&mut io, &mut out, &accepted).await? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                }
-                "RSET" => {
-                    in_txn = false;
-                    accepted.clear();
-                    queue(&mut out, "250 2.0.0 OK");
-                }
-                "NOOP" => queue(&mut out, "250 2.0.0 OK"),
-                "QUIT" => {
-                    send(&mut io, &mut out, "221 2.0.0 Bye").await?;
-                    return Ok(());
-                }
-                _ => queue(&mut out, "500 5.5.1 Unknown command"),
-            }
-            if !holding {
-                flush(&mut io, &mut out).await?;
-            }
-        }
+    /// The most transactions that were open (from MAIL to their post-dot replies) at once.
+    pub fn max_active(&self) -> usize {
+        self.state.lock().unwrap().max_open_transactions
     }
 
-    /// The post-dot replies, one write each. Returns false when the session must end.
-    async fn results(
-        &self,
-        io: &mut Stream,
-        out: &mut Vec<u8>,
-        accepted: &[String],
-    ) -> std::io::Result<bool> {
-        flush(io, out).await?;
-        if let Some(delay) = self.script.reply_delay {
-            tokio::time::sleep(delay).await;
-        }
-        let one = [self.script.data_reply.clone()];
-        let replies = if self.script.smtp { &one[..] } else { accepted };
-        for (i, reply) in replies.iter().enumerate() {
-            if self.script.drop_after_replies == Some(i) {
-                return Ok(false);
-            }
-            if self.script.stall_after_replies == Some(i) {
-                // Never answer; end when the client gives up and closes.
-                let mut sink = Vec::new();
-                let _ = io.read_to_end(&mut sink).await;
-                return Ok(false);
-            }
-            if i > 0 {
-                if let Some(gate) = &self.script.gate {
-                    gate.acquire().await.unwrap().forget();
-                }
-            }
-            send(io, out, reply).await?;
-        }
-        Ok(true)
-    }
-}
-
-fn multi(code: u16, lines: &[String]) -> String {
-    let last = lines.len() - 1;
-    lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| format!("{code}{}{l}", if i == last { ' ' } else { '-' }))
-        .collect::<Vec<_>>()
-        .join("\r\n")
-}
-
-fn queue(out: &mut Vec<u8>, reply: &str) {
-    out.extend_from_slice(reply.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-async fn flush(io: &mut Stream, out: &mut Vec<u8>) -> std::io::Result<()> {
-    if !out.is_empty() {
-        io.get_mut().write_all(out).await?;
-        io.get_mut().flush().await?;
-        out.clear();
-    }
-    Ok(())
-}
-
-async fn send(io: &mut Stream, out: &mut Vec<u8>, reply: &str) -> std::io::Result<()> {
-    queue(out, reply);
-    flush(io, out).await
-}
-
-async fn read_line(io: &mut Stream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    if io.read_until(b'\n', &mut buf).await? == 0 {
-        return Ok(None);
-    }
-    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        buf.pop();
-    }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
-}
-
-/// DATA content up to the final dot line: (wire octets without the dot line, unstuffed).
-async fn read_data(io: &mut Stream) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
-    let (mut wire, mut content) = (Vec::new(), Vec::new());
-    loop {
-        let mut line = Vec::new();
-        if io.read_until(b'\n', &mut line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if line == b".\r\n" {
-            return Ok((wire, content));
-        }
-        wire.extend_from_slice(&line);
-        let unstuffed = if line.starts_with(b".") {
-            &line[1..]
-        } else {
-            &line[..]
-        };
-        content.extend_from_slice(unstuffed);
+    /// Times a recipient was in two open transactions at once.
+    pub fn overlaps(&self) -> usize {
+        self.state.lock().unwrap().overlaps
     }
 }

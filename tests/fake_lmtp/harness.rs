@@ -19,7 +19,7 @@ use postern::routing::Router;
 use postern::scheduler::{Agent, Agents, Clock, Scheduler, SchedulerConfig, Setup};
 use postern::spool::{Envelope, EnvelopeRecipient, QueueId, RecipientState, Spool, SpoolOptions};
 
-use super::FakeStore;
+use super::{FakeStore, Script};
 
 pub const BODY: &str = "From: s@a.test\r\nSubject: test\r\n\r\nHello.\r\n";
 
@@ -102,7 +102,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut stores = HashMap::new();
         for n in names {
-            stores.insert((*n).to_owned(), FakeStore::start().await);
+            stores.insert((*n).to_owned(), FakeStore::start(Script::default()).await);
         }
         Self::with(dir, stores, config()).await
     }
@@ -148,7 +148,7 @@ impl Harness {
         let router = Arc::new(ArcSwap::from_pointee(router(&routes)));
         let mut agents = Agents::new();
         for (n, s) in &stores {
-            agents.insert(n, lmtp_agent_with(n, s.port(), window));
+            agents.insert(n, lmtp_agent_with(n, s.addr.port(), window));
         }
         let scheduler = Scheduler::start(Setup {
             spool: spool.clone(),
