@@ -36,18 +36,7 @@ fn config(dir: &Path, port: u16, poison: u32) -> PathBuf {
 
 /// `postern_quarantined_messages` as the daemon's /metrics shows it.
 fn quarantined_gauge(d: &Daemon) -> f64 {
-    use std::io::{Read, Write};
-    let line = d
-        .log_lines(&["\"message\":\"metrics\""])
-        .pop()
-        .expect("the metrics address is logged");
-    let start = line.find("\"address\":\"").unwrap() + 11;
-    let address = &line[start..start + line[start..].find('"').unwrap()];
-    let mut s = std::net::TcpStream::connect(address).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let text = d.metrics();
     text.lines()
         .find_map(|l| l.strip_prefix("postern_quarantined_messages "))
         .unwrap_or_else(|| panic!("postern_quarantined_messages not exported:\n{text}"))

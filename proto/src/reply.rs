@@ -163,14 +163,7 @@ impl Reply {
     pub fn new(code: ReplyCode, enhanced: Option<EnhancedCode>, text: &str) -> Self {
         let mut lines = Vec::with_capacity(1);
         lines_of(text, &mut lines);
-        if lines.is_empty() {
-            lines.push(String::new());
-        }
-        Self {
-            code,
-            enhanced,
-            lines,
-        }
+        Self::of(code, enhanced, lines)
     }
 
     /// A reply with several lines of text (written as a multi-line reply).
@@ -188,6 +181,11 @@ impl Reply {
                 lines.push(line);
             }
         }
+        Self::of(code, enhanced, lines)
+    }
+
+    /// The reply of these lines, already split; none is one empty line.
+    fn of(code: ReplyCode, enhanced: Option<EnhancedCode>, mut lines: Vec<String>) -> Self {
         if lines.is_empty() {
             lines.push(String::new());
         }

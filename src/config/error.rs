@@ -3,7 +3,8 @@
 
 use std::fmt;
 
-/// A configuration error, located: `file:line:column: key.path: what is wrong`.
+/// A configuration error, located: `file:line:column: key.path: what is wrong` (without
+/// line and column when unknown, without the key path for the file as a whole).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     /// The file.
@@ -42,8 +43,12 @@ impl fmt::Display for ConfigError {
         match (self.line, self.column) {
             (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: ", self.file)?,
             (Some(l), None) => write!(f, "{}:{l}: ", self.file)?,
-            (None, _) => write!(f, "{}:?: ", self.file)?,
+            (None, _) => write!(f, "{}: ", self.file)?,
         }
-        write!(f, "{}: {}", self.path, self.message)
+        // A whole-file problem (unreadable, a missing top-level key) has no key path.
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
     }
 }

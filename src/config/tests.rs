@@ -121,7 +121,7 @@ fn every_error_of_a_file_is_listed_not_only_the_first() {
         "{e:#?}"
     );
     assert!(
-        e[2].starts_with("test.yaml:14:1: : unknown field `hostnme`")
+        e[2].starts_with("test.yaml:14:1: unknown field `hostnme`")
             && e[2].ends_with("; did you mean `hostname`?"),
         "{e:#?}"
     );
@@ -295,7 +295,7 @@ fn unreadable_file_is_reported() {
     let e = Config::load(Path::new("/nonexistent/postern.yaml")).unwrap_err();
     assert!(
         e[0].to_string()
-            .starts_with("/nonexistent/postern.yaml:?: : cannot read"),
+            .starts_with("/nonexistent/postern.yaml: cannot read"),
         "{}",
         e[0]
     );

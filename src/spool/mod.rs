@@ -65,6 +65,7 @@
 //! | [`id`] | [`QueueId`] |
 //! | [`ledger`] | [`RecipientState`] and its transitions |
 //! | `index` | the in-memory index (about 200 bytes per message) |
+//! | `fresh` | just-committed envelopes handed to the first delivery attempt from memory |
 //! | `recovery` | the startup scan |
 //! | `gc` | deleting dead segments, compacting old mostly-dead ones |
 //! | [`fault`] | `POSTERN_FAULT` crash points and injected I/O errors |
