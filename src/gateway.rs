@@ -91,11 +91,15 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let handle = crate::metrics::install();
         let shutdown = CancellationToken::new();
-        let options = SpoolOptions {
+        let mut options = SpoolOptions {
             node_id: config.node_id,
             min_free_bytes: config.spool.min_free.0,
             ..SpoolOptions::default()
         };
+        if !config.delivery.enabled {
+            // No scheduler takes the fresh envelopes: keep none.
+            options.fresh_budget = 0;
+        }
         let (spool, report) =
             Spool::open(&config.spool.path, options).map_err(|source| GatewayError::Spool {
                 path: config.spool.path.display().to_string(),
