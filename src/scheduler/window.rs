@@ -39,7 +39,10 @@
 //!     baselines still even out.
 //!   - The window is fractional; [`Window::admits`] honours the fraction over time (a
 //!     window of 3.5 runs 3 and 4 in turn), which matters when several gateways share a
-//!     small store with windows of a few transactions each.
+//!     small store with windows of a few transactions each. The store's connection pool is
+//!     sized to the window rounded up ([`Window::admitted`]): a transaction admitted on the
+//!     fraction that had to wait for a sibling's connection counted that wait as latency at
+//!     the store, a phantom queue that weighed most on the smallest window and kept it small.
 //!   - Hard signals stay hard: a connection refused, a session dropped during LHLO, `421`,
 //!     `4.3.2` or `4.7.0` shrink the window by a quarter, at most once per round (one
 //!     overload event often fails several transactions at once).
@@ -257,6 +260,19 @@ impl Window {
     /// size of the store's connection pool, which a probe does not shrink).
     pub fn ceiling(&self) -> usize {
         (self.current as usize).clamp(self.settings.min, self.settings.max)
+    }
+
+    /// The most transactions [`Window::admits`] lets run at once outside probes: the window
+    /// rounded up, since its fractional part is honoured over time. The store's connection
+    /// pool is sized to this: a pool of only the whole part would make the transaction
+    /// admitted on the fraction wait for a sibling's connection, and that wait, counted in
+    /// its latency, looks like a queue at the store — a phantom that weighs most on the
+    /// gateway with the smallest window and kept it small.
+    pub fn admitted(&self) -> usize {
+        if !self.settings.latency {
+            return self.ceiling();
+        }
+        (self.current.ceil() as usize).clamp(self.settings.min, self.settings.max)
     }
 
     /// The most it can grow to.
