@@ -425,6 +425,7 @@ class MetricsPoller(threading.Thread):
                 g.last = m
                 self.samples[g.name].append((time.time(), {
                     "window": mval(m, "postern_store_window"),
+                    "baseline": mval(m, "postern_store_latency_baseline_seconds"),
                     "in_use": mval(m, "postern_store_connections", state="in_use"),
                     "idle": mval(m, "postern_store_connections", state="idle"),
                 }))
@@ -705,6 +706,9 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
     busy_samples = {n: [v for t, v in phase["metrics"][n] if t_first <= t <= end] for n in names}
     f["window_mean"] = mean(mean(v["window"] for v in s) for s in busy_samples.values() if s)
     f["window_max"] = max((v["window"] for s in busy_samples.values() for v in s), default=None)
+    # each gateway's gauges over the run, for a look at how the windows moved
+    f["series"] = {n: [(round(t - t_first, 2), v["window"], round(v["baseline"] * 1e3, 2))
+                       for t, v in phase["metrics"][n]] for n in names}
     f["pooled_idle_mean"] = sum(mean(v["idle"] for v in s) or 0 for s in busy_samples.values())
     f["pooled_in_use_mean"] = sum(mean(v["in_use"] for v in s) or 0 for s in busy_samples.values())
 

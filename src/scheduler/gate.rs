@@ -9,7 +9,9 @@
 //! latency sample on success, a hard signal on a refusal, a lost connection or a busy reply.
 //! A permit dropped without [`Permit::finish`] just frees its slot. When the window changes,
 //! the store's connection pool (if it has one) is resized to it, so no more sessions stay
-//! open at the store than the window allows; the gauges follow.
+//! open at the store than the window admits (rounded up: a transaction admitted on the
+//! window's fractional part gets a session too, rather than waiting for one and counting that
+//! wait as the store's latency); the gauges follow.
 //!
 //! Locking: one short mutex per store, never held across an await or a call out.
 
@@ -180,13 +182,13 @@ impl Gate {
     /// Feeds one finished transaction, which took its slot at `started`, into the window.
     fn feed(self: &Arc<Self>, signal: Signal, sample: Option<Duration>, started: SystemTime) {
         let mut s = self.lock();
-        let before = s.window.ceiling();
+        let before = (s.window.ceiling(), s.window.admitted());
         let was_probing = s.window.is_probing();
         match signal {
             Signal::Success => s.window.on_success(sample, started, SystemTime::now()),
             Signal::Failure => s.window.on_failure(),
         }
-        if s.window.ceiling() != before {
+        if (s.window.ceiling(), s.window.admitted()) != before {
             self.publish(&s);
         }
         if !was_probing && s.window.is_probing() {
@@ -243,7 +245,10 @@ impl Gate {
         let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
         gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
         if let Some(pool) = &self.pool {
-            pool.resize(limit);
+            // As many sessions as the gate admits transactions (the window rounded up): a
+            // transaction admitted on the window's fraction must not wait for a connection,
+            // or the wait counts as latency at the store.
+            pool.resize(s.window.admitted());
         }
     }
 }

@@ -3,14 +3,12 @@
 //! Two controllers share one type:
 //!
 //! - **Latency** (the default for `kind: lmtp` and `kind: smtp` stores): a delay-based
-//!   controller in the family of TCP Vegas, with the multiplicative decrease of a gradient
-//!   limiter (Netflix's `concurrency-limits`). Vegas was chosen over a loss-based AIMD because
-//!   the stores this gateway feeds rarely refuse: Cyrus (`maxchild`) and Dovecot
-//!   (`process_limit`) queue excess sessions in their listen backlog and only get slower, so
-//!   delay is the first and often the only signal. It is also what lets independent gateways
-//!   converge without talking: they all see the same queue at the store, so they all back
-//!   off together (multiplicative decrease keeps their ratio) and grow by the same one per
-//!   round (additive increase equalises them), which is Chiu and Jain's fairness argument.
+//!   controller, TCP Vegas's. Vegas was chosen over a loss-based AIMD because the stores this
+//!   gateway feeds rarely refuse: Cyrus (`maxchild`) and Dovecot (`process_limit`) queue
+//!   excess sessions in their listen backlog and only get slower, so delay is the first and
+//!   often the only signal. And Vegas's rule is what lets independent gateways share a store
+//!   fairly without talking: each steers *its own transactions waiting in the store's queue*
+//!   to the same small target, and they all see the same queue.
 //!   - A *round* is as many finished transactions as the window is wide (at least
 //!     [`MIN_ROUND`]), counting only transactions started after the window last changed:
 //!     about one store round trip, like a Vegas RTT. Its mean latency is smoothed over
@@ -19,27 +17,41 @@
 //!     [`PROBE_EVERY`], on the wall clock's ten-second boundaries, so that all gateways
 //!     feeding a store probe at once (their clocks are NTP-synchronised) and the store's
 //!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
-//!     started after the drain have ended, and their mean moves the baseline (EWMA ¼). This
-//!     is how the baseline forgets: a store that became slower or faster is re-learned over
-//!     a few probes, and a baseline first learned under load (a gateway started while the
-//!     store was busy) does not stay inflated — a plain windowed minimum would drift up
-//!     under sustained load and be biased low by jitter. Before the first probe, the lowest
-//!     round stands in.
-//!   - At each round's end, with `ratio = short / baseline` (1 while `short` is less than
-//!     [`NOISE_FLOOR`] above the baseline: on a store that answers in a fraction of a
-//!     millisecond, scheduling noise is not a queue): above `1 + latency_tolerance`
-//!     the window shrinks multiplicatively, by `(1 + tolerance) / ratio` clamped to
-//!     [½, 0.9]; at or below `1 + tolerance / 2` and with the window full during the round,
-//!     it grows by one (doubling until the first time latency rose: slow start); in between,
-//!     with the window full, it creeps by 1/window a round, so gateways whose baselines
-//!     differ a little still even out.
-//!   - When the store was queueing before a probe, every gateway leaves it with the window
-//!     cut to [`PROBE_CUT`] of what it was: a synchronised multiplicative decrease, the
-//!     fairness lever of AIMD, so that gateways whose probes measured slightly different
-//!     baselines still even out.
+//!     started after the drain have ended. Their mean is the measurement: the baseline takes
+//!     a lower one at once and moves a quarter of the way to a higher one (so a probe taken
+//!     while this box was busy does not stay; a store that became slower is re-learned
+//!     within a few probes). The first two probes come a second apart, so that a gateway
+//!     started against a busy store, or during a burst of intake, learns its baseline within
+//!     seconds. Their samples' spread is kept too (the noise band below). Before the first
+//!     probe, the lowest round stands in.
+//!   - At each round's end, the estimate of this gateway's transactions waiting at the
+//!     store is `queued = window × rise / short`, where `rise` is `short − baseline` (none
+//!     within a noise band: [`NOISE_FLOOR`], or [`NOISE_SIGMAS`] standard errors of
+//!     `short − baseline` from the probes' spread, so that a jittery store is not read as
+//!     a queue; a ramp from the band to twice the band). Above [`QUEUE_TARGET`] the window
+//!     gives back the excess (one unit per `QUEUE_TARGET` over it, at most half); below it,
+//!     with the window full during the round, it grows — doubling until the target is first
+//!     passed (slow start), then by at most one a round, less the closer it is. At the
+//!     fixed point every gateway holds `QUEUE_TARGET` in the queue, so all get the same
+//!     throughput (`QUEUE_TARGET / rise`), whatever their windows or their own overheads;
+//!     N gateways keep about `N × QUEUE_TARGET` transactions waiting at the store.
+//!   - Why not a threshold on `short / baseline` (what this was before): each gateway
+//!     judges the ratio against its own baseline, and baselines measured by different
+//!     gateways differ by a few per cent (28.0, 29.5, 30.0 ms measured on one store). The
+//!     gateway with the highest baseline saw the least rise and kept growing while the
+//!     others cut to the minimum: one gateway took 60–73 % of the deliveries. A synchronised
+//!     multiplicative cut at the probes kept the ratio of the windows, so it did not help.
+//!   - Overload guard: latency above `1 + latency_tolerance` times the baseline cuts the
+//!     window multiplicatively (by `(1 + tolerance) / ratio`, clamped to [½, 0.9]) — but only
+//!     for a gateway that holds more than its target in the queue (without the noise band):
+//!     the ratio is against its own baseline, and cutting whoever measured the lowest one
+//!     would starve it again.
 //!   - The window is fractional; [`Window::admits`] honours the fraction over time (a
 //!     window of 3.5 runs 3 and 4 in turn), which matters when several gateways share a
-//!     small store with windows of a few transactions each.
+//!     small store with windows of a few transactions each. The store's connection pool is
+//!     sized to the window rounded up ([`Window::admitted`]): a transaction admitted on the
+//!     fraction that had to wait for a sibling's connection counted that wait as latency at
+//!     the store, a phantom queue that weighed most on the smallest window and kept it small.
 //!   - Hard signals stay hard: a connection refused, a session dropped during LHLO, `421`,
 //!     `4.3.2` or `4.7.0` shrink the window by a quarter, at most once per round (one
 //!     overload event often fails several transactions at once).
@@ -78,8 +90,14 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 pub const FIRST_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Clean samples a probe takes (transactions started once the store's queue drained).
 pub const PROBE_SAMPLES: usize = 16;
-/// The window leaves a probe at this fraction of what it was.
-pub const PROBE_CUT: f64 = 0.75;
+/// How many of its own transactions a gateway aims to keep waiting in the store's queue
+/// (Vegas's `alpha = beta`): enough that the store's workers never wait for work, few enough
+/// that N gateways queue only N × this much at the store.
+pub const QUEUE_TARGET: f64 = 0.6;
+/// How many standard errors of `short − baseline` a round's latency may rise before any of it
+/// counts as queueing: the store's own jitter, not a queue, amplified by the window in the
+/// queue estimate.
+pub const NOISE_SIGMAS: f64 = 3.5;
 /// A probe ends after this long even without its samples.
 pub const PROBE_LIMIT: Duration = Duration::from_secs(2);
 
@@ -129,6 +147,8 @@ struct Probe {
     clean_after: SystemTime,
     n: usize,
     sum: f64,
+    /// Sum of squares, for the samples' spread.
+    sq: f64,
 }
 
 /// The latency controller's state between rounds.
@@ -142,6 +162,8 @@ struct Latency {
     short: Option<f64>,
     /// The no-load latency (seconds).
     baseline: Option<f64>,
+    /// The standard deviation of single no-load samples (seconds), as probes measured it.
+    spread: Option<f64>,
     /// When the window last changed: earlier transactions do not count for the next round.
     changed_at: SystemTime,
     /// A hard signal already cut the window this round.
@@ -155,6 +177,8 @@ struct Latency {
     slow_start: bool,
     /// A probe has measured the baseline.
     probed: bool,
+    /// Probes that measured it (the first two come a second apart).
+    probes: u8,
 }
 
 impl Default for Latency {
@@ -165,6 +189,7 @@ impl Default for Latency {
             full: false,
             short: None,
             baseline: None,
+            spread: None,
             changed_at: SystemTime::UNIX_EPOCH,
             cut_this_round: false,
             failures: 0,
@@ -172,6 +197,7 @@ impl Default for Latency {
             period: 0,
             slow_start: true,
             probed: false,
+            probes: 0,
         }
     }
 }
@@ -257,6 +283,19 @@ impl Window {
     /// size of the store's connection pool, which a probe does not shrink).
     pub fn ceiling(&self) -> usize {
         (self.current as usize).clamp(self.settings.min, self.settings.max)
+    }
+
+    /// The most transactions [`Window::admits`] lets run at once outside probes: the window
+    /// rounded up, since its fractional part is honoured over time. The store's connection
+    /// pool is sized to this: a pool of only the whole part would make the transaction
+    /// admitted on the fraction wait for a sibling's connection, and that wait, counted in
+    /// its latency, looks like a queue at the store — a phantom that weighs most on the
+    /// gateway with the smallest window and kept it small.
+    pub fn admitted(&self) -> usize {
+        if !self.settings.latency {
+            return self.ceiling();
+        }
+        (self.current.ceil() as usize).clamp(self.settings.min, self.settings.max)
     }
 
     /// The most it can grow to.
@@ -346,30 +385,65 @@ impl Window {
             short / base
         };
         let tol = self.settings.tolerance;
+        // Jitter is not queueing either: a rise within a few standard errors of
+        // `short − baseline` counts as none. `short` averages a round's samples over about
+        // two rounds (EWMA ½: a third of a round's variance), the baseline is one probe's
+        // PROBE_SAMPLES. Before a probe measured the spread: an eighth of the tolerance.
+        let band = match self.latency.spread {
+            Some(sd) => {
+                let se = sd * (1.0 / (3.0 * round as f64) + 1.0 / PROBE_SAMPLES as f64).sqrt();
+                NOISE_FLOOR.max(NOISE_SIGMAS * se)
+            }
+            None => NOISE_FLOOR.max(base * tol / 8.0),
+        };
+        // Below the band, no queue; above twice the band, the whole rise; in between, a
+        // ramp from nothing to it. The band decides whether there is a queue, not how much:
+        // it is measured by each gateway's own probes, and an offset of its own would skew
+        // its share as a baseline error does.
+        let raw = (short - base).max(0.0);
+        let rise = if raw >= 2.0 * band {
+            raw
+        } else {
+            2.0 * (raw - band).max(0.0)
+        };
+        // Vegas's estimate of this gateway's own transactions waiting at the store: the
+        // window times the share of the latency that is queueing. Every gateway steers its
+        // own estimate to the same QUEUE_TARGET, so at the fixed point each holds
+        // `QUEUE_TARGET × short / (short − baseline)`: equal windows for equal baselines,
+        // and a baseline a few per cent off moves a window by a few per cent. (A threshold
+        // on the ratio alone does not: the gateway that measured the highest baseline sees
+        // the least rise, never backs off, and the others shrink to the minimum.)
+        let queued = self.current * rise / short;
         let max = self.settings.max as f64;
-        if ratio > 1.0 + tol {
+        let min = self.settings.min as f64;
+        if ratio > 1.0 + tol && self.current * raw / short > QUEUE_TARGET {
+            // Overload (many gateways, each at its target, or a store that slowed down): a
+            // multiplicative cut — for a gateway that holds more than its target in the
+            // queue even without the noise band. Not for one that holds less: the ratio is
+            // against its own baseline, and cutting whoever measured the lowest one would
+            // starve it again.
             let factor = ((1.0 + tol) / ratio).clamp(0.5, 0.9);
             self.shrink(factor);
             // The next round is judged on its own, not on a mean that still remembers the
             // queue this cut drains.
             self.latency.short = None;
             self.latency.slow_start = false;
-        } else if ratio <= 1.0 + tol / 2.0 && full {
+        } else if queued > QUEUE_TARGET {
+            // More of ours queued than the target: give back the excess (one window unit
+            // per QUEUE_TARGET over it, at most half the window).
+            self.latency.slow_start = false;
+            let step = ((queued - QUEUE_TARGET) / QUEUE_TARGET).min(self.current / 2.0);
+            self.current = (self.current - step).max(min);
+        } else if full {
+            // Fewer queued than the target and the window was used: grow, by doubling until
+            // the first time the target was passed (slow start), then by at most one a round,
+            // less the closer the estimate is to the target (no overshoot to undo).
             let grown = if self.latency.slow_start {
                 self.current.floor() * 2.0
             } else {
-                self.current.floor() + 1.0
+                self.current + ((QUEUE_TARGET - queued) / QUEUE_TARGET).min(1.0)
             };
             self.current = grown.min(max);
-        } else if ratio > 1.0 + tol / 2.0 {
-            self.latency.slow_start = false;
-            if full {
-                // Near the limit: creep by 1/window a round. The gateway with the smallest
-                // window creeps fastest, so gateways whose baselines differ a little still
-                // even out (additive increase, multiplicative decrease) instead of the one
-                // that measured the lowest baseline sliding to the minimum.
-                self.current = (self.current + 1.0 / self.current.max(1.0)).min(max);
-            }
         }
         if self.limit() != before {
             self.latency.changed_at = now;
@@ -381,15 +455,17 @@ impl Window {
     /// Every [`PROBE_EVERY`], on the wall clock's boundaries so that the gateways feeding a
     /// store probe together and its queue really drains, the window drops to its minimum
     /// until [`PROBE_SAMPLES`] transactions started after the drain have ended: their mean
-    /// is the new measurement of the baseline (averaged with the last one). This is how the
+    /// is the new measurement of the baseline (taken at once if lower, a quarter of the way
+    /// if higher), their spread the store's jitter. This is how the
     /// baseline forgets: a store that became slower is re-learned within a probe or two,
     /// and a baseline learned under load (a gateway that started while the store was busy)
     /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
     fn probing(&mut self, sample: f64, started: SystemTime, now: SystemTime) -> bool {
         let l = &mut self.latency;
-        // Until the first probe, on whole seconds: a gateway (or several) started against a
-        // busy store learns its real baseline within a second or two, not ten.
-        let every = if l.probed {
+        // Until the second probe, on whole seconds: a gateway (or several) started against a
+        // busy store learns its real baseline within a second or two, not ten, and a first
+        // probe taken while this box was busy (the gateways' intake) is replaced at once.
+        let every = if l.probes >= 2 {
             PROBE_EVERY
         } else {
             FIRST_PROBE_EVERY
@@ -411,6 +487,7 @@ impl Window {
                     clean_after: now + drain,
                     n: 0,
                     sum: 0.0,
+                    sq: 0.0,
                 });
             }
         }
@@ -420,6 +497,7 @@ impl Window {
         if started >= p.clean_after {
             p.n += 1;
             p.sum += sample;
+            p.sq += sample * sample;
         }
         if p.n >= PROBE_SAMPLES || now >= p.until {
             self.finish_probe(now);
@@ -451,33 +529,41 @@ impl Window {
         };
         if p.n > 0 {
             let measured = p.sum / p.n as f64;
+            if p.n > 1 {
+                let var = ((p.sq - p.sum * measured) / (p.n - 1) as f64).max(0.0);
+                // Like the baseline: down at once, up slowly (a busy moment of this box makes
+                // a probe's samples spread; the store's own jitter is what is left).
+                let sd = var.sqrt();
+                l.spread = Some(match l.spread {
+                    Some(s) if sd > s => 0.75 * s + 0.25 * sd,
+                    _ => sd,
+                });
+            }
+            // Down at once, up slowly. The gateways probe together, so a lower measurement is
+            // the store's no-load latency now; a higher one may be a busy moment of this box,
+            // or a store that got slower, which a few probes confirm. A baseline measured too
+            // high (a first probe during intake: 30 % high was seen) would otherwise stay for
+            // a minute and, being this gateway's reference, skew its share. (The noise band
+            // below allows for a baseline that is one probe's mean, a little low on a jittery
+            // store.)
             l.baseline = Some(match l.baseline {
-                Some(b) if l.probed => 0.75 * b + 0.25 * measured,
+                Some(b) if l.probed && measured > b => 0.75 * b + 0.25 * measured,
                 _ => measured,
             });
-            if !l.probed {
+            l.probed = true;
+            l.probes = l.probes.saturating_add(1);
+            if l.probes == 2 {
                 // From now on, the ten-second boundaries, counted from this one.
-                l.probed = true;
                 l.period = now
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
             }
         }
-        // Was the store queueing before the probe (latency above the grow band)?
-        let contended = matches!((l.short, l.baseline), (Some(s), Some(b))
-            if s > b * (1.0 + self.settings.tolerance / 2.0));
         l.n = 0;
         l.sum = 0.0;
         l.full = false;
         l.short = None;
         l.changed_at = now;
-        // On a contended store every gateway leaves the probe at the same moment with the
-        // same cut, then grows by the same steps: a synchronised multiplicative decrease,
-        // which evens out shares that small differences in the measured baselines would
-        // otherwise skew. A store with room to spare is not cut.
-        if contended {
-            self.current = (self.current * PROBE_CUT).max(self.settings.min as f64);
-        }
     }
 
     fn shrink(&mut self, factor: f64) {
