@@ -312,9 +312,10 @@ fn a_jittery_store_with_room_to_spare_keeps_the_window_open() {
     );
 }
 
-#[test]
-fn three_gateways_settle_near_capacity_with_fair_shares() {
-    let m = Model {
+/// Three gateways (window max 20) share a store of 5 workers at 20 ms each for 180 s;
+/// `overhead` is each gateway's own part of a transaction.
+fn three_gateways(overhead: Vec<f64>) -> Model {
+    Model {
         gateways: 3,
         workers: 5,
         service: 0.020,
@@ -322,8 +323,24 @@ fn three_gateways_settle_near_capacity_with_fair_shares() {
         seconds: 180.0,
         change: None,
         max: 20,
-        overhead: Vec::new(),
-    };
+        overhead,
+    }
+}
+
+/// Every gateway delivered within 20 % of an equal share of the total.
+fn assert_fair_shares(delivered: &[u64], seed: u64) {
+    let fair = delivered.iter().sum::<u64>() as f64 / delivered.len() as f64;
+    for (g, d) in delivered.iter().enumerate() {
+        assert!(
+            (*d as f64 - fair).abs() <= 0.2 * fair,
+            "seed {seed}: gateway {g} delivered {d}, not within 20 % of {fair}"
+        );
+    }
+}
+
+#[test]
+fn three_gateways_settle_near_capacity_with_fair_shares() {
+    let m = three_gateways(Vec::new());
     let settle = 30.0;
     for seed in 1..=6 {
         let f = run(&m, settle, seed);
@@ -343,20 +360,14 @@ fn three_gateways_settle_near_capacity_with_fair_shares() {
             "seed {seed}: queueing delay {} s over twice the service time",
             f.mean_queue
         );
-        // Shares: each within 20 % of 1/N (the model lands within 16 % for these seeds).
-        let fair = total as f64 / 3.0;
         eprintln!(
             "seed {seed}: delivered {:?}, {:.1} at the store, queueing {:.1} ms",
             f.delivered,
             f.mean_at_store,
             f.mean_queue * 1e3
         );
-        for (g, d) in f.delivered.iter().enumerate() {
-            assert!(
-                (*d as f64 - fair).abs() <= 0.2 * fair,
-                "seed {seed}: gateway {g} delivered {d}, not within 20 % of {fair}"
-            );
-        }
+        // Shares: each within 20 % of 1/N (the model lands within 16 % for these seeds).
+        assert_fair_shares(&f.delivered, seed);
     }
 }
 
@@ -387,16 +398,7 @@ fn gateways_whose_baselines_differ_a_little_still_share_fairly() {
     // so their baselines differ by a few per cent (28, 29.5, 30 ms for a 20 ms store).
     // Judging the latency against each one's own baseline with one threshold starved the
     // gateways with the lower baselines: the one with the highest saw the least rise.
-    let m = Model {
-        gateways: 3,
-        workers: 5,
-        service: 0.020,
-        jitter: 0.2,
-        seconds: 180.0,
-        change: None,
-        max: 20,
-        overhead: vec![0.008, 0.0095, 0.010],
-    };
+    let m = three_gateways(vec![0.008, 0.0095, 0.010]);
     let settle = 30.0;
     for seed in 1..=6 {
         let f = run(&m, settle, seed);
@@ -415,13 +417,7 @@ fn gateways_whose_baselines_differ_a_little_still_share_fairly() {
             total as f64 >= 0.9 * capacity,
             "seed {seed}: throughput {total} is under 90 % of {capacity}"
         );
-        let fair = total as f64 / 3.0;
-        for (g, d) in f.delivered.iter().enumerate() {
-            assert!(
-                (*d as f64 - fair).abs() <= 0.2 * fair,
-                "seed {seed}: gateway {g} delivered {d}, not within 20 % of {fair}"
-            );
-        }
+        assert_fair_shares(&f.delivered, seed);
         assert!(
             f.mean_in_flight <= 10.0,
             "seed {seed}: {} transactions in flight on average, more than 2 × 5 workers",
