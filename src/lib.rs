@@ -16,6 +16,7 @@
 //! | [`edge`] | what RCPT asks of a store beyond routing: backpressure, recipient verification |
 //! | [`gateway`] | start-up, the running set of listeners, drain on shutdown |
 //! | [`listener`] | SMTP/LMTP listeners, connection limits, one session per connection |
+//! | [`logging`] | the log's writer: lines buffered in memory, written by a thread of its own |
 //! | [`metrics`] | every metric name and the `/metrics` endpoint |
 //! | [`routing`] | recipient → store at RCPT time; relay policy |
 //! | [`reload`] | the configuration in force and its live reload (SIGHUP, changed files) |
@@ -48,7 +49,7 @@
 //!  → scheduler                  queues, windows, retries, DSNs
 //!  → routing                    recipient → store (read at RCPT and at every attempt)
 //!  → spool, delivery            the durable spool; the store agents
-//!  → tls, metrics, shape        leaves: they import nothing from the crate
+//!  → tls, metrics, shape, logging   leaves: they import nothing from the crate
 //!  → config::units, config::error, date, delivery::error, spool::micros   leaves
 //!  → proto (postern-proto)
 //! ```
@@ -69,6 +70,7 @@ pub mod delivery;
 pub mod edge;
 pub mod gateway;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod routing;

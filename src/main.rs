@@ -58,30 +58,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// Log lines go to stderr from their own thread, through a buffer written out whenever the
-/// queue of lines runs empty: a busy gateway makes one `write` per burst of lines, not one
-/// per line, and no runtime thread waits on the log's file or pipe. Never lossy: when the
-/// queue is full, the logging thread waits.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Log lines go to stderr through [`postern::logging`]: one buffer, written out by a thread
+/// of its own every few milliseconds, so a busy gateway makes one `write` per burst of lines
+/// and no session waits on the log's file or pipe. Never lossy: when the output cannot keep
+/// up, the logging threads wait.
+fn init_logging(format: LogFormat) -> Option<postern::logging::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("postern-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(writer);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        .with_ansi(colour);
+    match postern::logging::buffered(std::io::stderr()) {
+        Ok((writer, guard)) => {
+            let builder = builder.with_writer(writer);
+            match format {
+                LogFormat::Human => builder.init(),
+                LogFormat::Json => builder.json().init(),
+            }
+            Some(guard)
+        }
+        Err(e) => {
+            // No thread for the log: write each line directly.
+            let builder = builder.with_writer(std::io::stderr);
+            match format {
+                LogFormat::Human => builder.init(),
+                LogFormat::Json => builder.json().init(),
+            }
+            tracing::warn!(error = %e, "cannot start the log thread; logging unbuffered");
+            None
+        }
     }
-    guard
 }
 
 fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -183,6 +190,8 @@ fn run(config: Option<PathBuf>) -> ExitCode {
             token.cancel();
             wait_for_signal(term.as_mut()).await;
             tracing::warn!("second signal: exiting now (nothing acknowledged is lost)");
+            // The log thread writes buffered lines within LINGER.
+            tokio::time::sleep(postern::logging::LINGER * 2).await;
             std::process::exit(0);
         });
         gateway.wait().await;

@@ -685,7 +685,15 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
         f["sessions_mean"] = mean(a + b for _, a, b in cs)
         f["sessions_accepted_mean"] = mean(a for _, a, _ in cs)
         f["sessions_backlog_mean"] = mean(b for _, _, b in cs)
-        f["sessions_per_worker"] = f["sessions_mean"] / store.workers
+        # against the workers the store had at each sample (scenario e changes them)
+        changes = sorted((t_first + c["t"], c["workers"]) for c in (st or {}).get("capacity_changes", []))
+        def workers_at(t):
+            w = store.workers
+            for at, n in changes:
+                if t >= at:
+                    w = n
+            return w
+        f["sessions_per_worker"] = mean((a + b) / workers_at(t) for t, a, b in cs)
 
     f["left_queued"] = sum(mval(g.last, "postern_queue_messages") for g in gws)
     f["deferred"] = sum(g.total("postern_deliveries_total", outcome="deferred") for g in gws)

@@ -32,6 +32,8 @@ struct SyncState {
     failed: Vec<(u64, u64, i32)>,
     wakers: Vec<(u64, Waker)>,
     closed: bool,
+    /// Threads blocked in [`Syncer::wait`].
+    blocked: usize,
 }
 
 impl SyncState {
@@ -53,7 +55,7 @@ impl SyncState {
 
 impl Syncer {
     pub(super) fn publish(&self, from: u64, upto: u64, errno: Option<i32>) {
-        let wakers = {
+        let (wakers, blocked) = {
             let mut st = lock(&self.state);
             if let Some(e) = errno {
                 st.failed.push((from, upto, e));
@@ -66,10 +68,15 @@ impl Syncer {
                 .into_iter()
                 .partition(|(l, _)| *l <= upto);
             st.wakers = waiting;
-            ready
+            (ready, st.blocked > 0)
         };
-        self.cv.notify_all();
-        for (_, w) in wakers {
+        if blocked {
+            self.cv.notify_all();
+        }
+        // Newest first: a Commit (a client waits for its 250) is usually the last append of
+        // its batch, after the delivery outcomes that rode along with it; tasks woken from
+        // this thread run in the order they are woken.
+        for (_, w) in wakers.into_iter().rev() {
             w.wake();
         }
     }
@@ -94,7 +101,9 @@ impl Syncer {
             if let Some(r) = st.outcome(lsn) {
                 return r;
             }
+            st.blocked += 1;
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.blocked -= 1;
         }
     }
 }

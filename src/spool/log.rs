@@ -11,7 +11,11 @@
 //! the directory needs a sync), `fdatasync` each file (usually one), `fsync` the directory if
 //! a segment was created, then resolve every waiter whose LSN is covered. While one
 //! `fdatasync` runs, the next batch accumulates, so N sessions finishing DATA together share
-//! one flush and the rate is not capped at one flush per message.
+//! one flush and the rate is not capped at one flush per message. The committer is woken only
+//! when it would not look in time by itself: for a `Now` append, and for a `Soon` one only
+//! while it is idle (it polls every [`SOON`] for a second after each batch; a `Lazy` append
+//! never wakes it, it never sleeps as long as [`LAZY`]). A delivery's outcome records thus
+//! cost no thread wake-up of their own.
 //!
 //! **Waiters.** A [`Durable`] is the promise of one append: a future for tokio code (it never
 //! blocks a runtime thread; the committer wakes it) and [`Durable::wait`] for plain threads.
@@ -137,6 +141,10 @@ struct LogState {
     retire: bool,
     unsynced: Vec<Unsynced>,
     shutdown: bool,
+    /// While the committer waits: when it looks again without being woken.
+    waits_until: Option<Instant>,
+    /// When the committer last took a batch.
+    last_batch: Option<Instant>,
 }
 
 /// Counters for the benchmark and metrics.
@@ -209,6 +217,8 @@ impl Log {
                 retire: false,
                 unsynced: Vec::new(),
                 shutdown: false,
+                waits_until: None,
+                last_batch: None,
             }),
             work: Condvar::new(),
             syncer: Arc::new(Syncer::default()),
@@ -265,12 +275,14 @@ impl Log {
         if st.offset + PREALLOCATE / 2 > st.prealloc {
             self.preallocate(&mut st);
         }
-        // Wake the committer only when its deadline moves: at once for `Now`, for the
-        // first `Soon` or `Lazy` append of a batch (to arm its timer).
+        // Wake the committer only when its deadline moves and it would not look in time on
+        // its own: at once for `Now`; for the first `Soon` or `Lazy` append of a batch only
+        // if it waits longer than that append may (it polls every SOON while busy, and
+        // never waits as long as LAZY). A committer that is syncing looks when it is done.
         let wake = match flush {
             Flush::Now => !std::mem::replace(&mut st.now, true),
-            Flush::Soon => first_since(&mut st.soon),
-            Flush::Lazy => first_since(&mut st.lazy),
+            Flush::Soon => first_since(&mut st.soon) && waits_past(st.waits_until, SOON),
+            Flush::Lazy => first_since(&mut st.lazy) && waits_past(st.waits_until, LAZY),
         };
         let loc = Loc {
             seg: st.active.number,
@@ -371,19 +383,27 @@ impl Log {
             if pending && (st.now || st.shutdown || st.dir_dirty || due.is_some_and(|d| d <= now)) {
                 break;
             }
-            let until = due.map_or(deadline, |d| d.min(deadline));
+            let mut until = due.map_or(deadline, |d| d.min(deadline));
+            // Busy (a batch within the last second): look every SOON, so that appends of
+            // outcomes need not wake this thread (see `append_parts`).
+            if st.last_batch.is_some_and(|t| now.duration_since(t) < BUSY) {
+                until = until.min(now + SOON);
+            }
             if now >= until && !pending {
                 return None;
             }
             if now >= deadline {
                 return None;
             }
+            st.waits_until = Some(until);
             st = self
                 .work
                 .wait_timeout(st, until.saturating_duration_since(now))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.waits_until = None;
         }
+        st.last_batch = Some(Instant::now());
         let mut segments = std::mem::take(&mut st.dirty);
         if st.active_dirty {
             segments.push(Arc::clone(&st.active));
@@ -540,6 +560,15 @@ impl Log {
     pub(crate) fn sync_dir(&self) -> io::Result<()> {
         self.dir_file.sync_all()
     }
+}
+
+/// How long after its last batch the committer polls every [`SOON`].
+const BUSY: Duration = Duration::from_secs(1);
+
+/// The committer waits beyond `limit` from now (so an append due within `limit` must wake
+/// it). Not waiting: it looks when its sync is done.
+fn waits_past(waits_until: Option<Instant>, limit: Duration) -> bool {
+    waits_until.is_some_and(|u| u > Instant::now() + limit)
 }
 
 /// Starts `since` now if it is not running; true if it was not.
