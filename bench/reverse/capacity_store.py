@@ -27,7 +27,11 @@ Output:
                 worker start) and service time (mean/p50/p95/max, ms), worker
                 utilisation, capacity (W/S averaged over the busy period),
                 per-peer counts, deliveries per second, own CPU
-                and event-loop lag (to show it was not the bottleneck).
+                and event-loop lag (to show it was not the bottleneck);
+                in backlog mode, where the time of the workers held by
+                sessions went (held_seconds: accepted -> first MAIL,
+                MAIL -> final reply, between transactions, last reply ->
+                close, sessions that carried none).
   --ready FILE  written (with the pid) once listening.
 
 Usage: capacity_store.py --listen 127.0.0.1:PORT|unix:/path --workers 5
@@ -125,23 +129,33 @@ class Store:
         self.cpu_buckets = {}
         self.capacity_changes = []
         self.tasks = set()
+        # backlog mode: where the time of workers held by sessions goes (seconds):
+        # accepted -> first MAIL, service, between transactions, last one -> close,
+        # sessions that never carried a transaction
+        self.held = collections.Counter()
         self.log = open(args.log, "a", buffering=1 << 16) if args.log else None
 
     # --- sessions -------------------------------------------------------
     async def session(self, reader, writer, holds_worker):
         self.sessions_open += 1
         self.sessions_total += 1
+        mark = {"accepted": time.time(), "last_end": None}
         try:
-            await self.converse(reader, writer, holds_worker)
+            await self.converse(reader, writer, holds_worker, mark)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             self.sessions_open -= 1
             if holds_worker:
                 self.workers.release()
+                now = time.time()
+                if mark["last_end"] is None:
+                    self.held["unused"] += now - mark["accepted"]
+                else:
+                    self.held["last_to_close"] += now - mark["last_end"]
             writer.close()
 
-    async def converse(self, reader, writer, holds_worker):
+    async def converse(self, reader, writer, holds_worker, mark):
         writer.write(b"220 capacity-store LMTP ready\r\n")
         sender, rcpts = None, []
         while True:
@@ -149,6 +163,13 @@ class Store:
             if not line:
                 return
             verb = line[:4].upper()
+            if verb == b"MAIL" and holds_worker:
+                now = time.time()
+                if mark["last_end"] is None:
+                    self.held["accept_to_first"] += now - mark["accepted"]
+                else:
+                    self.held["between"] += now - mark["last_end"]
+                mark["txn_start"] = now
             if verb in (b"LHLO", b"EHLO"):
                 sender, rcpts = None, []
                 writer.write(LHLO_REPLY)
@@ -171,6 +192,10 @@ class Store:
                 first = await reader.readline()
                 body = b"" if first == b".\r\n" else first + await reader.readuntil(b"\r\n.\r\n")
                 await self.deliver(body, rcpts, writer, holds_worker)
+                if holds_worker:
+                    now = time.time()
+                    self.held["transaction"] += now - mark.get("txn_start", now)
+                    mark["last_end"] = now
                 sender, rcpts = None, []
             elif verb == b"RSET":
                 sender, rcpts = None, []
@@ -352,6 +377,7 @@ class Store:
             # deliveries/s the workers allow, averaged over the busy period
             "capacity_mean": round(worker_seconds / busy / (self.args.service_ms / 1000.0), 1) if busy else None,
             "per_second": [self.buckets.get(i, 0) for i in range(int(busy) + 1)] if self.t_first else [],
+            "held_seconds": {k: round(v, 3) for k, v in self.held.items()},
             "cpu_percent_per_second": self.cpu_buckets,
             "cpu_seconds": round(self.cpu(), 3),
             "loop_lag_ms": {"mean": round(1000 * sum(lag) / len(lag), 2) if lag else None,

@@ -731,6 +731,11 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
                 capacity * store.service_ms * max(end - t_first, 1e-3))
         f["store_cpu_max_pct"] = max(st["cpu_percent_per_second"].values(), default=None)
         f["store_waiting_mean"] = st["waiting_for_worker"]["mean"]
+        held = st.get("held_seconds") or {}
+        total = sum(held.values())
+        if total:
+            for k in ("accept_to_first", "transaction", "between", "last_to_close", "unused"):
+                f["held_%s_pct" % k] = 100.0 * held.get(k, 0.0) / total
     if mine and scn.get("capacity_at") and st.get("capacity_changes"):
         f.update(follow(mine, t_first, st["capacity_changes"][0], store.service_ms))
     if phase["killed"]:
@@ -817,6 +822,11 @@ ROWS = [  # (key, label, format)
     ("queue_delay_p95_ms", "store queueing delay p95 (ms)", "%.1f"),
     ("service_ms", "store service time mean (ms)  [delay <= 2x]", "%.1f"),
     ("worker_util_pct", "store worker utilisation (%)", "%.0f"),
+    ("held_transaction_pct", "  held: MAIL -> final reply (%)", "%.0f"),
+    ("held_accept_to_first_pct", "  accepted -> first MAIL (%)", "%.0f"),
+    ("held_between_pct", "  between transactions (%)", "%.0f"),
+    ("held_last_to_close_pct", "  last reply -> close (%)", "%.0f"),
+    ("held_unused_pct", "  sessions with no transaction (%)", "%.0f"),
     ("share_dev_max", "max share deviation from 1/N (%) [<= 20]", "%.0f"),
     ("compete_s", "all-compete window (s)", "%.1f"),
     ("accepted", "messages accepted (250)", "%.0f"),

@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`backlog`] | whether a store keeps our new sessions waiting, and how long idle ones may then stay |
 //! | [`config`] | `kind: lmtp` and `kind: smtp` settings (address, TLS, AUTH, timeouts, normalisation) |
 //! | [`message`] | envelope, recipients, re-readable body, the per-recipient report |
 //! | [`downgrade`] | the body for a store without 8BITMIME: 8-bit parts as quoted-printable |
@@ -45,6 +46,7 @@
 //!
 //! SEE ALSO: RFC 2033 (LMTP), Postfix `lmtp(8)`, `smtp/smtp_trouble.c`.
 
+pub mod backlog;
 pub mod config;
 pub mod downgrade;
 pub mod edge_config;

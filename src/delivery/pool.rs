@@ -26,6 +26,11 @@
 //! session, that process then serves the next session in its backlog — another gateway's,
 //! in turn — instead of staying with whichever gateway connected first.
 //!
+//! **Idle sessions go back early to a store that queues sessions.** Once a greeting showed
+//! that the store keeps our new sessions waiting ([`crate::delivery::backlog`]), an idle
+//! session is closed after 50 ms instead of `idle_timeout` (and swept that often): it holds
+//! a store process another gateway's session waits for.
+//!
 //! The pool holds at most the store's `max_connections`; the store's concurrency window
 //! ([`crate::scheduler::gate`]) [`resize`](StorePool::resize)s it to the window, so no more
 //! sessions stay open at the store than the window allows. [`StorePool::status`] reports the
@@ -167,7 +172,7 @@ impl managed::Manager for Manager {
             conn.quit().await;
             return Err(RecycleError::message("reuse limit reached"));
         }
-        if conn.idle() >= self.store.idle_timeout() {
+        if conn.idle() >= self.store.idle_limit() {
             conn.quit().await;
             return Err(RecycleError::message("idle too long"));
         }
@@ -282,7 +287,7 @@ impl StorePool {
     /// Returns how many were closed.
     pub async fn sweep(&self) -> usize {
         let store = self.store();
-        let (idle, reuse) = (store.idle_timeout(), store.reuse_limit());
+        let (idle, reuse) = (store.idle_limit(), store.reuse_limit());
         let removed = self
             .pool
             .retain(|conn, _| conn.is_usable() && conn.idle() < idle && conn.age() < reuse)
@@ -308,16 +313,21 @@ impl StorePool {
     pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak = self.pool.weak();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
+            let mut pause = every;
             loop {
-                tick.tick().await;
+                tokio::time::sleep(pause).await;
                 let Some(pool) = weak.upgrade() else { return };
                 if pool.is_closed() {
                     return;
                 }
-                Self { pool }.sweep().await;
+                let me = Self { pool };
+                me.sweep().await;
+                // While the store queues our sessions, idle ones go back within LINGER.
+                pause = if me.store().queues_sessions() {
+                    every.min(crate::delivery::backlog::LINGER / 2)
+                } else {
+                    every
+                };
             }
         })
     }

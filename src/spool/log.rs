@@ -12,10 +12,11 @@
 //! a segment was created, then resolve every waiter whose LSN is covered. While one
 //! `fdatasync` runs, the next batch accumulates, so N sessions finishing DATA together share
 //! one flush and the rate is not capped at one flush per message. The committer is woken only
-//! when it would not look in time by itself: for a `Now` append, and for a `Soon` one only
-//! while it is idle (it polls every [`SOON`] for a second after each batch; a `Lazy` append
-//! never wakes it, it never sleeps as long as [`LAZY`]). A delivery's outcome records thus
-//! cost no thread wake-up of their own.
+//! when it would not look in time by itself: for a `Now` append (and a `Soon` one while no
+//! message is being accepted: it is then synced at once, see [`Flush::Soon`]), and for a
+//! `Soon` one during intake only while it is idle (it polls every [`SOON`] for a second after
+//! each batch; a `Lazy` append never wakes it, it never sleeps as long as [`LAZY`]). During
+//! intake a delivery's outcome records thus cost no thread wake-up of their own.
 //!
 //! **Waiters.** A [`Durable`] is the promise of one append: a future for tokio code (it never
 //! blocks a runtime thread; the committer wakes it) and [`Durable::wait`] for plain threads.
@@ -52,8 +53,11 @@ pub(crate) enum Flush {
     /// Somebody is waiting on the wire (a `250` for a Commit, an operator's command): the
     /// committer syncs at once.
     Now,
-    /// The outcome of a delivery: durable within [`SOON`], riding the sync of the next
-    /// `Now` append if one comes first. Its [`Durable`] resolves after that sync.
+    /// The outcome of a delivery: while messages are being accepted (a `Now` append within
+    /// the last [`SOON`]) it waits up to [`SOON`] to ride the sync of the next `Now` append;
+    /// otherwise it is synced at once (sharing the sync with whatever else is pending), so
+    /// that a transaction waiting on it does not idle for [`SOON`] when no intake comes to
+    /// share with. Its [`Durable`] resolves after that sync.
     Soon,
     /// Written (a crash of the process cannot lose it: it is in the page cache) but no
     /// sync of its own: it rides the next batch, within [`LAZY`] at the latest. Its
@@ -145,6 +149,8 @@ struct LogState {
     waits_until: Option<Instant>,
     /// When the committer last took a batch.
     last_batch: Option<Instant>,
+    /// When the last `Now` append came.
+    last_now: Option<Instant>,
 }
 
 /// Counters for the benchmark and metrics.
@@ -219,6 +225,7 @@ impl Log {
                 shutdown: false,
                 waits_until: None,
                 last_batch: None,
+                last_now: None,
             }),
             work: Condvar::new(),
             syncer: Arc::new(Syncer::default()),
@@ -279,8 +286,14 @@ impl Log {
         // its own: at once for `Now`; for the first `Soon` or `Lazy` append of a batch only
         // if it waits longer than that append may (it polls every SOON while busy, and
         // never waits as long as LAZY). A committer that is syncing looks when it is done.
+        let now = Instant::now();
+        let intake = st.last_now.is_some_and(|t| now.duration_since(t) < SOON);
         let wake = match flush {
-            Flush::Now => !std::mem::replace(&mut st.now, true),
+            Flush::Now => {
+                st.last_now = Some(now);
+                !std::mem::replace(&mut st.now, true)
+            }
+            Flush::Soon if !intake => !std::mem::replace(&mut st.now, true),
             Flush::Soon => first_since(&mut st.soon) && waits_past(st.waits_until, SOON),
             Flush::Lazy => first_since(&mut st.lazy) && waits_past(st.waits_until, LAZY),
         };
@@ -583,6 +596,48 @@ fn first_since(since: &mut Option<Instant>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn log(dir: &Path) -> Log {
+        Log::create(dir, 1, 1 << 20, BTreeMap::new(), 1, Arc::default()).unwrap()
+    }
+
+    /// Whether the committer would take a batch right now (without waiting).
+    fn due_now(log: &Log) -> bool {
+        log.next_batch(Duration::ZERO).is_some()
+    }
+
+    #[test]
+    fn an_outcome_waits_for_intake_only_while_there_is_intake() {
+        let d = tempfile::tempdir().unwrap();
+        let log = log(d.path());
+        // No message accepted lately: an outcome is due at once.
+        log.append(b"outcome", Reg::None, Flush::Soon).unwrap();
+        assert!(
+            due_now(&log),
+            "an outcome alone waited for a commit that is not coming"
+        );
+        // A commit just now: the next outcome waits (up to SOON) to share its sync. (Three
+        // trials: a box that stalls us for SOON between two appends fails one, not all.)
+        let mut waited = Vec::new();
+        for _ in 0..3 {
+            log.append(b"commit", Reg::None, Flush::Now).unwrap();
+            assert!(due_now(&log));
+            log.append(b"outcome", Reg::None, Flush::Soon).unwrap();
+            waited.push(!due_now(&log));
+            std::thread::sleep(SOON * 2);
+            assert!(due_now(&log), "the waiting outcome was not due after SOON");
+        }
+        assert!(
+            waited.contains(&true),
+            "an outcome during intake never waited to ride a commit"
+        );
+        // Long after the last commit: at once again.
+        log.append(b"outcome", Reg::None, Flush::Soon).unwrap();
+        assert!(due_now(&log));
+        // A Lazy append is never due on its own before LAZY.
+        log.append(b"done", Reg::None, Flush::Lazy).unwrap();
+        assert!(!due_now(&log));
+    }
 
     #[test]
     fn segment_names() {

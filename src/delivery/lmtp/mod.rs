@@ -115,6 +115,8 @@ pub struct RemoteStore {
     /// The per-phase latency histograms, looked up once (at first use, when the gateway's
     /// recorder is installed) rather than by name and labels on every phase.
     phases: std::sync::OnceLock<PhaseHistograms>,
+    /// Whether the store keeps our new sessions waiting (from its greetings).
+    backlog: crate::delivery::backlog::BacklogSign,
 }
 
 /// The phases of [`crate::metrics::PHASE_LATENCY`]: the scheduler times the first and the
@@ -261,6 +263,7 @@ impl RemoteStore {
         let t = &config.timeouts;
         Ok(Self {
             phases: std::sync::OnceLock::new(),
+            backlog: crate::delivery::backlog::BacklogSign::default(),
             name: store,
             protocol,
             address: config.address.clone(),
@@ -327,6 +330,17 @@ impl RemoteStore {
         self.idle_timeout
     }
 
+    /// How long a pooled connection may stay idle now: `idle_timeout`, or much less while
+    /// the store keeps our new sessions waiting in its backlog ([`crate::delivery::backlog`]).
+    pub fn idle_limit(&self) -> Duration {
+        self.backlog.idle_limit(self.idle_timeout, Instant::now())
+    }
+
+    /// The store kept one of our new sessions waiting lately ([`crate::delivery::backlog`]).
+    pub fn queues_sessions(&self) -> bool {
+        self.backlog.queues(Instant::now())
+    }
+
     /// A connection older than this is not reused.
     pub fn reuse_limit(&self) -> Duration {
         self.reuse_limit
@@ -369,6 +383,8 @@ impl RemoteStore {
         let proto = ClientConnection::new(self.protocol, self.local_name.clone());
         let mut wire = Wire::new(io, proto);
         let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
+        // Greeting and LHLO only (not STARTTLS or AUTH): how long the store left us waiting.
+        self.backlog.observe(mark.elapsed(), Instant::now());
         let mut tls = false;
         if let Some(settings) = &self.tls {
             if caps.starttls {

@@ -1,0 +1,108 @@
+//! Whether a store keeps our new sessions waiting in its listen backlog, from how long its
+//! greeting takes; and how long an idle session may then hold one of its processes.
+//!
+//! A store that runs one process per session (Cyrus `maxchild`, Dovecot `process_limit`)
+//! accepts a connection only when a process is free; the rest wait unanswered. Every session
+//! we keep idle in the pool then holds a process that another gateway's connection waits
+//! for. Measured with `bench/reverse/run.py --scenario a2` (three gateways, a five-worker
+//! backlog store): 12 % of the workers' time went to sessions idle in a pool before they were
+//! closed at `idle_timeout` (2 s). So once a greeting (with LHLO) took clearly longer than
+//! the store's usual one, idle sessions to that store are given back after [`LINGER`] instead
+//! of `idle_timeout`, for [`MEMORY`] after the last such greeting: long enough for the
+//! gateway's next transaction to take the session, short enough that the process goes to
+//! whoever waits for it.
+//!
+//! Pure: time comes in as arguments.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A greeting (with LHLO) at least this long, and [`FACTOR`] times the fastest seen, was
+/// queued.
+pub const QUEUED: Duration = Duration::from_millis(50);
+/// How many times the store's fastest greeting a queued one takes at least.
+pub const FACTOR: u32 = 4;
+/// How long after a queued greeting idle sessions are given back early.
+pub const MEMORY: Duration = Duration::from_secs(10);
+/// How long an idle session is kept while the store queues sessions.
+pub const LINGER: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Default)]
+struct Seen {
+    fastest: Option<Duration>,
+    queued_at: Option<Instant>,
+}
+
+/// What the greetings of one store showed.
+#[derive(Debug, Default)]
+pub struct BacklogSign {
+    seen: Mutex<Seen>,
+}
+
+impl BacklogSign {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new session's greeting and LHLO took `took`, ending `now`.
+    pub fn observe(&self, took: Duration, now: Instant) {
+        let mut s = self.lock();
+        let fastest = s.fastest.map_or(took, |f| f.min(took));
+        s.fastest = Some(fastest);
+        if took >= QUEUED && took >= fastest * FACTOR {
+            s.queued_at = Some(now);
+        }
+    }
+
+    /// The store queued one of our sessions within [`MEMORY`] before `now`.
+    pub fn queues(&self, now: Instant) -> bool {
+        self.lock()
+            .queued_at
+            .is_some_and(|t| now.saturating_duration_since(t) < MEMORY)
+    }
+
+    /// How long an idle session may stay pooled at `now`: `idle_timeout`, or [`LINGER`]
+    /// while the store queues sessions.
+    pub fn idle_limit(&self, idle_timeout: Duration, now: Instant) -> Duration {
+        if self.queues(now) {
+            idle_timeout.min(LINGER)
+        } else {
+            idle_timeout
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_slow_greeting_shortens_idle_sessions_for_a_while() {
+        let sign = BacklogSign::default();
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(2);
+        sign.observe(2 * MS, t0);
+        sign.observe(10 * MS, t0);
+        assert_eq!(sign.idle_limit(idle, t0), idle, "a few ms is no queue");
+        sign.observe(900 * MS, t0 + MS);
+        assert_eq!(sign.idle_limit(idle, t0 + 2 * MS), LINGER);
+        assert_eq!(sign.idle_limit(idle, t0 + MS + MEMORY), idle, "forgotten");
+        // never longer than the configured timeout
+        sign.observe(900 * MS, t0 + MEMORY);
+        assert_eq!(sign.idle_limit(10 * MS, t0 + MEMORY), 10 * MS);
+    }
+
+    #[test]
+    fn a_far_store_whose_greetings_are_all_slow_is_not_queueing() {
+        let sign = BacklogSign::default();
+        let t0 = Instant::now();
+        for ms in [80, 95, 120, 90] {
+            sign.observe(ms * MS, t0);
+        }
+        assert!(!sign.queues(t0));
+        sign.observe(400 * MS, t0);
+        assert!(sign.queues(t0));
+    }
+}
