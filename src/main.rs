@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use postern::config::{Config, EMBEDDED_NAME};
 use postern::gateway::Gateway;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// An LMTP-focused mail gateway: a durable spool in front of Cyrus and Dovecot stores.
 #[derive(Debug, Parser)]
@@ -66,29 +67,23 @@ fn init_logging(format: LogFormat) -> Option<postern::logging::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard, failed) = match postern::logging::buffered(std::io::stderr()) {
+        Ok((writer, guard)) => (BoxMakeWriter::new(writer), Some(guard), None),
+        // No thread for the log: each line is written directly.
+        Err(e) => (BoxMakeWriter::new(std::io::stderr), None, Some(e)),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colour);
-    match postern::logging::buffered(std::io::stderr()) {
-        Ok((writer, guard)) => {
-            let builder = builder.with_writer(writer);
-            match format {
-                LogFormat::Human => builder.init(),
-                LogFormat::Json => builder.json().init(),
-            }
-            Some(guard)
-        }
-        Err(e) => {
-            // No thread for the log: write each line directly.
-            let builder = builder.with_writer(std::io::stderr);
-            match format {
-                LogFormat::Human => builder.init(),
-                LogFormat::Json => builder.json().init(),
-            }
-            tracing::warn!(error = %e, "cannot start the log thread; logging unbuffered");
-            None
-        }
+        .with_ansi(colour)
+        .with_writer(writer);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "cannot start the log thread; logging unbuffered");
+    }
+    guard
 }
 
 fn load(config: Option<&PathBuf>) -> Result<Config, ExitCode> {

@@ -294,8 +294,8 @@ impl Log {
                 !std::mem::replace(&mut st.now, true)
             }
             Flush::Soon if !intake => !std::mem::replace(&mut st.now, true),
-            Flush::Soon => first_since(&mut st.soon) && waits_past(st.waits_until, SOON),
-            Flush::Lazy => first_since(&mut st.lazy) && waits_past(st.waits_until, LAZY),
+            Flush::Soon => first_since(&mut st.soon, now) && waits_past(st.waits_until, now, SOON),
+            Flush::Lazy => first_since(&mut st.lazy, now) && waits_past(st.waits_until, now, LAZY),
         };
         let loc = Loc {
             seg: st.active.number,
@@ -580,16 +580,16 @@ const BUSY: Duration = Duration::from_secs(1);
 
 /// The committer waits beyond `limit` from now (so an append due within `limit` must wake
 /// it). Not waiting: it looks when its sync is done.
-fn waits_past(waits_until: Option<Instant>, limit: Duration) -> bool {
-    waits_until.is_some_and(|u| u > Instant::now() + limit)
+fn waits_past(waits_until: Option<Instant>, now: Instant, limit: Duration) -> bool {
+    waits_until.is_some_and(|u| u > now + limit)
 }
 
-/// Starts `since` now if it is not running; true if it was not.
-fn first_since(since: &mut Option<Instant>) -> bool {
+/// Starts `since` at `now` if it is not running; true if it was not.
+fn first_since(since: &mut Option<Instant>, now: Instant) -> bool {
     if since.is_some() {
         return false;
     }
-    *since = Some(Instant::now());
+    *since = Some(now);
     true
 }
 
