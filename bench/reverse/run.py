@@ -445,6 +445,8 @@ class SmtpSource:
         self.argv = ["smtp-source", "-s", str(args.sessions), "-m", str(messages), "-N",
                      "-l", str(args.size), "-f", "sender@example.org",
                      "-t", "%s@%s" % (tag, DOMAIN), "127.0.0.1:%d" % gw.smtp_port]
+        if args.pace:
+            self.argv[1:1] = ["-w", str(args.pace)]
         self.out = os.path.join(wd, "load-%s.out" % gw.name)
         self.proc = None
         self.t_end = None
@@ -907,6 +909,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario and binary; medians")
     ap.add_argument("--gateways", type=int, default=3)
     ap.add_argument("--sessions", type=int, default=5, help="SMTP sessions per gateway (smtp-source -s)")
+    ap.add_argument("--pace", type=int, default=0,
+                    help="seconds each SMTP session waits between messages (smtp-source -w): "
+                         "steady intake, e.g. --sessions 75 --pace 1 is 75 msg/s per gateway")
     ap.add_argument("--size", type=int, default=4096, help="message body bytes (smtp-source -l)")
     ap.add_argument("--max-connections", type=int, default=20, help="each gateway's store max_connections")
     ap.add_argument("--workers", type=int, default=5,

@@ -20,6 +20,10 @@ use crate::metrics as m;
 use crate::scheduler::gate::{Gate, Signal};
 use crate::scheduler::window::is_busy;
 
+/// Whose turn a verification waits for at a full window: all verifications are one client
+/// (they take turns with the proxied transactions of each upstream client).
+const VERIFIER: &str = "recipient verification";
+
 /// Asks the store behind `pool` about `rcpt`, within `limit`.
 pub(crate) async fn ask(
     store: &str,
@@ -49,7 +53,7 @@ async fn query(
     deadline: Instant,
 ) -> Verdict {
     let Some(permit) = gate
-        .acquire(deadline.saturating_duration_since(Instant::now()))
+        .acquire(deadline.saturating_duration_since(Instant::now()), VERIFIER)
         .await
     else {
         return Verdict::Unavailable("no slot in the store's window".into());

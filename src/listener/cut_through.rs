@@ -241,7 +241,7 @@ async fn deliver(
         for batch in rcpts.chunks(agent.recipients_per_transaction()) {
             let (report, why) = match down {
                 Some(why) => (Report::default(), why),
-                None => relay(shared, store, agent, envelope, batch, &t.body).await,
+                None => relay(shared, store, agent, envelope, batch, t).await,
             };
             if down.is_none() && (why == BUSY || report.scope() == Scope::Store) {
                 down = Some(why);
@@ -270,8 +270,8 @@ async fn deliver(
 }
 
 /// One transaction at `store`, inside its concurrency window (the store's gate, shared with
-/// the scheduler and every other proxy session): the one place the window is entered and
-/// left. No slot within `proxy_wait`: every recipient of the batch is not attempted, the
+/// the scheduler and every other proxy session; while it is full, the waiting clients take
+/// turns): the one place the window is entered and left. No slot within `proxy_wait`: every recipient of the batch is not attempted, the
 /// store "is busy". Returns the report and, for recipients not attempted, why.
 async fn relay(
     shared: &Shared,
@@ -279,10 +279,10 @@ async fn relay(
     agent: &Agent,
     envelope: &OutboundEnvelope,
     batch: &[Recipient],
-    body: &[u8],
+    t: &Transaction<'_>,
 ) -> (Report, &'static str) {
     let permit = match shared.agents.gate(store) {
-        Some(gate) => match gate.acquire(shared.config.proxy_wait.0).await {
+        Some(gate) => match gate.acquire(shared.config.proxy_wait.0, &t.client).await {
             Some(permit) => Some(permit),
             None => {
                 let report = crate::delivery::policy::settle_all(
@@ -296,7 +296,9 @@ async fn relay(
         // Every configured store has a gate; an agent without one runs unthrottled.
         None => None,
     };
-    let attempt = agent.deliver(envelope, batch, body, &mut |_, _| {}).await;
+    let attempt = agent
+        .deliver(envelope, batch, t.body.as_slice(), &mut |_, _| {})
+        .await;
     if let Some(permit) = permit {
         permit.finish(&attempt.report);
     }

@@ -5,8 +5,12 @@
 //!
 //! A transaction holds a [`Permit`] from start to end. [`Gate::try_acquire`] never waits (the
 //! scheduler dispatches from its event loop); [`Gate::acquire`] waits up to a bound (a proxy
-//! session). Finishing a permit with the transaction's [`Report`] feeds the window: the
-//! latency sample on success, a hard signal on a refusal, a lost connection or a busy reply.
+//! session, a recipient verification). Waiting transactions get freed slots by their client's
+//! turn ([`Turns`]: so gateways feeding one concentrator share its store evenly), and before
+//! the scheduler: they have a client waiting on them, the scheduler's messages are already
+//! safe in the spool and wait for the next free slot that nobody waits for. Finishing a
+//! permit with the transaction's [`Report`] feeds the window: the latency sample on success,
+//! a hard signal on a refusal, a lost connection or a busy reply.
 //! A permit dropped without [`Permit::finish`] just frees its slot. When the window changes,
 //! the store's connection pool (if it has one) is resized to it, so no more sessions stay
 //! open at the store than the window admits (rounded up: a transaction admitted on the
@@ -20,10 +24,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use metrics::gauge;
-use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::sync::oneshot;
 
 use super::metrics as m;
+use super::turns::Turns;
 use super::window::{PROBE_LIMIT, Window, is_busy};
 use crate::delivery::{Report, Scope, StorePool};
 
@@ -33,13 +37,46 @@ type Waker = Box<dyn Fn() + Send + Sync>;
 struct State {
     window: Window,
     in_flight: usize,
+    /// Transactions waiting for a slot ([`Gate::acquire`]).
+    turns: Turns,
+}
+
+impl State {
+    /// A slot if the window has room for one more transaction.
+    fn take(&mut self) -> bool {
+        if !self.window.admits(self.in_flight) {
+            self.window.on_full();
+            return false;
+        }
+        self.in_flight += 1;
+        if self.in_flight >= self.window.limit() {
+            self.window.on_full();
+        }
+        true
+    }
+
+    /// Hands free slots to waiters, in turn, while the window has room. True when nobody
+    /// waits any more.
+    fn grant(&mut self) -> bool {
+        while !self.turns.is_empty() && self.take() {
+            match self.turns.next() {
+                Some(waiter) => {
+                    if waiter.send(()).is_err() {
+                        // It stopped waiting between the check and now: the slot is free.
+                        self.in_flight -= 1;
+                    }
+                }
+                None => self.in_flight -= 1,
+            }
+        }
+        self.turns.is_empty()
+    }
 }
 
 /// One store's gate. Shared (`Arc`).
 pub struct Gate {
     store: String,
     state: Mutex<State>,
-    freed: Notify,
     /// The scheduler tried and found no room: wake it when a slot frees.
     wanted: AtomicBool,
     waker: Mutex<Option<Waker>>,
@@ -92,8 +129,8 @@ impl Gate {
             state: Mutex::new(State {
                 window,
                 in_flight: 0,
+                turns: Turns::default(),
             }),
-            freed: Notify::new(),
             wanted: AtomicBool::new(false),
             waker: Mutex::new(None),
             pool,
@@ -123,59 +160,62 @@ impl Gate {
         *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(waker));
     }
 
-    /// A slot now, or none (and the waker is called when one frees).
+    /// A slot now, or none (and the waker is called when one frees that nobody waits for).
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut s = self.lock();
-        let in_flight = s.in_flight;
-        if !s.window.admits(in_flight) {
-            s.window.on_full();
+        if !s.turns.is_empty() || !s.take() {
             self.wanted.store(true, Ordering::Release);
             return None;
         }
-        s.in_flight += 1;
-        if s.in_flight >= s.window.limit() {
-            s.window.on_full();
-        }
-        Some(Permit {
+        Some(self.permit())
+    }
+
+    fn permit(self: &Arc<Self>) -> Permit {
+        Permit {
             gate: Arc::clone(self),
             started: SystemTime::now(),
             done: false,
-        })
+        }
     }
 
-    /// A slot, waiting at most `wait` for one.
-    pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Option<Permit> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let mut s = self.lock();
-                let in_flight = s.in_flight;
-                if s.window.admits(in_flight) {
-                    s.in_flight += 1;
-                    if s.in_flight >= s.window.limit() {
-                        s.window.on_full();
-                    }
-                    return Some(Permit {
-                        gate: Arc::clone(self),
-                        started: SystemTime::now(),
-                        done: false,
-                    });
-                }
-                s.window.on_full();
+    /// A slot, waiting at most `wait` for one behind the other waiters, in `client`'s turn.
+    pub async fn acquire(self: &Arc<Self>, wait: Duration, client: &str) -> Option<Permit> {
+        let (ticket, rx) = {
+            let mut s = self.lock();
+            if s.turns.is_empty() && s.take() {
+                return Some(self.permit());
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return None;
-            }
+            s.turns.wait(client)
+        };
+        let mut waiting = Waiting {
+            gate: self,
+            ticket,
+            rx,
+            over: false,
+        };
+        let granted = matches!(
+            tokio::time::timeout(wait, &mut waiting.rx).await,
+            Ok(Ok(()))
+        );
+        if granted {
+            waiting.over = true;
+            return Some(self.permit());
         }
+        // Timed out, unless the slot came just now: decided under the lock that grants.
+        let mut s = self.lock();
+        waiting.over = true;
+        if waiting.rx.try_recv().is_ok() {
+            return Some(self.permit());
+        }
+        s.turns.forget(ticket);
+        None
     }
 
     /// Back to the initial window (the store came back after being down).
     pub fn restart(&self) {
         let mut s = self.lock();
         s.window.restart();
+        s.grant();
         self.publish(&s);
     }
 
@@ -210,30 +250,33 @@ impl Gate {
     /// Ends an overdue probe and lets whoever waits for a slot try again. True when no probe
     /// runs any more.
     fn end_overdue_probe(&self) -> bool {
-        let (ended, running) = {
+        let (running, nobody_waits) = {
             let mut s = self.lock();
             let ended = s.window.end_overdue_probe(SystemTime::now());
-            (ended, s.window.is_probing())
+            let nobody_waits = ended && s.grant();
+            (s.window.is_probing(), nobody_waits)
         };
-        if ended {
-            self.freed.notify_waiters();
+        if nobody_waits {
             self.wanted.store(false, Ordering::Release);
-            if let Some(wake) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
-                wake();
-            }
+            self.wake_scheduler();
         }
         !running
     }
 
+    /// Frees a slot: to the next waiter, else to the scheduler if it asked.
     fn release(&self) {
-        {
+        let nobody_waits = {
             let mut s = self.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
+            s.grant()
+        };
+        if nobody_waits && self.wanted.swap(false, Ordering::AcqRel) {
+            self.wake_scheduler();
         }
-        self.freed.notify_waiters();
-        if self.wanted.swap(false, Ordering::AcqRel)
-            && let Some(wake) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner())
-        {
+    }
+
+    fn wake_scheduler(&self) {
+        if let Some(wake) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
             wake();
         }
     }
@@ -249,6 +292,35 @@ impl Gate {
             // transaction admitted on the window's fraction must not wait for a connection,
             // or the wait counts as latency at the store.
             pool.resize(s.window.admitted());
+        }
+    }
+}
+
+/// A waiter's place in the gate's [`Turns`] while [`Gate::acquire`] waits. Dropped before the
+/// wait is over (the waiting session went away): leaves the line, or frees the slot that was
+/// granted to it meanwhile.
+struct Waiting<'a> {
+    gate: &'a Arc<Gate>,
+    ticket: u64,
+    rx: oneshot::Receiver<()>,
+    over: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.over {
+            return;
+        }
+        let granted = {
+            let mut s = self.gate.lock();
+            let granted = self.rx.try_recv().is_ok();
+            if !granted {
+                s.turns.forget(self.ticket);
+            }
+            granted
+        };
+        if granted {
+            self.gate.release();
         }
     }
 }
@@ -283,6 +355,81 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
             self.gate.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::Report;
+    use crate::scheduler::window::WindowSettings;
+
+    fn gate(width: usize) -> Arc<Gate> {
+        Gate::new(
+            "s",
+            Window::with_settings(WindowSettings::feedback(width, width)),
+            None,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_clients_take_turns_and_come_before_the_scheduler() {
+        let gate = gate(1);
+        let held = gate.try_acquire().expect("an empty window admits");
+        let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+        for client in ["a", "a", "a", "b", "c"] {
+            let gate = Arc::clone(&gate);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let permit = gate.acquire(Duration::from_secs(60), client).await;
+                let _ = tx.send(client);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                drop(permit);
+            });
+            // Let it queue before the next one comes.
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        assert!(
+            gate.try_acquire().is_none(),
+            "the scheduler waits behind them"
+        );
+        drop(held);
+        let mut got = String::new();
+        while let Some(c) = order.recv().await {
+            got.push_str(c);
+        }
+        assert_eq!(got, "abcaa");
+        assert!(
+            gate.try_acquire().is_some(),
+            "the slot is free once nobody waits"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_goes_away_leaves_no_slot_taken() {
+        let gate = gate(1);
+        let held = gate.try_acquire().expect("an empty window admits");
+        // One gives up at its deadline, one is dropped while waiting.
+        let timed_out = gate.acquire(Duration::from_millis(10), "a");
+        let mut dropped = Box::pin(gate.acquire(Duration::from_secs(60), "b"));
+        assert!(futures_poll(&mut dropped).is_none());
+        assert!(timed_out.await.is_none());
+        // The slot is granted to "b" when freed, but "b" is gone: it must come back.
+        held.finish(&Report::default());
+        drop(dropped);
+        assert_eq!(gate.status().1, 0, "nothing in flight");
+        assert!(gate.try_acquire().is_some());
+    }
+
+    /// Polls a future once.
+    fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
         }
     }
 }

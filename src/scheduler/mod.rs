@@ -78,6 +78,7 @@ mod operator;
 pub mod retry;
 mod shard;
 mod transaction;
+mod turns;
 mod unroutable;
 pub mod window;
 #[cfg(test)]
