@@ -495,3 +495,76 @@ async fn a_store_refusing_the_session_is_tried_once_per_transaction() {
     assert!(gw.gateway.spool.is_empty());
     gw.gateway.stop().await;
 }
+
+/// Edges waiting for a full window take turns (by the name they gave in LHLO): an edge that
+/// queued several transactions does not get them all through before another edge's one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_waiting_for_a_full_window_take_turns() {
+    let store = FakeStore::start(Script {
+        reply_delay: Some(Duration::from_millis(400)),
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // One slot at the store; the waiting ones must not give up before their turn.
+    let text = yaml(dir.path(), store.addr.port(), false, "max_connections: 1")
+        .replace("proxy_wait: 500ms", "proxy_wait: 10s");
+    let gw = TestGateway {
+        gateway: Gateway::start(Config::parse(&text, "proxy.yaml").unwrap())
+            .await
+            .unwrap(),
+        dir,
+    };
+    let mut waiting = Vec::new();
+    for (i, (edge, rcpt)) in [
+        ("edge-a", "a1"),
+        ("edge-a", "a2"),
+        ("edge-a", "a3"),
+        ("edge-b", "b1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = gw.connect("lmtp").await;
+        assert_eq!(c.reply().await.code, 220);
+        c.cmd(&format!("LHLO {edge}"), 250).await;
+        let to = format!("{rcpt}@store.test");
+        waiting.push(tokio::spawn(async move {
+            transaction(&mut c, &[to.as_str()], rcpt, 1).await
+        }));
+        if i == 0 {
+            // a1 holds the slot before the others come.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while store.transactions().is_empty() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a1 never reached the store"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // Each waits at the window before the next comes.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for w in waiting {
+        let replies = w.await.unwrap();
+        assert_eq!(line(&replies[0]), "250 2.0.0 Saved");
+    }
+    let order: Vec<String> = store
+        .completed()
+        .iter()
+        .map(|t| t.rcpts.join(","))
+        .collect();
+    let at = |r: &str| {
+        order
+            .iter()
+            .position(|o| o.contains(r))
+            .unwrap_or_else(|| panic!("{r} not delivered: {order:?}"))
+    };
+    assert!(at("a1") < at("a2"), "{order:?}");
+    assert!(
+        at("b1") < at("a3"),
+        "edge b waited behind all of edge a's transactions: {order:?}"
+    );
+    gw.gateway.stop().await;
+}
