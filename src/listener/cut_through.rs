@@ -115,7 +115,7 @@ pub(crate) struct Transaction<'a> {
     pub(crate) targets: &'a [Target],
     /// Our `Received:` header, then the content.
     pub(crate) body: Vec<u8>,
-    /// `helo [ip]`, as the spool records it.
+    /// `helo [ip]`, as the spool records it; also whose turn it waits for at a full window.
     pub(crate) client: String,
     /// LMTP: one reply per accepted RCPT; SMTP: one.
     pub(crate) lmtp: bool,
@@ -271,8 +271,9 @@ async fn deliver(
 
 /// One transaction at `store`, inside its concurrency window (the store's gate, shared with
 /// the scheduler and every other proxy session; while it is full, the waiting clients take
-/// turns): the one place the window is entered and left. No slot within `proxy_wait`: every recipient of the batch is not attempted, the
-/// store "is busy". Returns the report and, for recipients not attempted, why.
+/// turns): the one place the window is entered and left. No slot within `proxy_wait`: every
+/// recipient of the batch is not attempted, the store "is busy". Returns the report and, for
+/// recipients not attempted, why.
 async fn relay(
     shared: &Shared,
     store: &str,
