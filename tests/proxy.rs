@@ -62,8 +62,18 @@ async fn start(port: u16, delivery: bool, max_connections: usize) -> TestGateway
 }
 
 async fn start_with(port: u16, delivery: bool, store_keys: &str) -> TestGateway {
+    start_edited(port, delivery, store_keys, |text| text).await
+}
+
+/// [`start_with`], the YAML passed through `edit` first.
+async fn start_edited(
+    port: u16,
+    delivery: bool,
+    store_keys: &str,
+    edit: impl FnOnce(String) -> String,
+) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
-    let text = yaml(dir.path(), port, delivery, store_keys);
+    let text = edit(yaml(dir.path(), port, delivery, store_keys));
     let config = Config::parse(&text, "proxy.yaml").unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     let gateway = Gateway::start(config).await.unwrap();
     TestGateway { gateway, dir }
@@ -505,16 +515,11 @@ async fn edges_waiting_for_a_full_window_take_turns() {
         ..Script::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
     // One slot at the store; the waiting ones must not give up before their turn.
-    let text = yaml(dir.path(), store.addr.port(), false, "max_connections: 1")
-        .replace("proxy_wait: 500ms", "proxy_wait: 10s");
-    let gw = TestGateway {
-        gateway: Gateway::start(Config::parse(&text, "proxy.yaml").unwrap())
-            .await
-            .unwrap(),
-        dir,
-    };
+    let gw = start_edited(store.addr.port(), false, "max_connections: 1", |text| {
+        text.replace("proxy_wait: 500ms", "proxy_wait: 10s")
+    })
+    .await;
     let mut waiting = Vec::new();
     for (i, (edge, rcpt)) in [
         ("edge-a", "a1"),

@@ -197,18 +197,8 @@ impl Gate {
             tokio::time::timeout(wait, &mut waiting.rx).await,
             Ok(Ok(()))
         );
-        if granted {
-            waiting.over = true;
-            return Some(self.permit());
-        }
         // Timed out, unless the slot came just now: decided under the lock that grants.
-        let mut s = self.lock();
-        waiting.over = true;
-        if waiting.rx.try_recv().is_ok() {
-            return Some(self.permit());
-        }
-        s.turns.forget(ticket);
-        None
+        (granted || waiting.end()).then(|| self.permit())
     }
 
     /// Back to the initial window (the store came back after being down).
@@ -306,20 +296,23 @@ struct Waiting<'a> {
     over: bool,
 }
 
+impl Waiting<'_> {
+    /// Ends the wait, under the gate's lock: true if a slot was granted meanwhile (it is
+    /// this waiter's now), else the waiter leaves the line.
+    fn end(&mut self) -> bool {
+        self.over = true;
+        let mut s = self.gate.lock();
+        let granted = self.rx.try_recv().is_ok();
+        if !granted {
+            s.turns.forget(self.ticket);
+        }
+        granted
+    }
+}
+
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.over {
-            return;
-        }
-        let granted = {
-            let mut s = self.gate.lock();
-            let granted = self.rx.try_recv().is_ok();
-            if !granted {
-                s.turns.forget(self.ticket);
-            }
-            granted
-        };
-        if granted {
+        if !self.over && self.end() {
             self.gate.release();
         }
     }

@@ -6,7 +6,8 @@
 //! gateways, and while the store's window is full their proxied transactions wait here. Served
 //! in one line, a gateway gets slots in proportion to how many transactions it keeps waiting,
 //! so the one whose window toward the concentrator happens to be widest takes most of the store
-//! (measured: one of three gateways with 63 % more than its share). In turns, every gateway
+//! (measured, `bench/reverse/run.py --scenario f`: one of three gateways with 30–86 % more
+//! than its share). In turns, every gateway
 //! that keeps one transaction waiting gets the same number of slots, and one that keeps more
 //! waiting only waits longer, which its own window reads as latency and gives back.
 //!
