@@ -193,12 +193,12 @@ impl Gate {
     /// us sessions, and [`LINE_EXTRA`] more. The store's own process limit bounds what it
     /// takes on; a window below the sessions it serves us only left its processes idle, or
     /// left us without a connect in the line when a process came free, and the store went to
-    /// the others. Measured with `bench/reverse/run.py` (three gateways, 2026-12-06), the
-    /// gateways' shares were off their third by a median of 21.5 % on Dovecot
-    /// (`process_limit = 5`, 12 runs) and 39 % on the backlog fake store (a2, 7 runs) with
-    /// the window alone; with the line (this and two earlier variants of it), by 10 % and
-    /// 15 % (11 and 7 runs), and with fewer sessions at the store (1.4–1.8× its processes,
-    /// from 1.6–2.0×). Elsewhere: none (`usize::MAX`), the window decides.
+    /// the others. Measured with `bench/reverse/run.py` (three gateways; figures in its
+    /// README), the shares' median deviation went from 21 to 10 % on Dovecot
+    /// (`process_limit = 5`) and from 39 to 16 % on the backlog fake store, with fewer
+    /// sessions at the store; not on Cyrus in short runs (14 to 18 %: whoever got the
+    /// processes first keeps them until `reuse_limit`). Elsewhere: none (`usize::MAX`), the
+    /// window decides.
     fn line(&self) -> usize {
         match &self.pool {
             Some(pool) if pool.store().queues_sessions() => pool.status().size + LINE_EXTRA,
