@@ -15,8 +15,7 @@
 //! unanswered in its listen backlog. A transaction that had to open a new connection waits
 //! for that greeting; if meanwhile another transaction of the same store gives its connection
 //! back ([`StorePool::release`]), that connection goes straight to the transaction that has
-//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once (one
-//! while the store queues our sessions: [`MAX_CONNECTING_QUEUED`]), and
+//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once, and
 //! each hands its connection to whoever waits first (or, when nobody does any more, closes
 //! it at once: we never hold more sessions than the pool counts), so only a couple of our
 //! sessions ever wait in a store's backlog. Without this, the transactions would sit on unanswered connects while the
@@ -74,13 +73,6 @@ impl Default for PoolOptions {
 /// store which queues sessions in its listen backlog (Cyrus `maxchild`, Dovecot
 /// `process_limit`) holds only a couple of ours there.
 const MAX_CONNECTING: usize = 2;
-/// Connects under way at once while the store queues our sessions
-/// ([`RemoteStore::queues_sessions`]): one, this gateway's place in the store's line. The
-/// store hands its processes to that line first come, first served, so every gateway that
-/// has mail waiting gets one in its turn (the window leaves that wait out of its latency
-/// for this reason: `crate::scheduler::gate`); with one each, N gateways keep N sessions
-/// waiting at the store, not 2N.
-const MAX_CONNECTING_QUEUED: usize = 1;
 
 /// Transactions waiting for a connection, and the connects under way for them.
 #[derive(Debug, Default)]
@@ -94,18 +86,13 @@ struct Handover {
 }
 
 impl Handover {
-    /// Starts a connect if fewer than [`MAX_CONNECTING`] (or [`MAX_CONNECTING_QUEUED`]), and
-    /// fewer than the transactions waiting, are under way: the store never sees more
-    /// sessions from us than the pool counts, but for a connect overtaken by a connection
-    /// given back, for the moment until it serves the next transaction or is closed.
+    /// Starts a connect if fewer than [`MAX_CONNECTING`], and fewer than the transactions
+    /// waiting, are under way: the store never sees more sessions from us than the pool
+    /// counts, but for a connect overtaken by a connection given back, for the moment until
+    /// it serves the next transaction or is closed.
     fn connect_if_needed(&mut self, store: &Arc<RemoteStore>, me: &Arc<Mutex<Self>>) {
         self.waiting.retain(|w| !w.is_closed());
-        let most = if store.queues_sessions() {
-            MAX_CONNECTING_QUEUED
-        } else {
-            MAX_CONNECTING
-        };
-        if self.connecting < most.min(self.waiting.len()) {
+        if self.connecting < MAX_CONNECTING.min(self.waiting.len()) {
             self.connecting += 1;
             spawn_connect(Arc::clone(store), Arc::clone(me));
         }
@@ -372,7 +359,6 @@ impl StorePool {
                         let waited = asked.elapsed();
                         let mut part = conn.deliver(envelope, batch, reader, on_outcome).await;
                         part.latency = part.latency.map(|l| l + waited);
-                        part.connection_wait = waited;
                         self.release(conn);
                         part
                     }
@@ -423,6 +409,6 @@ fn settle<F: FnMut(usize, &Outcome)>(
     Report {
         outcomes,
         trouble,
-        ..Report::default()
+        latency: None,
     }
 }

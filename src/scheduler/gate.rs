@@ -11,9 +11,7 @@
 //! safe in the spool and wait for the next free slot that nobody waits for. Finishing a
 //! permit with the transaction's [`Report`] feeds the window: the latency sample on success,
 //! a hard signal on a refusal, a lost connection or a busy reply.
-//! A permit dropped without [`Permit::finish`] just frees its slot. At a store that keeps our
-//! new sessions waiting in its listen backlog, the store's line stands in for the window
-//! ([`Gate::line`]: the sessions it serves us, and two more). When the window changes,
+//! A permit dropped without [`Permit::finish`] just frees its slot. When the window changes,
 //! the store's connection pool (if it has one) is resized to it, so no more sessions stay
 //! open at the store than the window admits (rounded up: a transaction admitted on the
 //! window's fractional part gets a session too, rather than waiting for one and counting that
@@ -30,17 +28,8 @@ use tokio::sync::oneshot;
 
 use super::metrics as m;
 use super::turns::Turns;
-use super::window::{PROBE_LIMIT, Sample, Window, is_busy};
+use super::window::{PROBE_LIMIT, Window, is_busy};
 use crate::delivery::{Report, Scope, StorePool};
-
-/// Transactions beyond the sessions a store that queues sessions serves us ([`Gate::line`]):
-/// one whose connect holds our place in the store's line, and one that waits for the next
-/// session given back. A transaction gives its session back when its last reply came but
-/// frees its slot only once its outcome is durable; without a transaction already waiting,
-/// the session would sit idle meanwhile and until the next one is dispatched (the
-/// gateway's part of the gap between two transactions of a session: 1.1 ms median, 2.4 ms
-/// p90, traced on a 2-core box, against 10–20 ms for a transaction at Dovecot).
-const LINE_EXTRA: usize = 2;
 
 /// Called when a slot frees up while someone that does not wait asked to be told.
 type Waker = Box<dyn Fn() + Send + Sync>;
@@ -50,22 +39,11 @@ struct State {
     in_flight: usize,
     /// Transactions waiting for a slot ([`Gate::acquire`]).
     turns: Turns,
-    /// The store's line ([`Gate::line`]), as of the last lock.
-    line: usize,
 }
 
 impl State {
-    /// A slot if the store's line, if it has one, else the window, has room for one more
-    /// transaction.
+    /// A slot if the window has room for one more transaction.
     fn take(&mut self) -> bool {
-        if self.line < usize::MAX {
-            // The store's line, not the window, is the limit ([`Gate::line`]).
-            if self.in_flight >= self.line {
-                return false;
-            }
-            self.in_flight += 1;
-            return true;
-        }
         if !self.window.admits(self.in_flight) {
             self.window.on_full();
             return false;
@@ -75,16 +53,6 @@ impl State {
             self.window.on_full();
         }
         true
-    }
-
-    /// Transactions allowed at once outside probes: the store's line if it has one, else
-    /// the window.
-    fn limit(&self) -> usize {
-        if self.line < usize::MAX {
-            self.line
-        } else {
-            self.window.ceiling()
-        }
     }
 
     /// Hands free slots to waiters, in turn, while the window has room. True when nobody
@@ -162,7 +130,6 @@ impl Gate {
                 window,
                 in_flight: 0,
                 turns: Turns::default(),
-                line: usize::MAX,
             }),
             wanted: AtomicBool::new(false),
             waker: Mutex::new(None),
@@ -172,45 +139,14 @@ impl Gate {
         gate
     }
 
-    /// The state, with the store's line as it is now.
     fn lock(&self) -> MutexGuard<'_, State> {
-        let line = self.line();
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let was_in_line = s.line < usize::MAX;
-        s.line = line;
-        if was_in_line != (line < usize::MAX) {
-            // The line came or went: the gauges and the pool's size follow.
-            self.publish(&s);
-        }
-        s
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many transactions the store's line lets run at once, if it has one. A store that
-    /// keeps our new sessions waiting in its listen backlog (one process per session:
-    /// Dovecot `process_limit`, Cyrus `maxchild`) is shared by that line, first come, first
-    /// served: each gateway gets a process in its turn and keeps it for `reuse_limit`. There
-    /// the line, not the window, sets how many transactions run: as many as the store serves
-    /// us sessions, and [`LINE_EXTRA`] more. The store's own process limit bounds what it
-    /// takes on; a window below the sessions it serves us only left its processes idle, or
-    /// left us without a connect in the line when a process came free, and the store went to
-    /// the others. Measured with `bench/reverse/run.py` (three gateways; figures in its
-    /// README), the shares' median deviation went from 21 to 10 % on Dovecot
-    /// (`process_limit = 5`) and from 39 to 16 % on the backlog fake store, with fewer
-    /// sessions at the store; not on Cyrus in short runs (14 to 18 %: whoever got the
-    /// processes first keeps them until `reuse_limit`). Elsewhere: none (`usize::MAX`), the
-    /// window decides.
-    fn line(&self) -> usize {
-        match &self.pool {
-            Some(pool) if pool.store().queues_sessions() => pool.status().size + LINE_EXTRA,
-            _ => usize::MAX,
-        }
-    }
-
-    /// `(window, in flight)` now: the store's line if it has one, else the window as it
-    /// stands outside baseline probes.
+    /// `(window, in flight)` now; the window as it stands outside baseline probes.
     pub fn status(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.limit(), s.in_flight)
+        (s.window.ceiling(), s.in_flight)
     }
 
     /// The window's learned no-load latency.
@@ -274,7 +210,7 @@ impl Gate {
     }
 
     /// Feeds one finished transaction, which took its slot at `started`, into the window.
-    fn feed(self: &Arc<Self>, signal: Signal, sample: Option<Sample>, started: SystemTime) {
+    fn feed(self: &Arc<Self>, signal: Signal, sample: Option<Duration>, started: SystemTime) {
         let mut s = self.lock();
         let before = (s.window.ceiling(), s.window.admitted());
         let was_probing = s.window.is_probing();
@@ -337,7 +273,7 @@ impl Gate {
 
     /// Gauges, and the pool sized to the window (idle sessions beyond it are closed).
     fn publish(&self, s: &State) {
-        let limit = s.limit();
+        let limit = s.window.ceiling();
         gauge!(m::WINDOW, "store" => self.store.clone()).set(limit as f64);
         let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
         gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
@@ -345,13 +281,7 @@ impl Gate {
             // As many sessions as the gate admits transactions (the window rounded up): a
             // transaction admitted on the window's fraction must not wait for a connection,
             // or the wait counts as latency at the store.
-            // In the store's line, as many as `max_connections`: the line, not the pool,
-            // bounds the sessions.
-            pool.resize(if s.line < usize::MAX {
-                pool.store().max_connections()
-            } else {
-                s.window.admitted()
-            });
+            pool.resize(s.window.admitted());
         }
     }
 }
@@ -401,49 +331,17 @@ impl Permit {
     pub fn finish(mut self, report: &Report) {
         self.done = true;
         let signal = Signal::of(report);
-        let in_line = self
-            .gate
-            .pool
-            .as_ref()
-            .is_some_and(|p| p.store().queues_sessions());
-        self.gate
-            .feed(signal, sample_of(report, in_line), self.started);
+        self.gate.feed(signal, report.latency, self.started);
         self.gate.release();
     }
 
     /// The transaction ended with this signal and sample (agents without a report of their
     /// own).
-    pub fn finish_with(mut self, signal: Signal, sample: Option<Sample>) {
+    pub fn finish_with(mut self, signal: Signal, sample: Option<Duration>) {
         self.done = true;
         self.gate.feed(signal, sample, self.started);
         self.gate.release();
     }
-}
-
-/// The window's sample of a finished transaction's report.
-///
-/// `in_line`: the store keeps our new sessions waiting in its listen backlog
-/// ([`Gate::line`]). There the wait for a connection is left out: on such a store a
-/// transaction on a session it serves never queues (the process is ours until we close the
-/// session); what waits is our next session, in the store's line, or a transaction of ours
-/// for a session given back. Neither is the store getting slower, and the window takes over
-/// again when the store stops keeping sessions waiting. The rest of the sample (MAIL to the
-/// final reply) still reads a store whose processes slow each other down (a shared disk).
-fn sample_of(report: &Report, in_line: bool) -> Option<Sample> {
-    let latency = report.latency?;
-    Some(if in_line {
-        Sample {
-            latency: latency.saturating_sub(report.connection_wait),
-            new_connection: report.new_connection,
-            connection_wait: Duration::ZERO,
-        }
-    } else {
-        Sample {
-            latency,
-            new_connection: report.new_connection,
-            connection_wait: report.connection_wait,
-        }
-    })
 }
 
 impl Drop for Permit {
