@@ -471,6 +471,11 @@ async fn pool_reuses_one_connection_with_rset_between() {
             .deliver(&envelope(BODY), &to, BODY, &mut |_, _: &Outcome| {})
             .await;
         assert_eq!(by_index(&report, 1), ["delivered 250 2.0.0"]);
+        assert_eq!(
+            report.new_connection,
+            i == 0,
+            "only the first transaction ran on a connection opened for it"
+        );
     }
     let sessions = fake.sessions();
     assert_eq!(sessions.len(), 1, "one connection for three messages");
@@ -515,6 +520,7 @@ async fn pool_retires_connections_past_the_reuse_limit() {
             )
             .await;
         assert_eq!(report.scope(), Scope::Recipient);
+        assert!(report.new_connection, "each on a connection of its own");
     }
     let sessions = fake.sessions();
     assert_eq!(sessions.len(), 3);

@@ -69,6 +69,14 @@ pub struct Report {
     /// for the replies after the end of data, whole up to 64 KiB of content and per 64 KiB
     /// above. Never the time spent writing the content.
     pub latency: Option<std::time::Duration>,
+    /// The transaction ran on a connection opened for it: its latency includes the store's
+    /// greeting (where a process-per-session store queues new sessions) and LHLO, which a
+    /// transaction on a reused connection does not pay.
+    pub new_connection: bool,
+    /// How long the transaction waited to get its connection: for an idle pooled one, next
+    /// to nothing (or an RSET); else a sibling's given back, or a new one's connect,
+    /// greeting and LHLO. Part of `latency`.
+    pub connection_wait: std::time::Duration,
 }
 
 impl Report {
@@ -89,6 +97,8 @@ impl Report {
     pub fn merge(&mut self, other: Self) {
         self.outcomes.extend(other.outcomes);
         self.latency = self.latency.max(other.latency);
+        self.new_connection |= other.new_connection;
+        self.connection_wait = self.connection_wait.max(other.connection_wait);
         if let Some(t) = other.trouble {
             self.trouble = Trouble::widen(self.trouble.take(), t);
         }

@@ -62,7 +62,7 @@ pub fn settle_all<F: FnMut(usize, &Outcome)>(
     Report {
         outcomes,
         trouble: None,
-        latency: None,
+        ..Report::default()
     }
 }
 

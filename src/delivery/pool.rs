@@ -15,7 +15,9 @@
 //! unanswered in its listen backlog. A transaction that had to open a new connection waits
 //! for that greeting; if meanwhile another transaction of the same store gives its connection
 //! back ([`StorePool::release`]), that connection goes straight to the transaction that has
-//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once, and
+//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once (one
+//! while the store queues our sessions, [`MAX_CONNECTING_QUEUED`], unless the pool serves a
+//! concentrator: [`StorePool::relaying`]), and
 //! each hands its connection to whoever waits first (or, when nobody does any more, closes
 //! it at once: we never hold more sessions than the pool counts), so only a couple of our
 //! sessions ever wait in a store's backlog. Without this, the transactions would sit on unanswered connects while the
@@ -73,6 +75,13 @@ impl Default for PoolOptions {
 /// store which queues sessions in its listen backlog (Cyrus `maxchild`, Dovecot
 /// `process_limit`) holds only a couple of ours there.
 const MAX_CONNECTING: usize = 2;
+/// Connects under way at once while the store queues our sessions
+/// ([`RemoteStore::queues_sessions`]): one, this gateway's place in the store's line. The
+/// store hands its processes to that line first come, first served, so every gateway that
+/// has mail waiting gets one in its turn (the window leaves that wait out of its latency
+/// for this reason: `crate::scheduler::gate`); with one each, N gateways keep N sessions
+/// waiting at the store, not 2N.
+const MAX_CONNECTING_QUEUED: usize = 1;
 
 /// Transactions waiting for a connection, and the connects under way for them.
 #[derive(Debug, Default)]
@@ -83,16 +92,23 @@ struct Handover {
     /// Connects under way. One whose transaction took a connection given back goes on and
     /// serves the next transaction to wait (or is closed once greeted if none does).
     connecting: usize,
+    /// The pool serves a concentrator ([`StorePool::relaying`]): no line to keep a place in.
+    relaying: bool,
 }
 
 impl Handover {
-    /// Starts a connect if fewer than [`MAX_CONNECTING`], and fewer than the transactions
-    /// waiting, are under way: the store never sees more sessions from us than the pool
-    /// counts, but for a connect overtaken by a connection given back, for the moment until
-    /// it serves the next transaction or is closed.
+    /// Starts a connect if fewer than [`MAX_CONNECTING`] (or [`MAX_CONNECTING_QUEUED`]), and
+    /// fewer than the transactions waiting, are under way: the store never sees more
+    /// sessions from us than the pool counts, but for a connect overtaken by a connection
+    /// given back, for the moment until it serves the next transaction or is closed.
     fn connect_if_needed(&mut self, store: &Arc<RemoteStore>, me: &Arc<Mutex<Self>>) {
         self.waiting.retain(|w| !w.is_closed());
-        if self.connecting < MAX_CONNECTING.min(self.waiting.len()) {
+        let most = if store.queues_sessions() && !self.relaying {
+            MAX_CONNECTING_QUEUED
+        } else {
+            MAX_CONNECTING
+        };
+        if self.connecting < most.min(self.waiting.len()) {
             self.connecting += 1;
             spawn_connect(Arc::clone(store), Arc::clone(me));
         }
@@ -113,8 +129,9 @@ impl Manager {
     }
 }
 
-fn lock(h: &Mutex<Handover>) -> MutexGuard<'_, Handover> {
-    h.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a plain assignment: a poisoned lock is taken over.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Opens a connection in its own task and gives the result to the first transaction still
@@ -190,6 +207,18 @@ pub type PooledConnection = Object<Manager>;
 #[derive(Clone, Debug)]
 pub struct StorePool {
     pool: managed::Pool<Manager>,
+    on_new_session: Arc<NewSessionHook>,
+}
+
+/// Whom [`StorePool::get`] tells when it opened a new session (see
+/// [`StorePool::on_new_session`]).
+#[derive(Default)]
+struct NewSessionHook(Mutex<Option<Box<dyn Fn() + Send + Sync>>>);
+
+impl std::fmt::Debug for NewSessionHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewSessionHook")
+    }
 }
 
 impl StorePool {
@@ -214,7 +243,25 @@ impl StorePool {
         let Ok(pool) = pool else {
             unreachable!("runtime set, no timeouts configured")
         };
-        Self { pool }
+        Self {
+            pool,
+            on_new_session: Arc::default(),
+        }
+    }
+
+    /// Calls `hook` whenever [`get`](Self::get) returns a session it had to open (or one
+    /// handed over while it waited for its greeting): the sessions the store serves us may
+    /// have grown, and with them what a store that keeps sessions waiting lets us run
+    /// (`crate::scheduler::gate`). Replaces an earlier hook.
+    pub fn on_new_session(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_new_session.0) = Some(Box::new(hook));
+    }
+
+    /// This pool serves a concentrator (transactions relayed for other gateways): it is
+    /// usually the store's only client, with no other gateway to take turns with in the
+    /// store's line, so connects are not held to [`MAX_CONNECTING_QUEUED`].
+    pub fn relaying(&self) {
+        self.pool.manager().handover().relaying = true;
     }
 
     /// The store.
@@ -224,7 +271,7 @@ impl StorePool {
 
     /// A connection: an idle one recycled, or a new one (waiting while all are in use).
     pub async fn get(&self) -> Result<PooledConnection, Trouble> {
-        self.pool.get().await.map_err(|e| match e {
+        let conn = self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(t) => t,
             PoolError::Closed => closed(),
             other => {
@@ -232,7 +279,13 @@ impl StorePool {
                 t.scope = Scope::Store;
                 t
             }
-        })
+        })?;
+        if Object::metrics(&conn).recycle_count == 0
+            && let Some(hook) = &*lock(&self.on_new_session.0)
+        {
+            hook();
+        }
+        Ok(conn)
     }
 
     /// Gives a connection back after a transaction: to a transaction waiting for a greeting
@@ -320,7 +373,10 @@ impl StorePool {
                 if pool.is_closed() {
                     return;
                 }
-                let me = Self { pool };
+                let me = Self {
+                    pool,
+                    on_new_session: Arc::default(),
+                };
                 me.sweep().await;
                 // While the store queues our sessions, idle ones go back within LINGER.
                 pause = if me.store().queues_sessions() {
@@ -359,6 +415,7 @@ impl StorePool {
                         let waited = asked.elapsed();
                         let mut part = conn.deliver(envelope, batch, reader, on_outcome).await;
                         part.latency = part.latency.map(|l| l + waited);
+                        part.connection_wait = waited;
                         self.release(conn);
                         part
                     }
@@ -409,6 +466,6 @@ fn settle<F: FnMut(usize, &Outcome)>(
     Report {
         outcomes,
         trouble,
-        latency: None,
+        ..Report::default()
     }
 }

@@ -283,7 +283,7 @@ async fn relay(
     t: &Transaction<'_>,
 ) -> (Report, &'static str) {
     let permit = match shared.agents.gate(store) {
-        Some(gate) => match gate.acquire(shared.config.proxy_wait.0, &t.client).await {
+        Some(gate) => match gate.relay(shared.config.proxy_wait.0, &t.client).await {
             Some(permit) => Some(permit),
             None => {
                 let report = crate::delivery::policy::settle_all(

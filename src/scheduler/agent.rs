@@ -135,6 +135,7 @@ impl Agent {
                             // Waiting for a connection (a new one's greeting) is the store's
                             // latency too: where a process-per-session store queues us.
                             r.latency = r.latency.map(|l| l + connect);
+                            r.connection_wait = connect;
                             pool.release(conn);
                             r
                         }

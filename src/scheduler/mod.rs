@@ -75,6 +75,7 @@ pub mod load;
 mod loops;
 pub mod metrics;
 mod operator;
+mod probe;
 pub mod retry;
 mod shard;
 mod transaction;

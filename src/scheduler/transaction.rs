@@ -417,6 +417,6 @@ fn not_attempted(indices: &[usize], reply: Reply, detail: &str) -> Report {
             detail: detail.into(),
             reply: Some(reply),
         }),
-        latency: None,
+        ..Report::default()
     }
 }

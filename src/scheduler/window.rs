@@ -17,7 +17,12 @@
 //!     [`PROBE_EVERY`], on the wall clock's ten-second boundaries, so that all gateways
 //!     feeding a store probe at once (their clocks are NTP-synchronised) and the store's
 //!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
-//!     started after the drain have ended. Their mean is the measurement: the baseline takes
+//!     started after the drain have ended. Their mean is the measurement — of those on
+//!     reused connections, without the wait for the connection, when they are the majority
+//!     ([`crate::scheduler::probe`] says why: a greeting a process-per-session store makes
+//!     a new connection wait for is its queue of sessions, and a wait for a connection
+//!     given back is this gateway's own queue, neither the store's no-load latency): the
+//!     baseline takes
 //!     a lower one at once and moves a quarter of the way to a higher one (so a probe taken
 //!     while this box was busy does not stay; a store that became slower is re-learned
 //!     within a few probes). The first two probes come a second apart, so that a gateway
@@ -65,11 +70,12 @@
 //!
 //! What a latency sample is (size must not fool the signal): [`crate::delivery::Report`]'s
 //! `latency`, the phases whose length does not depend on the message's size — getting a
-//! connection (for a new one: the store's greeting, which is where a process-per-session
-//! store queues us, and LHLO) and the MAIL/RCPT round trips — plus the wait for the replies
-//! after the end of data, which does grow with size: it counts whole for messages up to
-//! 64 KiB and per 64 KiB above (a 20 MiB message's wait is divided by 320). The time spent
-//! writing the content is never part of it.
+//! connection (for a new one: the store's greeting and LHLO; but not on a store that keeps
+//! our new sessions waiting in its listen backlog, where that wait is our place in the line
+//! that shares the store: [`crate::scheduler::gate`]) and the MAIL/RCPT round trips — plus
+//! the wait for the replies after the end of data, which does grow with size: it counts
+//! whole for messages up to 64 KiB and per 64 KiB above (a 20 MiB message's wait is divided
+//! by 320). The time spent writing the content is never part of it.
 //!
 //! Everything here is pure: time comes in as arguments, so tests drive it with an injected
 //! clock.
@@ -77,6 +83,9 @@
 use std::time::{Duration, SystemTime};
 
 use postern_proto::Reply;
+
+use super::probe::{Measurement, Probe};
+pub use super::probe::{PROBE_LIMIT, PROBE_SAMPLES};
 
 /// The fewest transactions that make a round.
 pub const MIN_ROUND: usize = 4;
@@ -88,8 +97,6 @@ pub const NOISE_FLOOR: f64 = 0.002;
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// The boundaries the first probe waits for (whole seconds, for every gateway alike).
 pub const FIRST_PROBE_EVERY: Duration = Duration::from_secs(1);
-/// Clean samples a probe takes (transactions started once the store's queue drained).
-pub const PROBE_SAMPLES: usize = 16;
 /// How many of its own transactions a gateway aims to keep waiting in the store's queue
 /// (Vegas's `alpha = beta`): enough that the store's workers never wait for work, few enough
 /// that N gateways queue only N × this much at the store.
@@ -98,8 +105,6 @@ pub const QUEUE_TARGET: f64 = 0.6;
 /// counts as queueing: the store's own jitter, not a queue, amplified by the window in the
 /// queue estimate.
 pub const NOISE_SIGMAS: f64 = 3.5;
-/// A probe ends after this long even without its samples.
-pub const PROBE_LIMIT: Duration = Duration::from_secs(2);
 
 /// How a window is sized and steered.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +133,14 @@ impl WindowSettings {
         }
     }
 
+    /// Latency steering between 1 and `max`, starting at `initial` (tolerance 50 %).
+    pub fn latency(initial: usize, max: usize) -> Self {
+        Self {
+            latency: true,
+            ..Self::feedback(initial, max)
+        }
+    }
+
     fn clamped(mut self) -> Self {
         self.max = self.max.max(1);
         self.min = self.min.clamp(1, self.max);
@@ -139,16 +152,26 @@ impl WindowSettings {
     }
 }
 
-/// A baseline measurement in progress: the window is at its minimum.
-#[derive(Clone, Copy, Debug)]
-struct Probe {
-    until: SystemTime,
-    /// Transactions started before this waited behind the queue the probe drains.
-    clean_after: SystemTime,
-    n: usize,
-    sum: f64,
-    /// Sum of squares, for the samples' spread.
-    sq: f64,
+/// One finished transaction's latency, as a window reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// [`crate::delivery::Report`]'s `latency`.
+    pub latency: Duration,
+    /// It ran on a connection opened for it (the latency includes the greeting and LHLO).
+    pub new_connection: bool,
+    /// The part of `latency` spent waiting for the connection.
+    pub connection_wait: Duration,
+}
+
+impl Sample {
+    /// A transaction's latency on a reused connection that was there when it asked.
+    pub fn reused(latency: Duration) -> Self {
+        Self {
+            latency,
+            new_connection: false,
+            connection_wait: Duration::ZERO,
+        }
+    }
 }
 
 /// The latency controller's state between rounds.
@@ -316,10 +339,10 @@ impl Window {
     /// A transaction went through without trouble beyond its recipients; `sample` is its
     /// latency (none: the agent measures none, e.g. maildir), `started` when it took its
     /// slot, `now` when it ended.
-    pub fn on_success(&mut self, sample: Option<Duration>, started: SystemTime, now: SystemTime) {
+    pub fn on_success(&mut self, sample: Option<Sample>, started: SystemTime, now: SystemTime) {
         self.accrue_credit();
         match sample {
-            Some(s) if self.settings.latency => self.on_sample(s.as_secs_f64(), started, now),
+            Some(s) if self.settings.latency => self.on_sample(s, started, now),
             _ => self.feedback_success(),
         }
     }
@@ -340,10 +363,11 @@ impl Window {
         }
     }
 
-    fn on_sample(&mut self, sample: f64, started: SystemTime, now: SystemTime) {
+    fn on_sample(&mut self, sample: Sample, started: SystemTime, now: SystemTime) {
         if self.probing(sample, started, now) {
             return;
         }
+        let sample = sample.latency.as_secs_f64();
         // Only transactions started under the window as it is now say how it does (Vegas
         // judges once per round trip after a change, for the same reason).
         if started < self.latency.changed_at {
@@ -460,7 +484,8 @@ impl Window {
     /// baseline forgets: a store that became slower is re-learned within a probe or two,
     /// and a baseline learned under load (a gateway that started while the store was busy)
     /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
-    fn probing(&mut self, sample: f64, started: SystemTime, now: SystemTime) -> bool {
+    fn probing(&mut self, sample: Sample, started: SystemTime, now: SystemTime) -> bool {
+        let latency = sample.latency.as_secs_f64();
         let l = &mut self.latency;
         // Until the second probe, on whole seconds: a gateway (or several) started against a
         // busy store learns its real baseline within a second or two, not ten, and a first
@@ -480,26 +505,21 @@ impl Window {
                 // The queue drains within about two round trips once every gateway is at its
                 // minimum; the samples then have PROBE_LIMIT to come (a store that queued
                 // for seconds must still get its probe measured, or it would never be).
-                let drain = Duration::from_secs_f64(2.0 * l.short.unwrap_or(sample).max(sample))
+                let drain = Duration::from_secs_f64(2.0 * l.short.unwrap_or(latency).max(latency))
                     .min(PROBE_LIMIT);
-                l.probe = Some(Probe {
-                    until: now + drain + PROBE_LIMIT,
-                    clean_after: now + drain,
-                    n: 0,
-                    sum: 0.0,
-                    sq: 0.0,
-                });
+                l.probe = Some(Probe::new(now, drain));
             }
         }
         let Some(p) = &mut l.probe else {
             return false;
         };
-        if started >= p.clean_after {
-            p.n += 1;
-            p.sum += sample;
-            p.sq += sample * sample;
+        if sample.new_connection {
+            p.add_new(latency, started);
+        } else {
+            let exchange = sample.latency.saturating_sub(sample.connection_wait);
+            p.add_reused(exchange.as_secs_f64(), started);
         }
-        if p.n >= PROBE_SAMPLES || now >= p.until {
+        if p.is_done(now) {
             self.finish_probe(now);
         }
         true
@@ -527,13 +547,14 @@ impl Window {
         let Some(p) = l.probe.take() else {
             return;
         };
-        if p.n > 0 {
-            let measured = p.sum / p.n as f64;
-            if p.n > 1 {
-                let var = ((p.sq - p.sum * measured) / (p.n - 1) as f64).max(0.0);
+        if let Some(Measurement {
+            mean: measured,
+            spread,
+        }) = p.measurement()
+        {
+            if let Some(sd) = spread {
                 // Like the baseline: down at once, up slowly (a busy moment of this box makes
                 // a probe's samples spread; the store's own jitter is what is left).
-                let sd = var.sqrt();
                 l.spread = Some(match l.spread {
                     Some(s) if sd > s => 0.75 * s + 0.25 * sd,
                     _ => sd,
@@ -618,106 +639,4 @@ pub fn is_busy(reply: &Reply) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use postern_proto::reply::{EnhancedCode, ReplyCode};
-
-    #[test]
-    fn slow_start_then_grows_after_runs_of_success() {
-        let mut w = Window::new(5, 20);
-        assert_eq!(w.limit(), 5);
-        for _ in 0..4 {
-            w.on_success(None, SystemTime::now(), SystemTime::now());
-        }
-        assert_eq!(
-            w.limit(),
-            5,
-            "a run shorter than the window changes nothing"
-        );
-        w.on_success(None, SystemTime::now(), SystemTime::now());
-        assert_eq!(w.limit(), 6);
-        for _ in 0..6 {
-            w.on_success(None, SystemTime::now(), SystemTime::now());
-        }
-        assert_eq!(w.limit(), 7);
-        for _ in 0..1000 {
-            w.on_success(None, SystemTime::now(), SystemTime::now());
-        }
-        assert_eq!(w.limit(), 20, "capped at max_connections");
-    }
-
-    #[test]
-    fn failures_lower_it_and_break_the_run() {
-        let mut w = Window::new(5, 20);
-        for _ in 0..4 {
-            w.on_success(None, SystemTime::now(), SystemTime::now());
-        }
-        w.on_failure();
-        assert_eq!(w.limit(), 4);
-        for _ in 0..3 {
-            w.on_success(None, SystemTime::now(), SystemTime::now());
-        }
-        assert_eq!(w.limit(), 4, "the run restarted at the failure");
-        w.on_success(None, SystemTime::now(), SystemTime::now());
-        assert_eq!(w.limit(), 5);
-        for _ in 0..10 {
-            w.on_failure();
-        }
-        assert_eq!(w.limit(), 1, "never below one");
-        w.on_success(None, SystemTime::now(), SystemTime::now());
-        assert_eq!(w.limit(), 2);
-        w.restart();
-        assert_eq!(w.limit(), 5);
-    }
-
-    #[test]
-    fn a_probe_without_samples_ends_at_its_time_limit() {
-        let mut w = Window::with_settings(WindowSettings {
-            min: 1,
-            initial: 5,
-            max: 20,
-            latency: true,
-            tolerance: 0.5,
-        });
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        // A round in the first second learns a baseline; the next second's sample starts
-        // the first probe.
-        for i in 0..5 {
-            w.on_success(Some(Duration::from_millis(20)), ms(i), ms(100 + i));
-        }
-        w.on_success(Some(Duration::from_millis(20)), ms(1000), ms(1020));
-        assert!(w.is_probing());
-        assert_eq!(w.limit(), 1, "a probe runs at the minimum");
-        assert_eq!(w.ceiling(), 5, "and keeps the window for after");
-        // No sample comes (the one slot is held by a long transaction).
-        assert!(!w.end_overdue_probe(ms(1020) + PROBE_LIMIT / 2));
-        // Its drain (two round trips) and PROBE_LIMIT after it began.
-        assert!(w.end_overdue_probe(ms(1020) + PROBE_LIMIT + Duration::from_millis(40)));
-        assert!(!w.is_probing());
-        assert_eq!(w.limit(), 5);
-    }
-
-    #[test]
-    fn initial_is_capped_by_max() {
-        assert_eq!(Window::new(5, 2).limit(), 2);
-        assert_eq!(Window::new(0, 0).limit(), 1);
-    }
-
-    #[test]
-    fn busy_replies() {
-        let r = |c: u16, e: Option<(u8, u16, u16)>| {
-            Reply::new(
-                ReplyCode::new(c).unwrap(),
-                e.map(|(a, b, c)| EnhancedCode::new(a, b, c)),
-                "x",
-            )
-        };
-        assert!(is_busy(&r(421, None)));
-        assert!(is_busy(&r(451, Some((4, 3, 2)))));
-        assert!(is_busy(&r(450, Some((4, 7, 0)))));
-        assert!(!is_busy(&r(451, Some((4, 2, 0)))));
-        assert!(!is_busy(&r(550, Some((5, 7, 0)))));
-        assert!(!is_busy(&r(250, Some((2, 0, 0)))));
-    }
-}
+mod tests;

@@ -13,7 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use super::window::{Window, WindowSettings};
+use super::window::{Sample, Window, WindowSettings};
 
 /// The store's side of one transaction: its network round trip.
 const RTT: f64 = 0.000_5;
@@ -188,7 +188,7 @@ fn run(m: &Model, settle: f64, seed: u64) -> Figures {
         per_second[now as usize] += 1;
         let sample = Duration::from_secs_f64(now - started);
         gw.window.on_success(
-            Some(sample),
+            Some(Sample::reused(sample)),
             base + Duration::from_secs_f64(started),
             base + Duration::from_secs_f64(now),
         );

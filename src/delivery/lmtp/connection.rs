@@ -134,6 +134,7 @@ impl Connection {
             return run.finish();
         }
         self.last_used = Instant::now();
+        let new_connection = self.transactions == 0;
         self.transactions += 1;
         // Per-phase latency: with BDAT, MAIL and RCPT are pipelined with the chunks, so
         // `mail_rcpt` is their flush and `data` the chunks with whatever replies they await.
@@ -190,6 +191,7 @@ impl Connection {
         }
         let mut report = run.finish();
         report.latency = Some(latency);
+        report.new_connection = new_connection;
         report
     }
 

@@ -137,7 +137,7 @@ impl<'a, F: FnMut(usize, &Outcome)> Run<'a, F> {
         Report {
             outcomes: self.outcomes,
             trouble: self.trouble,
-            latency: None,
+            ..Report::default()
         }
     }
 }

@@ -1,0 +1,185 @@
+//! A probe's samples: the measurement of a store's no-load latency that a window's baseline
+//! is taken from ([`crate::scheduler::window`] decides when a probe runs and what it does
+//! with the result).
+//!
+//! Promises: the measurement is the mean and spread of the transactions that started once
+//! the store's queue had drained. Those that ran on a *reused* connection count without
+//! their wait for it, and are measured on their own when they are the majority:
+//! - A transaction on a new connection waited for the store's greeting, and a store that
+//!   runs one process per session (Dovecot `process_limit`, Cyrus `maxchild`) answers that
+//!   greeting only when one of its processes is free, whatever the probe did to the queue of
+//!   transactions: that is the store's queue of sessions, which the rounds are there to see.
+//! - A transaction that waited for a connection given back by a sibling waited behind this
+//!   gateway's own transactions that started before the probe.
+//!
+//! Measured with `bench/reverse/run.py --scenario b` (Dovecot, `process_limit = 5`, three
+//! gateways): 6–16 % of a probe's transactions waited 30 ms or more for their connection,
+//! and a first probe came out at 50 ms to 2.2 s against a no-load latency of 11–14 ms; the
+//! gateways then read the store's queue as none and held windows of 10 to 20 on a store of
+//! 5 processes. When most samples are on new connections (a store or configuration that
+//! does not reuse connections), their whole latency is the no-load cost of a transaction,
+//! and all of them are measured.
+
+use std::time::{Duration, SystemTime};
+
+/// Clean samples a probe takes (transactions started once the store's queue drained), of
+/// one kind: on reused connections, or on new ones.
+pub const PROBE_SAMPLES: usize = 16;
+/// A probe ends after this long (past its drain) even without its samples.
+pub const PROBE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Count, sum and sum of squares of some samples (seconds).
+#[derive(Clone, Copy, Debug, Default)]
+struct Moments {
+    n: usize,
+    sum: f64,
+    sq: f64,
+}
+
+impl Moments {
+    fn add(&mut self, x: f64) {
+        self.n += 1;
+        self.sum += x;
+        self.sq += x * x;
+    }
+
+    fn merged(self, o: Self) -> Self {
+        Self {
+            n: self.n + o.n,
+            sum: self.sum + o.sum,
+            sq: self.sq + o.sq,
+        }
+    }
+}
+
+/// What a probe measured: the mean latency and, with two samples or more, their standard
+/// deviation (seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Measurement {
+    pub(super) mean: f64,
+    pub(super) spread: Option<f64>,
+}
+
+/// A baseline measurement in progress (the window is at its minimum meanwhile).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Probe {
+    /// It ends at this instant at the latest.
+    pub(super) until: SystemTime,
+    /// Transactions started before this waited behind the queue the probe drains.
+    clean_after: SystemTime,
+    reused: Moments,
+    new: Moments,
+}
+
+impl Probe {
+    /// A probe begun at `now` that lets the store's queue drain for `drain`.
+    pub(super) fn new(now: SystemTime, drain: Duration) -> Self {
+        Self {
+            until: now + drain + PROBE_LIMIT,
+            clean_after: now + drain,
+            reused: Moments::default(),
+            new: Moments::default(),
+        }
+    }
+
+    /// Counts a transaction on a reused connection, by its latency without the wait for
+    /// the connection (seconds), if it started after the drain.
+    pub(super) fn add_reused(&mut self, exchange: f64, started: SystemTime) {
+        if started >= self.clean_after {
+            self.reused.add(exchange);
+        }
+    }
+
+    /// Counts a transaction on a new connection, by its whole latency (seconds), if it
+    /// started after the drain.
+    pub(super) fn add_new(&mut self, latency: f64, started: SystemTime) {
+        if started >= self.clean_after {
+            self.new.add(latency);
+        }
+    }
+
+    /// Has it all it needs: [`PROBE_SAMPLES`] of one kind, or its time is up at `now`?
+    pub(super) fn is_done(&self, now: SystemTime) -> bool {
+        self.reused.n >= PROBE_SAMPLES || self.new.n >= PROBE_SAMPLES || now >= self.until
+    }
+
+    /// The measurement: the reused connections' samples if they are the majority, else
+    /// all of them; none without samples.
+    pub(super) fn measurement(&self) -> Option<Measurement> {
+        let m = if self.reused.n >= self.new.n {
+            self.reused
+        } else {
+            self.reused.merged(self.new)
+        };
+        if m.n == 0 {
+            return None;
+        }
+        let mean = m.sum / m.n as f64;
+        let spread = (m.n > 1).then(|| ((m.sq - m.sum * mean) / (m.n - 1) as f64).max(0.0).sqrt());
+        Some(Measurement { mean, spread })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn greetings_waited_for_are_not_the_no_load_latency() {
+        let mut p = Probe::new(at(0), Duration::from_millis(40));
+        // Before the drain: not counted, whatever they are.
+        p.add_reused(0.500, at(10));
+        for i in 0..PROBE_SAMPLES as u64 {
+            // Every fifth on a new connection that waited 400 ms for its greeting.
+            let new = i % 5 == 0;
+            let latency = if new {
+                0.410
+            } else {
+                0.010 + 0.001 * (i % 2) as f64
+            };
+            assert!(!p.is_done(at(50 + i)), "not done before its samples");
+            if new {
+                p.add_new(latency, at(50 + i));
+            } else {
+                p.add_reused(latency, at(50 + i));
+            }
+        }
+        assert!(!p.is_done(at(100)), "12 reused so far");
+        for i in 0..4 {
+            p.add_reused(0.010 + 0.001 * (i % 2) as f64, at(100 + i));
+        }
+        assert!(p.is_done(at(110)));
+        let m = p.measurement().expect("samples were taken");
+        assert!((m.mean - 0.0105).abs() < 1e-9, "{}", m.mean);
+        let sd = m.spread.expect("16 samples");
+        assert!(sd > 0.0004 && sd < 0.0006, "{sd}");
+    }
+
+    #[test]
+    fn a_store_that_never_reuses_a_connection_is_measured_as_it_is() {
+        let mut p = Probe::new(at(0), Duration::ZERO);
+        for i in 0..PROBE_SAMPLES as u64 {
+            p.add_new(0.015, at(i));
+        }
+        p.add_reused(0.010, at(20));
+        assert!(p.is_done(at(21)));
+        let m = p.measurement().expect("samples were taken");
+        assert!(
+            (m.mean - (0.015 * 16.0 + 0.010) / 17.0).abs() < 1e-9,
+            "{}",
+            m.mean
+        );
+    }
+
+    #[test]
+    fn it_ends_at_its_time_limit_with_what_it_has() {
+        let p = Probe::new(at(0), Duration::from_millis(100));
+        assert!(!p.is_done(at(100) + PROBE_LIMIT - Duration::from_millis(1)));
+        assert!(p.is_done(at(100) + PROBE_LIMIT));
+        assert_eq!(p.measurement(), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! The window's own tests (the capacity model is in `window_sim`).
+
+use super::*;
+use postern_proto::reply::{EnhancedCode, ReplyCode};
+
+#[test]
+fn slow_start_then_grows_after_runs_of_success() {
+    let mut w = Window::new(5, 20);
+    assert_eq!(w.limit(), 5);
+    for _ in 0..4 {
+        w.on_success(None, SystemTime::now(), SystemTime::now());
+    }
+    assert_eq!(
+        w.limit(),
+        5,
+        "a run shorter than the window changes nothing"
+    );
+    w.on_success(None, SystemTime::now(), SystemTime::now());
+    assert_eq!(w.limit(), 6);
+    for _ in 0..6 {
+        w.on_success(None, SystemTime::now(), SystemTime::now());
+    }
+    assert_eq!(w.limit(), 7);
+    for _ in 0..1000 {
+        w.on_success(None, SystemTime::now(), SystemTime::now());
+    }
+    assert_eq!(w.limit(), 20, "capped at max_connections");
+}
+
+#[test]
+fn failures_lower_it_and_break_the_run() {
+    let mut w = Window::new(5, 20);
+    for _ in 0..4 {
+        w.on_success(None, SystemTime::now(), SystemTime::now());
+    }
+    w.on_failure();
+    assert_eq!(w.limit(), 4);
+    for _ in 0..3 {
+        w.on_success(None, SystemTime::now(), SystemTime::now());
+    }
+    assert_eq!(w.limit(), 4, "the run restarted at the failure");
+    w.on_success(None, SystemTime::now(), SystemTime::now());
+    assert_eq!(w.limit(), 5);
+    for _ in 0..10 {
+        w.on_failure();
+    }
+    assert_eq!(w.limit(), 1, "never below one");
+    w.on_success(None, SystemTime::now(), SystemTime::now());
+    assert_eq!(w.limit(), 2);
+    w.restart();
+    assert_eq!(w.limit(), 5);
+}
+
+/// A latency window from 1 to 20 starting at `initial`.
+fn latency_window(initial: usize) -> Window {
+    Window::with_settings(WindowSettings::latency(initial, 20))
+}
+
+/// `n` ms after a fixed instant (the injected clock).
+fn ms(n: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(n)
+}
+
+#[test]
+fn a_probe_without_samples_ends_at_its_time_limit() {
+    let mut w = latency_window(5);
+    // A round in the first second learns a baseline; the next second's sample starts
+    // the first probe.
+    for i in 0..5 {
+        w.on_success(
+            Some(Sample::reused(Duration::from_millis(20))),
+            ms(i),
+            ms(100 + i),
+        );
+    }
+    w.on_success(
+        Some(Sample::reused(Duration::from_millis(20))),
+        ms(1000),
+        ms(1020),
+    );
+    assert!(w.is_probing());
+    assert_eq!(w.limit(), 1, "a probe runs at the minimum");
+    assert_eq!(w.ceiling(), 5, "and keeps the window for after");
+    // No sample comes (the one slot is held by a long transaction).
+    assert!(!w.end_overdue_probe(ms(1020) + PROBE_LIMIT / 2));
+    // Its drain (two round trips) and PROBE_LIMIT after it began.
+    assert!(w.end_overdue_probe(ms(1020) + PROBE_LIMIT + Duration::from_millis(40)));
+    assert!(!w.is_probing());
+    assert_eq!(w.limit(), 5);
+}
+
+#[test]
+fn a_probe_measures_the_store_not_the_wait_for_a_connection() {
+    let mut w = latency_window(10);
+    let sample = |latency: u64, wait: u64, new_connection: bool| {
+        Some(Sample {
+            latency: Duration::from_millis(latency),
+            new_connection,
+            connection_wait: Duration::from_millis(wait),
+        })
+    };
+    // The first second: rounds of 20 ms.
+    for i in 0..10 {
+        w.on_success(sample(20, 0, false), ms(i), ms(100 + i));
+    }
+    // The next second's first sample starts the first probe (it drains for 40 ms).
+    w.on_success(sample(20, 0, false), ms(1000), ms(1020));
+    assert!(w.is_probing());
+    // Its transactions waited half a second for connections given back (behind this
+    // gateway's own earlier transactions), and a few for a new connection's greeting.
+    for i in 0..16 {
+        w.on_success(sample(521, 500, false), ms(1100 + i), ms(1700 + i));
+        if i % 4 == 0 {
+            w.on_success(sample(900, 880, true), ms(1100 + i), ms(1700 + i));
+        }
+    }
+    assert!(!w.is_probing(), "16 samples on reused connections end it");
+    let baseline = w.baseline().expect("the probe measured it").as_secs_f64();
+    assert!((baseline - 0.021).abs() < 1e-6, "{baseline}");
+}
+
+#[test]
+fn initial_is_capped_by_max() {
+    assert_eq!(Window::new(5, 2).limit(), 2);
+    assert_eq!(Window::new(0, 0).limit(), 1);
+}
+
+#[test]
+fn busy_replies() {
+    let r = |c: u16, e: Option<(u8, u16, u16)>| {
+        Reply::new(
+            ReplyCode::new(c).unwrap(),
+            e.map(|(a, b, c)| EnhancedCode::new(a, b, c)),
+            "x",
+        )
+    };
+    assert!(is_busy(&r(421, None)));
+    assert!(is_busy(&r(451, Some((4, 3, 2)))));
+    assert!(is_busy(&r(450, Some((4, 7, 0)))));
+    assert!(!is_busy(&r(451, Some((4, 2, 0)))));
+    assert!(!is_busy(&r(550, Some((5, 7, 0)))));
+    assert!(!is_busy(&r(250, Some((2, 0, 0)))));
+}

@@ -1,0 +1,205 @@
+//! A store that keeps new sessions waiting in its listen backlog (one process per session:
+//! Cyrus `maxchild`, Dovecot `process_limit`) is shared by that line. Once a greeting showed
+//! the line, one connect holds this gateway's place in it, and the store's gate runs as many
+//! transactions as the store serves us sessions, and two more (one in the line, one ready
+//! for the next session given back), whatever the window.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod delivery_common;
+mod fake_lmtp;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use delivery_common::{by_index, envelope, rcpt};
+use fake_lmtp::{FakeStore, Script};
+use postern::config::Span;
+use postern::delivery::{Outcome, RemoteStore, Report, StorePool};
+use postern::scheduler::gate::Gate;
+use postern::scheduler::window::{Window, WindowSettings};
+
+const BODY: &[u8] = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello.\r\n";
+const LIMIT: Duration = Duration::from_secs(5);
+
+/// A store of one process, and a pool to it whose sessions retire after 200 ms.
+async fn one_process_store() -> (FakeStore, StorePool) {
+    let fake = FakeStore::start(Script {
+        max_served: Some(1),
+        ..Script::default()
+    })
+    .await;
+    let mut c = delivery_common::store_config("fake", fake.addr.port());
+    c.max_connections = 10;
+    c.idle_timeout = Span(Duration::from_secs(60));
+    c.reuse_limit = Span(Duration::from_millis(200));
+    let store = Arc::new(RemoteStore::from_config(&c, "gw.test").unwrap());
+    (fake, StorePool::new(store))
+}
+
+async fn deliver(pool: &StorePool, local: &str) -> Report {
+    let to = [rcpt(0, &format!("{local}@example.org"))];
+    let report = tokio::time::timeout(
+        LIMIT,
+        pool.deliver(&envelope(BODY), &to, BODY, &mut |_, _: &Outcome| {}),
+    )
+    .await
+    .expect("delivered in time");
+    assert_eq!(by_index(&report, 1), ["delivered 250 2.0.0"], "{local}");
+    report
+}
+
+/// Makes the pool see the line: a new connection waits 300 ms for its greeting while the
+/// one process serves a held transaction. Leaves one session, idle, in the pool.
+async fn show_the_line(fake: &FakeStore, pool: &StorePool) {
+    deliver(pool, "warm").await;
+    assert!(
+        !pool.store().queues_sessions(),
+        "a quick greeting is no line"
+    );
+    fake.update(|s| {
+        s.hold_locals.insert("held".into());
+    });
+    let held = tokio::spawn({
+        let pool = pool.clone();
+        async move { deliver(&pool, "held").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let next = tokio::spawn({
+        let pool = pool.clone();
+        async move { deliver(&pool, "next").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.update(|s| {
+        s.hold_locals.clear();
+    });
+    held.await.unwrap();
+    next.await.unwrap();
+    // The held transaction's session retired (past 200 ms): the process greeted the
+    // connection that had waited in the line.
+    assert!(
+        pool.store().queues_sessions(),
+        "the greeting waited in the line"
+    );
+    assert_eq!(pool.status().size, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connect_holds_our_place_in_the_line() {
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let before = fake.sessions().len();
+    // The one process serves a held transaction; three more wait for a session.
+    fake.update(|s| {
+        s.hold_locals.insert("held".into());
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for local in ["held", "w1", "w2", "w3"] {
+        let pool = pool.clone();
+        tasks.spawn(async move { deliver(&pool, local).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fake.sessions().len(),
+        before + 1,
+        "one new connection waits in the store's line, not one per waiting transaction"
+    );
+    fake.update(|s| {
+        s.hold_locals.clear();
+    });
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_runs_as_many_transactions_as_the_store_serves_us_sessions_and_two() {
+    let window = |initial| Window::with_settings(WindowSettings::latency(initial, 20));
+    // A store that greets at once: the window alone is the limit.
+    let (_quick, pool) = one_process_store().await;
+    let gate = Gate::new("quick", window(10), Some(pool));
+    let permits: Vec<_> = (0..10).filter_map(|_| gate.try_acquire()).collect();
+    assert_eq!(permits.len(), 10);
+    assert!(gate.try_acquire().is_none(), "the window is full");
+
+    // A store whose line the pool has seen, serving us one session: three, even with a
+    // window of one.
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let gate = Gate::new("fake", window(1), Some(pool.clone()));
+    assert_eq!(gate.status().0, 3, "the window as the gauge shows it");
+    assert_eq!(
+        pool.status().max_size,
+        10,
+        "the pool follows the line (max_connections), not a window of one"
+    );
+    let first = gate.try_acquire().expect("the session the store serves us");
+    let _second = gate.try_acquire().expect("our place in the line");
+    let _third = gate
+        .try_acquire()
+        .expect("ready for the session given back");
+    assert!(
+        gate.try_acquire().is_none(),
+        "more would only wait for a session here"
+    );
+    drop(first);
+    assert!(gate.try_acquire().is_some(), "a slot freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_store_greets_lets_the_scheduler_in_before_any_transaction_ends() {
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let gate = Gate::new(
+        "fake",
+        Window::with_settings(WindowSettings::latency(1, 20)),
+        Some(pool.clone()),
+    );
+    // The idle session retires (past its 200 ms): the store serves us none, the line is two.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    pool.sweep().await;
+    assert_eq!(pool.status().size, 0, "the retired session is closed");
+    let woken = Arc::new(AtomicUsize::new(0));
+    let w = Arc::clone(&woken);
+    gate.set_waker(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    let _first = gate.try_acquire().expect("our place in the line");
+    let _second = gate
+        .try_acquire()
+        .expect("ready for the session given back");
+    assert!(gate.try_acquire().is_none(), "the line of two is full");
+    // The store greets a new session of ours (no transaction of the gate ends): the line
+    // grows by it, and the scheduler that found it full is told at once.
+    deliver(&pool, "greeted").await;
+    assert_eq!(woken.load(Ordering::SeqCst), 1, "the scheduler is woken");
+    assert!(gate.try_acquire().is_some(), "a third transaction runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_steers_by_its_window_not_by_the_line() {
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let gate = Gate::new(
+        "fake",
+        Window::with_settings(WindowSettings::latency(1, 20)),
+        Some(pool.clone()),
+    );
+    assert_eq!(gate.status().0, 3, "the line: one session served, and two");
+    let _relayed = gate
+        .relay(Duration::from_millis(50), "edge1")
+        .await
+        .expect("the window has room for one");
+    assert_eq!(gate.status().0, 1, "relaying: the window, not the line");
+    assert!(
+        gate.relay(Duration::from_millis(50), "edge2")
+            .await
+            .is_none(),
+        "a second relayed transaction waits its turn: the window of one is full"
+    );
+    assert!(
+        gate.try_acquire().is_none(),
+        "the concentrator's own mail too keeps to the window"
+    );
+}
