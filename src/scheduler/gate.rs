@@ -386,8 +386,8 @@ impl Gate {
         !running
     }
 
-    /// Frees a slot: to the next waiter, else to the scheduler if it asked.
-    /// Frees the slot of a transaction that took it at `started` (none: just now).
+    /// Frees the slot of a transaction that took it at `started` (none: just now): to the
+    /// next waiter, else to the scheduler if it asked.
     fn release(&self, started: Option<SystemTime>) {
         let nobody_waits = {
             let mut s = self.lock();
