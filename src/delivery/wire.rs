@@ -7,7 +7,7 @@
 //! AUTH PLAIN) live here too; their failures are the store's ([`Scope::Store`]).
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_proto::client::{Capabilities, ClientConnection, ClientError, ClientEvent};
 use rustls::pki_types::ServerName;
@@ -57,6 +57,8 @@ pub(super) struct Wire {
     pub(super) proto: ClientConnection,
     rbuf: Box<[u8]>,
     out: Vec<u8>,
+    /// When the first bytes came (the greeting).
+    first_input: Option<Instant>,
 }
 
 impl Wire {
@@ -66,7 +68,13 @@ impl Wire {
             proto,
             rbuf: vec![0; 16 * 1024].into_boxed_slice(),
             out: Vec::new(),
+            first_input: None,
         }
+    }
+
+    /// When the first bytes of the session came: the greeting's arrival.
+    pub(super) fn first_input(&self) -> Option<Instant> {
+        self.first_input
     }
 
     /// The socket failed: the state machine settles what was open.
@@ -107,6 +115,7 @@ impl Wire {
         match timeout(limit, self.io.read(&mut self.rbuf)).await {
             Ok(Ok(0)) => self.fail(Failure::Eof),
             Ok(Ok(n)) => {
+                self.first_input.get_or_insert_with(Instant::now);
                 self.proto.handle_input(&self.rbuf[..n]);
                 Ok(())
             }

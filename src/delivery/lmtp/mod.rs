@@ -383,8 +383,16 @@ impl RemoteStore {
         let proto = ClientConnection::new(self.protocol, self.local_name.clone());
         let mut wire = Wire::new(io, proto);
         let mut caps = wire.until_ready(Phase::Lhlo, t.lhlo).await?;
-        // Greeting and LHLO only (not STARTTLS or AUTH): how long the store left us waiting.
-        self.backlog.observe(mark.elapsed(), Instant::now());
+        // Greeting and LHLO only (not STARTTLS or AUTH): how long the store left us waiting,
+        // and the LHLO round trip that followed the greeting.
+        let now = Instant::now();
+        let greeted = wire.first_input().unwrap_or(now);
+        self.backlog.observe(
+            mark.elapsed(),
+            greeted.saturating_duration_since(mark),
+            now.saturating_duration_since(greeted),
+            now,
+        );
         let mut tls = false;
         if let Some(settings) = &self.tls {
             if caps.starttls {
