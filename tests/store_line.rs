@@ -84,6 +84,16 @@ async fn show_the_line(fake: &FakeStore, pool: &StorePool) {
     assert_eq!(pool.status().size, 1);
 }
 
+/// A gate with a latency window of one on a store whose line the pool has seen (one
+/// session served, idle in the pool): its limit is the line, three.
+async fn gate_at_the_line() -> (FakeStore, StorePool, Arc<Gate>) {
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let window = Window::with_settings(WindowSettings::latency(1, 20));
+    let gate = Gate::new("fake", window, Some(pool.clone()));
+    (fake, pool, gate)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connect_holds_our_place_in_the_line() {
     let (fake, pool) = one_process_store().await;
@@ -125,9 +135,7 @@ async fn the_gate_runs_as_many_transactions_as_the_store_serves_us_sessions_and_
 
     // A store whose line the pool has seen, serving us one session: three, even with a
     // window of one.
-    let (fake, pool) = one_process_store().await;
-    show_the_line(&fake, &pool).await;
-    let gate = Gate::new("fake", window(1), Some(pool.clone()));
+    let (_fake, pool, gate) = gate_at_the_line().await;
     assert_eq!(gate.status().0, 3, "the window as the gauge shows it");
     assert_eq!(
         pool.status().max_size,
@@ -149,13 +157,7 @@ async fn the_gate_runs_as_many_transactions_as_the_store_serves_us_sessions_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_the_store_greets_lets_the_scheduler_in_before_any_transaction_ends() {
-    let (fake, pool) = one_process_store().await;
-    show_the_line(&fake, &pool).await;
-    let gate = Gate::new(
-        "fake",
-        Window::with_settings(WindowSettings::latency(1, 20)),
-        Some(pool.clone()),
-    );
+    let (_fake, pool, gate) = gate_at_the_line().await;
     // The idle session retires (past its 200 ms): the store serves us none, the line is two.
     tokio::time::sleep(Duration::from_millis(250)).await;
     pool.sweep().await;
@@ -179,13 +181,7 @@ async fn a_session_the_store_greets_lets_the_scheduler_in_before_any_transaction
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concentrator_steers_by_its_window_not_by_the_line() {
-    let (fake, pool) = one_process_store().await;
-    show_the_line(&fake, &pool).await;
-    let gate = Gate::new(
-        "fake",
-        Window::with_settings(WindowSettings::latency(1, 20)),
-        Some(pool.clone()),
-    );
+    let (_fake, _pool, gate) = gate_at_the_line().await;
     assert_eq!(gate.status().0, 3, "the line: one session served, and two");
     let _relayed = gate
         .relay(Duration::from_millis(50), "edge1")

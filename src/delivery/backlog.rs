@@ -45,16 +45,16 @@ impl BacklogSign {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new session's greeting and LHLO took `took` (of which `greeting` waiting for the
-    /// greeting after the connect, and `lhlo` the LHLO round trip after it), ending `now`.
-    /// Queued: `took` is long against the store's fastest such wait, or the greeting alone
+    /// A new session waited `greeting` for its greeting after the connect, then `lhlo` for
+    /// the LHLO round trip, ending `now`. Queued: the two together are long against the store's fastest such wait, or the greeting alone
     /// is long against the LHLO round trip on the same session. The second catches the
     /// first session of a gateway that started while the store's processes were all busy
     /// (others', at start-up): its first greeting is also its fastest, and so no later one
     /// is [`FACTOR`] times slower (`bench/reverse/run.py --scenario c`: two gateways of
     /// three never saw the line and kept 16 and 26 % of the deliveries). A store far away
     /// greets within about a round trip, as fast as it answers LHLO.
-    pub fn observe(&self, took: Duration, greeting: Duration, lhlo: Duration, now: Instant) {
+    pub fn observe(&self, greeting: Duration, lhlo: Duration, now: Instant) {
+        let took = greeting + lhlo;
         let mut s = self.lock();
         let fastest = s.fastest.map_or(took, |f| f.min(took));
         s.fastest = Some(fastest);
@@ -93,14 +93,14 @@ mod tests {
         let sign = BacklogSign::default();
         let t0 = Instant::now();
         let idle = Duration::from_secs(2);
-        sign.observe(2 * MS, MS, MS, t0);
-        sign.observe(10 * MS, 5 * MS, 5 * MS, t0);
+        sign.observe(MS, MS, t0);
+        sign.observe(5 * MS, 5 * MS, t0);
         assert_eq!(sign.idle_limit(idle, t0), idle, "a few ms is no queue");
-        sign.observe(900 * MS, 899 * MS, MS, t0 + MS);
+        sign.observe(899 * MS, MS, t0 + MS);
         assert_eq!(sign.idle_limit(idle, t0 + 2 * MS), LINGER);
         assert_eq!(sign.idle_limit(idle, t0 + MS + MEMORY), idle, "forgotten");
         // never longer than the configured timeout
-        sign.observe(900 * MS, 899 * MS, MS, t0 + MEMORY);
+        sign.observe(899 * MS, MS, t0 + MEMORY);
         assert_eq!(sign.idle_limit(10 * MS, t0 + MEMORY), 10 * MS);
     }
 
@@ -110,10 +110,10 @@ mod tests {
         let t0 = Instant::now();
         // A round trip of about 40 ms: the greeting comes within one, LHLO takes one.
         for ms in [80, 95, 120, 90] {
-            sign.observe(ms * MS, ms / 2 * MS, ms / 2 * MS, t0);
+            sign.observe(ms / 2 * MS, ms / 2 * MS, t0);
         }
         assert!(!sign.queues(t0));
-        sign.observe(400 * MS, 360 * MS, 40 * MS, t0);
+        sign.observe(360 * MS, 40 * MS, t0);
         assert!(sign.queues(t0));
     }
 
@@ -123,11 +123,11 @@ mod tests {
         let t0 = Instant::now();
         // The first session of a gateway that started while every process served others:
         // also the fastest it has seen, but the greeting took a second and LHLO 1 ms.
-        sign.observe(1001 * MS, 1000 * MS, MS, t0);
+        sign.observe(1000 * MS, MS, t0);
         assert!(sign.queues(t0));
         // A store that takes its time to greet but answers LHLO as slowly is no queue.
         let far = BacklogSign::default();
-        far.observe(160 * MS, 60 * MS, 100 * MS, t0);
+        far.observe(60 * MS, 100 * MS, t0);
         assert!(!far.queues(t0));
     }
 }

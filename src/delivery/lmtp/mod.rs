@@ -388,7 +388,6 @@ impl RemoteStore {
         let now = Instant::now();
         let greeted = wire.first_input().unwrap_or(now);
         self.backlog.observe(
-            mark.elapsed(),
             greeted.saturating_duration_since(mark),
             now.saturating_duration_since(greeted),
             now,
