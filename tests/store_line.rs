@@ -199,3 +199,29 @@ async fn a_concentrator_steers_by_its_window_not_by_the_line() {
         "the concentrator's own mail too keeps to the window"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_greeted_at_once_again_end_the_line() {
+    let (_fake, pool, gate) = gate_at_the_line().await;
+    assert_eq!(gate.status().0, 3, "the line: one session served, and two");
+    // The store has a free process again: each new session of ours is greeted at once.
+    // A few in a row and the window (one) steers again, so that a store that greets every
+    // connect cannot draw the line out to max_connections.
+    let mut fresh = 0;
+    while pool.store().queues_sessions() && fresh < 12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        pool.sweep().await;
+        assert_eq!(pool.status().size, 0, "the retired session is closed");
+        deliver(&pool, &format!("fresh{fresh}")).await;
+        fresh += 1;
+    }
+    assert!(
+        !pool.store().queues_sessions(),
+        "{fresh} sessions greeted at once did not clear the line"
+    );
+    assert!(
+        fresh >= 3,
+        "one session greeted at once is not enough: {fresh}"
+    );
+    assert_eq!(gate.status().0, 1, "the window again, not the line");
+}

@@ -133,6 +133,7 @@ class Store:
         # accepted -> first MAIL, service, between transactions, last one -> close,
         # sessions that never carried a transaction
         self.held = collections.Counter()
+        self.gaps = []  # backlog mode: each wait between two transactions of a session
         self.log = open(args.log, "a", buffering=1 << 16) if args.log else None
 
     # --- sessions -------------------------------------------------------
@@ -169,6 +170,7 @@ class Store:
                     self.held["accept_to_first"] += now - mark["accepted"]
                 else:
                     self.held["between"] += now - mark["last_end"]
+                    self.gaps.append(now - mark["last_end"])
                 mark["txn_start"] = now
             if verb in (b"LHLO", b"EHLO"):
                 sender, rcpts = None, []
@@ -378,6 +380,7 @@ class Store:
             "capacity_mean": round(worker_seconds / busy / (self.args.service_ms / 1000.0), 1) if busy else None,
             "per_second": [self.buckets.get(i, 0) for i in range(int(busy) + 1)] if self.t_first else [],
             "held_seconds": {k: round(v, 3) for k, v in self.held.items()},
+            "between_ms": summary_ms(self.gaps),
             "cpu_percent_per_second": self.cpu_buckets,
             "cpu_seconds": round(self.cpu(), 3),
             "loop_lag_ms": {"mean": round(1000 * sum(lag) / len(lag), 2) if lag else None,
