@@ -742,6 +742,8 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
         if total:
             for k in ("accept_to_first", "transaction", "between", "last_to_close", "unused"):
                 f["held_%s_pct" % k] = 100.0 * held.get(k, 0.0) / total
+        gaps = st.get("between_ms") or {}
+        f["between_p50_ms"], f["between_p95_ms"] = gaps.get("p50"), gaps.get("p95")
     if mine and scn.get("capacity_at") and st.get("capacity_changes"):
         f.update(follow(mine, t_first, st["capacity_changes"][0], store.service_ms))
     if phase["killed"]:
@@ -854,6 +856,8 @@ ROWS = [  # (key, label, format)
     ("held_transaction_pct", "  held: MAIL -> final reply (%)", "%.0f"),
     ("held_accept_to_first_pct", "  accepted -> first MAIL (%)", "%.0f"),
     ("held_between_pct", "  between transactions (%)", "%.0f"),
+    ("between_p50_ms", "    each gap, median (ms)", "%.2f"),
+    ("between_p95_ms", "    each gap, p95 (ms)", "%.2f"),
     ("held_last_to_close_pct", "  last reply -> close (%)", "%.0f"),
     ("held_unused_pct", "  sessions with no transaction (%)", "%.0f"),
     ("share_dev_max", "max share deviation from 1/N (%) [<= 20]", "%.0f"),
