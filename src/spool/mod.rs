@@ -8,7 +8,7 @@
 //!   directory when a new segment file was created). A message without its Commit record is
 //!   partial: recovery drops it, and it was never acknowledged.
 //! - **Group commit.** Sessions that finish DATA at the same moment share one `fdatasync`
-//!   (see [`log`](self::log)): the rate is not capped at one flush per message. Everything
+//!   (see [`log`]): the rate is not capped at one flush per message. Everything
 //!   else pending rides the same sync: a delivery's outcome waits up to 5 ms for the next
 //!   Commit rather than taking a flush of its own, and records whose loss in a power
 //!   failure costs nothing acknowledged (in-doubt marks, Done records) are written at once
@@ -59,7 +59,7 @@
 //! | [`record`] | the record format (typed, length-prefixed, CRC-32, versioned) |
 //! | `envelope` | [`Envelope`] and its layout in a Commit record |
 //! | `wire` | the format's primitives (integers, strings, options) and `FormatError` |
-//! | [`log`](self::log) | appends, the group-commit batches and their sync classes |
+//! | [`log`] | appends, the group-commit batches and their sync classes |
 //! | `segment` | segment files: names, creation with zeros written ahead, positioned writes |
 //! | `durable` | [`Durable`], the promise of an append, and the committer's side of it |
 //! | [`id`] | [`QueueId`] |

@@ -85,7 +85,7 @@ impl Connection {
     }
 
     /// Runs one mail transaction for `recipients` (at most `recipients_per_transaction`;
-    /// the caller splits, or uses [`StorePool::deliver`](super::pool::StorePool::deliver)).
+    /// the caller splits, or uses [`StorePool::deliver`](crate::delivery::StorePool::deliver)).
     /// `body` is read once, to its end. Each recipient's outcome goes to `on_outcome` as
     /// soon as it is known, and is also returned in the [`Report`].
     pub async fn deliver<R, F>(
