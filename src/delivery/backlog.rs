@@ -61,12 +61,12 @@ impl BacklogSign {
     /// A new session waited `greeting` for its greeting after the connect, then `lhlo` for
     /// the LHLO round trip, ending `now`. Queued: the two together are long against the
     /// store's fastest such wait, or the greeting alone is long against the LHLO round trip
-    /// on the same session. The second catches the
-    /// first session of a gateway that started while the store's processes were all busy
-    /// (others', at start-up): its first greeting is also its fastest, and so no later one
-    /// is [`FACTOR`] times slower (`bench/reverse/run.py --scenario c`: two gateways of
-    /// three never saw the line and kept 16 and 26 % of the deliveries). A store far away
-    /// greets within about a round trip, as fast as it answers LHLO.
+    /// on the same session. The second catches the first session of a gateway that started
+    /// while the store's processes were all busy (others', at start-up): its first greeting
+    /// is also its fastest, and so no later one is [`FACTOR`] times slower
+    /// (`bench/reverse/run.py --scenario c`: two gateways of three never saw the line and
+    /// kept 16 and 26 % of the deliveries). A store far away greets within about a round
+    /// trip, as fast as it answers LHLO.
     ///
     /// Greeted at once: within [`QUEUED`] and no later than twice the LHLO round trip (and
     /// a millisecond for the accept), i.e. no process had to come free for it.
