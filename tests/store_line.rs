@@ -200,10 +200,61 @@ async fn a_concentrator_steers_by_its_window_not_by_the_line() {
     );
 }
 
+/// The log lines of this test binary (the gate logs on whichever thread sees the change).
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    /// Every thread's log lines from now on (once per process).
+    fn capture(&self) {
+        let log = self.clone();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || log.clone())
+                .with_ansi(false)
+                .finish(),
+        )
+        .expect("the only subscriber of this test binary");
+    }
+
+    fn lines(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// A line says `what` of the store `name`.
+    fn says(&self, name: &str, what: &str) -> bool {
+        let field = format!("store={name}");
+        self.lines()
+            .lines()
+            .any(|l| l.contains(what) && l.split_whitespace().any(|w| w == field))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_greeted_at_once_again_end_the_line() {
-    let (_fake, pool, gate) = gate_at_the_line().await;
+    let log = Log::default();
+    log.capture();
+    // A store name of its own: the other tests' gates log too.
+    let (fake, pool) = one_process_store().await;
+    show_the_line(&fake, &pool).await;
+    let window = Window::with_settings(WindowSettings::latency(1, 20));
+    let gate = Gate::new("at-once", window, Some(pool.clone()));
     assert_eq!(gate.status().0, 3, "the line: one session served, and two");
+    assert!(
+        log.says("at-once", "store keeps new sessions waiting"),
+        "the operator is told: {}",
+        log.lines()
+    );
     // The store has a free process again: each new session of ours is greeted at once.
     // A few in a row and the window (one) steers again, so that a store that greets every
     // connect cannot draw the line out to max_connections.
@@ -224,4 +275,9 @@ async fn sessions_greeted_at_once_again_end_the_line() {
         "one session greeted at once is not enough: {fresh}"
     );
     assert_eq!(gate.status().0, 1, "the window again, not the line");
+    assert!(
+        log.says("at-once", "store greets new sessions at once again"),
+        "the operator is told: {}",
+        log.lines()
+    );
 }

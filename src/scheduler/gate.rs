@@ -224,7 +224,19 @@ impl Gate {
         let was_in_line = s.line < usize::MAX;
         s.line = line;
         if was_in_line != (line < usize::MAX) {
-            // The line came or went: the gauges and the pool's size follow.
+            // The line came or went: the gauges and the pool's size follow, and the
+            // operator is told why the store's window changed its ways.
+            if line < usize::MAX {
+                tracing::info!(
+                    store = %self.store,
+                    "store keeps new sessions waiting (a process limit): taking turns in its line, one connect at a time"
+                );
+            } else {
+                tracing::info!(
+                    store = %self.store,
+                    "store greets new sessions at once again: its latency window steers"
+                );
+            }
             self.publish(&s);
         }
         s
