@@ -351,12 +351,21 @@ impl Gate {
     }
 
     /// Feeds one finished transaction, which took its slot at `started`, into the window.
-    fn feed(self: &Arc<Self>, signal: Signal, sample: Option<Sample>, started: SystemTime) {
+    /// `sample` makes its sample, told whether the store's line is in force.
+    fn feed(
+        self: &Arc<Self>,
+        signal: Signal,
+        sample: impl FnOnce(bool) -> Option<Sample>,
+        started: SystemTime,
+    ) {
         let mut s = self.lock();
         let before = (s.window.ceiling(), s.window.admitted());
         let was_probing = s.window.is_probing();
         match signal {
-            Signal::Success => s.window.on_success(sample, started, SystemTime::now()),
+            Signal::Success => {
+                let sample = sample(s.line < usize::MAX);
+                s.window.on_success(sample, started, SystemTime::now());
+            }
             Signal::Failure => s.window.on_failure(),
         }
         if (s.window.ceiling(), s.window.admitted()) != before {
@@ -488,9 +497,8 @@ impl Permit {
     pub fn finish(mut self, report: &Report) {
         self.done = true;
         let signal = Signal::of(report);
-        let in_line = self.gate.line() < usize::MAX;
         self.gate
-            .feed(signal, sample_of(report, in_line), self.started);
+            .feed(signal, |in_line| sample_of(report, in_line), self.started);
         self.gate.release(Some(self.started));
     }
 
@@ -498,7 +506,7 @@ impl Permit {
     /// own).
     pub fn finish_with(mut self, signal: Signal, sample: Option<Sample>) {
         self.done = true;
-        self.gate.feed(signal, sample, self.started);
+        self.gate.feed(signal, |_| sample, self.started);
         self.gate.release(Some(self.started));
     }
 }
