@@ -3,7 +3,8 @@
 //! The map (`routes:` in the configuration, the route fragments it includes — merged by
 //! `config::include` — plus an optional plain `users_file`) is compiled once into a
 //! [`Router`] and then only read; a reload builds a whole new one and swaps it
-//! ([`reload`](crate::reload)), so a reader sees either the old map or the new one, never half of each.
+//! ([`reload`](crate::reload)), so a reader sees either the old map or the new one, never
+//! half of each.
 //! The listener asks at RCPT ([`Router::rcpt`]: accept, expand aliases, or refuse); the
 //! scheduler asks again at every delivery attempt ([`Router::resolve`], through the map in
 //! force at that moment), so a changed map re-routes queued mail.

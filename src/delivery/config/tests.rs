@@ -1,4 +1,5 @@
-//! Tests of the store configuration: a full example, the defaults, addresses, timestamps, and errors that name the key.
+//! Tests of the store configuration: a full example, the defaults, addresses, timestamps,
+//! and errors that name the key.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use super::*;

@@ -7,8 +7,8 @@
 //! [`postern_proto::client`]: MAIL, RCPT and DATA in one flush when the store offers
 //! PIPELINING, BDAT chunks instead of DATA when it offers CHUNKING, the body streamed from an
 //! [`AsyncRead`](tokio::io::AsyncRead) (dot-stuffed by
-//! [`DataEncoder`](postern_proto::data::DataEncoder) for DATA) so a large message never sits in
-//! memory whole.
+//! [`DataEncoder`](postern_proto::data::DataEncoder) for DATA) so a large message never sits
+//! in memory whole.
 //!
 //! # What is checked before anything is sent
 //!
@@ -27,13 +27,13 @@
 //!
 //! # Results as they arrive
 //!
-//! Every recipient gets exactly one [`Outcome`](crate::delivery::Outcome), handed to the caller's callback the moment
-//! the reply that decides it is parsed (RFC 2033 §4.2: one reply per accepted recipient after
-//! the end of data), so the ledger can be written reply by reply. A connection lost after `k`
-//! of `n` post-dot replies yields those `k` outcomes and `n - k`
-//! [`Outcome::InDoubt`](crate::delivery::Outcome::InDoubt); lost
-//! before the end of data,
-//! [`Outcome::NotAttempted`](crate::delivery::Outcome::NotAttempted). What the replies mean, and how wide a
+//! Every recipient gets exactly one [`Outcome`](crate::delivery::Outcome), handed to the
+//! caller's callback the moment the reply that decides it is parsed (RFC 2033 §4.2: one
+//! reply per accepted recipient after the end of data), so the ledger can be written reply
+//! by reply. A connection lost after `k` of `n` post-dot replies yields those `k` outcomes
+//! and `n - k` [`Outcome::InDoubt`](crate::delivery::Outcome::InDoubt); lost before the end
+//! of data, [`Outcome::NotAttempted`](crate::delivery::Outcome::NotAttempted). What the
+//! replies mean, and how wide a
 //! failure is, is decided in [`super::trouble`] only.
 //!
 //! # PhaseTimeouts
@@ -44,7 +44,8 @@
 //! attempted (before the end of data) or in doubt (after it).
 //!
 //! DIAGNOSTICS: setup failures are returned as a [`Trouble`] (scope [`Scope::Store`](super::Scope::Store)); a
-//! transaction never fails as a whole, it returns a [`Report`](crate::delivery::Report). No network input panics.
+//! transaction never fails as a whole, it returns a [`Report`](crate::delivery::Report). No
+//! network input panics.
 //!
 //! Files: this one sets a connection up ([`RemoteStore`]: connect, greeting, LHLO or EHLO,
 //! STARTTLS, AUTH); `connection` runs transactions on it ([`Connection`]); `run` keeps one

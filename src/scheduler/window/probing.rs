@@ -13,10 +13,10 @@ impl Window {
     ///
     /// Every [`PROBE_EVERY`], on the wall clock's boundaries so that the gateways feeding a
     /// store probe together and its queue really drains, the window drops to its minimum
-    /// until [`PROBE_SAMPLES`](super::PROBE_SAMPLES) transactions started after the drain have ended: their mean
-    /// is the new measurement of the baseline (taken at once if lower, a quarter of the way
-    /// if higher), their spread the store's jitter. This is how the
-    /// baseline forgets: a store that became slower is re-learned within a probe or two,
+    /// until [`PROBE_SAMPLES`](super::PROBE_SAMPLES) transactions started after the drain
+    /// have ended: their mean is the new measurement of the baseline (taken at once if
+    /// lower, a quarter of the way if higher), their spread the store's jitter. This is how
+    /// the baseline forgets: a store that became slower is re-learned within a probe or two,
     /// and a baseline learned under load (a gateway that started while the store was busy)
     /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
     pub(super) fn probing(&mut self, sample: Sample, started: SystemTime, now: SystemTime) -> bool {
