@@ -98,11 +98,22 @@ def pct(sorted_vals, p):
 
 def summary_ms(vals):
     if not vals:
-        return {"n": 0, "mean": None, "p50": None, "p95": None, "max": None}
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
     s = sorted(vals)
     return {"n": len(s), "mean": round(1000 * sum(s) / len(s), 2),
             "p50": round(1000 * pct(s, 50), 2), "p95": round(1000 * pct(s, 95), 2),
-            "max": round(1000 * s[-1], 2)}
+            "p99": round(1000 * pct(s, 99), 2), "max": round(1000 * s[-1], 2)}
+
+
+def gap_buckets(gaps):
+    """Seconds spent in gaps up to 2, 5, 15, 50 ms and longer."""
+    edges = (2, 5, 15, 50)
+    out = collections.Counter()
+    for g in gaps:
+        ms = 1000 * g
+        label = next(("<=%d" % e for e in edges if ms <= e), ">50")
+        out[label] += g
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 class Store:
@@ -381,6 +392,8 @@ class Store:
             "per_second": [self.buckets.get(i, 0) for i in range(int(busy) + 1)] if self.t_first else [],
             "held_seconds": {k: round(v, 3) for k, v in self.held.items()},
             "between_ms": summary_ms(self.gaps),
+            # where the time between transactions went: seconds in gaps of each size
+            "between_seconds_by_ms": gap_buckets(self.gaps),
             "cpu_percent_per_second": self.cpu_buckets,
             "cpu_seconds": round(self.cpu(), 3),
             "loop_lag_ms": {"mean": round(1000 * sum(lag) / len(lag), 2) if lag else None,
