@@ -2,7 +2,8 @@
 //! Cyrus `maxchild`, Dovecot `process_limit`) is shared by that line. Once a greeting showed
 //! the line, one connect holds this gateway's place in it, and the store's gate runs as many
 //! transactions as the store serves us sessions, and two more (one in the line, one ready
-//! for the next session given back), whatever the window.
+//! for the next session given back), whatever the window. Where the window steers, a
+//! baseline probe gives back the sessions it does not use.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod delivery_common;
@@ -16,8 +17,8 @@ use delivery_common::{by_index, envelope, rcpt};
 use fake_lmtp::{FakeStore, Script};
 use postern::config::Span;
 use postern::delivery::{Outcome, RemoteStore, Report, StorePool};
-use postern::scheduler::gate::Gate;
-use postern::scheduler::window::{Window, WindowSettings};
+use postern::scheduler::gate::{Gate, Signal};
+use postern::scheduler::window::{Sample, Window, WindowSettings};
 
 const BODY: &[u8] = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello.\r\n";
 const LIMIT: Duration = Duration::from_secs(5);
@@ -280,4 +281,99 @@ async fn sessions_greeted_at_once_again_end_the_line() {
         "the operator is told: {}",
         log.lines()
     );
+}
+
+/// During a baseline probe the window runs its minimum of transactions. The sessions beyond
+/// it go back to the store, and open again once the probe is over: at a store that runs one
+/// process per session they would hold processes for the whole probe, idle, while another
+/// gateway's session waited for one in the store's line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_baseline_probe_gives_back_the_sessions_it_does_not_use() {
+    let fake = FakeStore::start(Script {
+        max_served: Some(4),
+        ..Script::default()
+    })
+    .await;
+    let config = |name: &str| {
+        let mut c = delivery_common::store_config(name, fake.addr.port());
+        c.max_connections = 10;
+        c.idle_timeout = Span(Duration::from_secs(60));
+        c.reuse_limit = Span(Duration::from_secs(60));
+        StorePool::new(Arc::new(RemoteStore::from_config(&c, "gw.test").unwrap()))
+    };
+    let (pool, other) = (config("probed"), config("other"));
+    let window = Window::with_settings(WindowSettings::latency(4, 4));
+    let gate = Gate::new("probed", window, Some(pool.clone()));
+
+    // Four transactions at once: four sessions, one per store process, idle afterwards.
+    let locals = ["s0", "s1", "s2", "s3"];
+    fake.update(|s| s.hold_locals.extend(locals.iter().map(|l| l.to_string())));
+    let mut tasks = tokio::task::JoinSet::new();
+    for local in locals {
+        let permit = gate.try_acquire().expect("a window of four");
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let report = deliver(&pool, local).await;
+            permit.finish(&report);
+        });
+    }
+    wait_until("four sessions open", || fake.sessions().len() == 4).await;
+    fake.update(|s| s.hold_locals.clear());
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!((pool.status().size, pool.status().max_size), (4, 4));
+
+    // Quick transactions until a probe begins (on a wall-clock second boundary).
+    let quick = || Some(Sample::reused(Duration::from_millis(5)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pool.status().max_size == 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no probe shrank the pool within 10 s"
+        );
+        let permit = gate.try_acquire().expect("below the window");
+        permit.finish_with(Signal::Success, quick());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pool.status().size,
+        1,
+        "the probe keeps the one session its minimum uses"
+    );
+    // Another gateway's session gets one of the processes given back, during the probe.
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        other.deliver(
+            &envelope(BODY),
+            &[rcpt(0, "other@example.org")],
+            BODY,
+            &mut |_, _: &Outcome| {},
+        ),
+    )
+    .await
+    .expect("a store process came free for the other gateway");
+
+    // The probe ends on its samples: the pool may hold the window's four sessions again.
+    while pool.status().max_size < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe did not end"
+        );
+        let permit = gate.try_acquire().expect("the probe admits one");
+        permit.finish_with(Signal::Success, quick());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until `f` holds (5 s at most).
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

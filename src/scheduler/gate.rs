@@ -20,7 +20,11 @@
 //! window's fractional part gets a session too, rather than waiting for one and counting that
 //! wait as the store's latency); the gauges follow. During a baseline probe the window's
 //! `min` counts only transactions that began after the probe: those already running drain
-//! on their own, and a long one must not stop the store for the whole probe.
+//! on their own, and a long one must not stop the store for the whole probe. The pool
+//! shrinks with the probe, to its `min` and the transactions still draining: an idle session
+//! would hold a process of a store that runs one per session for the whole probe (measured
+//! with `bench/reverse/run.py --scenario a2`: 3 % of the store's worker time, in gaps of
+//! 20–90 ms between two transactions of a session).
 //!
 //! Locking: one short mutex per store, never held across an await or a call out.
 
@@ -101,6 +105,26 @@ impl State {
             self.line
         } else {
             self.window.ceiling()
+        }
+    }
+
+    /// The sessions the store's pool may keep open. In the store's line, `most` (its
+    /// `max_connections`): the line, not the pool, bounds them. During a baseline probe, the
+    /// probe's minimum and the transactions still draining from before it (never more than
+    /// outside the probe): the rest would sit idle at the store for the whole probe, each
+    /// holding a process that another gateway's session waits for at a store that runs one
+    /// per session (Cyrus `maxchild`, Dovecot `process_limit`); they are closed (an idle one
+    /// at once, a busy one when its transaction ends) and opened again when the probe is
+    /// over. Otherwise the window
+    /// rounded up: a transaction admitted on the window's fraction must not wait for a
+    /// connection, or the wait counts as latency at the store.
+    fn sessions(&self, most: usize) -> usize {
+        if self.line < usize::MAX {
+            most
+        } else if self.window.is_probing() {
+            (self.window.limit() + self.before_probe).min(self.window.admitted())
+        } else {
+            self.window.admitted()
         }
     }
 
@@ -368,14 +392,12 @@ impl Gate {
             }
             Signal::Failure => s.window.on_failure(),
         }
-        if (s.window.ceiling(), s.window.admitted()) != before {
-            self.publish(&s);
-        }
         if !was_probing && s.window.is_probing() {
             // Every transaction in flight began before the probe, this one too (its slot is
             // released after this feed).
             s.probe_began = Some(SystemTime::now());
             s.before_probe = s.in_flight;
+            self.publish(&s);
             // A probe ends on its samples or at its time limit, whichever first; the limit
             // must not wait for a sample that a slot held by a long transaction withholds.
             let gate = Arc::clone(self);
@@ -388,6 +410,10 @@ impl Gate {
                     }
                 }
             });
+        } else if was_probing != s.window.is_probing()
+            || (s.window.ceiling(), s.window.admitted()) != before
+        {
+            self.publish(&s);
         }
     }
 
@@ -397,6 +423,9 @@ impl Gate {
         let (running, nobody_waits) = {
             let mut s = self.lock();
             let ended = s.window.end_overdue_probe(SystemTime::now());
+            if ended {
+                self.publish(&s);
+            }
             let nobody_waits = ended && s.grant();
             (s.window.is_probing(), nobody_waits)
         };
@@ -417,6 +446,10 @@ impl Gate {
                 && started < began
             {
                 s.before_probe = s.before_probe.saturating_sub(1);
+                if s.window.is_probing() {
+                    // Its session is not needed for the rest of the probe.
+                    self.publish(&s);
+                }
             }
             s.grant()
         };
@@ -438,16 +471,7 @@ impl Gate {
         let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
         gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
         if let Some(pool) = &self.pool {
-            // As many sessions as the gate admits transactions (the window rounded up): a
-            // transaction admitted on the window's fraction must not wait for a connection,
-            // or the wait counts as latency at the store.
-            // In the store's line, as many as `max_connections`: the line, not the pool,
-            // bounds the sessions.
-            pool.resize(if s.line < usize::MAX {
-                pool.store().max_connections()
-            } else {
-                s.window.admitted()
-            });
+            pool.resize(s.sessions(pool.store().max_connections()));
         }
     }
 }

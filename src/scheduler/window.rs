@@ -302,8 +302,7 @@ impl Window {
         (self.current as usize).clamp(self.settings.min, self.settings.max)
     }
 
-    /// The window outside probes: what the store gets once a probe ends (the gauge, and the
-    /// size of the store's connection pool, which a probe does not shrink).
+    /// The window outside probes: what the store gets once a probe ends (the gauge).
     pub fn ceiling(&self) -> usize {
         (self.current as usize).clamp(self.settings.min, self.settings.max)
     }
