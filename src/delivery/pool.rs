@@ -43,10 +43,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::lmtp::{Connection, RemoteStore};
 use super::message::{MessageBody, OutboundEnvelope, Recipient, Report};
@@ -389,10 +390,9 @@ impl StorePool {
     }
 
     /// Delivers one message to `recipients` of this store: split into transactions of at
-    /// most `recipients_per_transaction`, each on a pooled connection (one after the other),
-    /// the body opened afresh for each. Outcomes go to `on_outcome` as they arrive. A
-    /// connection left unusable is detached and dropped. Trouble of the store's scope stops
-    /// the remaining transactions: their recipients are not attempted.
+    /// most `recipients_per_transaction`, each a [`transaction`](Self::transaction) (one after
+    /// the other). Trouble of the store's scope stops the remaining transactions: their
+    /// recipients are not attempted.
     pub async fn deliver<B, F>(
         &self,
         envelope: &OutboundEnvelope,
@@ -408,29 +408,7 @@ impl StorePool {
         let per = self.store().recipients_per_transaction().max(1);
         let mut batches = recipients.chunks(per);
         while let Some(batch) = batches.next() {
-            let asked = Instant::now();
-            let part = match self.get().await {
-                Ok(mut conn) => match body.open().await {
-                    Ok(reader) => {
-                        let waited = asked.elapsed();
-                        let mut part = conn.deliver(envelope, batch, reader, on_outcome).await;
-                        part.latency = part.latency.map(|l| l + waited);
-                        part.connection_wait = waited;
-                        self.release(conn);
-                        part
-                    }
-                    Err(e) => {
-                        let reply = trouble::local_read_error(&e);
-                        settle(
-                            batch,
-                            &Outcome::Deferred(reply.clone()),
-                            on_outcome,
-                            Some(trouble::message_refused(&reply)),
-                        )
-                    }
-                },
-                Err(t) => settle(batch, &Outcome::NotAttempted(None), on_outcome, Some(t)),
-            };
+            let (part, _) = self.transaction(envelope, batch, body, on_outcome).await;
             let stop = part.scope() == Scope::Store;
             report.merge(part);
             if stop {
@@ -440,6 +418,52 @@ impl StorePool {
             }
         }
         report
+    }
+
+    /// One transaction for `recipients` on a pooled connection, the body opened afresh.
+    /// Outcomes go to `on_outcome` as they arrive; the connection is given back
+    /// ([`release`](Self::release)), or dropped if the transaction left it unusable. Also
+    /// returns the wait for the connection: the report's `latency` includes it (a store that
+    /// runs one process per session queues us there) and its `connection_wait` says it apart.
+    /// No connection: every recipient not attempted, with the trouble; a body that cannot be
+    /// read: every recipient deferred.
+    pub async fn transaction<B, F>(
+        &self,
+        envelope: &OutboundEnvelope,
+        recipients: &[Recipient],
+        body: &B,
+        on_outcome: &mut F,
+    ) -> (Report, Duration)
+    where
+        B: MessageBody + ?Sized,
+        F: FnMut(usize, &Outcome),
+    {
+        let asked = Instant::now();
+        let conn = self.get().await;
+        let waited = asked.elapsed();
+        let report = match conn {
+            Ok(mut conn) => match body.open().await {
+                Ok(reader) => {
+                    let mut r = conn.deliver(envelope, recipients, reader, on_outcome).await;
+                    r.latency = r.latency.map(|l| l + waited);
+                    r.connection_wait = waited;
+                    self.release(conn);
+                    r
+                }
+                Err(e) => {
+                    let reply = trouble::local_read_error(&e);
+                    let refused = Some(trouble::message_refused(&reply));
+                    settle(recipients, &Outcome::Deferred(reply), on_outcome, refused)
+                }
+            },
+            Err(t) => settle(
+                recipients,
+                &Outcome::NotAttempted(None),
+                on_outcome,
+                Some(t),
+            ),
+        };
+        (report, waited)
     }
 }
 
@@ -456,16 +480,8 @@ fn settle<F: FnMut(usize, &Outcome)>(
     on_outcome: &mut F,
     trouble: Option<Trouble>,
 ) -> Report {
-    let outcomes = batch
-        .iter()
-        .map(|r| {
-            on_outcome(r.index, outcome);
-            (r.index, outcome.clone())
-        })
-        .collect();
     Report {
-        outcomes,
         trouble,
-        ..Report::default()
+        ..super::policy::settle_all(batch, outcome, on_outcome)
     }
 }

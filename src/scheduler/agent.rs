@@ -125,45 +125,13 @@ impl Agent {
         let started = Instant::now();
         match self {
             Self::Lmtp(pool) => {
-                let conn = pool.get().await;
-                let connect = started.elapsed();
-                let report = match conn {
-                    Ok(mut conn) => match body.open().await {
-                        Ok(reader) => {
-                            let mut r =
-                                conn.deliver(envelope, recipients, reader, on_outcome).await;
-                            // Waiting for a connection (a new one's greeting) is the store's
-                            // latency too: where a process-per-session store queues us.
-                            r.latency = r.latency.map(|l| l + connect);
-                            r.connection_wait = connect;
-                            pool.release(conn);
-                            r
-                        }
-                        Err(e) => {
-                            let reply = trouble::local_read_error(&e);
-                            let mut r = crate::delivery::policy::settle_all(
-                                recipients,
-                                &Outcome::Deferred(reply.clone()),
-                                on_outcome,
-                            );
-                            r.trouble = Some(trouble::message_refused(&reply));
-                            r
-                        }
-                    },
-                    Err(t) => {
-                        let mut r = crate::delivery::policy::settle_all(
-                            recipients,
-                            &Outcome::NotAttempted(None),
-                            on_outcome,
-                        );
-                        r.trouble = Some(t);
-                        r
-                    }
-                };
+                let (report, connect) = pool
+                    .transaction(envelope, recipients, body, on_outcome)
+                    .await;
                 Attempt {
                     report,
                     connect,
-                    transfer: started.elapsed() - connect,
+                    transfer: started.elapsed().saturating_sub(connect),
                 }
             }
             Self::Maildir(store) => Attempt {
