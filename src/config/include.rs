@@ -10,7 +10,7 @@
 //! file and a fragment — is an error naming both places (`file:line: key`), never a silent
 //! override (domains are compared case-insensitively, users and aliases as the map
 //! compares them: `Alice@X` is `alice@x` unless the domain preserves case); patterns are appended after the main
-//! file's, in include order. [`RouteOrigins`](crate::routing::config::RouteOrigins) remembers which file every merged entry came
+//! file's, in include order. [`RouteOrigins`] remembers which file every merged entry came
 //! from, so later errors and `postern route` name the fragment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

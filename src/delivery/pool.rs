@@ -15,8 +15,8 @@
 //! unanswered in its listen backlog. A transaction that had to open a new connection waits
 //! for that greeting; if meanwhile another transaction of the same store gives its connection
 //! back ([`StorePool::release`]), that connection goes straight to the transaction that has
-//! waited longest. Connects run in their own tasks, at most [`MAX_CONNECTING`] at once (one
-//! while the store queues our sessions, [`MAX_CONNECTING_QUEUED`], unless the pool serves a
+//! waited longest. Connects run in their own tasks, at most `MAX_CONNECTING` at once (one
+//! while the store queues our sessions, `MAX_CONNECTING_QUEUED`, unless the pool serves a
 //! concentrator: [`StorePool::relaying`]), and
 //! each hands its connection to whoever waits first (or, when nobody does any more, closes
 //! it at once: we never hold more sessions than the pool counts), so only a couple of our
@@ -169,7 +169,7 @@ impl managed::Manager for Manager {
     type Error = Trouble;
 
     /// The first connection to come: one given back by another transaction, or a new one (a
-    /// connect is started unless [`MAX_CONNECTING`] are under way already).
+    /// connect is started unless `MAX_CONNECTING` are under way already).
     async fn create(&self) -> Result<Connection, Trouble> {
         let (give, given) = oneshot::channel();
         {
@@ -260,7 +260,7 @@ impl StorePool {
 
     /// This pool serves a concentrator (transactions relayed for other gateways): it is
     /// usually the store's only client, with no other gateway to take turns with in the
-    /// store's line, so connects are not held to [`MAX_CONNECTING_QUEUED`].
+    /// store's line, so connects are not held to `MAX_CONNECTING_QUEUED`.
     pub fn relaying(&self) {
         self.pool.manager().handover().relaying = true;
     }

@@ -1,6 +1,6 @@
 //! The edge: what the listeners ask about a recipient at RCPT beyond routing, per store —
 //! is its store backlogged ([`crate::scheduler::load`]), and does its store know it (recipient
-//! verification, [`verify`], answers kept in [`cache`]).
+//! verification, `verify`, answers kept in [`cache`]).
 //!
 //! Owns: the verification cache (one for every store, `verify_cache:`), and per store the
 //! handles it needs: the store's [`StoreLoad`] (written by the scheduler shard that owns the

@@ -8,8 +8,8 @@
 //! Accept errors (EMFILE and the like) back off briefly instead of spinning.
 //!
 //! A listener runs in one of two modes (`listeners[].mode`): `spool` stores every message
-//! durably before it answers 250 ([`session`]); `proxy` relays each transaction to the
-//! recipients' stores and answers with their replies ([`cut_through`]).
+//! durably before it answers 250 (`session`); `proxy` relays each transaction to the
+//! recipients' stores and answers with their replies (`cut_through`).
 
 pub mod config;
 mod counters;

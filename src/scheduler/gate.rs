@@ -6,14 +6,14 @@
 //! A transaction holds a [`Permit`] from start to end. [`Gate::try_acquire`] never waits (the
 //! scheduler dispatches from its event loop); [`Gate::acquire`] waits up to a bound (a proxy
 //! session, a recipient verification). Waiting transactions get freed slots by their client's
-//! turn ([`Turns`]: so gateways feeding one concentrator share its store evenly), and before
+//! turn (`Turns`: so gateways feeding one concentrator share its store evenly), and before
 //! the scheduler: they have a client waiting on them, the scheduler's messages are already
 //! safe in the spool and wait for the next free slot that nobody waits for. Finishing a
 //! permit with the transaction's [`Report`] feeds the window: the latency sample on success,
 //! a hard signal on a refusal, a lost connection or a busy reply.
 //! A permit dropped without [`Permit::finish`] just frees its slot. At a store that keeps our
 //! new sessions waiting in its listen backlog, the store's line stands in for the window
-//! ([`Gate::line`]: the sessions it serves us, and two more; not at a concentrator, whose
+//! (`Gate::line`: the sessions it serves us, and two more; not at a concentrator, whose
 //! edges take turns under its window). When the window changes,
 //! the store's connection pool (if it has one) is resized to it, so no more sessions stay
 //! open at the store than the window admits (rounded up: a transaction admitted on the

@@ -19,7 +19,7 @@
 //!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
 //!     started after the drain have ended. Their mean is the measurement — of those on
 //!     reused connections, without the wait for the connection, when they are the majority
-//!     ([`crate::scheduler::probe`] says why: a greeting a process-per-session store makes
+//!     (`crate::scheduler::probe` says why: a greeting a process-per-session store makes
 //!     a new connection wait for is its queue of sessions, and a wait for a connection
 //!     given back is this gateway's own queue, neither the store's no-load latency): the
 //!     baseline takes

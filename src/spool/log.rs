@@ -7,15 +7,15 @@
 //! appended so far, counted at the end of the record.
 //!
 //! **Group commit.** One committer thread (see `Spool`) loops: take everything appended since
-//! the last sync (a [`Batch`]: the LSN reached, the segment files with unsynced data, whether
+//! the last sync (a `Batch`: the LSN reached, the segment files with unsynced data, whether
 //! the directory needs a sync), `fdatasync` each file (usually one), `fsync` the directory if
 //! a segment was created, then resolve every waiter whose LSN is covered. While one
 //! `fdatasync` runs, the next batch accumulates, so N sessions finishing DATA together share
 //! one flush and the rate is not capped at one flush per message. The committer is woken only
 //! when it would not look in time by itself: for a `Now` append (and a `Soon` one while no
-//! message is being accepted: it is then synced at once, see [`Flush::Soon`]), and for a
-//! `Soon` one during intake only while it is idle (it polls every [`SOON`] for a second after
-//! each batch; a `Lazy` append never wakes it, it never sleeps as long as [`LAZY`]). During
+//! message is being accepted: it is then synced at once, see `Flush::Soon`), and for a
+//! `Soon` one during intake only while it is idle (it polls every `SOON` for a second after
+//! each batch; a `Lazy` append never wakes it, it never sleeps as long as `LAZY`). During
 //! intake a delivery's outcome records thus cost no thread wake-up of their own.
 //!
 //! **Waiters.** A [`Durable`] is the promise of one append: a future for tokio code (it never
@@ -26,7 +26,7 @@
 //! (or, if even that fails, retires the segment so the next append starts a fresh one) and
 //! the append returns the error. A failed `fdatasync` fails every waiter of the batch and
 //! retires the segment: after a failed fsync Linux may have dropped the dirty pages, so
-//! nothing more is written to that file. The batch's registrations ([`Unsynced`]) tell the
+//! nothing more is written to that file. The batch's registrations (`Unsynced`) tell the
 //! spool which commits and ledger records were not made durable, so it can undo or retry them.
 
 use std::collections::BTreeMap;
