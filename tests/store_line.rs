@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use delivery_common::{by_index, envelope, rcpt};
+use fake_lmtp::harness::until;
 use fake_lmtp::{FakeStore, Script};
 use postern::config::Span;
 use postern::delivery::{Outcome, RemoteStore, Report, StorePool};
@@ -317,25 +318,32 @@ async fn a_baseline_probe_gives_back_the_sessions_it_does_not_use() {
             permit.finish(&report);
         });
     }
-    wait_until("four sessions open", || fake.sessions().len() == 4).await;
+    until("four sessions open", || fake.sessions().len() == 4).await;
     fake.update(|s| s.hold_locals.clear());
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
     assert_eq!((pool.status().size, pool.status().max_size), (4, 4));
 
-    // Quick transactions until a probe begins (on a wall-clock second boundary).
-    let quick = || Some(Sample::reused(Duration::from_millis(5)));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pool.status().max_size == 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no probe shrank the pool within 10 s"
-        );
-        let permit = gate.try_acquire().expect("below the window");
-        permit.finish_with(Signal::Success, quick());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // One quick transaction at a time, through the gate, until `done` holds.
+    let quick_until = |what: &'static str, done: fn(&StorePool) -> bool| {
+        let (gate, pool) = (Arc::clone(&gate), pool.clone());
+        until(what, move || {
+            if done(&pool) {
+                return true;
+            }
+            let permit = gate
+                .try_acquire()
+                .expect("the window (or the probe) admits one");
+            permit.finish_with(
+                Signal::Success,
+                Some(Sample::reused(Duration::from_millis(5))),
+            );
+            false
+        })
+    };
+    // Until a probe begins (on a wall-clock second boundary).
+    quick_until("a probe shrinks the pool", |p| p.status().max_size < 4).await;
     assert_eq!(
         pool.status().size,
         1,
@@ -347,26 +355,5 @@ async fn a_baseline_probe_gives_back_the_sessions_it_does_not_use() {
         .expect("a store process came free for the other gateway");
 
     // The probe ends on its samples: the pool may hold the window's four sessions again.
-    let deadline = std::time::Instant::now() + LIMIT;
-    while pool.status().max_size < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the probe did not end"
-        );
-        let permit = gate.try_acquire().expect("the probe admits one");
-        permit.finish_with(Signal::Success, quick());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Waits until `f` holds (5 s at most).
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + LIMIT;
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    quick_until("the probe ends", |p| p.status().max_size == 4).await;
 }
