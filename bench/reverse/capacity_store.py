@@ -116,6 +116,25 @@ def gap_buckets(gaps):
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def held_sessions(sessions):
+    """Backlog mode: how long the sessions that held a worker lasted, how many
+    transactions each carried, and how they ended: how many sat idle for more than 10 ms
+    after their last reply, and how many ended without QUIT."""
+    if not sessions:
+        return {}
+    held = sorted(s[0] for s in sessions)
+    txns = sorted(s[1] for s in sessions)
+    return {
+        "count": len(sessions),
+        "held_s": {"p10": round(pct(held, 10), 3), "p50": round(pct(held, 50), 3),
+                   "p90": round(pct(held, 90), 3), "max": round(held[-1], 3)},
+        "transactions": {"p10": pct(txns, 10), "p50": pct(txns, 50), "p90": pct(txns, 90)},
+        "idle_over_10ms_at_close": sum(1 for s in sessions if s[2] > 0.010),
+        "idle_at_close_s": round(sum(s[2] for s in sessions if s[2] > 0.010), 3),
+        "without_quit": sum(1 for s in sessions if not s[3]),
+    }
+
+
 class Store:
     def __init__(self, args):
         self.args = args
@@ -145,13 +164,16 @@ class Store:
         # sessions that never carried a transaction
         self.held = collections.Counter()
         self.gaps = []  # backlog mode: each wait between two transactions of a session
+        # backlog mode: each session that held a worker: (seconds held, transactions,
+        # seconds from its last reply to the close, ended by QUIT)
+        self.held_sessions = []
         self.log = open(args.log, "a", buffering=1 << 16) if args.log else None
 
     # --- sessions -------------------------------------------------------
     async def session(self, reader, writer, holds_worker):
         self.sessions_open += 1
         self.sessions_total += 1
-        mark = {"accepted": time.time(), "last_end": None}
+        mark = {"accepted": time.time(), "last_end": None, "txns": 0, "quit": False}
         try:
             await self.converse(reader, writer, holds_worker, mark)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -165,6 +187,9 @@ class Store:
                     self.held["unused"] += now - mark["accepted"]
                 else:
                     self.held["last_to_close"] += now - mark["last_end"]
+                self.held_sessions.append((
+                    now - mark["accepted"], mark["txns"],
+                    now - (mark["last_end"] or mark["accepted"]), mark["quit"]))
             writer.close()
 
     async def converse(self, reader, writer, holds_worker, mark):
@@ -209,6 +234,7 @@ class Store:
                     now = time.time()
                     self.held["transaction"] += now - mark.get("txn_start", now)
                     mark["last_end"] = now
+                    mark["txns"] += 1
                 sender, rcpts = None, []
             elif verb == b"RSET":
                 sender, rcpts = None, []
@@ -217,6 +243,7 @@ class Store:
                 writer.write(b"250 2.0.0 Ok\r\n")
             elif verb == b"QUIT":
                 writer.write(b"221 2.0.0 Bye\r\n")
+                mark["quit"] = True
                 await writer.drain()
                 return
             else:
@@ -394,6 +421,7 @@ class Store:
             "between_ms": summary_ms(self.gaps),
             # where the time between transactions went: seconds in gaps of each size
             "between_seconds_by_ms": gap_buckets(self.gaps),
+            "held_sessions": held_sessions(self.held_sessions),
             "cpu_percent_per_second": self.cpu_buckets,
             "cpu_seconds": round(self.cpu(), 3),
             "loop_lag_ms": {"mean": round(1000 * sum(lag) / len(lag), 2) if lag else None,

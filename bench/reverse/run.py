@@ -754,6 +754,12 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
         if total:
             for k, label in (("<=2", "2"), ("<=5", "5"), ("<=15", "15"), ("<=50", "50"), (">50", "long")):
                 f["between_in_%s_pct" % label] = 100.0 * spent.get(k, 0.0) / total
+        sessions = st.get("held_sessions") or {}
+        if sessions:
+            f["held_sessions"] = sessions["count"]
+            f["held_session_p50_s"] = sessions["held_s"]["p50"]
+            f["held_session_txns_p50"] = sessions["transactions"]["p50"]
+            f["held_sessions_idle_at_close"] = sessions["idle_over_10ms_at_close"]
     if mine and scn.get("capacity_at") and st.get("capacity_changes"):
         f.update(follow(mine, t_first, st["capacity_changes"][0], store.service_ms))
     if phase["killed"]:
@@ -879,6 +885,10 @@ ROWS = [  # (key, label, format)
     ("between_in_long_pct", "    in gaps > 50 ms (% of held)", "%.1f"),
     ("held_last_to_close_pct", "  last reply -> close (%)", "%.0f"),
     ("held_unused_pct", "  sessions with no transaction (%)", "%.0f"),
+    ("held_sessions", "sessions that held a worker", "%.0f"),
+    ("held_session_p50_s", "  each held it, median (s)", "%.2f"),
+    ("held_session_txns_p50", "  transactions each, median", "%.0f"),
+    ("held_sessions_idle_at_close", "  idle > 10 ms before the close", "%.0f"),
     ("share_dev_max", "max share deviation from 1/N (%) [<= 20]", "%.0f"),
     ("compete_s", "all-compete window (s)", "%.1f"),
     ("accepted", "messages accepted (250)", "%.0f"),
