@@ -2,8 +2,9 @@
 //! Cyrus `maxchild`, Dovecot `process_limit`) is shared by that line. Once a greeting showed
 //! the line, one connect holds this gateway's place in it, and the store's gate runs as many
 //! transactions as the store serves us sessions, and two more (one in the line, one ready
-//! for the next session given back), whatever the window. Where the window steers, a
-//! baseline probe gives back the sessions it does not use.
+//! for the next session given back), whatever the window, and each session is handed back
+//! at half the store's `reuse_limit`. Where the window steers, a baseline probe gives back
+//! the sessions it does not use.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod delivery_common;
@@ -240,6 +241,40 @@ impl Log {
             .lines()
             .any(|l| l.contains(what) && l.split_whitespace().any(|w| w == field))
     }
+}
+
+/// While the store keeps our new sessions waiting, a session is a turn at one of its
+/// processes, and it ends at half the store's `reuse_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_keeps_sessions_waiting_gets_them_back_at_half_the_reuse_limit() {
+    let (fake, pool) = one_process_store().await;
+    assert_eq!(pool.store().reuse_limit(), Duration::from_millis(200));
+    show_the_line(&fake, &pool).await;
+    assert_eq!(pool.store().reuse_limit(), Duration::from_millis(100));
+    // The session the line greeted, kept busy for 150 ms: past 100 ms it is handed back
+    // at the end of a transaction, and the next one opens a new session.
+    let before = fake.sessions().len();
+    let busy = tokio::time::Instant::now();
+    let mut n = 0;
+    while busy.elapsed() < Duration::from_millis(150) {
+        deliver(&pool, &format!("busy{n}")).await;
+        n += 1;
+    }
+    assert!(
+        pool.store().queues_sessions(),
+        "one session greeted at once does not clear the line"
+    );
+    let sessions = fake.sessions();
+    assert!(
+        sessions.len() > before,
+        "a session is handed back within 150 ms ({n} transactions on {} sessions)",
+        sessions.len()
+    );
+    assert_eq!(
+        sessions[before - 1].count("QUIT"),
+        1,
+        "handed back with QUIT"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

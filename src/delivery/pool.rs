@@ -26,7 +26,9 @@
 //! **Sessions are handed back.** A connection older than `reuse_limit` (2 s by default) is
 //! closed when its transaction ends, not reused: on a store that runs one process per
 //! session, that process then serves the next session in its backlog — another gateway's,
-//! in turn — instead of staying with whichever gateway connected first.
+//! in turn — instead of staying with whichever gateway connected first. While the store
+//! keeps our new sessions waiting, the limit is half that ([`RemoteStore::reuse_limit`]):
+//! shorter turns at its processes.
 //!
 //! **Idle sessions go back early to a store that queues sessions.** Once a greeting showed
 //! that the store keeps our new sessions waiting ([`crate::delivery::backlog`]), an idle

@@ -269,7 +269,8 @@ impl Gate {
     /// How many transactions the store's line lets run at once, if it has one. A store that
     /// keeps our new sessions waiting in its listen backlog (one process per session:
     /// Dovecot `process_limit`, Cyrus `maxchild`) is shared by that line, first come, first
-    /// served: each gateway gets a process in its turn and keeps it for `reuse_limit`. There
+    /// served: each gateway gets a process in its turn and keeps it for half the store's
+    /// `reuse_limit` ([`RemoteStore::reuse_limit`](crate::delivery::RemoteStore::reuse_limit)). There
     /// the line, not the window, sets how many transactions run: as many as the store serves
     /// us sessions, and [`LINE_EXTRA`] more. The store's own process limit bounds what it
     /// takes on; a window below the sessions it serves us only left its processes idle, or

@@ -345,9 +345,17 @@ impl RemoteStore {
         self.backlog.queues(Instant::now())
     }
 
-    /// A connection older than this is not reused.
+    /// A connection older than this is not reused: `reuse_limit`, and half of it while the
+    /// store keeps our new sessions waiting ([`Self::queues_sessions`]). There a session is a
+    /// turn at one of the store's processes, and the gateways' sessions wait in its line for
+    /// the next one: shorter turns pass the processes round the gateways in finer steps, and
+    /// a gateway that reached the store after the others waits less for its first.
     pub fn reuse_limit(&self) -> Duration {
-        self.reuse_limit
+        if self.queues_sessions() {
+            self.reuse_limit / 2
+        } else {
+            self.reuse_limit
+        }
     }
 
     /// The timeouts.
