@@ -244,13 +244,13 @@ impl Log {
 }
 
 /// While the store keeps our new sessions waiting, a session is a turn at one of its
-/// processes, and it ends at half the store's `reuse_limit`.
+/// processes, and it ends at half the store's `reuse_limit` (not at a concentrator).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_keeps_sessions_waiting_gets_them_back_at_half_the_reuse_limit() {
     let (fake, pool) = one_process_store().await;
-    assert_eq!(pool.store().reuse_limit(), Duration::from_millis(200));
+    assert_eq!(pool.reuse_limit(), Duration::from_millis(200));
     show_the_line(&fake, &pool).await;
-    assert_eq!(pool.store().reuse_limit(), Duration::from_millis(100));
+    assert_eq!(pool.reuse_limit(), Duration::from_millis(100));
     // The session the line greeted, kept busy for 150 ms: past 100 ms it is handed back
     // at the end of a transaction, and the next one opens a new session.
     let before = fake.sessions().len();
@@ -275,6 +275,10 @@ async fn a_store_that_keeps_sessions_waiting_gets_them_back_at_half_the_reuse_li
         1,
         "handed back with QUIT"
     );
+    // A concentrator, the store's only client, has nobody to take turns with.
+    pool.relaying();
+    assert!(pool.store().queues_sessions());
+    assert_eq!(pool.reuse_limit(), Duration::from_millis(200));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@
 //! closed when its transaction ends, not reused: on a store that runs one process per
 //! session, that process then serves the next session in its backlog — another gateway's,
 //! in turn — instead of staying with whichever gateway connected first. While the store
-//! keeps our new sessions waiting, the limit is half that ([`RemoteStore::reuse_limit`]):
+//! keeps our new sessions waiting, the limit is half that ([`StorePool::reuse_limit`]):
 //! shorter turns at its processes.
 //!
 //! **Idle sessions go back early to a store that queues sessions.** Once a greeting showed
@@ -130,6 +130,16 @@ impl Manager {
     fn handover(&self) -> MutexGuard<'_, Handover> {
         lock(&self.handover)
     }
+
+    /// See [`StorePool::reuse_limit`].
+    fn reuse_limit(&self) -> Duration {
+        let limit = self.store.reuse_limit();
+        if self.store.queues_sessions() && !self.handover().relaying {
+            limit / 2
+        } else {
+            limit
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -188,7 +198,7 @@ impl managed::Manager for Manager {
         if !conn.is_usable() {
             return Err(RecycleError::message("connection unusable"));
         }
-        if conn.age() >= self.store.reuse_limit() {
+        if conn.age() >= self.reuse_limit() {
             conn.quit().await;
             return Err(RecycleError::message("reuse limit reached"));
         }
@@ -267,6 +277,18 @@ impl StorePool {
         self.pool.manager().handover().relaying = true;
     }
 
+    /// A connection older than this is handed back rather than reused: the store's
+    /// `reuse_limit`, and half of it while the store keeps our new sessions waiting
+    /// ([`RemoteStore::queues_sessions`]). There a session is a turn at one of the store's
+    /// processes, and the gateways' sessions wait in its line for the next one: shorter
+    /// turns pass the processes round the gateways in finer steps, and a gateway that reached
+    /// the store after the others waits less for its first (`bench/reverse/README.md`,
+    /// "Shorter turns"). Not at a concentrator ([`Self::relaying`]): as the store's only
+    /// client it has nobody to take turns with, and shorter turns only cost reconnects.
+    pub fn reuse_limit(&self) -> Duration {
+        self.pool.manager().reuse_limit()
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<RemoteStore> {
         &self.pool.manager().store
@@ -299,7 +321,7 @@ impl StorePool {
             drop(Object::take(conn));
             return;
         }
-        if conn.age() >= self.store().reuse_limit() {
+        if conn.age() >= self.reuse_limit() {
             // Handed back to the store: on a store that runs one process per session, the
             // process goes to the next session waiting for it (another gateway's, in turn).
             let mut conn = Object::take(conn);
@@ -343,7 +365,7 @@ impl StorePool {
     /// Returns how many were closed.
     pub async fn sweep(&self) -> usize {
         let store = self.store();
-        let (idle, reuse) = (store.idle_limit(), store.reuse_limit());
+        let (idle, reuse) = (store.idle_limit(), self.reuse_limit());
         let removed = self
             .pool
             .retain(|conn, _| conn.is_usable() && conn.idle() < idle && conn.age() < reuse)

@@ -270,7 +270,7 @@ impl Gate {
     /// keeps our new sessions waiting in its listen backlog (one process per session:
     /// Dovecot `process_limit`, Cyrus `maxchild`) is shared by that line, first come, first
     /// served: each gateway gets a process in its turn and keeps it for half the store's
-    /// `reuse_limit` ([`RemoteStore::reuse_limit`](crate::delivery::RemoteStore::reuse_limit)). There
+    /// `reuse_limit` ([`StorePool::reuse_limit`](crate::delivery::StorePool::reuse_limit)). There
     /// the line, not the window, sets how many transactions run: as many as the store serves
     /// us sessions, and [`LINE_EXTRA`] more. The store's own process limit bounds what it
     /// takes on; a window below the sessions it serves us only left its processes idle, or

@@ -345,17 +345,10 @@ impl RemoteStore {
         self.backlog.queues(Instant::now())
     }
 
-    /// A connection older than this is not reused: `reuse_limit`, and half of it while the
-    /// store keeps our new sessions waiting ([`Self::queues_sessions`]). There a session is a
-    /// turn at one of the store's processes, and the gateways' sessions wait in its line for
-    /// the next one: shorter turns pass the processes round the gateways in finer steps, and
-    /// a gateway that reached the store after the others waits less for its first.
+    /// A connection older than this is not reused (a pool halves it while the store keeps
+    /// our new sessions waiting: [`StorePool::reuse_limit`](crate::delivery::StorePool::reuse_limit)).
     pub fn reuse_limit(&self) -> Duration {
-        if self.queues_sessions() {
-            self.reuse_limit / 2
-        } else {
-            self.reuse_limit
-        }
+        self.reuse_limit
     }
 
     /// The timeouts.
