@@ -67,7 +67,7 @@ pub struct LmtpStoreConfig {
     /// session (Cyrus, Dovecot) then passes its processes round the gateways that share it,
     /// instead of leaving them with the first to connect; reconnecting costs a greeting and
     /// an LHLO every two seconds per session. Half of it while the store keeps our new
-    /// sessions waiting ([`crate::delivery::StorePool::reuse_limit`]).
+    /// sessions waiting, except at a concentrator ([`crate::delivery::StorePool::reuse_limit`]).
     #[serde(default = "default_reuse_limit")]
     pub reuse_limit: Span,
     /// Use BDAT when the store offers CHUNKING: true.
