@@ -6,21 +6,23 @@
 //! reply text. Histograms get explicit buckets so they export as Prometheus histograms
 //! (aggregatable), not summaries.
 //!
-//! `/metrics` is served by [`serve`], a tiny HTTP/1.1 responder on our own tokio listener:
-//! it binds loopback by default, and tests can bind port 0 and learn the port. [`watch`]
-//! registers the per-store series at zero and samples the spool's size and free space.
+//! `/metrics` is served by [`serve`] (in `http`), a tiny HTTP/1.1 responder on our own tokio
+//! listener: it binds loopback by default, and tests can bind port 0 and learn the port.
+//! [`watch`] registers the per-store series at zero and samples the spool's size and free
+//! space.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+mod http;
+
+pub use http::{bind, serve};
 
 // ---- listeners ------------------------------------------------------------------------------
 
@@ -509,45 +511,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown`; runs the exporter's upkeep.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((mut stream, _)) = accepted else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf));
-            let Ok(Ok(n)) = read.await else { return };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let response = if request.starts_with("GET /metrics ") || request.starts_with("GET / ")
-            {
-                handle.run_upkeep();
-                let body = handle.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-/// Binds the metrics address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]
