@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod common;
+mod delivery_common;
 mod fake_lmtp;
 
 use std::time::Duration;
@@ -571,5 +572,66 @@ async fn edges_waiting_for_a_full_window_take_turns() {
         at("b1") < at("a3"),
         "edge b waited behind all of edge a's transactions: {order:?}"
     );
+    gw.gateway.stop().await;
+}
+
+/// A listener in proxy mode offers `XPOSTERN-TURNS` in its LHLO/EHLO reply, one in spool
+/// mode does not; a gateway whose store offers it leaves the sharing to that concentrator:
+/// its window there stops steering by latency (which would read its place in the turns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_offers_turns_and_its_edges_leave_the_sharing_to_it() {
+    use postern::delivery::{RemoteStore, StorePool};
+    use postern::scheduler::gate::{Gate, Signal};
+    use postern::scheduler::window::{Sample, Window, WindowSettings};
+    use std::sync::Arc;
+
+    let store = FakeStore::start(Script::default()).await;
+    let gw = start(store.addr.port(), false, 5).await;
+    for (listener, offered) in [("lmtp", true), ("smtp", true), ("spool", false)] {
+        let mut c = gw.connect(listener).await;
+        assert_eq!(c.reply().await.code, 220);
+        let verb = if listener == "lmtp" { "LHLO" } else { "EHLO" };
+        let r = c.cmd(&format!("{verb} edge.test"), 250).await;
+        let offers = r.lines.iter().any(|l| l.contains("XPOSTERN-TURNS"));
+        assert_eq!(offers, offered, "{listener}: {}", r.text());
+    }
+    let port = |addr: String| addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let pool = |name: &str, port: u16| {
+        let c = delivery_common::store_config(name, port);
+        StorePool::new(Arc::new(RemoteStore::from_config(&c, "edge.test").unwrap()))
+    };
+    let body = b"Subject: turns\r\n\r\nHello.\r\n";
+    for (pool, turns) in [
+        (pool("conc", port(gw.addr("lmtp"))), true),
+        (pool("store", store.addr.port()), false),
+    ] {
+        let gate = Gate::new(
+            "s",
+            Window::with_settings(WindowSettings::latency(4, 10)),
+            Some(pool.clone()),
+        );
+        let to = [delivery_common::rcpt(0, "alice@store.test")];
+        let envelope = delivery_common::envelope(body);
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.deliver(&envelope, &to, &body[..], &mut |_, _| {}),
+        )
+        .await
+        .expect("delivered in time");
+        assert_eq!(
+            delivery_common::by_index(&report, 1),
+            ["delivered 250 2.0.0"],
+            "{}",
+            pool.store().name()
+        );
+        assert_eq!(pool.store().gives_turns(), turns);
+        assert!(gate.steers_by_latency(), "until a transaction is fed");
+        let permit = gate.try_acquire().expect("a slot");
+        permit.finish_with(
+            Signal::Success,
+            Some(Sample::reused(Duration::from_millis(20))),
+        );
+        assert_eq!(gate.steers_by_latency(), !turns, "{}", pool.store().name());
+    }
     gw.gateway.stop().await;
 }

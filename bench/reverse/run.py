@@ -570,7 +570,10 @@ def run_phase(wd, store, binary, args, names, max_connections, messages, store_e
         conc = Concentrator(wd, binary, store.address, max_connections, store_extra)
         conc.start()
         target = "unix:" + conc.sock
-    gws = [Gateway(wd, n, i + 1, binary, target, max_connections, store_extra)
+    edge_extra = store_extra
+    if concentrator and getattr(args, "edge_extra_now", ""):
+        edge_extra = "\n".join(x for x in (store_extra, args.edge_extra_now) if x)
+    gws = [Gateway(wd, n, i + 1, binary, target, max_connections, edge_extra)
            for i, n in enumerate(names)]
     for g in gws:
         g.start()
@@ -991,6 +994,9 @@ def main():
                     help="real stores: messages of the one-gateway capacity measurement")
     ap.add_argument("--transport", choices=("unix", "tcp"), default="unix", help="to the store")
     ap.add_argument("--timeout", type=float, default=45.0, help="seconds per phase until drained")
+    ap.add_argument("--edge-extra", action="append", default=[], metavar="[NAME=]YAML",
+                    help="scenario f: YAML added to the edges' store entry (their store is the "
+                         "concentrator), after --store-extra, for binary NAME only")
     ap.add_argument("--store-extra", action="append", default=[], metavar="[NAME=]YAML",
                     help="YAML added to the gateways' store entry (for binary NAME only)")
     ap.add_argument("--json", help="append one JSON line per run here")
@@ -1006,13 +1012,15 @@ def main():
         if not os.access(path, os.X_OK):
             ap.error("not an executable: %s" % path)
     extra = {b: [] for b, _ in binaries}
-    for e in args.store_extra:
-        head, _, rest = e.partition("=")
-        for b in extra:
-            if head not in extra:
-                extra[b].append(e)
-            elif head == b:
-                extra[b].append(rest)
+    edge_extra = {b: [] for b, _ in binaries}
+    for given, into in ((args.store_extra, extra), (args.edge_extra, edge_extra)):
+        for e in given:
+            head, _, rest = e.partition("=")
+            for b in into:
+                if head not in into:
+                    into[b].append(e)
+                elif head == b:
+                    into[b].append(rest)
     if not shutil.which("smtp-source"):
         sys.exit("smtp-source not found (Debian package postfix)")
 
@@ -1028,6 +1036,7 @@ def main():
                 for b, path in binaries:
                     log("scenario %s, %s, run %d/%d" % (s, b, rep + 1, args.repeat))
                     t0 = time.time()
+                    args.edge_extra_now = "\n".join(edge_extra[b])
                     try:
                         r = run_once(s, SCENARIOS[s], path, args, "\n".join(extra[b]))
                     except RuntimeError as e:

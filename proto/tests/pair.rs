@@ -220,3 +220,38 @@ proptest! {
         prop_assert_eq!(stored, vec![want]);
     }
 }
+
+#[test]
+fn a_private_keyword_the_server_offers_reaches_the_clients_capabilities() {
+    let mut config = ServerConfig::new(Protocol::Lmtp, "store.test");
+    config.private_keywords = vec!["XPOSTERN-TURNS".to_owned()];
+    let mut server = ServerSession::new(config);
+    let mut client = ClientConnection::new(ClientProtocol::Lmtp, "gw.test".into());
+    let mut caps = None;
+    for _ in 0..10 {
+        let mut to_client = Vec::new();
+        while let Some(ev) = server.poll_event() {
+            if let ServerEvent::Reply(r) = ev {
+                r.encode(&mut to_client);
+            }
+        }
+        client.handle_input(&to_client);
+        while let Some(ev) = client.poll_event() {
+            if let ClientEvent::Ready(c) = ev {
+                caps = Some(c);
+            }
+        }
+        let mut to_server = Vec::new();
+        client.poll_transmit(&mut to_server);
+        server.handle_input(&to_server);
+    }
+    let caps = caps.expect("the LHLO was answered");
+    assert!(
+        caps.pipelining && caps.chunking,
+        "the standard ones are still there"
+    );
+    assert!(caps.offers("xpostern-turns"));
+    assert!(!caps.offers("XPOSTERN"));
+    let plain = ServerConfig::new(Protocol::Lmtp, "store.test");
+    assert!(plain.private_keywords.is_empty(), "none unless asked");
+}

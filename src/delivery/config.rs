@@ -101,7 +101,9 @@ pub struct LmtpStoreConfig {
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     /// Steer by the store's latency (true, the default) or only by refusals and failures
-    /// (false: Postfix's feedback).
+    /// (false: Postfix's feedback). A store that offers
+    /// [`TURNS_KEYWORD`](crate::delivery::lmtp::TURNS_KEYWORD) (a postern concentrator) is
+    /// steered by feedback whatever this says.
     #[serde(default = "default_true")]
     pub latency: bool,
     /// Never fewer transactions at once than this: 1.

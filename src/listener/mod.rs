@@ -42,7 +42,9 @@ use crate::metrics as m;
 use crate::routing::Router;
 use crate::scheduler::{Agents, Scheduler};
 use crate::spool::Spool;
-use config::{BareLineEndingsPolicy, ListenAddress, ListenerConfig, ListenerProtocol};
+use config::{
+    BareLineEndingsPolicy, ListenAddress, ListenerConfig, ListenerMode, ListenerProtocol,
+};
 
 /// What the gateway gives every listener.
 #[derive(Clone, Debug)]
@@ -186,6 +188,11 @@ impl Listener {
             BareLineEndingsPolicy::Normalize => BarePolicy::Normalize,
             BareLineEndingsPolicy::Reject => BarePolicy::Reject,
         };
+        if config.mode == ListenerMode::Proxy {
+            // The gateways that relay through us learn that we give them turns.
+            let turns = crate::delivery::lmtp::TURNS_KEYWORD;
+            server_config.private_keywords.push(turns.to_owned());
+        }
         let shared = Arc::new(Shared {
             config: config.clone(),
             server_config,

@@ -10,7 +10,10 @@
 //! the scheduler: they have a client waiting on them, the scheduler's messages are already
 //! safe in the spool and wait for the next free slot that nobody waits for. Finishing a
 //! permit with the transaction's [`Report`] feeds the window: the latency sample on success,
-//! a hard signal on a refusal, a lost connection or a busy reply.
+//! a hard signal on a refusal, a lost connection or a busy reply. At a store that gives its
+//! clients turns (a postern concentrator: [`TURNS_KEYWORD`](crate::delivery::lmtp::TURNS_KEYWORD))
+//! the window stops steering by latency at the first transaction fed after it was seen:
+//! the concentrator shares its store out among the gateways itself.
 //! A permit dropped without [`Permit::finish`] just frees its slot. At a store that keeps our
 //! new sessions waiting in its listen backlog, the store's line stands in for the window
 //! (`Gate::line`: the sessions it serves us, and two more; not at a concentrator, whose
@@ -304,6 +307,12 @@ impl Gate {
         (s.limit(), s.in_flight)
     }
 
+    /// The window steers by latency (not at a store that gives its clients turns, nor with
+    /// `window: { latency: false }`).
+    pub fn steers_by_latency(&self) -> bool {
+        self.lock().window.steers_by_latency()
+    }
+
     /// The window's learned no-load latency.
     pub fn baseline(&self) -> Option<Duration> {
         self.lock().window.baseline()
@@ -386,6 +395,13 @@ impl Gate {
         let mut s = self.lock();
         let before = (s.window.ceiling(), s.window.admitted());
         let was_probing = s.window.is_probing();
+        let turns = s.window.steers_by_latency()
+            && self.pool.as_ref().is_some_and(|p| p.store().gives_turns());
+        if turns {
+            // The latency we would read is our place in the concentrator's turns: it shares
+            // its store out itself, and answers 451 4.3.2 when we keep too many waiting.
+            s.window.steer_by_feedback();
+        }
         match signal {
             Signal::Success => {
                 let sample = sample(s.line < usize::MAX);
@@ -415,6 +431,10 @@ impl Gate {
             || (s.window.ceiling(), s.window.admitted()) != before
         {
             self.publish(&s);
+        }
+        drop(s);
+        if turns {
+            tracing::info!(store = %self.store, "store is a concentrator that gives its clients turns: its window steers by refusals and busy replies, not by latency");
         }
     }
 

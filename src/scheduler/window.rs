@@ -330,6 +330,20 @@ impl Window {
         self.latency.baseline.map(Duration::from_secs_f64)
     }
 
+    /// Stops steering by latency from now on (a running probe ends): Postfix's feedback
+    /// from the window as it stands, refusals and busy replies still cutting it. For a store
+    /// whose latency is not its own to steer by ([`crate::delivery::lmtp::TURNS_KEYWORD`]).
+    pub fn steer_by_feedback(&mut self) {
+        self.settings.latency = false;
+        self.latency.probe = None;
+        self.run = 0;
+    }
+
+    /// Steers by latency.
+    pub fn steers_by_latency(&self) -> bool {
+        self.settings.latency
+    }
+
     /// The window was full (every slot taken) at some point of this round.
     pub fn on_full(&mut self) {
         self.latency.full = true;

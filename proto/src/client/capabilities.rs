@@ -45,6 +45,16 @@ impl Capabilities {
         caps
     }
 
+    /// Whether a keyword not listed above (a private `X` one, say) was advertised, in any
+    /// case, with or without parameters.
+    pub fn offers(&self, keyword: &str) -> bool {
+        self.other.iter().any(|line| {
+            line.split_ascii_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+        })
+    }
+
     /// Whether `mechanism` (any case) was advertised with AUTH.
     pub fn supports_auth(&self, mechanism: &str) -> bool {
         self.auth.iter().any(|m| m.eq_ignore_ascii_case(mechanism))

@@ -103,6 +103,7 @@ impl ServerSession {
             self.auth_offered(),
             &format!("AUTH {}", c.auth_mechanisms.join(" ")),
         );
+        lines.extend(c.private_keywords.iter().cloned());
         lines
     }
 

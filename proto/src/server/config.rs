@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub auth_mechanisms: Vec<String>,
     /// Bare CR/LF handling.
     pub bare_line_endings: BarePolicy,
+    /// Private service extensions to offer, one keyword (with its parameters) per EHLO/LHLO
+    /// line, after the standard ones: keywords starting with X, which RFC 5321 §2.2.2 leaves
+    /// to bilateral agreement. Empty by default.
+    pub private_keywords: Vec<String>,
 }
 
 impl ServerConfig {
@@ -74,6 +78,7 @@ impl ServerConfig {
             tls_required: false,
             auth_mechanisms: Vec::new(),
             bare_line_endings: BarePolicy::Normalize,
+            private_keywords: Vec::new(),
         }
     }
 }

@@ -55,6 +55,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use postern_proto::client::{ClientConnection, Protocol};
@@ -121,7 +122,16 @@ pub struct RemoteStore {
     phases: std::sync::OnceLock<PhaseHistograms>,
     /// Whether the store keeps our new sessions waiting (from its greetings).
     backlog: crate::delivery::backlog::BacklogSign,
+    /// The store's last LHLO offered [`TURNS_KEYWORD`].
+    turns: AtomicBool,
 }
+
+/// The private LHLO keyword (RFC 5321 §2.2.2) of a postern concentrator's listener in
+/// `mode: proxy`: it relays each transaction to its store under one window and gives the
+/// gateways that wait for a slot turns, one transaction of each in turn. A gateway whose
+/// store offers it leaves the concentrator to share the store: its window there stops
+/// steering by latency ([`RemoteStore::gives_turns`]).
+pub const TURNS_KEYWORD: &str = "XPOSTERN-TURNS";
 
 /// The phases of [`crate::metrics::PHASE_LATENCY`]: the scheduler times the first and the
 /// last, this module the others.
@@ -268,6 +278,7 @@ impl RemoteStore {
         Ok(Self {
             phases: std::sync::OnceLock::new(),
             backlog: crate::delivery::backlog::BacklogSign::default(),
+            turns: AtomicBool::new(false),
             name: store,
             protocol,
             address: config.address.clone(),
@@ -345,6 +356,12 @@ impl RemoteStore {
         self.backlog.queues(Instant::now())
     }
 
+    /// The store is a postern concentrator that gives its clients turns ([`TURNS_KEYWORD`] in
+    /// its last LHLO reply).
+    pub fn gives_turns(&self) -> bool {
+        self.turns.load(Ordering::Relaxed)
+    }
+
     /// A connection older than this is not reused (a pool halves it while the store keeps
     /// our new sessions waiting: [`StorePool::reuse_limit`](crate::delivery::StorePool::reuse_limit)).
     pub fn reuse_limit(&self) -> Duration {
@@ -409,6 +426,8 @@ impl RemoteStore {
             wire.authenticate(credentials, t.lhlo).await?;
         }
         phase_done(self, PhaseMark::Lhlo, &mut mark);
+        self.turns
+            .store(caps.offers(TURNS_KEYWORD), Ordering::Relaxed);
         let now = Instant::now();
         Ok(Connection {
             store: Arc::clone(self),

@@ -141,3 +141,31 @@ fn busy_replies() {
     assert!(!is_busy(&r(550, Some((5, 7, 0)))));
     assert!(!is_busy(&r(250, Some((2, 0, 0)))));
 }
+
+#[test]
+fn a_window_that_stops_steering_by_latency_keeps_its_width_and_takes_feedback() {
+    let mut w = latency_window(4);
+    let fast = || Some(Sample::reused(Duration::from_millis(20)));
+    for i in 0..8 {
+        w.on_success(fast(), ms(i), ms(100 + i));
+    }
+    let width = w.limit();
+    w.steer_by_feedback();
+    assert!(!w.steers_by_latency());
+    // Latency ten times the baseline no longer narrows it; a full run of successes widens it.
+    let slow = || Some(Sample::reused(Duration::from_millis(200)));
+    for i in 0..width as u64 {
+        w.on_success(slow(), ms(300 + i), ms(600 + i));
+    }
+    assert_eq!(
+        w.limit(),
+        width + 1,
+        "feedback: one more after a run of successes"
+    );
+    // No probe: the ten-second boundary passes without dropping it to its minimum.
+    w.on_success(slow(), ms(10_000), ms(10_200));
+    assert!(!w.is_probing());
+    // A busy reply still cuts it.
+    w.on_failure();
+    assert!(w.limit() < width + 1, "{}", w.limit());
+}
