@@ -183,23 +183,28 @@ async fn a_session_the_store_greets_lets_the_scheduler_in_before_any_transaction
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_concentrator_steers_by_its_window_not_by_the_line() {
+async fn a_concentrator_keeps_the_stores_line_and_its_edges_take_turns_in_it() {
     let (_fake, _pool, gate) = gate_at_the_line().await;
     assert_eq!(gate.status().0, 3, "the line: one session served, and two");
-    let _relayed = gate
-        .relay(Duration::from_millis(50), "edge1")
-        .await
-        .expect("the window has room for one");
-    assert_eq!(gate.status().0, 1, "relaying: the window, not the line");
+    let mut relayed = Vec::new();
+    for edge in ["edge1", "edge2", "edge1"] {
+        let permit = gate.relay(Duration::from_millis(50), edge).await;
+        relayed.push(permit.expect("the line has room for three"));
+    }
+    assert_eq!(
+        gate.status(),
+        (3, 3),
+        "relaying: still the line, not the window"
+    );
     assert!(
         gate.relay(Duration::from_millis(50), "edge2")
             .await
             .is_none(),
-        "a second relayed transaction waits its turn: the window of one is full"
+        "a fourth relayed transaction waits its turn: the line of three is full"
     );
     assert!(
         gate.try_acquire().is_none(),
-        "the concentrator's own mail too keeps to the window"
+        "the concentrator's own mail too keeps to the line"
     );
 }
 

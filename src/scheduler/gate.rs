@@ -16,8 +16,8 @@
 //! the concentrator shares its store out among the gateways itself.
 //! A permit dropped without [`Permit::finish`] just frees its slot. At a store that keeps our
 //! new sessions waiting in its listen backlog, the store's line stands in for the window
-//! (`Gate::line`: the sessions it serves us, and two more; not at a concentrator, whose
-//! edges take turns under its window). When the window changes,
+//! (`Gate::line`: the sessions it serves us, and two more; at a concentrator too, whose
+//! edges take turns in it). When the window changes,
 //! the store's connection pool (if it has one) is resized to it, so no more sessions stay
 //! open at the store than the window admits (rounded up: a transaction admitted on the
 //! window's fractional part gets a session too, rather than waiting for one and counting that
@@ -158,7 +158,7 @@ pub struct Gate {
     waker: Mutex<Option<Waker>>,
     pool: Option<StorePool>,
     /// Transactions are relayed through this gate for other gateways ([`Gate::relay`]):
-    /// a concentrator. It steers by its window, never by the store's line.
+    /// a concentrator. Its pool has been told ([`StorePool::relaying`]).
     relaying: AtomicBool,
 }
 
@@ -285,15 +285,18 @@ impl Gate {
     /// processes first keeps them until `reuse_limit`). Elsewhere: none (`usize::MAX`), the
     /// window decides.
     ///
-    /// Not at a concentrator ([`Gate::relay`]): it is often the store's only client, so its
-    /// line would be all the store's processes; its gate would seldom be full, the edges'
-    /// transactions would go in as they came rather than in turns, and the edge keeping the
-    /// most waiting would get the most (`bench/reverse/run.py --scenario f`: shares 42–65 %
-    /// off with the line against 10–13 % without).
+    /// At a concentrator ([`Gate::relay`]) too. It is often the store's only client, so its
+    /// line is all the store's processes and two; its edges keep transactions waiting for
+    /// it (their windows there steer by feedback:
+    /// [`TURNS_KEYWORD`](crate::delivery::lmtp::TURNS_KEYWORD)), so its gate stays full and
+    /// they take turns in it. Steered by its latency window instead, it kept Dovecot
+    /// (`process_limit = 5`) at 2.4–4 sessions and delivered 57–68 % of what one gateway
+    /// straight to Dovecot did; with the line, 7 sessions and 79–105 %
+    /// (`bench/reverse/run.py --scenario f`, shares within 0.3 % either way). (Before the
+    /// edges left the sharing to it, the line was not kept here: their latency windows
+    /// kept few waiting, its gate was seldom full, and the edge keeping the most waiting got
+    /// the most: shares 42–65 % off.)
     fn line(&self) -> usize {
-        if self.relaying.load(Ordering::Relaxed) {
-            return usize::MAX;
-        }
         match &self.pool {
             Some(pool) if pool.store().queues_sessions() => pool.status().size + LINE_EXTRA,
             _ => usize::MAX,
@@ -343,7 +346,7 @@ impl Gate {
     }
 
     /// [`Gate::acquire`] for a transaction relayed for another gateway (`mode: proxy`):
-    /// marks this gate as a concentrator's, which steers by its window alone.
+    /// marks this gate's pool as a concentrator's ([`StorePool::relaying`]).
     pub async fn relay(self: &Arc<Self>, wait: Duration, client: &str) -> Option<Permit> {
         if !self.relaying.swap(true, Ordering::Relaxed)
             && let Some(pool) = &self.pool
