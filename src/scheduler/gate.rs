@@ -290,9 +290,10 @@ impl Gate {
     /// it (their windows there steer by feedback:
     /// [`TURNS_KEYWORD`](crate::delivery::lmtp::TURNS_KEYWORD)), so its gate stays full and
     /// they take turns in it. Steered by its latency window instead, it kept Dovecot
-    /// (`process_limit = 5`) at 2.4–4 sessions and delivered 57–68 % of what one gateway
-    /// straight to Dovecot did; with the line, 7 sessions and 79–105 %
-    /// (`bench/reverse/run.py --scenario f`, shares within 0.3 % either way). (Before the
+    /// (`process_limit = 5`) at 2.4–4 sessions and delivered a median 68 % of what one
+    /// gateway straight to Dovecot did (nine runs); with the line, 7 sessions
+    /// (`bench/reverse/run.py --scenario f`, shares within 0.3 % either way; figures in its
+    /// README). (Before the
     /// edges left the sharing to it, the line was not kept here: their latency windows
     /// kept few waiting, its gate was seldom full, and the edge keeping the most waiting got
     /// the most: shares 42–65 % off.)
