@@ -559,7 +559,7 @@ class AckingSender:
 # one phase: gateways, load, wait for the drain
 
 def run_phase(wd, store, binary, args, names, max_connections, messages, store_extra,
-              kill_at=None, ack_rate=None, concentrator=False):
+              kill_at=None, ack_rate=None, concentrator=False, edge_extra=""):
     """Start gateways `names`, load each with `messages`, wait until every one
     has delivered everything (or --timeout), stop them. Returns what happened.
     kill_at: the first gateway, loaded by an AckingSender at ack_rate, is
@@ -570,10 +570,10 @@ def run_phase(wd, store, binary, args, names, max_connections, messages, store_e
         conc = Concentrator(wd, binary, store.address, max_connections, store_extra)
         conc.start()
         target = "unix:" + conc.sock
-    edge_extra = store_extra
-    if concentrator and getattr(args, "edge_extra_now", ""):
-        edge_extra = "\n".join(x for x in (store_extra, args.edge_extra_now) if x)
-    gws = [Gateway(wd, n, i + 1, binary, target, max_connections, edge_extra)
+    gw_extra = store_extra
+    if concentrator and edge_extra:
+        gw_extra = "\n".join(x for x in (store_extra, edge_extra) if x)
+    gws = [Gateway(wd, n, i + 1, binary, target, max_connections, gw_extra)
            for i, n in enumerate(names)]
     for g in gws:
         g.start()
@@ -817,7 +817,7 @@ def one_gateway_on_a_fake_store(wd, binary, args, scn, store_extra):
     return figures(phase, deliveries, store, None, {}, 1).get("throughput")
 
 
-def run_once(name, scn, binary, args, store_extra):
+def run_once(name, scn, binary, args, store_extra, edge_extra=""):
     wd = tempfile.mkdtemp(prefix="pb-", dir="/tmp")
     os.chmod(wd, 0o755)  # the stores' users must reach their directory
     try:
@@ -838,7 +838,7 @@ def run_once(name, scn, binary, args, store_extra):
                           args.max_connections, messages, store_extra,
                           kill_at=args.kill_at if scn.get("kill") else None,
                           ack_rate=capacity / args.gateways if scn.get("kill") else None,
-                          concentrator=bool(scn.get("concentrator")))
+                          concentrator=bool(scn.get("concentrator")), edge_extra=edge_extra)
         deliveries = store.finish()
         f = figures(phase, deliveries, store, capacity, scn, args.gateways)
         if scn.get("hand_tuned") and hand_tuned:
@@ -1036,9 +1036,9 @@ def main():
                 for b, path in binaries:
                     log("scenario %s, %s, run %d/%d" % (s, b, rep + 1, args.repeat))
                     t0 = time.time()
-                    args.edge_extra_now = "\n".join(edge_extra[b])
                     try:
-                        r = run_once(s, SCENARIOS[s], path, args, "\n".join(extra[b]))
+                        r = run_once(s, SCENARIOS[s], path, args, "\n".join(extra[b]),
+                                     "\n".join(edge_extra[b]))
                     except RuntimeError as e:
                         r = {"error": str(e)}
                         log("  failed: %s" % e)
