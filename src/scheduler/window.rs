@@ -21,14 +21,19 @@
 //!     reused connections, without the wait for the connection, when they are the majority
 //!     (`crate::scheduler::probe` says why: a greeting a process-per-session store makes
 //!     a new connection wait for is its queue of sessions, and a wait for a connection
-//!     given back is this gateway's own queue, neither the store's no-load latency): the
-//!     baseline takes
-//!     a lower one at once and moves a quarter of the way to a higher one (so a probe taken
-//!     while this box was busy does not stay; a store that became slower is re-learned
-//!     within a few probes). The first two probes come a second apart, so that a gateway
-//!     started against a busy store, or during a burst of intake, learns its baseline within
-//!     seconds. Their samples' spread is kept too (the noise band below). Before the first
-//!     probe, the lowest round stands in.
+//!     given back is this gateway's own queue, neither the store's no-load latency), and
+//!     without outliers (samples that still waited behind a queue not quite drained, or
+//!     were woken late on a busy box, would make the measurement high and its spread
+//!     wide: a wide spread is a wide noise band, in which this gateway would see no queue
+//!     where its siblings see theirs). The baseline takes a lower one at once and moves
+//!     a quarter of the way to a higher one (so a probe taken while this box was busy does
+//!     not stay; a store that became slower is re-learned within a few probes). The first
+//!     two probes come a second apart, so that a gateway started against a busy store, or
+//!     during a burst of intake, learns its baseline within seconds; the ten-second
+//!     boundaries are then counted from the second the second probe began in, the same for
+//!     every gateway that began it with the others, whenever it ended. Their samples'
+//!     spread is kept too (the noise band below). Before the first probe, the lowest round
+//!     stands in.
 //!   - At each round's end, the estimate of this gateway's transactions waiting at the
 //!     store is `queued = window × rise / short`, where `rise` is `short − baseline` (none
 //!     within a noise band: [`NOISE_FLOOR`], or [`NOISE_SIGMAS`] standard errors of

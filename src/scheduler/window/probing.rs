@@ -14,11 +14,12 @@ impl Window {
     /// Every [`PROBE_EVERY`], on the wall clock's boundaries so that the gateways feeding a
     /// store probe together and its queue really drains, the window drops to its minimum
     /// until [`PROBE_SAMPLES`](super::PROBE_SAMPLES) transactions started after the drain
-    /// have ended: their mean is the new measurement of the baseline (taken at once if
-    /// lower, a quarter of the way if higher), their spread the store's jitter. This is how
-    /// the baseline forgets: a store that became slower is re-learned within a probe or two,
-    /// and a baseline learned under load (a gateway that started while the store was busy)
-    /// does not stay inflated. It costs a few round trips at the minimum every ten seconds.
+    /// have ended: their mean without outliers is the new measurement of the baseline
+    /// (taken at once if lower, a quarter of the way if higher), their spread the store's
+    /// jitter. This is how the baseline forgets: a store that became slower is re-learned
+    /// within a probe or two, and a baseline learned under load (a gateway that started
+    /// while the store was busy) does not stay inflated. It costs a few round trips at the
+    /// minimum every ten seconds.
     pub(super) fn probing(&mut self, sample: Sample, started: SystemTime, now: SystemTime) -> bool {
         let latency = sample.latency.as_secs_f64();
         let l = &mut self.latency;
@@ -109,8 +110,13 @@ impl Window {
             l.probed = true;
             l.probes = l.probes.saturating_add(1);
             if l.probes == 2 {
-                // From now on, the ten-second boundaries, counted from this one.
-                l.period = now
+                // From now on, the ten-second boundaries, counted from the one this probe
+                // began in: the gateways began it on the same second, but end it up to a
+                // second apart, and one that ended after such a boundary would skip
+                // the probe there that those that ended before it take (its window open
+                // meanwhile: their probe measures its queue).
+                l.period = p
+                    .began
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() / PROBE_EVERY.as_secs());
             }

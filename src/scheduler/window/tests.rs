@@ -162,10 +162,111 @@ fn a_window_that_stops_steering_by_latency_keeps_its_width_and_takes_feedback() 
         width + 1,
         "feedback: one more after a run of successes"
     );
-    // No probe: the ten-second boundary passes without dropping it to its minimum.
+    // No probe: a probe boundary passes without dropping it to its minimum.
     w.on_success(slow(), ms(10_000), ms(10_200));
     assert!(!w.is_probing());
     // A busy reply still cuts it.
     w.on_failure();
     assert!(w.limit() < width + 1, "{}", w.limit());
+}
+
+#[test]
+fn gateways_that_began_their_second_probe_together_take_the_next_one_together() {
+    // Two gateways started in second 17 (the clock's ten-second boundaries are at 10 and
+    // 20 s here): both probe in seconds 18 and 19, and the second probe of one ends before
+    // the boundary at 20 s, the other's after it (its samples came slower).
+    let twenty = || Some(Sample::reused(Duration::from_millis(20)));
+    let mut gateways = [(latency_window(5), 19_800), (latency_window(5), 20_300)];
+    for (w, second_ends) in &mut gateways {
+        for i in 0..5 {
+            w.on_success(twenty(), ms(17_000 + i), ms(17_020 + i));
+        }
+        for (begin, end) in [(18_000, 18_500), (19_000, *second_ends)] {
+            // The second's first sample begins the probe; it drains for 40 ms.
+            w.on_success(twenty(), ms(begin - 20), ms(begin));
+            assert!(w.is_probing(), "a probe began at {begin} ms");
+            for i in 0..PROBE_SAMPLES as u64 {
+                let done = if i + 1 == PROBE_SAMPLES as u64 {
+                    end
+                } else {
+                    begin + 100 + 20 * i
+                };
+                w.on_success(twenty(), ms(done - 20), ms(done));
+            }
+            assert!(!w.is_probing(), "the probe that began at {begin} ms ended");
+        }
+    }
+    // The first sample after the boundary at 20 s, at 20.4 s, in both.
+    for (w, _) in &mut gateways {
+        w.on_success(twenty(), ms(20_380), ms(20_400));
+    }
+    assert!(
+        gateways.iter().all(|(w, _)| w.is_probing()),
+        "both probe at the boundary after the second they began their second probe in: {:?}",
+        gateways
+            .iter()
+            .map(|(w, _)| w.is_probing())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_probe_whose_first_samples_waited_behind_a_queue_steers_as_a_clean_one() {
+    // Two gateways see the same store; the probe of one had its first four samples wait
+    // 100 ms behind a queue that had not drained. Both then read the same queue.
+    let mut clean = latency_window(5);
+    let mut disturbed = latency_window(5);
+    for (w, outliers) in [(&mut clean, 0), (&mut disturbed, 4)] {
+        for i in 0..5 {
+            w.on_success(
+                Some(Sample::reused(Duration::from_millis(20))),
+                ms(17_000 + i),
+                ms(17_020 + i),
+            );
+        }
+        // The next second's first sample begins the probe; it drains for 40 ms.
+        w.on_success(
+            Some(Sample::reused(Duration::from_millis(20))),
+            ms(17_980),
+            ms(18_000),
+        );
+        assert!(w.is_probing());
+        for i in 0..PROBE_SAMPLES as u64 {
+            let latency = if i < outliers {
+                120.0
+            } else if i % 2 == 0 {
+                19.5
+            } else {
+                20.5
+            };
+            let done = 18_200 + 10 * i;
+            w.on_success(
+                Some(Sample::reused(Duration::from_secs_f64(latency / 1e3))),
+                ms(done - latency as u64),
+                ms(done),
+            );
+        }
+        assert!(!w.is_probing());
+        let baseline = w.baseline().expect("measured").as_secs_f64();
+        assert!(
+            (baseline - 0.020).abs() < 1e-6,
+            "{outliers} outliers: baseline {baseline}"
+        );
+        // Then the store queues: 30 ms, of which 10 are waiting, at a full window.
+        let mut t = 18_400;
+        while t < 18_990 {
+            w.on_full();
+            w.on_success(
+                Some(Sample::reused(Duration::from_millis(30))),
+                ms(t - 30),
+                ms(t),
+            );
+            t += 8;
+        }
+    }
+    assert!(
+        clean.ceiling() < 5,
+        "a third of the latency is queueing: the window shrinks"
+    );
+    assert_eq!(disturbed.ceiling(), clean.ceiling());
 }
