@@ -14,7 +14,7 @@
 //!     about one store round trip, like a Vegas RTT. Its mean latency is smoothed over
 //!     rounds (`short`, EWMA ½).
 //!   - The *baseline* is the no-load latency. It is measured by a *probe* every
-//!     [`PROBE_EVERY`] (20 s), on the wall clock's boundaries, so that all gateways
+//!     [`PROBE_EVERY`], on the wall clock's ten-second boundaries, so that all gateways
 //!     feeding a store probe at once (their clocks are NTP-synchronised) and the store's
 //!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
 //!     started after the drain have ended. Their mean is the measurement — of those on
@@ -29,7 +29,7 @@
 //!     a quarter of the way to a higher one (so a probe taken while this box was busy does
 //!     not stay; a store that became slower is re-learned within a few probes). The first
 //!     two probes come a second apart, so that a gateway started against a busy store, or
-//!     during a burst of intake, learns its baseline within seconds; the 20-second
+//!     during a burst of intake, learns its baseline within seconds; the ten-second
 //!     boundaries are then counted from the second the second probe began in, the same for
 //!     every gateway that began it with the others, whenever it ended. Their samples'
 //!     spread is kept too (the noise band below). Before the first probe, the lowest round
@@ -99,7 +99,7 @@ pub const MIN_ROUND: usize = 4;
 /// tolerance.
 pub const NOISE_FLOOR: f64 = 0.002;
 /// How often the baseline is measured again (a probe), on wall-clock boundaries.
-pub const PROBE_EVERY: Duration = Duration::from_secs(20);
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// The boundaries the first probe waits for (whole seconds, for every gateway alike).
 pub const FIRST_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How many of its own transactions a gateway aims to keep waiting in the store's queue

@@ -19,8 +19,7 @@ impl Window {
     /// jitter. This is how the baseline forgets: a store that became slower is re-learned
     /// within a probe or two, and a baseline learned under load (a gateway that started
     /// while the store was busy) does not stay inflated. It costs a few round trips at the
-    /// minimum every 20 seconds (every ten, they cost a store of 50 ms 6–7 % of its
-    /// deliveries).
+    /// minimum every ten seconds.
     pub(super) fn probing(&mut self, sample: Sample, started: SystemTime, now: SystemTime) -> bool {
         let latency = sample.latency.as_secs_f64();
         let l = &mut self.latency;
@@ -111,7 +110,7 @@ impl Window {
             l.probed = true;
             l.probes = l.probes.saturating_add(1);
             if l.probes == 2 {
-                // From now on, the 20-second boundaries, counted from the one this probe
+                // From now on, the ten-second boundaries, counted from the one this probe
                 // began in: the gateways began it on the same second, but end it up to a
                 // second apart, and one that ended after such a boundary would skip
                 // the probe there that those that ended before it take (its window open

@@ -172,8 +172,8 @@ fn a_window_that_stops_steering_by_latency_keeps_its_width_and_takes_feedback() 
 
 #[test]
 fn gateways_that_began_their_second_probe_together_take_the_next_one_together() {
-    // Two gateways started in second 17 (the clock's 20-second boundaries are at 0 and 20 s
-    // here): both probe in seconds 18 and 19, and the second probe of one ends before
+    // Two gateways started in second 17 (the clock's ten-second boundaries are at 10 and
+    // 20 s here): both probe in seconds 18 and 19, and the second probe of one ends before
     // the boundary at 20 s, the other's after it (its samples came slower).
     let twenty = || Some(Sample::reused(Duration::from_millis(20)));
     let mut gateways = [(latency_window(5), 19_800), (latency_window(5), 20_300)];
