@@ -3,8 +3,9 @@
 //! with the result).
 //!
 //! Promises: the measurement is the mean and spread of the transactions that started once
-//! the store's queue had drained, without outliers ([`Measurement`]). Those that ran on a *reused* connection count without
-//! their wait for it, and are measured on their own when they are the majority:
+//! the store's queue had drained, without outliers ([`Measurement`]). Those that ran on a
+//! *reused* connection count without their wait for it, and are measured on their own when
+//! they are the majority:
 //! - A transaction on a new connection waited for the store's greeting, and a store that
 //!   runs one process per session (Dovecot `process_limit`, Cyrus `maxchild`) answers that
 //!   greeting only when one of its processes is free, whatever the probe did to the queue of
@@ -72,7 +73,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
 const MAD_TO_SD: f64 = 1.4826;
 /// Samples further from the median than this many median deviations (scaled to standard
 /// deviations) are outliers, not the store's no-load latency.
-pub(super) const OUTLIER_MADS: f64 = 5.0;
+const OUTLIER_MADS: f64 = 5.0;
 
 /// What a probe measured (seconds): the mean latency and, with two samples or more, the
 /// standard deviation of single samples, both of the samples within [`OUTLIER_MADS`] median
@@ -155,6 +156,9 @@ impl Probe {
             .iter()
             .filter(|x| (*x - centre).abs() <= reach)
             .fold((0usize, 0.0, 0.0), |(n, s, q), x| (n + 1, s + x, q + x * x));
+        if n == 0 {
+            return None;
+        }
         let mean = sum / n as f64;
         let spread = (n > 1).then(|| ((sq - sum * mean) / (n - 1) as f64).max(0.0).sqrt());
         Some(Measurement { mean, spread })
