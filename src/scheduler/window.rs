@@ -17,7 +17,8 @@
 //!     [`PROBE_EVERY`], on the wall clock's ten-second boundaries, so that all gateways
 //!     feeding a store probe at once (their clocks are NTP-synchronised) and the store's
 //!     queue really drains: the window drops to `min` until [`PROBE_SAMPLES`] transactions
-//!     started after the drain have ended. Their mean is the measurement — of those on
+//!     started after the drain have ended, or [`MIN_PROBE_SAMPLES`] whose mean is known to
+//!     [`PROBE_PRECISION`] (a steady store). Their mean is the measurement — of those on
 //!     reused connections, without the wait for the connection, when they are the majority
 //!     (`crate::scheduler::probe` says why: a greeting a process-per-session store makes
 //!     a new connection wait for is its queue of sessions, and a wait for a connection
@@ -90,7 +91,7 @@ use std::time::{Duration, SystemTime};
 use postern_proto::Reply;
 
 use super::probe::Probe;
-pub use super::probe::{PROBE_LIMIT, PROBE_SAMPLES};
+pub use super::probe::{MIN_PROBE_SAMPLES, PROBE_LIMIT, PROBE_PRECISION, PROBE_SAMPLES};
 
 /// The fewest transactions that make a round.
 pub const MIN_ROUND: usize = 4;
@@ -207,6 +208,8 @@ struct Latency {
     probed: bool,
     /// Probes that measured it (the first two come a second apart).
     probes: u8,
+    /// The samples the last probe's measurement was taken from.
+    samples: usize,
 }
 
 impl Default for Latency {
@@ -226,6 +229,7 @@ impl Default for Latency {
             slow_start: true,
             probed: false,
             probes: 0,
+            samples: PROBE_SAMPLES,
         }
     }
 }
@@ -430,10 +434,11 @@ impl Window {
         // Jitter is not queueing either: a rise within a few standard errors of
         // `short − baseline` counts as none. `short` averages a round's samples over about
         // two rounds (EWMA ½: a third of a round's variance), the baseline is one probe's
-        // PROBE_SAMPLES. Before a probe measured the spread: an eighth of the tolerance.
+        // samples (8 to 16). Before a probe measured the spread: an eighth of the tolerance.
         let band = match self.latency.spread {
             Some(sd) => {
-                let se = sd * (1.0 / (3.0 * round as f64) + 1.0 / PROBE_SAMPLES as f64).sqrt();
+                let probed = self.latency.samples.max(1) as f64;
+                let se = sd * (1.0 / (3.0 * round as f64) + 1.0 / probed).sqrt();
                 NOISE_FLOOR.max(NOISE_SIGMAS * se)
             }
             None => NOISE_FLOOR.max(base * tol / 8.0),

@@ -86,8 +86,10 @@ impl Window {
         if let Some(Measurement {
             mean: measured,
             spread,
+            samples,
         }) = p.measurement()
         {
+            l.samples = samples;
             if let Some(sd) = spread {
                 // Like the baseline: down at once, up slowly (a busy moment of this box makes
                 // a probe's samples spread; the store's own jitter is what is left).

@@ -185,8 +185,12 @@ fn gateways_that_began_their_second_probe_together_take_the_next_one_together() 
             // The second's first sample begins the probe; it drains for 40 ms.
             w.on_success(twenty(), ms(begin - 20), ms(begin));
             assert!(w.is_probing(), "a probe began at {begin} ms");
+            // Steady samples: it ends with its fewest, the last of them at `end`.
             for i in 0..PROBE_SAMPLES as u64 {
-                let done = if i + 1 == PROBE_SAMPLES as u64 {
+                if !w.is_probing() {
+                    break;
+                }
+                let done = if i + 1 >= MIN_PROBE_SAMPLES as u64 {
                     end
                 } else {
                     begin + 100 + 20 * i
@@ -232,6 +236,9 @@ fn a_probe_whose_first_samples_waited_behind_a_queue_steers_as_a_clean_one() {
         );
         assert!(w.is_probing());
         for i in 0..PROBE_SAMPLES as u64 {
+            if !w.is_probing() {
+                break;
+            }
             let latency = if i < outliers {
                 120.0
             } else if i % 2 == 0 {
