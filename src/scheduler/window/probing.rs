@@ -14,7 +14,8 @@ impl Window {
     /// Every [`PROBE_EVERY`], on the wall clock's boundaries so that the gateways feeding a
     /// store probe together and its queue really drains, the window drops to its minimum
     /// until [`PROBE_SAMPLES`](super::PROBE_SAMPLES) transactions started after the drain
-    /// have ended: their mean without outliers is the new measurement of the baseline
+    /// have ended (at a steady store, [`MIN_PROBE_SAMPLES`](super::MIN_PROBE_SAMPLES)):
+    /// their mean without outliers is the new measurement of the baseline
     /// (taken at once if lower, a quarter of the way if higher), their spread the store's
     /// jitter. This is how the baseline forgets: a store that became slower is re-learned
     /// within a probe or two, and a baseline learned under load (a gateway that started
