@@ -37,19 +37,10 @@ pub const PROBE_PRECISION: f64 = 0.01;
 pub const PROBE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Some samples (seconds): the first [`PROBE_SAMPLES`] of one kind.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Samples {
     n: usize,
     values: [f64; PROBE_SAMPLES],
-}
-
-impl Default for Samples {
-    fn default() -> Self {
-        Self {
-            n: 0,
-            values: [0.0; PROBE_SAMPLES],
-        }
-    }
 }
 
 impl Samples {

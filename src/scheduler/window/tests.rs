@@ -61,18 +61,22 @@ fn ms(n: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(n)
 }
 
-#[test]
-fn a_probe_without_samples_ends_at_its_time_limit() {
-    let mut w = latency_window(5);
-    // A round in the first second learns a baseline; the next second's sample starts
-    // the first probe.
+/// A round of five 20 ms transactions from `from` ms on: the window learns its first
+/// baseline (the next second's first sample begins its first probe).
+fn learn_a_round(w: &mut Window, from: u64) {
     for i in 0..5 {
         w.on_success(
             Some(Sample::reused(Duration::from_millis(20))),
-            ms(i),
-            ms(100 + i),
+            ms(from + i),
+            ms(from + 20 + i),
         );
     }
+}
+
+#[test]
+fn a_probe_without_samples_ends_at_its_time_limit() {
+    let mut w = latency_window(5);
+    learn_a_round(&mut w, 0);
     w.on_success(
         Some(Sample::reused(Duration::from_millis(20))),
         ms(1000),
@@ -178,9 +182,7 @@ fn gateways_that_began_their_second_probe_together_take_the_next_one_together() 
     let twenty = || Some(Sample::reused(Duration::from_millis(20)));
     let mut gateways = [(latency_window(5), 19_800), (latency_window(5), 20_300)];
     for (w, second_ends) in &mut gateways {
-        for i in 0..5 {
-            w.on_success(twenty(), ms(17_000 + i), ms(17_020 + i));
-        }
+        learn_a_round(w, 17_000);
         for (begin, end) in [(18_000, 18_500), (19_000, *second_ends)] {
             // The second's first sample begins the probe; it drains for 40 ms.
             w.on_success(twenty(), ms(begin - 20), ms(begin));
@@ -221,13 +223,7 @@ fn a_probe_whose_first_samples_waited_behind_a_queue_steers_as_a_clean_one() {
     let mut clean = latency_window(5);
     let mut disturbed = latency_window(5);
     for (w, outliers) in [(&mut clean, 0), (&mut disturbed, 4)] {
-        for i in 0..5 {
-            w.on_success(
-                Some(Sample::reused(Duration::from_millis(20))),
-                ms(17_000 + i),
-                ms(17_020 + i),
-            );
-        }
+        learn_a_round(w, 17_000);
         // The next second's first sample begins the probe; it drains for 40 ms.
         w.on_success(
             Some(Sample::reused(Duration::from_millis(20))),
