@@ -705,6 +705,7 @@ def figures(phase, deliveries, store, capacity, scn, n_gw):
                     w = n
             return w
         f["sessions_per_worker"] = mean((a + b) / workers_at(t) for t, a, b in cs)
+        f["sessions_series"] = [(round(t - t_first, 2), a, b) for t, a, b in cs]
 
     f["left_queued"] = sum(mval(g.last, "postern_queue_messages") for g in gws)
     f["deferred"] = sum(g.total("postern_deliveries_total", outcome="deferred") for g in gws)

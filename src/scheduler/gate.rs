@@ -495,6 +495,19 @@ impl Gate {
         gauge!(m::WINDOW, "store" => self.store.clone()).set(limit as f64);
         let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
         gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
+        // Every change of the window, for an operator who asks why a store gets what it gets
+        // (`POSTERN_LOG=info,postern::window=debug`).
+        tracing::debug!(
+            target: "postern::window",
+            store = %self.store,
+            window = format_args!("{:.2}", s.window.width()),
+            limit,
+            in_flight = s.in_flight,
+            probing = s.window.is_probing(),
+            baseline_ms = format_args!("{:.2}", baseline * 1e3),
+            round_ms = format_args!("{:.2}", s.window.round_latency().map_or(0.0, |d| d.as_secs_f64() * 1e3)),
+            "store window"
+        );
         if let Some(pool) = &self.pool {
             pool.resize(s.sessions(pool.store().max_connections()));
         }

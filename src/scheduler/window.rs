@@ -329,6 +329,16 @@ impl Window {
         (self.current.ceil() as usize).clamp(self.settings.min, self.settings.max)
     }
 
+    /// The window as steered, with its fraction (the debug log's figure).
+    pub fn width(&self) -> f64 {
+        self.current
+    }
+
+    /// The smoothed latency of the last rounds (latency controller only, once measured).
+    pub fn round_latency(&self) -> Option<Duration> {
+        self.latency.short.map(Duration::from_secs_f64)
+    }
+
     /// The most it can grow to.
     pub fn max(&self) -> usize {
         self.settings.max
