@@ -42,7 +42,11 @@
 //!     a queue; a ramp from the band to twice the band). Above [`QUEUE_TARGET`] the window
 //!     gives back the excess (one unit per `QUEUE_TARGET` over it, at most half); below it,
 //!     with the window full during the round, it grows — doubling until the target is first
-//!     passed (slow start), then by at most one a round, less the closer it is. At the
+//!     passed (slow start), then by at most one a round, less the closer it is. Before the
+//!     first probe it never doubles: the lowest round then stands in for the baseline, and
+//!     gateways started together at a store hold each other's queue in it, see none, and
+//!     doubled to 10–20 each at a store of 5 workers for the second or two until their
+//!     first probe (`bench/reverse/run.py --scenario a`). At the
 //!     fixed point every gateway holds `QUEUE_TARGET` in the queue, so all get the same
 //!     throughput (`QUEUE_TARGET / rise`), whatever their windows or their own overheads;
 //!     N gateways keep about `N × QUEUE_TARGET` transactions waiting at the store.
@@ -202,7 +206,7 @@ struct Latency {
     probe: Option<Probe>,
     /// The probe period last seen (`PROBE_EVERY` since the epoch); 0: none yet.
     period: u64,
-    /// No increase has been refused yet: grow by doubling.
+    /// No increase has been refused yet: grow by doubling (once a probe has measured).
     slow_start: bool,
     /// A probe has measured the baseline.
     probed: bool,
@@ -493,9 +497,11 @@ impl Window {
             self.current = (self.current - step).max(min);
         } else if full {
             // Fewer queued than the target and the window was used: grow, by doubling until
-            // the first time the target was passed (slow start), then by at most one a round,
-            // less the closer the estimate is to the target (no overshoot to undo).
-            let grown = if self.latency.slow_start {
+            // the first time the target was passed (slow start) once a probe has measured the
+            // baseline, else by at most one a round, less the closer the estimate is to the
+            // target (no overshoot to undo). Before the first probe the estimate may miss a
+            // queue that was there from the start.
+            let grown = if self.latency.slow_start && self.latency.probed {
                 self.current.floor() * 2.0
             } else {
                 self.current + ((QUEUE_TARGET - queued) / QUEUE_TARGET).min(1.0)

@@ -273,3 +273,41 @@ fn a_probe_whose_first_samples_waited_behind_a_queue_steers_as_a_clean_one() {
     );
     assert_eq!(disturbed.ceiling(), clean.ceiling());
 }
+
+#[test]
+fn before_its_first_probe_a_window_grows_by_one_a_round_and_doubles_after_it() {
+    // Gateways started together at a store already busy with each other: the lowest round
+    // before any probe is no baseline (it holds their queue), and doubling on it took three
+    // gateways' windows to 10–20 each at a store of 5 workers (`bench/reverse/run.py
+    // --scenario a`).
+    let mut w = latency_window(5);
+    let twenty = || Some(Sample::reused(Duration::from_millis(20)));
+    w.on_full();
+    learn_a_round(&mut w, 0);
+    assert_eq!(
+        w.ceiling(),
+        6,
+        "no queue seen, window full: one more, not twice"
+    );
+    w.on_full();
+    for i in 0..6 {
+        w.on_success(twenty(), ms(100 + i), ms(120 + i));
+    }
+    assert_eq!(w.ceiling(), 7);
+    // The next second's first sample begins the first probe; it measures the same 20 ms.
+    w.on_success(twenty(), ms(1000), ms(1020));
+    assert!(w.is_probing());
+    for i in 0..MIN_PROBE_SAMPLES as u64 {
+        w.on_success(twenty(), ms(1100 + 30 * i), ms(1120 + 30 * i));
+    }
+    assert!(
+        !w.is_probing(),
+        "a steady store is measured in the fewest samples"
+    );
+    // Measured: no queue at 20 ms, so the slow start doubles, as it always did.
+    w.on_full();
+    for i in 0..7 {
+        w.on_success(twenty(), ms(1500 + i), ms(1520 + i));
+    }
+    assert_eq!(w.ceiling(), 14);
+}
