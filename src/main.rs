@@ -136,6 +136,7 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads())
         .enable_all()
         .build()
     {

@@ -328,6 +328,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("listeners", old.listeners != new.listeners),
         ("stores", old.stores != new.stores),
         ("verify_cache", old.verify_cache != new.verify_cache),
+        ("worker_threads", old.worker_threads != new.worker_threads),
     ];
     let mut out: Vec<&'static str> = changed
         .into_iter()

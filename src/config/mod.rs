@@ -92,7 +92,14 @@ pub struct Config {
     /// The recipient verification cache, shared by every store ([`crate::edge`]).
     #[serde(default)]
     pub verify_cache: VerifyCacheConfig,
+    /// Threads that run the sessions, the scheduler and the deliveries; none: one for each CPU
+    /// ([`Config::worker_threads`]).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
+
+/// The most `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// `admin:`
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -104,6 +111,16 @@ pub struct AdminConfig {
 }
 
 impl Config {
+    /// Threads that run the sessions, the scheduler and the deliveries: `worker_threads`, else
+    /// one for each CPU this process may use (its affinity and cgroup quota), as tokio does.
+    /// Fewer leave CPU to what else each message needs (the spool's committer, the kernel's
+    /// side of every connection, a store or a load balancer on the same box).
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     /// Where the admin socket is: `admin.socket`, or `admin.sock` in the spool directory.
     pub fn admin_socket(&self) -> PathBuf {
         self.admin
@@ -317,6 +334,14 @@ impl Config {
         let store_names: Vec<&str> = self.stores.iter().map(StoreConfig::name).collect();
         for (path, message) in crate::routing::validate(&self.routes, &store_names) {
             bad(path, message);
+        }
+        if let Some(n) = self.worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&n)
+        {
+            bad(
+                "worker_threads".into(),
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            );
         }
         if let Err(e) = self.delivery.validate() {
             let (key, message) = e.split_once(": ").unwrap_or(("", &*e));

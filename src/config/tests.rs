@@ -612,3 +612,19 @@ fn edge_keys_load_with_defaults_and_validate() {
     assert_eq!(c.verify_cache.positive.0, Duration::from_secs(7200));
     assert_eq!(c.verify_cache.max_entries, 10);
 }
+
+#[test]
+fn worker_threads_default_to_the_cpus_and_validate() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let c = Config::parse(BASE, "t.yaml").unwrap();
+    assert_eq!(c.worker_threads(), cpus);
+    let c = Config::parse(&format!("worker_threads: 3\n{BASE}"), "t.yaml").unwrap();
+    assert_eq!(c.worker_threads(), 3);
+    for bad in ["0", "1025"] {
+        let joined = errors(&format!("worker_threads: {bad}\n{BASE}")).join("\n");
+        assert!(
+            joined.contains("worker_threads: must be between 1 and 1024"),
+            "{joined}"
+        );
+    }
+}
