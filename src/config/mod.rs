@@ -92,8 +92,10 @@ pub struct Config {
     /// The recipient verification cache, shared by every store ([`crate::edge`]).
     #[serde(default)]
     pub verify_cache: VerifyCacheConfig,
-    /// Threads that run the sessions, the scheduler and the deliveries; none: one for each CPU
-    /// ([`Config::worker_threads`]).
+    /// Threads that run the sessions, the scheduler and the deliveries; none: tokio's default,
+    /// one for each CPU this process may use (its affinity and cgroup quota). Fewer leave CPU
+    /// to what else each message needs (the spool's committer, the kernel's side of every
+    /// connection, a store or a load balancer on the same box).
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }
@@ -111,16 +113,6 @@ pub struct AdminConfig {
 }
 
 impl Config {
-    /// Threads that run the sessions, the scheduler and the deliveries: `worker_threads`, else
-    /// one for each CPU this process may use (its affinity and cgroup quota), as tokio does.
-    /// Fewer leave CPU to what else each message needs (the spool's committer, the kernel's
-    /// side of every connection, a store or a load balancer on the same box).
-    pub fn worker_threads(&self) -> usize {
-        self.worker_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        })
-    }
-
     /// Where the admin socket is: `admin.socket`, or `admin.sock` in the spool directory.
     pub fn admin_socket(&self) -> PathBuf {
         self.admin

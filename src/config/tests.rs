@@ -614,12 +614,11 @@ fn edge_keys_load_with_defaults_and_validate() {
 }
 
 #[test]
-fn worker_threads_default_to_the_cpus_and_validate() {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+fn worker_threads_default_to_the_runtimes_own_and_validate() {
     let c = Config::parse(BASE, "t.yaml").unwrap();
-    assert_eq!(c.worker_threads(), cpus);
+    assert_eq!(c.worker_threads, None, "tokio's default: one for each CPU");
     let c = Config::parse(&format!("worker_threads: 3\n{BASE}"), "t.yaml").unwrap();
-    assert_eq!(c.worker_threads(), 3);
+    assert_eq!(c.worker_threads, Some(3));
     for bad in ["0", "1025"] {
         let joined = errors(&format!("worker_threads: {bad}\n{BASE}")).join("\n");
         assert!(

@@ -495,8 +495,8 @@ impl Gate {
         gauge!(m::WINDOW, "store" => self.store.clone()).set(limit as f64);
         let baseline = s.window.baseline().map_or(0.0, |b| b.as_secs_f64());
         gauge!(m::LATENCY_BASELINE, "store" => self.store.clone()).set(baseline);
-        // Every change of the window, for an operator who asks why a store gets what it gets
-        // (`POSTERN_LOG=info,postern::window=debug`).
+        // Every change of the window (and of the pool's size during a probe), for an operator
+        // who asks why a store gets what it gets (`POSTERN_LOG=info,postern::window=debug`).
         tracing::debug!(
             target: "postern::window",
             store = %self.store,
