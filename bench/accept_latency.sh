@@ -39,6 +39,15 @@ EOC
 metrics() {
     python3 -c 'import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:9339/metrics").read().decode())'
 }
+cleanup() {
+    [ -n "${GW:-}" ] && kill "$GW" 2>/dev/null
+    [ -n "${SK:-}" ] && kill "$SK" 2>/dev/null
+    wait 2>/dev/null
+    rm -rf "$W"
+}
+trap cleanup EXIT
+# utime + stime of the whole process (every thread), in clock ticks; fields after "(comm) "
+cputicks() { sed 's/^.*) //' "/proc/$GW/stat" | awk '{print $12 + $13}'; }
 python3 "$HERE/lmtp_sink.py" --listen "$SINK" --state-dir "$W" >/dev/null 2>&1 &
 SK=$!
 POSTERN_LOG=info "$BIN" run --config "$W/postern.yaml" >"$W/postern.log" 2>&1 &
@@ -49,12 +58,12 @@ for _ in $(seq 100); do
 done
 smtp-source -N -s 1 -m 200 -f bench@source.example -t rcpt@dest.example -l 4096 -c "$ADDR" >/dev/null 2>&1
 metrics >"$W/m0"
-T0=$(date +%s.%N); C0=$(awk '{print $14+$15}' "/proc/$GW/stat")
+T0=$(date +%s.%N); C0=$(cputicks)
 smtp-source -N -s "$S" -m "$MSGS" -f bench@source.example -t rcpt@dest.example -l 4096 "$ADDR" >/dev/null 2>&1
-T1=$(date +%s.%N); C1=$(awk '{print $14+$15}' "/proc/$GW/stat")
+T1=$(date +%s.%N); C1=$(cputicks)
 sleep 1
 metrics >"$W/m1"
-python3 - "$W/m0" "$W/m1" $MSGS $T0 $T1 $C0 $C1 <<'PY'
+python3 - "$W/m0" "$W/m1" "$MSGS" "$T0" "$T1" "$C0" "$C1" "$(getconf CLK_TCK)" <<'PY'
 import sys,re
 def load(p):
     d={}
@@ -63,7 +72,7 @@ def load(p):
         m=re.match(r'(\S+?)(\{.*\})? (\S+)$',l.strip())
         if m: d[m.group(1)+(m.group(2) or '')]=float(m.group(3))
     return d
-a,b=load(sys.argv[1]),load(sys.argv[2]); n=int(sys.argv[3]); t=float(sys.argv[5])-float(sys.argv[4]); cpu=(int(sys.argv[7])-int(sys.argv[6]))/100
+a,b=load(sys.argv[1]),load(sys.argv[2]); n=int(sys.argv[3]); t=float(sys.argv[5])-float(sys.argv[4]); cpu=(int(sys.argv[7])-int(sys.argv[6]))/int(sys.argv[8])
 def delta(prefix):
     s=sum(v-a.get(k,0) for k,v in b.items() if k.startswith(prefix+'_sum'))
     c=sum(v-a.get(k,0) for k,v in b.items() if k.startswith(prefix+'_count'))
@@ -72,4 +81,3 @@ for name in ('postern_accept_latency_seconds','postern_spool_sync_seconds'):
     s,c=delta(name); print('%-36s n=%6d mean %.3f ms'%(name,c,1000*s/max(c,1)))
 print('msg/s %.0f  per msg %.3f ms  CPU %.3f ms/msg (utime+stime of postern)'%(n/t,1000*t/n,1000*cpu/n))
 PY
-kill "$GW" "$SK"; wait 2>/dev/null; rm -rf "$W"
