@@ -584,3 +584,5 @@ mod tests_fresh;
 mod tests_poison;
 #[cfg(test)]
 mod tests_record;
+#[cfg(test)]
+mod tests_trouble;
