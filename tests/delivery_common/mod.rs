@@ -9,6 +9,8 @@
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+pub mod lmtp;
+
 use std::sync::Arc;
 use std::time::Duration;
 
