@@ -54,6 +54,8 @@ mod users;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_include;
 
 use std::collections::HashMap;
 
