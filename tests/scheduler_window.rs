@@ -1,7 +1,8 @@
 //! The scheduler's windows against in-process fake LMTP stores: busy replies narrow a
 //! window and successes widen it, the latency window is cut once per round, one transaction
-//! per mailbox within the window, and a slow or silent store shrinks only its own window.
-//! Real spool, real sockets on 127.0.0.1, tiny backoffs; every wait is bounded.
+//! per mailbox within the window, a slow or silent store shrinks only its own window, and a
+//! new breaker threshold applies at the next failure. Real spool, real sockets on
+//! 127.0.0.1, tiny backoffs; every wait is bounded.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
