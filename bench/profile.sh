@@ -15,6 +15,11 @@
 # bench/flame/SHAPE-LABEL.counts). perf and inferno
 # (cargo install inferno) must be on PATH; perf unwinds with DWARF, so the
 # release profile's line tables are enough.
+# LATENCY=1 neither samples nor counts (no perf, no root): it prints the gateway's mean end of
+# data -> 250 (postern_accept_latency_seconds) beside the mean group-commit fdatasync
+# (postern_spool_sync_seconds), the messages per second of the sending and the gateway's
+# utime+stime per message over it (deliveries still running after it are not counted: use
+# e2e.sh for CPU per message). With shape d: where a single session's time goes.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -24,9 +29,16 @@ BIN=${3:-}
 MSGS=${MSGS:-5000}
 FREQ=${FREQ:-1999}
 die() { echo "profile.sh: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "run as root (perf)"
-for t in perf smtp-source inferno-collapse-perf inferno-flamegraph; do
-    command -v $t >/dev/null || die "$t not found"
+if [ "${LATENCY:-0}" = 1 ]; then
+    TOOLS="smtp-source"
+elif [ "${COUNT:-0}" = 1 ]; then
+    TOOLS="perf strace smtp-source"
+else
+    TOOLS="perf smtp-source inferno-collapse-perf inferno-flamegraph"
+fi
+[ "${LATENCY:-0}" = 1 ] || [ "$(id -u)" = 0 ] || die "run as root (perf)"
+for t in $TOOLS; do
+    command -v "$t" >/dev/null || die "$t not found"
 done
 if [ -z "$BIN" ]; then
     (cd "$REPO" && flock /tmp/cargo.lock cargo build --release -q) || die "build failed"
@@ -42,10 +54,12 @@ esac
 W=$(mktemp -d /var/tmp/postern-profile.XXXXXX)
 OUT=$HERE/flame
 mkdir -p "$OUT"
-SINK=127.0.0.1:2434 ADDR=127.0.0.1:2537
+SINK=127.0.0.1:2434 ADDR=127.0.0.1:2537 METRICS=127.0.0.1:9339
 cat >"$W/postern.yaml" <<EOF
 hostname: bench-postern.invalid
 node_id: 1
+metrics:
+  address: $METRICS
 spool:
   path: $W/spool
   min_free: 100MiB
@@ -83,6 +97,42 @@ for _ in $(seq 100); do
 done
 # Warm up (connections, pools, page cache), then record only the measured load.
 smtp-source -N -s 2 -m 200 -f bench@source.example -t rcpt@dest.example $ARGS -c "$ADDR" >/dev/null 2>&1
+if [ "${LATENCY:-0}" = 1 ]; then
+    metrics() {
+        python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())' "$METRICS"
+    }
+    # utime + stime of the whole process (every thread), in clock ticks; fields after "(comm) "
+    cputicks() { sed 's/^.*) //' "/proc/$GW/stat" | awk '{print $12 + $13}'; }
+    metrics >"$W/m0"
+    T0=$(date +%s.%N) C0=$(cputicks)
+    # shellcheck disable=SC2086
+    smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$ADDR" >/dev/null 2>&1
+    T1=$(date +%s.%N) C1=$(cputicks)
+    sleep 1
+    metrics >"$W/m1"
+    python3 - "$W/m0" "$W/m1" "$MSGS" "$T0" "$T1" "$C0" "$C1" "$(getconf CLK_TCK)" <<'PY'
+import re, sys
+def load(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r"(\S+?)(\{.*\})? (\S+)$", line.strip())
+        if m and not line.startswith("#"):
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+before, after = load(sys.argv[1]), load(sys.argv[2])
+n = int(sys.argv[3])
+secs = float(sys.argv[5]) - float(sys.argv[4])
+cpu = (int(sys.argv[7]) - int(sys.argv[6])) / int(sys.argv[8])
+def delta(name, part):
+    return sum(v - before.get(k, 0) for k, v in after.items() if k.startswith(name + part))
+for name in ("postern_accept_latency_seconds", "postern_spool_sync_seconds"):
+    count = delta(name, "_count")
+    print("%-36s n=%6d mean %.3f ms" % (name, count, 1000 * delta(name, "_sum") / max(count, 1)))
+print("msg/s %.0f  per msg %.3f ms  CPU %.3f ms/msg (utime+stime of postern)" % (n / secs, 1000 * secs / n, 1000 * cpu / n))
+PY
+    exit 0
+fi
+
 if [ "${COUNT:-0}" = 1 ]; then
     LIBC=$(awk '$6 ~ /libc\.so/ {print $6; exit}' "/proc/$GW/maps")
     for f in malloc calloc realloc; do
