@@ -4,8 +4,9 @@
 //! An [`Agent`] runs *one* transaction (at most the store's `recipients_per_transaction`
 //! recipients; the scheduler splits) and reports each recipient's [`Outcome`] through the
 //! callback as soon as it is known, plus how long getting a connection and the transfer
-//! took. [`SpoolBody`] streams a spooled body to the agent without loading it: small
-//! bodies are read at once, larger ones by a blocking thread feeding a bounded channel
+//! took. [`SpoolBody`] streams a spooled body to the agent without loading it: a body the
+//! spool still held in memory ([`HeldBody`]) is served from there, other small bodies are
+//! read at once, larger ones by a blocking thread feeding a bounded channel
 //! (64 KiB chunks, at most four in flight), and a checksum failure reaches the agent as a
 //! read error before the end of the content, so a corrupt message is never delivered.
 
@@ -29,7 +30,7 @@ use crate::delivery::{
     MaildirStore, MessageBody, OutboundEnvelope, Outcome, PipeStore, Recipient, Report,
     StoreConfig, StorePool, trouble,
 };
-use crate::spool::{QueueId, Spool};
+use crate::spool::{HeldBody, QueueId, Spool};
 
 /// Bodies up to this size are read in one go when a transaction opens them.
 const SMALL_BODY: u64 = 256 << 10;
@@ -304,18 +305,26 @@ pub struct SpoolBody {
     spool: Spool,
     qid: QueueId,
     size: u64,
+    /// The octets themselves, when the spool handed them over from memory.
+    held: Option<Arc<HeldBody>>,
     corrupt: Arc<AtomicBool>,
 }
 
 impl SpoolBody {
-    /// The body of `qid` (of `size` octets).
-    pub fn new(spool: Spool, qid: QueueId, size: u64) -> Self {
+    /// The body of `qid` (of `size` octets), `held` in memory if the spool handed it over.
+    pub fn new(spool: Spool, qid: QueueId, size: u64, held: Option<HeldBody>) -> Self {
         Self {
             spool,
             qid,
             size,
+            held: held.map(Arc::new),
             corrupt: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The octets, if they are held in memory.
+    pub fn held(&self) -> Option<&[u8]> {
+        self.held.as_deref().map(|b| &b[..])
     }
 
     /// A read failed its length or checksum check: the message must be quarantined.
@@ -324,6 +333,14 @@ impl SpoolBody {
     }
 
     fn open_now(&self) -> io::Result<BodyStream> {
+        if let Some(held) = &self.held {
+            return Ok(BodyStream {
+                rx: None,
+                held: Some(Arc::clone(held)),
+                chunk: Vec::new(),
+                pos: 0,
+            });
+        }
         let mut reader = self
             .spool
             .open_body(self.qid)
@@ -336,6 +353,7 @@ impl SpoolBody {
             }
             return Ok(BodyStream {
                 rx: None,
+                held: None,
                 chunk: all,
                 pos: 0,
             });
@@ -366,6 +384,7 @@ impl SpoolBody {
         });
         Ok(BodyStream {
             rx: Some(rx),
+            held: None,
             chunk: Vec::new(),
             pos: 0,
         })
@@ -391,6 +410,8 @@ impl MessageBody for SpoolBody {
 #[derive(Debug)]
 pub struct BodyStream {
     rx: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    /// The whole body from memory (then `chunk` and `rx` are unused).
+    held: Option<Arc<HeldBody>>,
     chunk: Vec<u8>,
     pos: usize,
 }
@@ -402,6 +423,13 @@ impl AsyncRead for BodyStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(held) = &this.held {
+            let rest = held.get(this.pos..).unwrap_or_default();
+            let n = buf.remaining().min(rest.len());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.pos < this.chunk.len() {
                 let n = buf.remaining().min(this.chunk.len() - this.pos);
@@ -428,5 +456,43 @@ impl AsyncRead for BodyStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::spool::tests::{opts, store};
+
+    async fn read_in_small_pieces(body: &SpoolBody) -> Vec<u8> {
+        let mut stream = body.open().await.unwrap();
+        let (mut out, mut piece) = (Vec::new(), [0u8; 7]);
+        loop {
+            let n = stream.read(&mut piece).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&piece[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_body_reads_as_the_spooled_one_on_every_pass() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = Spool::open(d.path(), opts()).unwrap().0;
+        let content: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let q = store(&spool, 1, &content);
+        let (_, held) = spool.take_message(q).unwrap();
+        assert!(held.is_some());
+        let size = content.len() as u64;
+        let from_memory = SpoolBody::new(spool.clone(), q, size, held);
+        let from_disk = SpoolBody::new(spool.clone(), q, size, None);
+        assert!(from_memory.held().is_some() && from_disk.held().is_none());
+        for _ in 0..2 {
+            assert_eq!(read_in_small_pieces(&from_memory).await, content);
+        }
+        assert_eq!(read_in_small_pieces(&from_disk).await, content);
     }
 }

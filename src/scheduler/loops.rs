@@ -9,7 +9,7 @@
 //! deliveries itself: the stores do, and Postfix's lmtp(8) does not either.
 //!
 //! [`delivered_to`] reads the header section (at most [`MAX_HEADER`] octets) once per
-//! attempt; [`is_loop`] compares addresses case-insensitively.
+//! attempt, from memory when the spool handed the body over; [`is_loop`] compares addresses case-insensitively.
 
 use std::io::Read;
 
@@ -58,8 +58,11 @@ pub(crate) fn parse(header: &[u8]) -> Vec<String> {
 }
 
 /// The message's `Delivered-To:` addresses (none if its body cannot be read: the delivery
-/// itself then reports that).
-pub(crate) fn delivered_to(spool: &Spool, qid: QueueId) -> Vec<String> {
+/// itself then reports that). `held` is the body if the spool handed it over from memory.
+pub(crate) fn delivered_to(spool: &Spool, qid: QueueId, held: Option<&[u8]>) -> Vec<String> {
+    if let Some(body) = held {
+        return parse(&body[..body.len().min(MAX_HEADER)]);
+    }
     let Ok(body) = spool.open_body(qid) else {
         return Vec::new();
     };
@@ -67,11 +70,14 @@ pub(crate) fn delivered_to(spool: &Spool, qid: QueueId) -> Vec<String> {
     let mut limited = body.take(MAX_HEADER as u64);
     let mut buf = [0u8; 8192];
     loop {
+        // Only the new octets (and the three before them) can complete the empty line.
+        let from = header.len().saturating_sub(3);
         match limited.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => header.extend_from_slice(&buf[..n]),
         }
-        if header.windows(4).any(|w| w == b"\r\n\r\n") || header.windows(2).any(|w| w == b"\n\n") {
+        let new = &header[from..];
+        if new.windows(4).any(|w| w == b"\r\n\r\n") || new.windows(2).any(|w| w == b"\n\n") {
             break;
         }
     }
@@ -86,6 +92,7 @@ pub(crate) fn is_loop(delivered: &[String], address: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::tests::{opts, store};
 
     #[test]
     fn finds_delivered_to_in_the_header_only() {
@@ -96,5 +103,28 @@ mod tests {
         assert!(!is_loop(&d, "body@x.test"));
         assert!(!is_loop(&d, "carol@example.org"));
         assert!(parse(b"Subject: none\n\nDelivered-To: a@b\n").is_empty());
+    }
+
+    #[test]
+    fn memory_and_disk_give_the_same_addresses() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = Spool::open(d.path(), opts()).unwrap().0;
+        // The disk path reads 8 KiB at a time and the empty line's CRLF CRLF straddles the
+        // first read (octets 8190..8194); both paths stop there and take no body field.
+        let mut content = b"Delivered-To: Alice@Example.org\r\nX-Pad: ".to_vec();
+        content.resize(8160, b'p');
+        content.extend_from_slice(
+            b"\r\nDelivered-To:\r\n <bob@b.test>\r\n\r\nDelivered-To: body@x.test\r\n",
+        );
+        assert_eq!(&content[8190..8194], b"\r\n\r\n");
+        let q = store(&spool, 1, &content);
+        let (_, held) = spool.take_message(q).unwrap();
+        let held = held.expect("held in memory");
+        let want = ["alice@example.org", "bob@b.test"];
+        assert_eq!(delivered_to(&spool, q, Some(&held)), want);
+        assert_eq!(delivered_to(&spool, q, None), want);
+        // A header section that never ends within the read: the start is still read.
+        let q = store(&spool, 1, b"Delivered-To: carol@c.test\r\nSubject: no end");
+        assert_eq!(delivered_to(&spool, q, None), ["carol@c.test"]);
     }
 }

@@ -45,6 +45,7 @@ impl Inner {
                     let mut ix = lock(&self.index);
                     if ix.map.get(&qid).is_some_and(|e| e.commit == loc) {
                         ix.remove(qid);
+                        lock(&self.fresh).remove(qid);
                         let mut rec = Vec::new();
                         record::encode_done(&mut rec, qid, DoneReason::StoreFailed);
                         if let Err(e) = self.log.append(&rec, Reg::None, Flush::Lazy) {

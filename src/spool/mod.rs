@@ -65,7 +65,7 @@
 //! | [`id`] | [`QueueId`] |
 //! | [`ledger`] | [`RecipientState`] and its transitions |
 //! | `index` | the in-memory index (about 200 bytes per message) |
-//! | `fresh` | just-committed envelopes handed to the first delivery attempt from memory |
+//! | `fresh` | just-committed envelopes (and bodies of one chunk) handed to the first delivery attempt from memory |
 //! | `recovery` | the startup scan |
 //! | `gc` | deleting dead segments, compacting old mostly-dead ones |
 //! | [`fault`] | `POSTERN_FAULT` crash points and injected I/O errors |
@@ -114,6 +114,7 @@ pub use ledger::{InvalidTransition, RecipientState};
 pub use record::{Envelope, EnvelopeRecipient};
 
 pub use error::SpoolError;
+pub use fresh::HeldBody;
 pub use reader::BodyReader;
 pub use summary::{
     MessageStatus, MessageSummary, QueueState, RecipientSummary, RecoveryReport, SpoolSnapshot,
@@ -146,8 +147,9 @@ pub struct SpoolOptions {
     pub compact_below: f64,
     /// How often the garbage collector looks at the oldest segment. Default 500 ms.
     pub gc_interval: Duration,
-    /// Bytes of freshly committed envelopes kept in memory for the scheduler's first
-    /// attempt ([`Spool::take_envelope`]); 0 reads every envelope from disk. Default 8 MiB.
+    /// Bytes of freshly committed envelopes and one-chunk bodies kept in memory for the
+    /// scheduler's first attempt ([`Spool::take_message`]; a body counts until the attempt
+    /// drops it); 0 reads everything from disk. Default 8 MiB.
     pub fresh_budget: usize,
 }
 
@@ -326,10 +328,17 @@ impl Spool {
     /// over from memory if it is still held (once per message; see `fresh`), otherwise read
     /// from the Commit record like [`Spool::read_envelope`].
     pub fn take_envelope(&self, qid: QueueId) -> Result<Envelope, SpoolError> {
+        self.take_message(qid).map(|(envelope, _)| envelope)
+    }
+
+    /// [`Spool::take_envelope`], and the body too if it is still held in memory (a message
+    /// that fitted in one chunk, within the fresh budget; see `fresh`): the same octets
+    /// [`Spool::open_body`] reads. Without it, read the body from the spool.
+    pub fn take_message(&self, qid: QueueId) -> Result<(Envelope, Option<HeldBody>), SpoolError> {
         let held = lock(&self.handle.inner.fresh).take(qid);
         match held {
-            Some(envelope) => Ok(envelope),
-            None => self.read_envelope(qid),
+            Some(held) => Ok(held),
+            None => Ok((self.read_envelope(qid)?, None)),
         }
     }
 
@@ -575,7 +584,7 @@ impl Drop for Handle {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_flush;
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::tests::envelope;
+use super::tests::{envelope, read_body};
 use super::*;
 
 fn open(dir: &std::path::Path, fresh_budget: usize) -> Spool {
@@ -68,4 +68,43 @@ fn without_a_budget_every_envelope_comes_from_disk() {
     let q = store(&s);
     assert_eq!(held(&s), 0);
     assert_eq!(s.take_envelope(q).unwrap(), s.read_envelope(q).unwrap());
+}
+
+#[test]
+fn a_one_chunk_body_is_handed_over_once_and_equals_the_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 1 << 20);
+    let q = store(&s);
+    let (env, body) = s.take_message(q).unwrap();
+    assert_eq!(env, s.read_envelope(q).unwrap());
+    let body = body.expect("a one-chunk body comes from memory");
+    assert_eq!(&body[..], &read_body(&s, q)[..]);
+    assert_eq!(&body[..], b"Subject: x\r\n\r\nbody\r\n");
+    // Later attempts read it from the spool.
+    assert!(s.take_message(q).unwrap().1.is_none());
+}
+
+#[test]
+fn a_body_over_one_chunk_or_without_a_budget_is_read_from_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        min_free_bytes: 0,
+        gc_interval: Duration::from_secs(3600),
+        chunk_size: 64,
+        ..SpoolOptions::default()
+    };
+    let s = Spool::open(d.path(), opts).unwrap().0;
+    let mut w = s.begin(envelope(1)).unwrap();
+    w.write(&[b'x'; 200]).unwrap();
+    let q = w.queue_id();
+    w.commit().wait().unwrap();
+    let (_, body) = s.take_message(q).unwrap();
+    assert!(body.is_none(), "written as several chunks: not held");
+    assert_eq!(read_body(&s, q), vec![b'x'; 200]);
+    drop(s);
+
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 0);
+    let q = store(&s);
+    assert!(s.take_message(q).unwrap().1.is_none());
 }

@@ -130,6 +130,7 @@ impl MessageWriter {
         let mut rec = Vec::with_capacity(512);
         record::encode_commit(&mut rec, qid, 0, self.len, crc, &envelope);
         let commit_len = rec.len() as u32;
+        let single = self.extents.is_empty();
         let mut ix = lock(&inner.index);
         match inner.log.append_parts(
             &[&head, &tail, &rec],
@@ -164,7 +165,10 @@ impl MessageWriter {
                 drop(ix);
                 inner.log.faults.hit("store.after_append");
                 tracing::debug!(%qid, size = self.len, rcpts = envelope.recipients.len(), "stored");
-                lock(&inner.fresh).insert(qid, envelope);
+                // A body that fitted in one chunk is all in `tail`: the first attempt
+                // takes it from memory (within the budget, see `fresh`).
+                let whole = single.then_some(tail);
+                lock(&inner.fresh).insert(qid, envelope, whole);
                 Durable::wait_for(&inner.log.syncer, a.lsn)
             }
             Err(e) => {

@@ -51,8 +51,8 @@ impl Shard {
         if status.hold {
             return;
         }
-        let envelope = match ctx.spool.take_envelope(qid) {
-            Ok(e) => e,
+        let (envelope, held) = match ctx.spool.take_message(qid) {
+            Ok(m) => m,
             Err(e @ SpoolError::Corrupt { .. }) => {
                 tracing::error!(queue_id = %qid, error = %e, "unreadable envelope; quarantining");
                 drop(ctx.spool.quarantine(qid, &e.to_string()));
@@ -81,7 +81,7 @@ impl Shard {
         };
         let msg = Arc::new(Message {
             qid,
-            body: SpoolBody::new(ctx.spool.clone(), qid, status.size),
+            body: SpoolBody::new(ctx.spool.clone(), qid, status.size, held),
             delivery,
             arrival,
             retry_at: ctx.policy().next_attempt(arrival, now, self.rng.f64()),
@@ -89,7 +89,7 @@ impl Shard {
             envelope,
         });
         let router = ctx.router.load();
-        let delivered_to = crate::scheduler::loops::delivered_to(&ctx.spool, qid);
+        let delivered_to = crate::scheduler::loops::delivered_to(&ctx.spool, qid, msg.body.held());
         let mut groups: Vec<(String, Vec<JobRcpt>)> = Vec::new();
         for (index, (r, state)) in msg
             .envelope
