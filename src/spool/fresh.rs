@@ -76,7 +76,8 @@ impl Drop for HeldBody {
 }
 
 impl Fresh {
-    /// Holds at most about `budget` bytes of envelopes and bodies (0: holds none).
+    /// Holds at most about `budget` bytes of envelopes, and keeps a body only while the
+    /// envelopes and the bodies alive fit in it with that body (0: holds none).
     pub(super) fn new(budget: usize) -> Self {
         Self {
             budget,
