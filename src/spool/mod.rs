@@ -324,16 +324,12 @@ impl Spool {
         read_commit(seg, loc, len).map_err(|e| with_qid(e, qid))
     }
 
-    /// The message's envelope for a delivery attempt: the one its writer committed, handed
-    /// over from memory if it is still held (once per message; see `fresh`), otherwise read
-    /// from the Commit record like [`Spool::read_envelope`].
-    pub fn take_envelope(&self, qid: QueueId) -> Result<Envelope, SpoolError> {
-        self.take_message(qid).map(|(envelope, _)| envelope)
-    }
-
-    /// [`Spool::take_envelope`], and the body too if it is still held in memory (a message
-    /// that fitted in one chunk, within the fresh budget; see `fresh`): the same octets
-    /// [`Spool::open_body`] reads. Without it, read the body from the spool.
+    /// The message's envelope and body for a delivery attempt: the envelope its writer
+    /// committed, handed over from memory if it is still held (once per message; see
+    /// `fresh`), otherwise read from the Commit record like [`Spool::read_envelope`]; the
+    /// body only if it is still held too (a message that fitted in one chunk, within the
+    /// fresh budget): the same octets [`Spool::open_body`] reads. Without it, read the body
+    /// from the spool.
     pub fn take_message(&self, qid: QueueId) -> Result<(Envelope, Option<HeldBody>), SpoolError> {
         let held = lock(&self.handle.inner.fresh).take(qid);
         match held {

@@ -39,7 +39,7 @@ fn the_first_take_is_from_memory_and_equals_the_disk() {
     assert_eq!(held(&s), 1);
     let from_disk = s.read_envelope(q).unwrap();
     assert_eq!(held(&s), 1, "read_envelope leaves the held copy alone");
-    let first = s.take_envelope(q).unwrap();
+    let first = s.take_message(q).unwrap().0;
     assert_eq!(held(&s), 0);
     assert_eq!(first, from_disk);
     assert_eq!(
@@ -47,7 +47,7 @@ fn the_first_take_is_from_memory_and_equals_the_disk() {
         UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456)
     );
     // Later attempts read the Commit record.
-    assert_eq!(s.take_envelope(q).unwrap(), from_disk);
+    assert_eq!(s.take_message(q).unwrap().0, from_disk);
 }
 
 #[test]
@@ -58,7 +58,7 @@ fn a_removed_message_leaves_nothing_held() {
     assert_eq!(held(&s), 1);
     s.delete(q).wait().unwrap();
     assert_eq!(held(&s), 0);
-    assert!(matches!(s.take_envelope(q), Err(SpoolError::NotFound(_))));
+    assert!(matches!(s.take_message(q), Err(SpoolError::NotFound(_))));
 }
 
 #[test]
@@ -67,7 +67,7 @@ fn without_a_budget_every_envelope_comes_from_disk() {
     let s = open(d.path(), 0);
     let q = store(&s);
     assert_eq!(held(&s), 0);
-    assert_eq!(s.take_envelope(q).unwrap(), s.read_envelope(q).unwrap());
+    assert_eq!(s.take_message(q).unwrap().0, s.read_envelope(q).unwrap());
 }
 
 #[test]
