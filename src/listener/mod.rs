@@ -284,7 +284,9 @@ impl Listener {
                 tracker.spawn(refuse_connection(stream));
                 return;
             };
-            tracker.spawn(converse(shared, stream, peer, permit, ip_slot));
+            // Boxed: a session's future is about 11 KiB, and tokio copies a spawned
+            // future by value into its task and again when it finishes.
+            tracker.spawn(Box::pin(converse(shared, stream, peer, permit, ip_slot)));
             return;
         };
         if let Some(ip) = peer
@@ -296,7 +298,7 @@ impl Listener {
             drop(stream);
             return;
         }
-        tracker.spawn(async move {
+        tracker.spawn(Box::pin(async move {
             let mut stream = stream;
             let (client, rest) =
                 match proxy_protocol::read_header(&mut stream, peer, pp.timeout.0).await {
@@ -315,7 +317,7 @@ impl Listener {
                 return;
             };
             converse(shared, stream, client, permit, ip_slot).await;
-        });
+        }));
     }
 }
 

@@ -147,6 +147,9 @@ impl Shard {
                 permit,
             );
             let c = Arc::clone(&ctx);
+            // Boxed: a transaction's future is about 6 KiB, and tokio copies a spawned
+            // future by value into its task and again when it finishes.
+            let task = Box::pin(task);
             ctx.tasks.spawn(async move {
                 let done = task.await;
                 c.send(shard, Event::TxnDone(Box::new(done)));
