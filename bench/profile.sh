@@ -19,7 +19,10 @@
 # data -> 250 (postern_accept_latency_seconds) beside the mean group-commit fdatasync
 # (postern_spool_sync_seconds), the messages per second of the sending and the gateway's
 # utime+stime per message over it (deliveries still running after it are not counted: use
-# e2e.sh for CPU per message). With shape d: where a single session's time goes.
+# e2e.sh for CPU per message). With shape d: where a single session's time goes. Then the
+# same load against Postfix's smtp-sink (no disk, no delivery: every reply at once) gives this
+# box's floor for the conversation, in the same invocation: a gateway that syncs once per
+# message cannot do better than the floor plus one fdatasync.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -130,6 +133,21 @@ for name in ("postern_accept_latency_seconds", "postern_spool_sync_seconds"):
     print("%-36s n=%6d mean %.3f ms" % (name, count, 1000 * delta(name, "_sum") / max(count, 1)))
 print("msg/s %.0f  per msg %.3f ms  CPU %.3f ms/msg (utime+stime of postern)" % (n / secs, 1000 * secs / n, 1000 * cpu / n))
 PY
+    command -v smtp-sink >/dev/null || { echo "floor: smtp-sink not found"; exit 0; }
+    kill "$GW" 2>/dev/null; wait "$GW" 2>/dev/null; GW=
+    FLOOR=127.0.0.1:2538
+    AS=(); [ "$(id -u)" = 0 ] && AS=(-u nobody)
+    smtp-sink "${AS[@]}" "$FLOOR" 1000 >/dev/null 2>&1 &
+    FS=$!
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2538) 2>/dev/null && break; sleep 0.1; done
+    # shellcheck disable=SC2086
+    smtp-source -N -s 2 -m 200 -f bench@source.example -t rcpt@dest.example $ARGS "$FLOOR" >/dev/null 2>&1
+    T0=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$FLOOR" >/dev/null 2>&1
+    T1=$(date +%s.%N)
+    kill "$FS" 2>/dev/null
+    python3 -c 'import sys; n = int(sys.argv[3]); s = float(sys.argv[2]) - float(sys.argv[1]); print("floor (smtp-sink, same load) msg/s %.0f  per msg %.3f ms" % (n / s, 1000 * s / n))' "$T0" "$T1" "$MSGS"
     exit 0
 fi
 
