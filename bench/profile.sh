@@ -145,8 +145,10 @@ PY
     T0=$(date +%s.%N)
     # shellcheck disable=SC2086
     smtp-source -N -m "$MSGS" -f bench@source.example -t rcpt@dest.example $ARGS "$FLOOR" >/dev/null 2>&1
+    RC=$?
     T1=$(date +%s.%N)
     kill "$FS" 2>/dev/null
+    [ "$RC" = 0 ] || { echo "floor: smtp-source against smtp-sink on $FLOOR failed (exit $RC)"; exit 1; }
     python3 -c 'import sys; n = int(sys.argv[3]); s = float(sys.argv[2]) - float(sys.argv[1]); print("floor (smtp-sink, same load) msg/s %.0f  per msg %.3f ms" % (n / s, 1000 * s / n))' "$T0" "$T1" "$MSGS"
     exit 0
 fi
