@@ -336,8 +336,7 @@ impl SpoolBody {
         if let Some(held) = &self.held {
             return Ok(BodyStream {
                 rx: None,
-                held: Some(Arc::clone(held)),
-                chunk: Vec::new(),
+                chunk: Chunk::Held(Arc::clone(held)),
                 pos: 0,
             });
         }
@@ -353,8 +352,7 @@ impl SpoolBody {
             }
             return Ok(BodyStream {
                 rx: None,
-                held: None,
-                chunk: all,
+                chunk: Chunk::Read(all),
                 pos: 0,
             });
         }
@@ -384,8 +382,7 @@ impl SpoolBody {
         });
         Ok(BodyStream {
             rx: Some(rx),
-            held: None,
-            chunk: Vec::new(),
+            chunk: Chunk::Read(Vec::new()),
             pos: 0,
         })
     }
@@ -406,14 +403,31 @@ impl MessageBody for SpoolBody {
     }
 }
 
-/// The reader of one pass over a [`SpoolBody`].
+/// The reader of one pass over a [`SpoolBody`]: `chunk` from `pos` on, then the next
+/// chunk from `rx`, if any.
 #[derive(Debug)]
 pub struct BodyStream {
     rx: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
-    /// The whole body from memory (then `chunk` and `rx` are unused).
-    held: Option<Arc<HeldBody>>,
-    chunk: Vec<u8>,
+    chunk: Chunk,
     pos: usize,
+}
+
+/// Octets of a body being read: read from the spool, or the whole body held in memory.
+#[derive(Debug)]
+enum Chunk {
+    Read(Vec<u8>),
+    Held(Arc<HeldBody>),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Read(bytes) => bytes,
+            Self::Held(body) => body,
+        }
+    }
 }
 
 impl AsyncRead for BodyStream {
@@ -423,13 +437,6 @@ impl AsyncRead for BodyStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(held) = &this.held {
-            let rest = held.get(this.pos..).unwrap_or_default();
-            let n = buf.remaining().min(rest.len());
-            buf.put_slice(&rest[..n]);
-            this.pos += n;
-            return Poll::Ready(Ok(()));
-        }
         loop {
             if this.pos < this.chunk.len() {
                 let n = buf.remaining().min(this.chunk.len() - this.pos);
@@ -442,7 +449,7 @@ impl AsyncRead for BodyStream {
             };
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.chunk = chunk;
+                    this.chunk = Chunk::Read(chunk);
                     this.pos = 0;
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -9,7 +9,8 @@
 //! deliveries itself: the stores do, and Postfix's lmtp(8) does not either.
 //!
 //! [`delivered_to`] reads the header section (at most [`MAX_HEADER`] octets) once per
-//! attempt, from memory when the spool handed the body over; [`is_loop`] compares addresses case-insensitively.
+//! attempt, from memory when the spool handed the body over; [`is_loop`] compares
+//! addresses case-insensitively.
 
 use std::io::Read;
 
