@@ -21,12 +21,16 @@ impl Inner {
                 }
             }
             match self.log.next_batch(Duration::from_millis(200)) {
-                Some(batch) => {
+                Some(mut batch) => {
                     let result = self.log.sync(&batch);
-                    self.log.finish(&batch, &result);
-                    if result.is_err() {
-                        self.undo_batch(batch.unsynced);
+                    if let Err(e) = &result {
+                        // The failed segment takes no more appends (the withdrawals
+                        // below go to a new one), and a commit is withdrawn before its
+                        // writer hears of the failure: a client told 4xx finds no message.
+                        self.log.retire(e);
+                        self.undo_batch(std::mem::take(&mut batch.unsynced));
                     }
+                    self.log.finish(&batch, &result);
                 }
                 None if self.closing.load(Ordering::SeqCst) => break,
                 None => {}

@@ -24,10 +24,11 @@
 //!
 //! **Failures.** A failed `pwrite` truncates the segment back to where the record started
 //! (or, if even that fails, retires the segment so the next append starts a fresh one) and
-//! the append returns the error. A failed `fdatasync` fails every waiter of the batch and
-//! retires the segment: after a failed fsync Linux may have dropped the dirty pages, so
-//! nothing more is written to that file. The batch's registrations (`Unsynced`) tell the
-//! spool which commits and ledger records were not made durable, so it can undo or retry them.
+//! the append returns the error. A failed `fdatasync` retires the segment: after a failed
+//! fsync Linux may have dropped the dirty pages, so nothing more is written to that file.
+//! The batch's registrations (`Unsynced`) tell the spool which commits and ledger records
+//! were not made durable, so it can undo or retry them; only then is every waiter of the
+//! batch failed (a client told 4xx finds its message already withdrawn).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -477,18 +478,21 @@ impl Log {
         Ok(())
     }
 
-    /// Publishes a batch's outcome to its waiters. After a failure the active segment is
-    /// retired: the next append starts a new file.
+    /// Publishes a batch's outcome to its waiters (after a failure, once the committer has
+    /// retired the segment and withdrawn the batch's commits).
     pub(crate) fn finish(&self, b: &Batch, result: &io::Result<()>) {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "spool sync failed; retiring the active segment");
-            lock(&self.state).retire = true;
-        }
         let errno = result
             .as_ref()
             .err()
             .map(|e| e.raw_os_error().unwrap_or(super::fault::EIO));
         self.syncer.publish(b.from, b.upto, errno);
+    }
+
+    /// After a failed sync: the active segment takes no more appends (its pages are suspect;
+    /// the next append starts a new segment).
+    pub(crate) fn retire(&self, e: &io::Error) {
+        tracing::error!(error = %e, "spool sync failed; retiring the active segment");
+        lock(&self.state).retire = true;
     }
 
     /// Stops accepting appends; the committer drains what is left.
