@@ -18,6 +18,8 @@
 #                    postern's default)
 #   --base DIR       state directory, must lie under /var (default /var/tmp/postern-e2e)
 #   --out FILE       JSON lines, one per run (default BASE/e2e-DATE.jsonl)
+#   --floor          also measure the box's CPU floor in every round (floor.sh: Postfix's
+#                    smtp-sink receiving the load, smtp-source -L delivering it; no disk)
 # The harness scripts next to this one (run.sh, lmtp_sink.py, procmon.py,
 # postfix-ctl.sh, setup-postfix.sh) are the peer-comparison harness: run.sh starts
 # the gateway in its own cgroup v2 and counts the CPU of every process and thread.
@@ -41,6 +43,7 @@ REPO=$(cd "$HERE/.." && pwd)
 ROUNDS=3 MSGS=10000 SHAPES="a b c d" BIN= SERIALIZE=true BASE=/var/tmp/postern-e2e OUT=
 DISTINCT=--distinct
 ALSO=()
+FLOOR=0
 die() { echo "e2e.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
     --serialize) case "$2" in on) SERIALIZE=true ;; off) SERIALIZE=false ;;
                  *) die "--serialize on|off" ;; esac; shift 2 ;;
     --same-rcpts) DISTINCT=; shift ;;
+    --floor) FLOOR=1; shift ;;
     --base) BASE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     -h|--help) awk 'NR>1 && !/^#/{exit} NR>1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -128,10 +132,12 @@ shape_args() {
 RCPTS="the same recipients in every message"; [ -n "$DISTINCT" ] && RCPTS="new recipients in every message"
 echo "e2e.sh: $ROUNDS rounds, shapes $SHAPES, $MSGS msgs, $RCPTS, per_mailbox_serialization=$SERIALIZE -> $OUT"
 fails=0
+SYSTEMS=(postfix "${GWS[@]}")
+[ "$FLOOR" = 1 ] && SYSTEMS+=(floor)
 for i in $(seq 1 "$ROUNDS"); do
     for sh in $SHAPES; do
         args=$(shape_args "$sh")
-        for g in postfix "${GWS[@]}"; do
+        for g in "${SYSTEMS[@]}"; do
             name=${g%%=*}
             echo "##### round $i/$ROUNDS shape $sh $name $(date +%T)"
             if [ "$name" = postfix ]; then
@@ -140,6 +146,9 @@ for i in $(seq 1 "$ROUNDS"); do
                     --start "$HERE/postfix-ctl.sh $PF start" --stop "$HERE/postfix-ctl.sh $PF stop" \
                     --queue-cmd "$HERE/postfix-ctl.sh $PF queue" \
                     $args --nice -10 --label "postfix/$sh" --json "$OUT" || fails=$((fails + 1))
+            elif [ "$name" = floor ]; then
+                # shellcheck disable=SC2086
+                "$HERE/floor.sh" --label "floor/$sh" --json "$OUT" -- $args || fails=$((fails + 1))
             else
                 bin=${g#*=} cfg=${CFG[$name]}
                 # shellcheck disable=SC2086

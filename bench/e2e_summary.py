@@ -27,7 +27,21 @@ print("Against Postfix (medians of the same rounds): e2e msg/s ratio (target >= 
 for k, x in rows.items():
     gw, shape = k.split("/", 1)
     pf = rows.get("postfix/" + shape)
-    if gw == "postfix" or not pf:
+    if gw in ("postfix", "floor") or not pf:
         continue
     print("  %-16s shape %s: %.2fx Postfix's msg/s, %.3fx its CPU per message" % (
         gw, shape, x["e2e"] / pf["e2e"], x["cpu"] / pf["cpu"]))
+floors = {k.split("/", 1)[1]: v for k, v in by.items() if k.startswith("floor/")}
+if floors:
+    print()
+    print("The box's floor (floor.sh: smtp-sink receiving, smtp-source -L delivering; no disk), medians:")
+    for shape, rs in sorted(floors.items()):
+        f = rows["floor/" + shape]["cpu"]
+        pf = rows.get("postfix/" + shape)
+        print("  shape %s: receive %.3f + deliver %.3f = %.3f ms/msg%s" % (
+            shape, med(rs, "receive_cpu_ms_per_msg"), med(rs, "deliver_cpu_ms_per_msg"), f,
+            " = %.3fx Postfix's CPU per message" % (f / pf["cpu"]) if pf else ""))
+        for k, x in rows.items():
+            gw, s = k.split("/", 1)
+            if s == shape and gw not in ("postfix", "floor"):
+                print("    %-14s %.2fx the floor" % (gw, x["cpu"] / f))
