@@ -107,6 +107,50 @@ async fn data_is_dot_stuffed_and_lines_end_in_crlf() {
 }
 
 #[tokio::test]
+async fn a_body_lent_whole_goes_out_in_blocks_intact() {
+    // The agent encodes the body's own buffer 64 KiB at a time: a CR LF and a leading dot
+    // fall on those boundaries here, and the body (about 200 KiB) comes in one buffer.
+    const BLOCK: usize = 64 * 1024;
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut line = 0;
+    while body.len() < 3 * BLOCK + 500 {
+        let at = body.len();
+        if at < BLOCK - 1 && at + 80 >= BLOCK - 1 {
+            // A line whose CR is the last octet of the first block.
+            body.resize(BLOCK - 1, b'x');
+            body.extend_from_slice(b"\r\n");
+        } else if at < 2 * BLOCK && at + 80 >= 2 * BLOCK {
+            // A line that starts with a dot exactly at the second boundary.
+            body.resize(2 * BLOCK - 2, b'y');
+            body.extend_from_slice(b"\r\n.dot at the boundary\r\n");
+        } else {
+            line += 1;
+            body.extend_from_slice(
+                format!("line {line} of the body, .not at the start\r\n").as_bytes(),
+            );
+        }
+    }
+    body.extend_from_slice(b".\r\n..\r\nend\r\n");
+    assert_eq!(&body[BLOCK - 1..BLOCK + 1], b"\r\n");
+    assert_eq!(&body[2 * BLOCK..2 * BLOCK + 4], b".dot");
+    let fake = FakeStore::start(Script::default()).await;
+    let body = &body[..];
+    let (report, _) = deliver_once(&config(fake.addr), &envelope(body), &rcpts(&["a"]), body).await;
+    assert_eq!(by_index(&report, 1), ["delivered 250 2.0.0"]);
+    let t = &fake.transactions()[0];
+    assert!(t.content == body, "the content arrived changed");
+    let dots = body
+        .split(|&b| b == b'\n')
+        .filter(|l| l.starts_with(b"."))
+        .count();
+    assert_eq!(
+        t.wire.len(),
+        body.len() + dots,
+        "every line that starts with a dot is stuffed once"
+    );
+}
+
+#[tokio::test]
 async fn lost_after_the_dot_leaves_the_rest_in_doubt() {
     let script = Script {
         drop_after_replies: Some(1),

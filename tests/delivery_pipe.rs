@@ -327,10 +327,12 @@ impl AsyncRead for FailingReader<'_> {
 }
 
 impl MessageBody for Failing {
-    type Reader<'a> = FailingReader<'a>;
+    type Reader<'a> = tokio::io::BufReader<FailingReader<'a>>;
 
-    async fn open(&self) -> io::Result<FailingReader<'_>> {
-        Ok(FailingReader { rest: &self.good })
+    async fn open(&self) -> io::Result<Self::Reader<'_>> {
+        Ok(tokio::io::BufReader::new(FailingReader {
+            rest: &self.good,
+        }))
     }
 }
 

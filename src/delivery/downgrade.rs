@@ -10,7 +10,9 @@
 //! store's final dot.
 //!
 //! Promises: without a [`Guard`] that needs it, the reader is the inner reader untouched (no
-//! copy, no parsing); with one, memory is bounded by the converter's limits plus one read.
+//! copy, no parsing: its buffer is lent through); with one, the converter reads the inner
+//! reader's buffer in place, and memory is bounded by the converter's limits plus the
+//! converted output of one of those buffers.
 
 use std::io;
 use std::pin::Pin;
@@ -18,11 +20,12 @@ use std::task::{Context, Poll, ready};
 
 use postern_proto::Reply;
 use postern_proto::downgrade::Downgrade;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
 use super::trouble;
 
-/// The size of the reads from the inner body when converting.
+/// The most of the inner reader's buffer the converter takes at once (its output for that
+/// much is what is held).
 const READ: usize = 64 * 1024;
 
 /// What a store without 8BITMIME or SMTPUTF8 may not be sent.
@@ -58,7 +61,6 @@ impl Guard {
 pub struct Downgrading<R> {
     inner: R,
     converter: Option<Downgrade>,
-    raw: Vec<u8>,
     out: Vec<u8>,
     pos: usize,
     done: bool,
@@ -71,7 +73,6 @@ impl<R> Downgrading<R> {
         Self {
             inner,
             converter: guard.active().then(|| Downgrade::new(guard.eight_bit)),
-            raw: Vec::new(),
             out: Vec::new(),
             pos: 0,
             done: false,
@@ -93,43 +94,56 @@ impl<R> Downgrading<R> {
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for Downgrading<R> {
+impl<R: AsyncBufRead + Unpin> AsyncBufRead for Downgrading<R> {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let Self {
+            inner,
+            converter,
+            out,
+            pos,
+            done,
+        } = self.get_mut();
+        let Some(converter) = converter.as_mut() else {
+            return Pin::new(inner).poll_fill_buf(cx);
+        };
+        // The converter reads the inner reader's buffer where it lies.
+        while *pos >= out.len() && !*done {
+            out.clear();
+            *pos = 0;
+            let raw = ready!(Pin::new(&mut *inner).poll_fill_buf(cx))?;
+            if raw.is_empty() {
+                converter.finish(out);
+                *done = true;
+            } else {
+                let n = raw.len().min(READ);
+                converter.feed(&raw[..n], out);
+                Pin::new(&mut *inner).consume(n);
+            }
+        }
+        Poll::Ready(Ok(out.get(*pos..).unwrap_or_default()))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        if this.converter.is_none() {
+            Pin::new(&mut this.inner).consume(amt);
+        } else {
+            this.pos = this.pos.saturating_add(amt).min(this.out.len());
+        }
+    }
+}
+
+impl<R: AsyncBufRead + Unpin> AsyncRead for Downgrading<R> {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let Some(converter) = this.converter.as_mut() else {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        };
-        loop {
-            if this.pos < this.out.len() {
-                let n = (this.out.len() - this.pos).min(buf.remaining());
-                buf.put_slice(&this.out[this.pos..this.pos + n]);
-                this.pos += n;
-                if this.pos == this.out.len() {
-                    this.out.clear();
-                    this.pos = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if this.done || buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            if this.raw.len() < READ {
-                this.raw.resize(READ, 0);
-            }
-            let mut raw = ReadBuf::new(&mut this.raw);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut raw))?;
-            let filled = raw.filled();
-            if filled.is_empty() {
-                converter.finish(&mut this.out);
-                this.done = true;
-            } else {
-                converter.feed(filled, &mut this.out);
-            }
-        }
+        let ready = ready!(self.as_mut().poll_fill_buf(cx))?;
+        let n = buf.remaining().min(ready.len());
+        buf.put_slice(&ready[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -142,6 +156,10 @@ mod tests {
     use super::*;
 
     async fn read_all(body: &[u8], guard: Guard) -> Vec<u8> {
+        read_from(body, guard).await
+    }
+
+    async fn read_from<R: AsyncBufRead + Unpin>(body: R, guard: Guard) -> Vec<u8> {
         let mut reader = Downgrading::new(body, guard);
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
@@ -180,5 +198,24 @@ mod tests {
         )
         .await;
         assert_eq!(inspected, body);
+    }
+
+    #[tokio::test]
+    async fn converts_the_same_whatever_the_inner_buffer_lends() {
+        let body = b"Content-Transfer-Encoding: 8bit\r\n\r\n\xe9t\xe9 caf\xe9\r\n.\r\nfin\r\n";
+        let guard = Guard {
+            eight_bit: true,
+            utf8_headers: false,
+        };
+        let whole = read_all(body, guard).await;
+        assert!(whole.is_ascii(), "converted: {whole:?}");
+        for capacity in [1, 2, 5, 13] {
+            let piecemeal = read_from(
+                tokio::io::BufReader::with_capacity(capacity, &body[..]),
+                guard,
+            )
+            .await;
+            assert_eq!(piecemeal, whole, "inner buffer of {capacity}");
+        }
     }
 }

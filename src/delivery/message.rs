@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use postern_proto::address::{ForwardPath, ReversePath};
 use postern_proto::params::{MailParams, RcptParams};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncSeekExt, BufReader};
 
 use super::trouble::{Outcome, Scope, Trouble};
 
@@ -109,8 +109,9 @@ impl Report {
 /// transaction: a message with more recipients than `recipients_per_transaction` is sent
 /// several times).
 pub trait MessageBody: Sync {
-    /// The reader of one pass.
-    type Reader<'a>: AsyncRead + Unpin + Send + 'a
+    /// The reader of one pass. Buffered: an agent that transforms the octets anyway (the
+    /// DATA encoder's dot-stuffing) reads them where they lie, with no copy of its own.
+    type Reader<'a>: AsyncBufRead + Unpin + Send + 'a
     where
         Self: 'a;
 
@@ -138,11 +139,11 @@ pub struct FileBody {
 }
 
 impl MessageBody for FileBody {
-    type Reader<'a> = tokio::io::Take<tokio::fs::File>;
+    type Reader<'a> = BufReader<tokio::io::Take<tokio::fs::File>>;
 
     async fn open(&self) -> io::Result<Self::Reader<'_>> {
         let mut file = tokio::fs::File::open(&self.path).await?;
         file.seek(io::SeekFrom::Start(self.offset)).await?;
-        Ok(file.take(self.len))
+        Ok(BufReader::new(file.take(self.len)))
     }
 }

@@ -15,11 +15,11 @@ use std::io::{self, Read};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use postern_proto::Reply;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -404,7 +404,8 @@ impl MessageBody for SpoolBody {
 }
 
 /// The reader of one pass over a [`SpoolBody`]: `chunk` from `pos` on, then the next
-/// chunk from `rx`, if any.
+/// chunk from `rx`, if any. As an [`AsyncBufRead`] it lends its chunks (the agent encodes
+/// straight from them); [`AsyncRead`] copies out of them.
 #[derive(Debug)]
 pub struct BodyStream {
     rx: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
@@ -430,22 +431,12 @@ impl std::ops::Deref for Chunk {
     }
 }
 
-impl AsyncRead for BodyStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl AsyncBufRead for BodyStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        loop {
-            if this.pos < this.chunk.len() {
-                let n = buf.remaining().min(this.chunk.len() - this.pos);
-                buf.put_slice(&this.chunk[this.pos..this.pos + n]);
-                this.pos += n;
-                return Poll::Ready(Ok(()));
-            }
+        while this.pos >= this.chunk.len() {
             let Some(rx) = this.rx.as_mut() else {
-                return Poll::Ready(Ok(()));
+                break;
             };
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
@@ -456,13 +447,30 @@ impl AsyncRead for BodyStream {
                     this.rx = None;
                     return Poll::Ready(Err(e));
                 }
-                Poll::Ready(None) => {
-                    this.rx = None;
-                    return Poll::Ready(Ok(()));
-                }
+                Poll::Ready(None) => this.rx = None,
                 Poll::Pending => return Poll::Pending,
             }
         }
+        Poll::Ready(Ok(this.chunk.get(this.pos..).unwrap_or_default()))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        this.pos = this.pos.saturating_add(amt).min(this.chunk.len());
+    }
+}
+
+impl AsyncRead for BodyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let ready = ready!(self.as_mut().poll_fill_buf(cx))?;
+        let n = buf.remaining().min(ready.len());
+        buf.put_slice(&ready[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
     }
 }
 

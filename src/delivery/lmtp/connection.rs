@@ -12,7 +12,7 @@ use postern_proto::address::ForwardPath;
 use postern_proto::client::{Capabilities, ClientError, ClientEvent};
 use postern_proto::data::DataEncoder;
 use postern_proto::params::{Body, MailParams, RcptParams};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 use crate::delivery::downgrade::{Downgrading, Guard};
@@ -96,7 +96,7 @@ impl Connection {
         on_outcome: &mut F,
     ) -> Report
     where
-        R: AsyncRead + Unpin,
+        R: AsyncBufRead + Unpin,
         F: FnMut(usize, &Outcome),
     {
         let store = Arc::clone(&self.store);
@@ -399,31 +399,36 @@ impl Connection {
         guard: Guard,
         size: usize,
     ) where
-        R: AsyncRead + Unpin,
+        R: AsyncBufRead + Unpin,
         F: FnMut(usize, &Outcome),
     {
         let limit = self.store.timeouts.data;
         let mut encoder = DataEncoder::new();
-        // One more byte than the body, so that the read after the body returns 0.
         let want = size.saturating_add(1).clamp(4096, DATA_READ);
-        let mut input = vec![0u8; want];
         let mut out = Vec::with_capacity(want + want / 32 + 8);
         loop {
-            let n = match body.read(&mut input).await {
-                Ok(0) => break,
-                Ok(n) => n,
+            // The body's own buffer, encoded where it lies (no copy of ours before the
+            // dot-stuffing); at most DATA_READ at a time, so `out` stays about that size
+            // even for a body held whole in memory.
+            let chunk = match body.fill_buf().await {
+                Ok([]) => break,
+                Ok(chunk) => chunk,
                 Err(e) => {
                     let reply = trouble::local_read_error(&e);
                     let why = trouble::message_refused(&reply);
                     return self.abort(run, Outcome::Deferred(reply), why);
                 }
             };
-            let chunk = &input[..n];
-            if let Some(reply) = guard.check(chunk, body) {
+            let n = chunk.len().min(DATA_READ);
+            let at = out.len();
+            encoder.encode(&chunk[..n], &mut out);
+            body.consume(n);
+            // The encoding adds only '.', CR and LF: its octets are 8-bit where the chunk's
+            // were. Nothing of this chunk is written before the check.
+            if let Some(reply) = guard.check(&out[at..], body) {
                 let why = trouble::message_refused(&reply);
                 return self.abort(run, Outcome::Bounced(reply), why);
             }
-            encoder.encode(chunk, &mut out);
             if out.len() >= DATA_READ {
                 if let Err(f) = self.wire.write_all(&out, limit).await {
                     return run.widen(f.trouble(Phase::Data, limit));
@@ -453,7 +458,7 @@ impl Connection {
         run: &mut Run<'_, F>,
         guard: Guard,
     ) where
-        R: AsyncRead + Unpin,
+        R: AsyncBufRead + Unpin,
         F: FnMut(usize, &Outcome),
     {
         let t = self.store.timeouts;
@@ -561,17 +566,19 @@ pub(super) fn non_ascii_address(envelope: &OutboundEnvelope, recipients: &[Recip
 }
 
 /// Reads until `buf` holds `size` octets or the body ends.
-pub(super) async fn fill<R: AsyncRead + Unpin>(
+pub(super) async fn fill<R: AsyncBufRead + Unpin>(
     body: &mut R,
     buf: &mut Vec<u8>,
     size: usize,
 ) -> io::Result<()> {
     while buf.len() < size {
-        let want = (size - buf.len()) as u64;
-        let n = (&mut *body).take(want).read_to_end(buf).await?;
-        if n == 0 {
+        let ready = body.fill_buf().await?;
+        if ready.is_empty() {
             break;
         }
+        let n = ready.len().min(size - buf.len());
+        buf.extend_from_slice(&ready[..n]);
+        body.consume(n);
     }
     Ok(())
 }

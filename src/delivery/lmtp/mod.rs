@@ -6,9 +6,9 @@
 //! PLAIN. [`Connection::deliver`] runs one transaction with the protocol rules of
 //! [`postern_proto::client`]: MAIL, RCPT and DATA in one flush when the store offers
 //! PIPELINING, BDAT chunks instead of DATA when it offers CHUNKING, the body streamed from an
-//! [`AsyncRead`](tokio::io::AsyncRead) (dot-stuffed by
-//! [`DataEncoder`](postern_proto::data::DataEncoder) for DATA) so a large message never sits
-//! in memory whole.
+//! [`AsyncBufRead`](tokio::io::AsyncBufRead) (dot-stuffed by
+//! [`DataEncoder`](postern_proto::data::DataEncoder) for DATA straight from the reader's
+//! buffer) so a large message never sits in memory whole and is copied only by the encoding.
 //!
 //! # What is checked before anything is sent
 //!
