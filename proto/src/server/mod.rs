@@ -168,6 +168,13 @@ impl ServerSession {
         if matches!(self.phase, Phase::AwaitTls | Phase::Closed) {
             return;
         }
+        if matches!(self.phase, Phase::Data) && self.input.is_empty() && self.pending.is_none() {
+            // Message content is decoded straight from the caller's octets (the decoder's
+            // output is the only copy); what follows the end of the content waits here.
+            let consumed = self.decode_content(bytes);
+            self.input.extend_from_slice(&bytes[consumed..]);
+            return;
+        }
         self.input.extend_from_slice(bytes);
     }
 
@@ -388,8 +395,17 @@ impl ServerSession {
         if self.input.is_empty() {
             return false;
         }
-        let progress = self.decoder.decode(&self.input, &mut self.decoded);
-        self.input.drain(..progress.consumed);
+        let input = std::mem::take(&mut self.input);
+        let consumed = self.decode_content(&input);
+        self.input = input;
+        self.input.drain(..consumed);
+        true
+    }
+
+    /// Decodes message content from `input` into events; returns how much of it was
+    /// content (up to and including the end-of-data line, once it came).
+    fn decode_content(&mut self, input: &[u8]) -> usize {
+        let progress = self.decoder.decode(input, &mut self.decoded);
         let n = self.decoded.len() as u64;
         self.count_content(n);
         if self.txn.abort.is_none()
@@ -408,7 +424,7 @@ impl ServerSession {
             self.phase = Phase::Command;
             self.end_of_content();
         }
-        true
+        progress.consumed
     }
 
     fn step_bdat(&mut self) -> bool {
