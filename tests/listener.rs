@@ -84,6 +84,56 @@ async fn accepts_and_stores_durably_with_received_header() {
 }
 
 #[tokio::test]
+async fn a_large_message_and_the_next_one_pipelined_behind_it_are_stored_exactly() {
+    // About 300 KiB of content in one write: the session reads it in growing pieces and
+    // decodes it as it comes; the next transaction follows the dot in the same write.
+    let gw = start().await;
+    let mut c = gw.connect("smtp").await;
+    c.hello().await;
+    let mut content = String::from("Subject: large\r\n\r\n");
+    let mut n = 0;
+    while content.len() < 300 << 10 {
+        n += 1;
+        if n % 7 == 0 {
+            content.push_str(&format!(".line {n} starts with a dot\r\n"));
+        } else {
+            content.push_str(&format!("line {n} {}\r\n", "x".repeat(n % 90)));
+        }
+    }
+    let stuffed = content.replace("\r\n.", "\r\n..");
+    c.cmd("MAIL FROM:<a@example.net>", 250).await;
+    c.cmd("RCPT TO:<x@example.org>", 250).await;
+    c.cmd("DATA", 354).await;
+    let mut wire = stuffed.into_bytes();
+    wire.extend_from_slice(b".\r\nMAIL FROM:<>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n");
+    c.send(&wire).await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let first = queue_id(&r);
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(c.reply().await.code, 354);
+    c.send(b"Subject: small\r\n\r\n..after\r\n.\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let second = queue_id(&r);
+    c.cmd("QUIT", 221).await;
+
+    let (_, body) = stored(&gw, &first);
+    let (_, received) = body.split_once("Subject: large").unwrap();
+    assert!(
+        format!("Subject: large{received}") == content,
+        "the large message was stored changed ({} octets stored, {} sent)",
+        received.len() + 14,
+        content.len()
+    );
+    let (env, body) = stored(&gw, &second);
+    assert_eq!(env.recipients[0].address, "y@example.org");
+    assert!(body.ends_with("Subject: small\r\n\r\n.after\r\n"), "{body}");
+    gw.gateway.stop().await;
+}
+
+#[tokio::test]
 async fn pipelined_transactions_get_ordered_replies() {
     let gw = start().await;
     let mut c = gw.connect("smtp").await;

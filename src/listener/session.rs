@@ -10,8 +10,9 @@
 //! Promises: a 250 after the end of data is sent only once the spool says the message is
 //! durable (LMTP: one 250 per recipient, each after that point); a spool failure answers
 //! 451 4.3.0 (452 4.3.1 when full) and leaves nothing behind; any I/O error or timeout closes
-//! this connection only. Memory per connection: the read buffer, the session's line buffer,
-//! the spool writer's chunk buffer; never the message.
+//! this connection only. Memory per connection: the read buffer (`READ`, grown to
+//! `CONTENT_READ` once message content fills it), the session's line buffer, the spool
+//! writer's chunk buffer; never the message.
 //!
 //! In `mode: proxy` the message is held in memory instead (bounded by `max_message_size`)
 //! and relayed at the end of data ([`super::cut_through`]); its 250s are the stores'.
@@ -37,6 +38,11 @@ use crate::edge::Refusal;
 use crate::metrics::{self as m, reason};
 use crate::routing::{RcptDecision, RcptRoute};
 use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, QueueId, SpoolError};
+
+/// The read buffer of a connection: commands, and small messages.
+const READ: usize = 8 << 10;
+/// The read buffer once message content filled `READ`: a large message in few reads.
+const CONTENT_READ: usize = 64 << 10;
 
 /// How a conversation ended.
 pub(crate) enum Ending {
@@ -113,7 +119,7 @@ impl Conversation {
 
     /// Runs the conversation on `io` until it ends.
     pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Ending {
-        let mut buf = vec![0u8; 8192];
+        let mut buf = vec![0u8; READ];
         loop {
             let ending = self.drain_events().await;
             if !self.out.is_empty() {
@@ -161,6 +167,11 @@ impl Conversation {
                         return Ending::Closed;
                     }
                     self.session.handle_input(&buf[..n]);
+                    if n == buf.len() && buf.len() < CONTENT_READ && self.message.is_some() {
+                        // Message content filled the buffer: a large message is coming in,
+                        // read it in larger pieces (fewer reads, each decoded at once).
+                        buf.resize(CONTENT_READ, 0);
+                    }
                 }
                 Err(_) => self.session.timeout(),
             }
