@@ -135,15 +135,11 @@ impl<R: AsyncBufRead + Unpin> AsyncBufRead for Downgrading<R> {
 
 impl<R: AsyncBufRead + Unpin> AsyncRead for Downgrading<R> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let ready = ready!(self.as_mut().poll_fill_buf(cx))?;
-        let n = buf.remaining().min(ready.len());
-        buf.put_slice(&ready[..n]);
-        self.consume(n);
-        Poll::Ready(Ok(()))
+        super::message::read_lent(self, cx, buf)
     }
 }
 

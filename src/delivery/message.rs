@@ -8,11 +8,13 @@
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use postern_proto::address::{ForwardPath, ReversePath};
 use postern_proto::params::{MailParams, RcptParams};
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncSeekExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncSeekExt, BufReader, ReadBuf};
 
 use super::trouble::{Outcome, Scope, Trouble};
 
@@ -117,6 +119,21 @@ pub trait MessageBody: Sync {
 
     /// A reader positioned at the first octet of the content.
     fn open(&self) -> impl Future<Output = io::Result<Self::Reader<'_>>> + Send;
+}
+
+/// `AsyncRead::poll_read` for a reader that lends its octets: copies what
+/// [`AsyncBufRead::poll_fill_buf`] lends into `buf` and consumes it. For the body readers,
+/// whose agents mostly read the lent buffer directly.
+pub(crate) fn read_lent<R: AsyncBufRead + ?Sized>(
+    mut reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let lent = ready!(reader.as_mut().poll_fill_buf(cx))?;
+    let n = buf.remaining().min(lent.len());
+    buf.put_slice(&lent[..n]);
+    reader.consume(n);
+    Poll::Ready(Ok(()))
 }
 
 impl MessageBody for [u8] {

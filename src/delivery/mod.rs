@@ -66,6 +66,7 @@ mod wire;
 pub use config::{LmtpStoreConfig, SmtpStoreConfig, WindowConfig};
 pub use lmtp::{Connection, PhaseMark, RemoteStore};
 pub use maildir::MaildirStore;
+pub(crate) use message::read_lent;
 pub use message::{FileBody, MessageBody, OutboundEnvelope, Recipient, Report};
 pub use pipe::{PipeStore, PipeStoreConfig};
 pub use pool::StorePool;

@@ -15,7 +15,7 @@ use std::io::{self, Read};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use postern_proto::Reply;
@@ -462,15 +462,11 @@ impl AsyncBufRead for BodyStream {
 
 impl AsyncRead for BodyStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let ready = ready!(self.as_mut().poll_fill_buf(cx))?;
-        let n = buf.remaining().min(ready.len());
-        buf.put_slice(&ready[..n]);
-        self.consume(n);
-        Poll::Ready(Ok(()))
+        crate::delivery::read_lent(self, cx, buf)
     }
 }
 
