@@ -192,7 +192,7 @@ impl Conversation {
                 ServerEvent::Mail { from, params } => self.mail(from, params),
                 ServerEvent::Rcpt { to, params } => self.rcpt(to, params).await,
                 ServerEvent::DataStart => self.data_start(),
-                ServerEvent::Data(bytes) => self.data(&bytes),
+                ServerEvent::Data(bytes) => self.data(bytes),
                 ServerEvent::DataEnd => self.data_end().await,
                 ServerEvent::DataAborted => self.abort_message(),
                 ServerEvent::Reset => self.reset(),
@@ -414,7 +414,7 @@ impl Conversation {
         });
         let (mut writer, mut buffer) = (writer, None);
         let failed = match writer.as_mut() {
-            Some(w) => w.write(header.as_bytes()).err(),
+            Some(w) => w.write_owned(header.into_bytes()).err(),
             None => {
                 buffer = Some(header.into_bytes());
                 None
@@ -431,21 +431,22 @@ impl Conversation {
         let _ = self.session.accept();
     }
 
-    fn data(&mut self, bytes: &[u8]) {
+    fn data(&mut self, bytes: Vec<u8>) {
         let Some(msg) = self.message.as_mut() else {
             return;
         };
         msg.octets += bytes.len() as u64;
-        msg.hops.feed(bytes);
+        msg.hops.feed(&bytes);
         if msg.failed.is_some() {
             return;
         }
         if let Some(buffer) = msg.buffer.as_mut() {
             // Bounded: the session refuses content over max_message_size (DataAborted).
-            buffer.extend_from_slice(bytes);
+            buffer.extend_from_slice(&bytes);
         }
         if let Some(writer) = msg.writer.as_mut() {
-            if let Err(e) = writer.write(bytes) {
+            // The decoded octets themselves are kept for the spool (no copy).
+            if let Err(e) = writer.write_owned(bytes) {
                 msg.failed = Some(e);
             }
         }

@@ -154,6 +154,69 @@ fn writes_of_any_size_make_the_same_body_and_survive_a_reopen() {
 }
 
 #[test]
+fn owned_and_borrowed_writes_of_any_size_make_the_same_body_and_survive_a_reopen() {
+    // Owned pieces wait as they are (small ones are copied onto the piece before them), a
+    // chunk is written from the pieces and the slice that completes it, and what is left of
+    // a piece waits from where the chunk ended.
+    let d = tempfile::tempdir().unwrap();
+    let open = || {
+        Spool::open(
+            d.path(),
+            SpoolOptions {
+                chunk_size: 1000,
+                ..opts()
+            },
+        )
+        .unwrap()
+        .0
+    };
+    let data = body(9, 23_456);
+    let sizes = [1, 61, 62, 999, 1000, 2500, 3, 4000, 17, 300, 300, 300, 700];
+    let q = {
+        let s = open();
+        let mut w = s.begin(envelope(1)).unwrap();
+        let mut at = 0;
+        for (i, n) in sizes.into_iter().cycle().enumerate() {
+            let end = (at + n).min(data.len());
+            if i % 3 == 2 {
+                w.write(&data[at..end]).unwrap();
+            } else {
+                w.write_owned(data[at..end].to_vec()).unwrap();
+            }
+            at = end;
+            if at == data.len() {
+                break;
+            }
+        }
+        let q = w.queue_id();
+        w.commit().wait().unwrap();
+        assert_eq!(read_body(&s, q), data);
+        q
+    };
+    let s = open();
+    assert_eq!(read_body(&s, q), data);
+    assert_eq!(s.status(q).unwrap().size, data.len() as u64);
+}
+
+#[test]
+fn a_body_of_owned_pieces_within_one_chunk_is_held_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = reopen(d.path());
+    let data = body(3, 30_000);
+    for pieces in [1, 2, 7] {
+        let mut w = s.begin(envelope(1)).unwrap();
+        for piece in data.chunks(data.len().div_ceil(pieces)) {
+            w.write_owned(piece.to_vec()).unwrap();
+        }
+        let q = w.queue_id();
+        w.commit().wait().unwrap();
+        let (_, held) = s.take_message(q).unwrap();
+        assert_eq!(held.as_deref(), Some(&data[..]), "{pieces} pieces");
+        assert_eq!(read_body(&s, q), data);
+    }
+}
+
+#[test]
 fn empty_body_and_no_recipients() {
     let d = tempfile::tempdir().unwrap();
     let (s, _) = reopen(d.path());

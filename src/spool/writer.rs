@@ -1,6 +1,13 @@
 //! [`MessageWriter`]: a message being stored. Body bytes go to the log as Chunk records;
 //! [`MessageWriter::commit`] appends the Commit record and returns the promise that the
 //! message is on stable storage. A writer dropped without a commit abandons the message.
+//!
+//! The writer keeps the bytes it is given, not copies of them: owned pieces
+//! ([`MessageWriter::write_owned`]) wait as they are until they fill a chunk, and a chunk
+//! record is written from them, and from the caller's slice that completes it, with one
+//! `pwritev`. Only pieces smaller than a sixteenth of a chunk are copied, onto the piece
+//! before them, so a chunk record takes at most 18 iovecs however the client splits its
+//! writes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +19,7 @@ use super::log::{Durable, Flush, Loc, Reg};
 use super::record::{self, Envelope, HEADER_LEN};
 use super::{Spool, lock};
 
-/// A message being written. Body bytes are buffered and appended as Chunk records (not
+/// A message being written. Body bytes are kept and appended as Chunk records (not
 /// synced); [`MessageWriter::commit`] appends the Commit record and returns the promise.
 /// Dropping the writer without committing abandons the message (its chunks are garbage).
 #[derive(Debug)]
@@ -21,7 +28,9 @@ pub struct MessageWriter {
     qid: QueueId,
     /// Taken by [`MessageWriter::commit`].
     envelope: Option<Envelope>,
-    buf: Vec<u8>,
+    /// Bytes not yet in a Chunk record, in order; together less than a chunk.
+    pending: Vec<Piece>,
+    pending_len: usize,
     crc: crc32fast::Hasher,
     len: u64,
     extents: Vec<Extent>,
@@ -31,6 +40,19 @@ pub struct MessageWriter {
     failed: Option<SpoolError>,
 }
 
+/// Body bytes waiting for their Chunk record: `bytes[from..]`.
+#[derive(Debug)]
+struct Piece {
+    bytes: Vec<u8>,
+    from: usize,
+}
+
+impl Piece {
+    fn octets(&self) -> &[u8] {
+        self.bytes.get(self.from..).unwrap_or_default()
+    }
+}
+
 impl MessageWriter {
     /// A writer for a new message (the caller counted it in `incoming`; `Drop` uncounts it).
     pub(super) fn new(spool: Spool, qid: QueueId, envelope: Envelope) -> Self {
@@ -38,7 +60,8 @@ impl MessageWriter {
             spool,
             qid,
             envelope: Some(envelope),
-            buf: Vec::new(),
+            pending: Vec::new(),
+            pending_len: 0,
             crc: crc32fast::Hasher::new(),
             len: 0,
             extents: Vec::new(),
@@ -52,59 +75,101 @@ impl MessageWriter {
         self.qid
     }
 
-    /// Appends body bytes. Whole chunks are written straight from `bytes`; only a chunk's
-    /// worth of the tail is buffered.
+    /// Appends body bytes. Chunks they complete are written straight from `bytes`; only
+    /// what is left over, less than a chunk, is copied to wait for the next.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        let used = self.begin_write(bytes)?;
+        if used < bytes.len() {
+            self.keep(Piece {
+                bytes: bytes[used..].to_vec(),
+                from: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends body bytes the writer may keep: what does not complete a chunk waits in
+    /// `bytes` itself, not in a copy (unless it is smaller than a sixteenth of a chunk).
+    pub fn write_owned(&mut self, bytes: Vec<u8>) -> Result<(), SpoolError> {
+        let used = self.begin_write(&bytes)?;
+        if used < bytes.len() {
+            self.keep(Piece { bytes, from: used });
+        }
+        Ok(())
+    }
+
+    /// Counts `bytes` into the body and writes every chunk that the pending bytes and a
+    /// prefix of `bytes` complete; returns the length of that prefix.
+    fn begin_write(&mut self, bytes: &[u8]) -> Result<usize, SpoolError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         self.crc.update(bytes);
         self.len += bytes.len() as u64;
         let chunk = self.spool.handle.inner.opts.chunk_size.max(1);
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let written = if self.buf.is_empty() && rest.len() >= chunk {
-                let (now, later) = rest.split_at(chunk);
-                rest = later;
-                self.append_chunk(now)
-            } else {
-                let take = (chunk - self.buf.len()).min(rest.len());
-                self.buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if self.buf.len() < chunk {
-                    continue;
-                }
-                let data = std::mem::take(&mut self.buf);
-                let r = self.append_chunk(&data);
-                self.buf = data;
-                self.buf.clear();
-                r
-            };
+        let mut used = 0;
+        while self.pending_len + (bytes.len() - used) >= chunk {
+            let take = chunk - self.pending_len;
+            let written = self.append_chunk(&bytes[used..used + take]);
             if let Err(e) = written {
                 self.failed = Some(e.clone());
                 return Err(e);
             }
+            used += take;
         }
-        Ok(())
+        Ok(used)
     }
 
-    fn append_chunk(&mut self, data: &[u8]) -> Result<(), SpoolError> {
-        let head = record::chunk_head(self.qid, data.len());
-        let total = (head.len() + data.len()) as u64;
+    fn keep(&mut self, piece: Piece) {
+        let n = piece.bytes.len() - piece.from;
+        let merge = self.spool.handle.inner.opts.chunk_size / 16;
+        self.pending_len += n;
+        match self.pending.last_mut() {
+            Some(last) if n < merge => last.bytes.extend_from_slice(piece.octets()),
+            _ => self.pending.push(piece),
+        }
+    }
+
+    /// Writes the pending bytes followed by `last` as one Chunk record; nothing is pending
+    /// afterwards.
+    fn append_chunk(&mut self, last: &[u8]) -> Result<(), SpoolError> {
+        let data_len = self.pending_len + last.len();
+        let head = record::chunk_head(self.qid, data_len);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.pending.len() + 2);
+        parts.push(&head);
+        parts.extend(self.pending.iter().map(Piece::octets));
+        parts.push(last);
+        let total = (head.len() + data_len) as u64;
         let inner = &self.spool.handle.inner;
         let mut ix = lock(&inner.index);
-        let a = inner
-            .log
-            .append_parts(&[&head, data], Reg::None, Flush::Lazy)?;
+        let a = inner.log.append_parts(&parts, Reg::None, Flush::Lazy)?;
         ix.pin(a.loc.seg, total);
         drop(ix);
+        self.pending.clear();
+        self.pending_len = 0;
         self.pins.push((a.loc.seg, total));
         self.extents.push(Extent {
             seg: a.loc.seg,
             off: a.loc.off + (HEADER_LEN + id::QUEUE_ID_BYTES) as u32,
-            len: data.len() as u32,
+            len: data_len as u32,
         });
         Ok(())
+    }
+
+    /// The pending bytes as one buffer, for a body held in memory: the one piece itself
+    /// if there is just one, else a copy of them all.
+    fn take_pending(&mut self) -> Vec<u8> {
+        let mut pieces = std::mem::take(&mut self.pending);
+        match pieces.as_mut_slice() {
+            [one] if one.from == 0 => std::mem::take(&mut one.bytes),
+            _ => {
+                let mut whole = Vec::with_capacity(self.pending_len);
+                for p in &pieces {
+                    whole.extend_from_slice(p.octets());
+                }
+                whole
+            }
+        }
     }
 
     /// Appends the last chunk and the Commit record; the returned [`Durable`] resolves once
@@ -116,13 +181,13 @@ impl MessageWriter {
         let inner = Arc::clone(&self.spool.handle.inner);
         let qid = self.qid;
         // The tail chunk's head, its bytes (not copied), the Commit: one pwritev.
-        let tail = std::mem::take(&mut self.buf);
-        let head = if tail.is_empty() {
+        let tail_len = self.pending_len;
+        let head = if tail_len == 0 {
             Vec::new()
         } else {
-            record::chunk_head(qid, tail.len())
+            record::chunk_head(qid, tail_len)
         };
-        let commit_at = head.len() + tail.len();
+        let commit_at = head.len() + tail_len;
         let crc = std::mem::take(&mut self.crc).finalize();
         let Some(envelope) = self.envelope.take() else {
             return Durable::ready(Err(SpoolError::Invalid("the message was committed twice")));
@@ -131,19 +196,24 @@ impl MessageWriter {
         record::encode_commit(&mut rec, qid, 0, self.len, crc, &envelope);
         let commit_len = rec.len() as u32;
         let single = self.extents.is_empty();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.pending.len() + 2);
+        parts.push(&head);
+        parts.extend(self.pending.iter().map(Piece::octets));
+        parts.push(&rec);
         let mut ix = lock(&inner.index);
-        match inner.log.append_parts(
-            &[&head, &tail, &rec],
-            Reg::Commit(qid, commit_at as u32),
-            Flush::Now,
-        ) {
+        let appended =
+            inner
+                .log
+                .append_parts(&parts, Reg::Commit(qid, commit_at as u32), Flush::Now);
+        drop(parts);
+        match appended {
             Ok(a) => {
                 let mut extents = std::mem::take(&mut self.extents);
-                if !tail.is_empty() {
+                if tail_len > 0 {
                     extents.push(Extent {
                         seg: a.loc.seg,
                         off: a.loc.off + (HEADER_LEN + id::QUEUE_ID_BYTES) as u32,
-                        len: tail.len() as u32,
+                        len: tail_len as u32,
                     });
                 }
                 let commit = Loc {
@@ -165,9 +235,9 @@ impl MessageWriter {
                 drop(ix);
                 inner.log.faults.hit("store.after_append");
                 tracing::debug!(%qid, size = self.len, rcpts = envelope.recipients.len(), "stored");
-                // A body that fitted in one chunk is all in `tail`: the first attempt
-                // takes it from memory (within the budget, see `fresh`).
-                let whole = single.then_some(tail);
+                // A body that fitted in one chunk is all pending: the first attempt takes
+                // it from memory (within the budget, see `fresh`).
+                let whole = single.then(|| self.take_pending());
                 lock(&inner.fresh).insert(qid, envelope, whole);
                 Durable::wait_for(&inner.log.syncer, a.lsn)
             }
@@ -179,7 +249,6 @@ impl MessageWriter {
             }
         }
     }
-
     /// Abandons the message (its chunks become garbage; recovery ignores them).
     pub fn abort(self) {}
 }
