@@ -119,7 +119,8 @@ impl Conversation {
 
     /// Runs the conversation on `io` until it ends.
     pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Ending {
-        let mut buf = vec![0u8; READ];
+        // Read into spare capacity (`read_buf`): the buffer is never zeroed.
+        let mut buf = Vec::with_capacity(READ);
         loop {
             let ending = self.drain_events().await;
             if !self.out.is_empty() {
@@ -143,7 +144,7 @@ impl Conversation {
             let timeout =
                 phase_timeout.min(self.deadline.saturating_duration_since(Instant::now()));
             let read = tokio::select! {
-                r = tokio::time::timeout(timeout, io.read(&mut buf)) => r,
+                r = tokio::time::timeout(timeout, io.read_buf(&mut buf)) => r,
                 () = self.shared.shutdown.cancelled(), if self.message.is_none() => {
                     self.session.shutdown();
                     continue;
@@ -167,10 +168,12 @@ impl Conversation {
                         return Ending::Closed;
                     }
                     self.session.handle_input(&buf[..n]);
-                    if n == buf.len() && buf.len() < CONTENT_READ && self.message.is_some() {
+                    let full = n == buf.capacity();
+                    buf.clear();
+                    if full && n < CONTENT_READ && self.message.is_some() {
                         // Message content filled the buffer: a large message is coming in,
                         // read it in larger pieces (fewer reads, each decoded at once).
-                        buf.resize(CONTENT_READ, 0);
+                        buf = Vec::with_capacity(CONTENT_READ);
                     }
                 }
                 Err(_) => self.session.timeout(),

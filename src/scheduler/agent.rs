@@ -10,8 +10,8 @@
 //! (64 KiB chunks, at most four in flight), and a checksum failure reaches the agent as a
 //! read error before the end of the content, so a corrupt message is never delivered.
 
-use std::collections::HashMap;
-use std::io::{self, Read};
+use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +34,6 @@ use crate::spool::{HeldBody, QueueId, Spool};
 
 /// Bodies up to this size are read in one go when a transaction opens them.
 const SMALL_BODY: u64 = 256 << 10;
-/// The chunk size of the streaming reader.
-const CHUNK: usize = 64 << 10;
 /// Concurrency limit for stores that have no `max_connections` of their own.
 const LOCAL_MAX_CONCURRENCY: usize = 20;
 /// Batch size for stores without `recipients_per_transaction`.
@@ -336,6 +334,7 @@ impl SpoolBody {
         if let Some(held) = &self.held {
             return Ok(BodyStream {
                 rx: None,
+                queue: VecDeque::new(),
                 chunk: Chunk::Held(Arc::clone(held)),
                 pos: 0,
             });
@@ -345,14 +344,19 @@ impl SpoolBody {
             .open_body(self.qid)
             .map_err(|e| io::Error::other(e.to_string()))?;
         if self.size <= SMALL_BODY {
-            // Small: one read from the page cache, no thread.
-            let mut all = Vec::with_capacity(self.size as usize);
-            if let Err(e) = reader.read_to_end(&mut all) {
-                return Err(self.failed(e));
+            // Small: its chunks read from the page cache now, no thread.
+            let mut queue = VecDeque::new();
+            loop {
+                match reader.next_chunk() {
+                    Ok(Some(chunk)) => queue.push_back(chunk),
+                    Ok(None) => break,
+                    Err(e) => return Err(self.failed(e)),
+                }
             }
             return Ok(BodyStream {
                 rx: None,
-                chunk: Chunk::Read(all),
+                queue,
+                chunk: Chunk::Read(Vec::new()),
                 pos: 0,
             });
         }
@@ -360,16 +364,13 @@ impl SpoolBody {
         let corrupt = Arc::clone(&self.corrupt);
         tokio::task::spawn_blocking(move || {
             loop {
-                let mut buf = vec![0u8; CHUNK];
-                match reader.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if tx.blocking_send(Ok(buf)).is_err() {
+                match reader.next_chunk() {
+                    Ok(None) => return,
+                    Ok(Some(chunk)) => {
+                        if tx.blocking_send(Ok(chunk)).is_err() {
                             return;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         if e.kind() == io::ErrorKind::InvalidData {
                             corrupt.store(true, Ordering::Relaxed);
@@ -382,6 +383,7 @@ impl SpoolBody {
         });
         Ok(BodyStream {
             rx: Some(rx),
+            queue: VecDeque::new(),
             chunk: Chunk::Read(Vec::new()),
             pos: 0,
         })
@@ -403,12 +405,13 @@ impl MessageBody for SpoolBody {
     }
 }
 
-/// The reader of one pass over a [`SpoolBody`]: `chunk` from `pos` on, then the next
-/// chunk from `rx`, if any. As an [`AsyncBufRead`] it lends its chunks (the agent encodes
-/// straight from them); [`AsyncRead`] copies out of them.
+/// The reader of one pass over a [`SpoolBody`]: `chunk` from `pos` on, then the chunks
+/// in `queue`, then those from `rx`, if any. As an [`AsyncBufRead`] it lends its chunks
+/// (the agent encodes straight from them); [`AsyncRead`] copies out of them.
 #[derive(Debug)]
 pub struct BodyStream {
     rx: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    queue: VecDeque<Vec<u8>>,
     chunk: Chunk,
     pos: usize,
 }
@@ -435,6 +438,11 @@ impl AsyncBufRead for BodyStream {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
         while this.pos >= this.chunk.len() {
+            if let Some(chunk) = this.queue.pop_front() {
+                this.chunk = Chunk::Read(chunk);
+                this.pos = 0;
+                continue;
+            }
             let Some(rx) = this.rx.as_mut() else {
                 break;
             };

@@ -217,6 +217,37 @@ fn a_body_of_owned_pieces_within_one_chunk_is_held_whole() {
 }
 
 #[test]
+fn a_body_read_chunk_by_chunk_is_the_stored_one() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = Spool::open(
+        d.path(),
+        SpoolOptions {
+            chunk_size: 1000,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let data = body(5, 4321);
+    let q = store(&s, 1, &data);
+    let mut reader = s.open_body(q).unwrap();
+    let mut sizes = Vec::new();
+    let mut all = Vec::new();
+    while let Some(chunk) = reader.next_chunk().unwrap() {
+        sizes.push(chunk.len());
+        all.extend_from_slice(&chunk);
+    }
+    assert_eq!(sizes, [1000, 1000, 1000, 1000, 321]);
+    assert_eq!(all, data);
+    // After a partial read as a stream, the next chunk is the rest of the current one.
+    let mut reader = s.open_body(q).unwrap();
+    let mut first = [0u8; 10];
+    reader.read_exact(&mut first).unwrap();
+    let rest = reader.next_chunk().unwrap().unwrap();
+    assert_eq!(rest.len(), 990);
+    assert_eq!([&first[..], &rest[..]].concat(), data[..1000]);
+}
+
+#[test]
 fn empty_body_and_no_recipients() {
     let d = tempfile::tempdir().unwrap();
     let (s, _) = reopen(d.path());

@@ -134,6 +134,11 @@ fn damaged_body_fails_its_checksum_and_can_be_quarantined() {
     let mut out = Vec::new();
     let err = s.open_body(q).unwrap().read_to_end(&mut out).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    // Read chunk by chunk, the damage is found at the end just the same.
+    let mut reader = s.open_body(q).unwrap();
+    assert!(reader.next_chunk().unwrap().is_some());
+    let err = reader.next_chunk().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     s.quarantine(q, "body checksum mismatch").wait().unwrap();
     assert!(s.is_empty());
     assert_eq!(s.corrupt().len(), 1);
