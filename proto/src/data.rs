@@ -157,14 +157,37 @@ impl DataDecoder {
     /// to `a CR LF`, and `. CR LF` at the very start to nothing. Once finished, further
     /// calls consume nothing until [`reset`](Self::reset).
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Decoded {
+        let mut sink = Sink {
+            out,
+            lend: false,
+            whole: None,
+        };
+        self.decode_to(input, &mut sink)
+    }
+
+    /// As [`decode`](Self::decode), but when this chunk's content is exactly a prefix of
+    /// `input` (no dot-stuffing or line ending to undo in it) and `out` is empty, nothing
+    /// is copied: the prefix's length is returned and `out` is left empty, for a caller
+    /// that keeps `input[..len]` itself as the content.
+    pub fn decode_lent(&mut self, input: &[u8], out: &mut Vec<u8>) -> (Decoded, Option<usize>) {
+        let mut sink = Sink {
+            out,
+            lend: true,
+            whole: None,
+        };
+        let decoded = self.decode_to(input, &mut sink);
+        (decoded, sink.whole)
+    }
+
+    fn decode_to(&mut self, input: &[u8], out: &mut Sink<'_>) -> Decoded {
         let len = input.len();
         let normalize = self.policy == BareLineEndings::Normalize;
         let mut state = self.state;
         // input[run..i] is content not yet copied to `out`.
         let mut run = 0;
         let mut i = 0;
-        if state != State::Done {
-            out.reserve(len);
+        if state != State::Done && !out.lend {
+            out.out.reserve(len);
         }
         loop {
             match state {
@@ -178,14 +201,14 @@ impl DataDecoder {
                         if input[p] == b'\n' {
                             self.bare_lf += 1;
                             if normalize {
-                                out.extend_from_slice(&input[run..p]);
-                                out.extend_from_slice(b"\r\n");
+                                out.run(input, run, p);
+                                out.push(input, b"\r\n");
                                 run = p + 1;
                             }
                             i = p + 1;
                         } else if p + 1 == len {
                             // CR at the end of the chunk: hold it until we see what follows.
-                            out.extend_from_slice(&input[run..p]);
+                            out.run(input, run, p);
                             run = len;
                             i = len;
                             state = State::Cr;
@@ -196,8 +219,8 @@ impl DataDecoder {
                         } else {
                             self.bare_cr += 1;
                             if normalize {
-                                out.extend_from_slice(&input[run..p]);
-                                out.extend_from_slice(b"\r\n");
+                                out.run(input, run, p);
+                                out.push(input, b"\r\n");
                                 run = p + 1;
                             }
                             i = p + 1;
@@ -210,7 +233,7 @@ impl DataDecoder {
                     }
                     if input[i] == b'.' {
                         // Never written: either removed (dot-unstuffing) or the end.
-                        out.extend_from_slice(&input[run..i]);
+                        out.run(input, run, i);
                         i += 1;
                         run = i;
                         state = State::Dot;
@@ -244,7 +267,7 @@ impl DataDecoder {
                     }
                     // The "." was stuffing; the CR is bare.
                     self.bare_cr += 1;
-                    out.extend_from_slice(if normalize { b"\r\n" } else { b"\r" });
+                    out.push(input, if normalize { b"\r\n" } else { b"\r" });
                     state = State::Mid;
                 }
                 State::Cr => {
@@ -252,13 +275,13 @@ impl DataDecoder {
                         break;
                     }
                     if input[i] == b'\n' {
-                        out.extend_from_slice(b"\r\n");
+                        out.push(input, b"\r\n");
                         i += 1;
                         run = i;
                         state = State::LineStart;
                     } else {
                         self.bare_cr += 1;
-                        out.extend_from_slice(if normalize { b"\r\n" } else { b"\r" });
+                        out.push(input, if normalize { b"\r\n" } else { b"\r" });
                         state = State::Mid;
                     }
                 }
@@ -270,11 +293,49 @@ impl DataDecoder {
                 }
             }
         }
-        out.extend_from_slice(&input[run..i]);
+        out.run(input, run, i);
         self.state = state;
         Decoded {
             consumed: len,
             finished: false,
+        }
+    }
+}
+
+/// Where [`DataDecoder`] puts content: appended to `out`, or, when lending is allowed and
+/// the content so far is one run from the start of the input, only noted as its end.
+struct Sink<'a> {
+    out: &'a mut Vec<u8>,
+    lend: bool,
+    /// The content so far is `input[..end]`, not copied.
+    whole: Option<usize>,
+}
+
+impl Sink<'_> {
+    /// Content `input[from..to]`.
+    fn run(&mut self, input: &[u8], from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        if self.lend && from == 0 && self.whole.is_none() && self.out.is_empty() {
+            self.whole = Some(to);
+            return;
+        }
+        self.copy_whole(input);
+        self.out.extend_from_slice(&input[from..to]);
+    }
+
+    /// Content not in the input (line endings made whole).
+    fn push(&mut self, input: &[u8], bytes: &[u8]) {
+        self.copy_whole(input);
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// The content is no longer one run: what was only noted is copied after all.
+    fn copy_whole(&mut self, input: &[u8]) {
+        if let Some(end) = self.whole.take() {
+            self.out.reserve(input.len());
+            self.out.extend_from_slice(&input[..end]);
         }
     }
 }

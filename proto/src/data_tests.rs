@@ -40,6 +40,40 @@ fn decode_chunks(policy: BareLineEndings, chunks: &[&[u8]]) -> Outcome {
     }
 }
 
+/// [`decode_chunks`] through [`DataDecoder::decode_lent`]: each chunk's content is either a
+/// prefix of the chunk (lent) or what the decoder appended to `out`, never both.
+fn decode_chunks_lent(policy: BareLineEndings, chunks: &[&[u8]]) -> (Outcome, usize) {
+    let mut decoder = DataDecoder::new(policy);
+    let mut content = Vec::new();
+    let mut consumed = 0;
+    let mut finished = false;
+    let mut lent = 0;
+    for chunk in chunks {
+        let mut out = Vec::new();
+        let (d, whole) = decoder.decode_lent(chunk, &mut out);
+        if let Some(end) = whole {
+            assert!(out.is_empty() && end <= d.consumed);
+            content.extend_from_slice(&chunk[..end]);
+            lent += 1;
+        } else {
+            content.extend_from_slice(&out);
+        }
+        consumed += d.consumed;
+        if d.finished {
+            finished = true;
+            break;
+        }
+    }
+    let outcome = Outcome {
+        out: content,
+        consumed,
+        finished,
+        bare_lf: decoder.bare_lf(),
+        bare_cr: decoder.bare_cr(),
+    };
+    (outcome, lent)
+}
+
 fn decode(policy: BareLineEndings, input: &[u8]) -> Outcome {
     decode_chunks(policy, &[input])
 }
@@ -217,6 +251,29 @@ fn finished_decoder_consumes_nothing_until_reset() {
 }
 
 #[test]
+fn content_that_is_a_prefix_of_its_input_is_lent_not_copied() {
+    let mut d = DataDecoder::new(Normalize);
+    let mut out = Vec::new();
+    let (got, whole) = d.decode_lent(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", &mut out);
+    assert_eq!((got.consumed, got.finished, whole), (23, true, Some(20)));
+    assert!(out.is_empty());
+    // A stuffed dot, a bare LF to normalise, a CR held from the chunk before: copied.
+    for (first, input) in [
+        (&b""[..], &b"a\r\n..b\r\n"[..]),
+        (b"", b"a\nb"),
+        (b"a\r", b"\nb\r\n"),
+    ] {
+        let mut d = DataDecoder::new(Normalize);
+        let mut out = Vec::new();
+        let _ = d.decode(first, &mut out);
+        out.clear();
+        let (_, whole) = d.decode_lent(input, &mut out);
+        assert_eq!(whole, None, "{input:?}");
+        assert!(!out.is_empty());
+    }
+}
+
+#[test]
 fn every_split_position_gives_identical_output() {
     let input: &[u8] = b"..a\r\n.\rb\n.\n\r\n.x\r\r\n..\r\n\r\n.\r\r\n.\r.\r\n.\r\nNEXT\r\n";
     for policy in [Normalize, Preserve] {
@@ -362,6 +419,17 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..10),
     ) {
         prop_assert_eq!(encode_chunks(&split(&input, &cuts)), encode_chunks(&[&input]));
+    }
+
+    #[test]
+    fn decoder_lent_any_split_same_result(
+        input in smtpish(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        preserve in any::<bool>(),
+    ) {
+        let policy = if preserve { Preserve } else { Normalize };
+        let whole = decode(policy, &input);
+        prop_assert_eq!(&decode_chunks_lent(policy, &split(&input, &cuts)).0, &whole);
     }
 
     #[test]

@@ -318,7 +318,8 @@ fn server_transcripts() {
 }
 
 /// The same fixtures fed one byte at a time must give the same replies: the session may not
-/// depend on how input is chunked.
+/// depend on how input is chunked. And fed as owned buffers (`handle_input_owned`, which
+/// may keep a buffer as the content instead of copying it), the same replies and messages.
 #[test]
 fn server_transcripts_byte_at_a_time() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/transcripts");
@@ -331,13 +332,18 @@ fn server_transcripts_byte_at_a_time() {
             continue;
         }
         let mut whole = App::new(fixture.config.clone());
+        let mut owned = App::new(fixture.config.clone());
         let mut bytewise = App::new(fixture.config);
         let mut a = whole.run();
+        let mut o = owned.run();
         let mut b = bytewise.run();
         for step in &fixture.steps {
             if let Step::Send(bytes) = step {
                 whole.session.handle_input(bytes);
                 a.extend(whole.run());
+                let mut buffer = bytes.clone();
+                owned.session.handle_input_owned(&mut buffer);
+                o.extend(owned.run());
                 for byte in bytes {
                     bytewise.session.handle_input(&[*byte]);
                     b.extend(bytewise.run());
@@ -351,5 +357,12 @@ fn server_transcripts_byte_at_a_time() {
             path.display()
         );
         assert_eq!(whole.messages, bytewise.messages, "{}", path.display());
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&o),
+            "{}",
+            path.display()
+        );
+        assert_eq!(whole.messages, owned.messages, "{}", path.display());
     }
 }

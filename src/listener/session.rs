@@ -167,8 +167,13 @@ impl Conversation {
                         self.abort_message();
                         return Ending::Closed;
                     }
-                    self.session.handle_input(&buf[..n]);
-                    let full = n == buf.capacity();
+                    let capacity = buf.capacity();
+                    let full = n == capacity;
+                    self.session.handle_input_owned(&mut buf);
+                    if buf.capacity() == 0 {
+                        // The session kept the buffer as message content (no copy of it).
+                        buf = Vec::with_capacity(capacity);
+                    }
                     buf.clear();
                     if full && n < CONTENT_READ && self.message.is_some() {
                         // Message content filled the buffer: a large message is coming in,

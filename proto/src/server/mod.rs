@@ -178,6 +178,36 @@ impl ServerSession {
         self.input.extend_from_slice(bytes);
     }
 
+    /// As [`handle_input`](Self::handle_input), but message content that is a prefix of
+    /// `bytes` itself (no dot-stuffing or line ending to undo in this read) is not copied:
+    /// the session takes the buffer (`bytes` is left empty, without capacity) and its
+    /// [`ServerEvent::Data`] carries it. A buffer whose content would fill less than half
+    /// of its capacity is copied as usual, so a kept buffer is never mostly empty.
+    pub fn handle_input_owned(&mut self, bytes: &mut Vec<u8>) {
+        if !(matches!(self.phase, Phase::Data) && self.input.is_empty() && self.pending.is_none()) {
+            return self.handle_input(bytes);
+        }
+        let (progress, whole) = self.decoder.decode_lent(bytes, &mut self.decoded);
+        let lent = match whole {
+            Some(end) if end.saturating_mul(2) >= bytes.capacity() => {
+                let mut content = std::mem::take(bytes);
+                self.input.extend_from_slice(&content[progress.consumed..]);
+                content.truncate(end);
+                Some(content)
+            }
+            Some(end) => {
+                self.decoded.extend_from_slice(&bytes[..end]);
+                self.input.extend_from_slice(&bytes[progress.consumed..]);
+                None
+            }
+            None => {
+                self.input.extend_from_slice(&bytes[progress.consumed..]);
+                None
+            }
+        };
+        self.content_decoded(progress.finished, lent);
+    }
+
     /// Octets buffered and not yet processed.
     pub fn buffered(&self) -> usize {
         self.input.len()
@@ -406,8 +436,16 @@ impl ServerSession {
     /// content (up to and including the end-of-data line, once it came).
     fn decode_content(&mut self, input: &[u8]) -> usize {
         let progress = self.decoder.decode(input, &mut self.decoded);
-        let n = self.decoded.len() as u64;
-        self.count_content(n);
+        self.content_decoded(progress.finished, None);
+        progress.consumed
+    }
+
+    /// Content was decoded into `self.decoded`, or is `lent` (a buffer taken whole): counts
+    /// it, hands it on as [`ServerEvent::Data`] unless the content is refused, and ends the
+    /// content once `finished`.
+    fn content_decoded(&mut self, finished: bool, lent: Option<Vec<u8>>) {
+        let n = lent.as_ref().map_or(self.decoded.len(), Vec::len);
+        self.count_content(n as u64);
         if self.txn.abort.is_none()
             && self.config.bare_line_endings == BarePolicy::Reject
             && self.decoder.bare_lf() + self.decoder.bare_cr() > 0
@@ -415,16 +453,15 @@ impl ServerSession {
             self.txn.abort = Some(Abort::BareLineEnding);
             self.events.push_back(ServerEvent::DataAborted);
         }
-        if self.txn.abort.is_none() && !self.decoded.is_empty() {
-            self.events
-                .push_back(ServerEvent::Data(std::mem::take(&mut self.decoded)));
+        if self.txn.abort.is_none() && n > 0 {
+            let content = lent.unwrap_or_else(|| std::mem::take(&mut self.decoded));
+            self.events.push_back(ServerEvent::Data(content));
         }
         self.decoded.clear();
-        if progress.finished {
+        if finished {
             self.phase = Phase::Command;
             self.end_of_content();
         }
-        progress.consumed
     }
 
     fn step_bdat(&mut self) -> bool {
