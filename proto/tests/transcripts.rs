@@ -366,3 +366,41 @@ fn server_transcripts_byte_at_a_time() {
         assert_eq!(whole.messages, owned.messages, "{}", path.display());
     }
 }
+
+/// Content fed as an owned buffer is that buffer, not a copy of it, and a buffer it fills
+/// less than half of is shrunk (a kept buffer is never mostly empty).
+#[test]
+fn an_owned_buffer_is_kept_as_the_content_and_never_mostly_empty() {
+    let mut app = App::new(ServerConfig::new(Protocol::Smtp, "mx.test"));
+    app.run();
+    app.session.handle_input(
+        b"HELO client.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n",
+    );
+    let replies = String::from_utf8(app.run()).unwrap();
+    assert!(
+        replies.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+        "{replies}"
+    );
+    let content = |app: &mut App| {
+        let mut got = Vec::new();
+        while let Some(event) = app.session.poll_event() {
+            if let ServerEvent::Data(bytes) = event {
+                got.push(bytes);
+            }
+        }
+        got
+    };
+    let mut full = b"Subject: one\r\n\r\n".to_vec();
+    let at = full.as_ptr();
+    app.session.handle_input_owned(&mut full);
+    assert_eq!(full.capacity(), 0, "the session took the buffer");
+    let got = content(&mut app);
+    assert_eq!(got, [b"Subject: one\r\n\r\n".to_vec()]);
+    assert_eq!(got[0].as_ptr(), at, "the content is the buffer itself");
+    let mut roomy = Vec::with_capacity(64 << 10);
+    roomy.extend_from_slice(b"two\r\n");
+    app.session.handle_input_owned(&mut roomy);
+    let got = content(&mut app);
+    assert_eq!(got, [b"two\r\n".to_vec()]);
+    assert!(got[0].capacity() <= 10, "{}", got[0].capacity());
+}

@@ -181,24 +181,23 @@ impl ServerSession {
     /// As [`handle_input`](Self::handle_input), but message content that is a prefix of
     /// `bytes` itself (no dot-stuffing or line ending to undo in this read) is not copied:
     /// the session takes the buffer (`bytes` is left empty, without capacity) and its
-    /// [`ServerEvent::Data`] carries it. A buffer whose content would fill less than half
-    /// of its capacity is copied as usual, so a kept buffer is never mostly empty.
+    /// [`ServerEvent::Data`] carries it, shrunk to fit if the content fills less than half
+    /// of it (so a kept buffer is never mostly empty).
     pub fn handle_input_owned(&mut self, bytes: &mut Vec<u8>) {
         if !(matches!(self.phase, Phase::Data) && self.input.is_empty() && self.pending.is_none()) {
             return self.handle_input(bytes);
         }
         let (progress, whole) = self.decoder.decode_lent(bytes, &mut self.decoded);
         let lent = match whole {
-            Some(end) if end.saturating_mul(2) >= bytes.capacity() => {
+            Some(end) => {
                 let mut content = std::mem::take(bytes);
                 self.input.extend_from_slice(&content[progress.consumed..]);
                 content.truncate(end);
+                if end.saturating_mul(2) < content.capacity() {
+                    // Mostly empty: give the rest back (allocators shrink in place).
+                    content.shrink_to_fit();
+                }
                 Some(content)
-            }
-            Some(end) => {
-                self.decoded.extend_from_slice(&bytes[..end]);
-                self.input.extend_from_slice(&bytes[progress.consumed..]);
-                None
             }
             None => {
                 self.input.extend_from_slice(&bytes[progress.consumed..]);
