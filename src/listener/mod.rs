@@ -15,6 +15,7 @@ pub mod config;
 mod counters;
 mod cut_through;
 mod proxy_protocol;
+mod read_buffer;
 mod received;
 mod session;
 
@@ -347,7 +348,7 @@ async fn converse<S>(
     if let Ending::StartTls = conversation.run(&mut stream).await {
         if let Some(acceptor) = shared.tls.clone() {
             if let Some(mut tls) =
-                session::handshake(&acceptor, stream, shared.config.timeouts.tls_handshake.0).await
+                handshake(&acceptor, stream, shared.config.timeouts.tls_handshake.0).await
             {
                 conversation.tls_info = Some(crate::tls::describe(tls.get_ref().1));
                 conversation.session.tls_established();
@@ -423,5 +424,21 @@ impl Drop for IpSlot {
                 map.remove(&self.ip);
             }
         }
+    }
+}
+
+/// Runs the STARTTLS handshake with the listener's acceptor, bounded by its timeout.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: S,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<S>> {
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
     }
 }

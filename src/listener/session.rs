@@ -10,9 +10,9 @@
 //! Promises: a 250 after the end of data is sent only once the spool says the message is
 //! durable (LMTP: one 250 per recipient, each after that point); a spool failure answers
 //! 451 4.3.0 (452 4.3.1 when full) and leaves nothing behind; any I/O error or timeout closes
-//! this connection only. Memory per connection: the read buffer (`READ`, grown to
-//! `CONTENT_READ` once message content fills it), the session's line buffer, the spool
-//! writer's chunk buffer; never the message.
+//! this connection only. Memory per connection: the read buffer ([`ReadBuffer`]), the
+//! session's line buffer, and the content not yet in a chunk record (less than a chunk,
+//! kept in the buffers it was read into); never the message.
 //!
 //! In `mode: proxy` the message is held in memory instead (bounded by `max_message_size`)
 //! and relayed at the end of data ([`super::cut_through`]); its 250s are the stores'.
@@ -22,7 +22,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use metrics::counter;
 use postern_proto::replies;
@@ -33,16 +33,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::Shared;
 use super::config::ListenerMode;
 use super::cut_through::{self, Target};
+use super::read_buffer::ReadBuffer;
 use super::received::{HopCounter, Trace, received_header};
 use crate::edge::Refusal;
 use crate::metrics::{self as m, reason};
 use crate::routing::{RcptDecision, RcptRoute};
 use crate::spool::{Envelope, EnvelopeRecipient, MessageWriter, QueueId, SpoolError};
-
-/// The read buffer of a connection: commands, and small messages.
-const READ: usize = 8 << 10;
-/// The read buffer once message content filled `READ`: a large message in few reads.
-const CONTENT_READ: usize = 64 << 10;
 
 /// How a conversation ended.
 pub(crate) enum Ending {
@@ -119,8 +115,7 @@ impl Conversation {
 
     /// Runs the conversation on `io` until it ends.
     pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Ending {
-        // Read into spare capacity (`read_buf`): the buffer is never zeroed.
-        let mut buf = Vec::with_capacity(READ);
+        let mut buf = ReadBuffer::new();
         loop {
             let ending = self.drain_events().await;
             if !self.out.is_empty() {
@@ -144,7 +139,7 @@ impl Conversation {
             let timeout =
                 phase_timeout.min(self.deadline.saturating_duration_since(Instant::now()));
             let read = tokio::select! {
-                r = tokio::time::timeout(timeout, io.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout(timeout, io.read_buf(buf.next_read())) => r,
                 () = self.shared.shutdown.cancelled(), if self.message.is_none() => {
                     self.session.shutdown();
                     continue;
@@ -155,10 +150,10 @@ impl Conversation {
                     self.abort_message();
                     return Ending::Closed;
                 }
-                Ok(Ok(n)) => {
+                Ok(Ok(_)) => {
                     if self.shared.config.proxy_protocol.is_some()
                         && self.message.is_none()
-                        && super::proxy_protocol::starts_with_header(&buf[..n])
+                        && super::proxy_protocol::starts_with_header(buf.octets())
                     {
                         // A second header, inside the session: a broken chain of balancers,
                         // or someone trying to speak for another client. This connection
@@ -167,19 +162,7 @@ impl Conversation {
                         self.abort_message();
                         return Ending::Closed;
                     }
-                    let capacity = buf.capacity();
-                    let full = n == capacity;
-                    self.session.handle_input_owned(&mut buf);
-                    if buf.capacity() == 0 {
-                        // The session kept the buffer as message content (no copy of it).
-                        buf = Vec::with_capacity(capacity);
-                    }
-                    buf.clear();
-                    if full && n < CONTENT_READ && self.message.is_some() {
-                        // Message content filled the buffer: a large message is coming in,
-                        // read it in larger pieces (fewer reads, each decoded at once).
-                        buf = Vec::with_capacity(CONTENT_READ);
-                    }
+                    buf.hand_over(&mut self.session, self.message.is_some());
                 }
                 Err(_) => self.session.timeout(),
             }
@@ -605,21 +588,5 @@ impl Conversation {
                 w.abort();
             }
         }
-    }
-}
-
-/// Runs the STARTTLS handshake with the listener's acceptor, bounded by its timeout.
-pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    acceptor: &tokio_rustls::TlsAcceptor,
-    io: S,
-    timeout: Duration,
-) -> Option<tokio_rustls::server::TlsStream<S>> {
-    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            tracing::info!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => None,
     }
 }
