@@ -5,9 +5,9 @@
 //! The writer keeps the bytes it is given, not copies of them: owned pieces
 //! ([`MessageWriter::write_owned`]) wait as they are until they fill a chunk, and a chunk
 //! record is written from them, and from the caller's slice that completes it, with one
-//! `pwritev`. Only pieces smaller than a sixteenth of a chunk are copied, onto the piece
-//! before them, so a chunk record takes at most 18 iovecs however the client splits its
-//! writes.
+//! `pwritev`. Only pieces smaller than a sixteenth of a chunk are copied (see
+//! [`MessageWriter::keep`]), so a chunk record takes a bounded number of iovecs however
+//! the client splits its writes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -120,13 +120,28 @@ impl MessageWriter {
         Ok(used)
     }
 
+    /// Keeps `piece` pending. A piece of a sixteenth of a chunk or more is kept as it is;
+    /// a smaller one is copied, onto the last piece if that has room for it without
+    /// growing, else into a new buffer with room for more small ones. So nothing larger
+    /// than a small piece is ever copied, a big buffer never holds just a few octets, and
+    /// a chunk record takes at most about fifty iovecs.
     fn keep(&mut self, piece: Piece) {
         let n = piece.bytes.len() - piece.from;
-        let merge = self.spool.handle.inner.opts.chunk_size / 16;
+        let small = self.spool.handle.inner.opts.chunk_size / 16;
         self.pending_len += n;
+        if n >= small {
+            self.pending.push(piece);
+            return;
+        }
         match self.pending.last_mut() {
-            Some(last) if n < merge => last.bytes.extend_from_slice(piece.octets()),
-            _ => self.pending.push(piece),
+            Some(last) if last.bytes.capacity() - last.bytes.len() >= n => {
+                last.bytes.extend_from_slice(piece.octets());
+            }
+            _ => {
+                let mut bytes = Vec::with_capacity(small.max(n));
+                bytes.extend_from_slice(piece.octets());
+                self.pending.push(Piece { bytes, from: 0 });
+            }
         }
     }
 
