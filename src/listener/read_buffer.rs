@@ -39,17 +39,87 @@ impl ReadBuffer {
     /// read; `in_message`: message content is being received.
     pub(super) fn hand_over(&mut self, session: &mut ServerSession, in_message: bool) {
         let capacity = self.buf.capacity();
-        let full = self.buf.len() == capacity;
+        // Message content filled the buffer: a large message is coming in, read it in
+        // larger pieces (fewer reads, each decoded at once).
+        let grow = self.buf.len() == capacity && capacity < CONTENT_READ && in_message;
         session.handle_input_owned(&mut self.buf);
-        if self.buf.capacity() == 0 {
+        if grow {
+            self.buf = Vec::with_capacity(CONTENT_READ);
+        } else if self.buf.capacity() == 0 {
             // The session kept the buffer as message content (no copy of it).
             self.buf = Vec::with_capacity(capacity);
+        } else {
+            self.buf.clear();
         }
-        self.buf.clear();
-        if full && capacity < CONTENT_READ && in_message {
-            // Message content filled the buffer: a large message is coming in, read it in
-            // larger pieces (fewer reads, each decoded at once).
-            self.buf = Vec::with_capacity(CONTENT_READ);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use postern_proto::server::{Protocol, ServerConfig, ServerEvent};
+
+    use super::*;
+
+    /// A session past `DATA ... 354`; the content it has been handed so far.
+    fn in_data() -> ServerSession {
+        let mut s = ServerSession::new(ServerConfig::new(Protocol::Smtp, "mx.test"));
+        s.handle_input(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+        let _ = content(&mut s);
+        s
+    }
+
+    fn content(s: &mut ServerSession) -> Vec<u8> {
+        let mut got = Vec::new();
+        while let Some(event) = s.poll_event() {
+            match event {
+                ServerEvent::Mail { .. } | ServerEvent::Rcpt { .. } | ServerEvent::DataStart => {
+                    s.accept().unwrap();
+                }
+                ServerEvent::Data(bytes) => got.extend_from_slice(&bytes),
+                _ => {}
+            }
         }
+        got
+    }
+
+    fn read(buf: &mut ReadBuffer, octets: &[u8]) {
+        let next = buf.next_read();
+        assert!(next.is_empty() && next.capacity() >= octets.len());
+        next.extend_from_slice(octets);
+    }
+
+    #[test]
+    fn grows_once_content_fills_it_and_replaces_a_buffer_the_session_kept() {
+        let line = b"A line of the message, long enough to be content.\r\n";
+        let mut s = in_data();
+        let mut buf = ReadBuffer::new();
+        // Content that fills the 8 KiB buffer: kept by the session, 64 KiB from now on.
+        let full: Vec<u8> = line.iter().copied().cycle().take(READ).collect();
+        read(&mut buf, &full);
+        buf.hand_over(&mut s, true);
+        assert_eq!(content(&mut s), full);
+        assert_eq!(buf.next_read().capacity(), CONTENT_READ);
+        // Kept again (over 4 KiB of content): a new buffer of the same size.
+        let part = line.repeat(100);
+        read(&mut buf, &part);
+        buf.hand_over(&mut s, true);
+        assert_eq!(content(&mut s), part);
+        assert_eq!(buf.next_read().capacity(), CONTENT_READ);
+        // Copied (a few octets): the same buffer, emptied.
+        read(&mut buf, b"end\r\n.\r\n");
+        let at = buf.next_read().as_ptr();
+        buf.hand_over(&mut s, true);
+        assert_eq!(content(&mut s), b"end\r\n");
+        assert_eq!(buf.next_read().as_ptr(), at);
+    }
+
+    #[test]
+    fn commands_never_grow_it() {
+        let mut s = ServerSession::new(ServerConfig::new(Protocol::Smtp, "mx.test"));
+        let mut buf = ReadBuffer::new();
+        let noops: Vec<u8> = b"NOOP\r\n".iter().copied().cycle().take(READ).collect();
+        read(&mut buf, &noops);
+        buf.hand_over(&mut s, false);
+        assert_eq!(buf.next_read().capacity(), READ);
     }
 }

@@ -181,7 +181,10 @@ fn owned_and_borrowed_writes_of_any_size_make_the_same_body_and_survive_a_reopen
             if i % 3 == 2 {
                 w.write(&data[at..end]).unwrap();
             } else {
-                w.write_owned(data[at..end].to_vec()).unwrap();
+                // Some pieces with room to spare: small ones after them are copied there.
+                let mut piece = Vec::with_capacity(end - at + (i % 2) * 200);
+                piece.extend_from_slice(&data[at..end]);
+                w.write_owned(piece).unwrap();
             }
             at = end;
             if at == data.len() {

@@ -79,9 +79,12 @@ impl MessageWriter {
     /// what is left over, less than a chunk, is copied to wait for the next.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         let used = self.begin_write(bytes)?;
-        if used < bytes.len() {
+        let rest = &bytes[used..];
+        if rest.len() < self.small() {
+            self.keep_small(rest);
+        } else {
             self.keep(Piece {
-                bytes: bytes[used..].to_vec(),
+                bytes: rest.to_vec(),
                 from: 0,
             });
         }
@@ -120,26 +123,43 @@ impl MessageWriter {
         Ok(used)
     }
 
-    /// Keeps `piece` pending. A piece of a sixteenth of a chunk or more is kept as it is;
-    /// a smaller one is copied, onto the last piece if that has room for it without
-    /// growing, else into a new buffer with room for more small ones. So nothing larger
-    /// than a small piece is ever copied, a big buffer never holds just a few octets, and
-    /// a chunk record takes at most about fifty iovecs.
+    /// Below this (a sixteenth of a chunk), a piece is copied rather than kept.
+    fn small(&self) -> usize {
+        self.spool.handle.inner.opts.chunk_size / 16
+    }
+
+    /// Keeps `piece` pending: as it is if it holds a sixteenth of a chunk or more, else
+    /// copied ([`MessageWriter::keep_small`]). So nothing larger than a small piece is ever
+    /// copied, a buffer is kept only for a sixteenth of a chunk or more of it (the rest of
+    /// a piece that completed a chunk may be the end of a larger buffer), and a chunk record
+    /// takes at most about fifty iovecs.
     fn keep(&mut self, piece: Piece) {
         let n = piece.bytes.len() - piece.from;
-        let small = self.spool.handle.inner.opts.chunk_size / 16;
-        self.pending_len += n;
-        if n >= small {
+        if n < self.small() {
+            self.keep_small(piece.octets());
+        } else {
+            self.pending_len += n;
             self.pending.push(piece);
+        }
+    }
+
+    /// Copies `octets` (less than a sixteenth of a chunk) to the pending bytes: onto the
+    /// last piece if that has room for them without growing, else into a new buffer with
+    /// room for more small ones.
+    fn keep_small(&mut self, octets: &[u8]) {
+        let n = octets.len();
+        if n == 0 {
             return;
         }
+        let small = self.small();
+        self.pending_len += n;
         match self.pending.last_mut() {
             Some(last) if last.bytes.capacity() - last.bytes.len() >= n => {
-                last.bytes.extend_from_slice(piece.octets());
+                last.bytes.extend_from_slice(octets);
             }
             _ => {
                 let mut bytes = Vec::with_capacity(small.max(n));
-                bytes.extend_from_slice(piece.octets());
+                bytes.extend_from_slice(octets);
                 self.pending.push(Piece { bytes, from: 0 });
             }
         }

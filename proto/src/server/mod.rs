@@ -52,6 +52,10 @@ pub use crate::protocol::Protocol;
 pub use config::{BarePolicy, ServerConfig};
 pub use event::{DecisionError, HelloVerb, ServerEvent};
 
+/// Content shorter than this is copied by [`ServerSession::handle_input_owned`], not
+/// lent.
+const MIN_LENT: usize = 4096;
+
 /// A decision the session waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pending {
@@ -182,14 +186,15 @@ impl ServerSession {
     /// `bytes` itself (no dot-stuffing or line ending to undo in this read) is not copied:
     /// the session takes the buffer (`bytes` is left empty, without capacity) and its
     /// [`ServerEvent::Data`] carries it, shrunk to fit if the content fills less than half
-    /// of it (so a kept buffer is never mostly empty).
+    /// of it (so a kept buffer is never mostly empty). Content under 4 KiB is copied: the
+    /// caller's next buffer would cost more than the copy.
     pub fn handle_input_owned(&mut self, bytes: &mut Vec<u8>) {
         if !(matches!(self.phase, Phase::Data) && self.input.is_empty() && self.pending.is_none()) {
             return self.handle_input(bytes);
         }
         let (progress, whole) = self.decoder.decode_lent(bytes, &mut self.decoded);
         let lent = match whole {
-            Some(end) => {
+            Some(end) if end >= MIN_LENT => {
                 let mut content = std::mem::take(bytes);
                 self.input.extend_from_slice(&content[progress.consumed..]);
                 content.truncate(end);
@@ -198,6 +203,11 @@ impl ServerSession {
                     content.shrink_to_fit();
                 }
                 Some(content)
+            }
+            Some(end) => {
+                self.decoded.extend_from_slice(&bytes[..end]);
+                self.input.extend_from_slice(&bytes[progress.consumed..]);
+                None
             }
             None => {
                 self.input.extend_from_slice(&bytes[progress.consumed..]);
